@@ -1,0 +1,102 @@
+// CPU backend: the shared per-agent core (csrc/common) run by one thread per problem, problems
+// spread over threads with at::parallel_for. Deterministic: each problem is solved serially.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../common/consensus_core.h"
+#include "../consensus.h"
+
+namespace decaf {
+namespace {
+
+void solve_cores_cpu(CoreBatch& cb) {
+  const int64_t batch = cb.GB.size(0), n_out = cb.W.size(0), n_in = cb.W.size(1);
+  const int64_t NR = cb.GB.size(1), rank = cb.rank;
+  const double* GB = cb.GB.data_ptr<double>();
+  const double* GA = cb.GA.data_ptr<double>();
+  const double* sB = cb.sB.data_ptr<double>();
+  const double* sA = cb.sA.data_ptr<double>();
+  const double* W = cb.W.data_ptr<double>();
+  double* coefB = cb.coefB.data_ptr<double>();
+  double* coefA = cb.coefA.data_ptr<double>();
+  double* S = cb.S.data_ptr<double>();
+  int* missing = cb.missing.data_ptr<int>();
+  const long n_ws = core_workspace_doubles((int)n_in, (int)cb.r, (int)rank, cb.oversample);
+  const long n_iws = core_workspace_ints((int)n_in, (int)cb.r);
+  at::parallel_for(0, batch * n_out, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> ws(n_ws);
+    std::vector<int> iws(n_iws);
+    double scratch = 0.0;
+    SerialTeam team{&scratch};
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b = p / n_out, i = p % n_out;
+      CoreProblem pb;
+      pb.GB = GB + b * NR * NR;
+      pb.GA = GA + b * NR * NR;
+      pb.sB = sB + b * NR;
+      pb.sA = sA + b * NR;
+      pb.w = W + i * n_in;
+      pb.n_in = (int)n_in;
+      pb.r = (int)cb.r;
+      pb.rank = (int)rank;
+      pb.self_index = n_out == n_in ? (int)i : -1;
+      pb.method = cb.method;
+      pb.oversample = cb.oversample;
+      pb.n_iter = cb.n_iter;
+      pb.exp_b = cb.exp_b;
+      pb.exp_a = cb.exp_a;
+      pb.seed = cb.seed;
+      pb.stream = (uint64_t)p;
+      pb.coefB = coefB + p * NR * rank;
+      pb.coefA = coefA + p * NR * rank;
+      pb.S = S + p * rank;
+      pb.missing = missing + p;
+      solve_consensus_core(team, pb, ws.data(), iws.data());
+    }
+  });
+}
+
+void complete_identity_cpu(at::Tensor& A_new, const at::Tensor& missing) {
+  const at::Tensor flags = missing.reshape({-1});
+  const int* miss = flags.data_ptr<int>();
+  const int64_t count = flags.numel(), rank = A_new.size(2), n = A_new.size(3);
+  AT_DISPATCH_FLOATING_TYPES(A_new.scalar_type(), "complete_identity_cpu", [&] {
+    scalar_t* base = A_new.data_ptr<scalar_t>();
+    for (int64_t p = 0; p < count; ++p)
+      if (miss[p] > 0) complete_rows_with_identity(base + p * rank * n, (int)rank, (int)n, miss[p]);
+  });
+}
+
+void fill_normal_cpu(at::Tensor& out, uint64_t seed) {
+  double* data = out.data_ptr<double>();
+  const int64_t count = out.numel();
+  at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) data[e] = counter_normal(seed, (uint64_t)e);
+  });
+}
+
+const Backend kCpuBackend{solve_cores_cpu, complete_identity_cpu, fill_normal_cpu};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_cpu(
+    const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,
+    c10::string_view method, c10::string_view split, int64_t oversample, int64_t n_iter, int64_t seed) {
+  return consensus_tsvd_impl(A, B, W, rank, std::string(method), std::string(split), oversample, n_iter, seed,
+                             kCpuBackend);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tsvd_cpu(const at::Tensor& M, int64_t rank, int64_t oversample,
+                                                        int64_t n_iter, int64_t seed) {
+  return tsvd_impl(M, rank, oversample, n_iter, seed, kCpuBackend);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(decaf_ext, CPU, m) {
+  m.impl("consensus_tsvd", &consensus_tsvd_cpu);
+  m.impl("weighted_product_sum", &weighted_product_sum_impl);
+  m.impl("tsvd", &tsvd_cpu);
+}
+
+}  // namespace decaf

@@ -1,0 +1,135 @@
+"""Typed Python entry points of the compiled operators (torch.ops.decaf_ext.*) and their fake
+kernels for torch.compile. Structural argument errors are raised by the C++ side as ValueError;
+the value checks here (finite factors, nonnegative finite weights) read the data, so they
+synchronize with a GPU: pass ``check_values=False`` for a sync-free call.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from . import _C  # noqa: F401  (loads the operator library)
+from .reference import consensus_tsvd_dense
+
+Method = Literal["auto", "exact", "randomized", "dense"]
+Split = Literal["balanced", "left", "right"]
+
+CUDA_COMPILED: bool = _C.cuda_compiled
+
+
+def _dense_weights(W: torch.Tensor) -> torch.Tensor:
+    if not isinstance(W, torch.Tensor):
+        raise ValueError(f"W must be a torch.Tensor, got {type(W).__name__}")
+    return W.to_dense() if W.layout != torch.strided else W
+
+
+def _check_finite(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _check_weights(W: torch.Tensor) -> None:
+    if W.is_floating_point():
+        if bool(torch.isnan(W).any()):
+            raise ValueError("W contains NaN")
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError("W contains Inf")
+        if bool((W < 0).any()):
+            raise ValueError("W must be nonnegative (mixing weights), got a negative entry")
+
+
+def consensus_tsvd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int, *,
+                   method: Method = "auto", split: Split = "balanced", oversample: int = 10,
+                   n_iter: int = 2, seed: int = 0,
+                   check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Neighbor-weighted consensus of LoRA products, truncated SVD and factor split, fused.
+
+    For every receiving agent i (and every leading batch index, e.g. modules of one shape):
+        M_i = sum_j W[i, j] B_j @ A_j,   B_new[i] @ A_new[i] = best rank-`rank` approximation of M_i.
+
+    Args:
+        A: [..., N_in, r, n] LoRA A factors of the sending agents.
+        B: [..., N_in, m, r] LoRA B factors (same leading dims, dtype and device as A).
+        W: [N_out, N_in] nonnegative mixing weights, dense or sparse (CSR/COO). Zero entries are
+           skipped. Rows are used as given (no renormalization): M_i is linear in W[i]. An agent
+           holding the factors of its k neighbors uses W of shape [1, k].
+        rank: target rank, 1 <= rank <= min(m, n).
+        method: "exact" (orthogonalize the stacked factors through their float64 Gram matrices,
+            eigendecompose the small core), "randomized" (subspace iteration with `oversample`
+            extra columns and `n_iter` power iterations, test matrix from `seed`), "auto"
+            (exact while the stacked B factors have numerical rank <= 64), or "dense" (forms M_i
+            and calls torch.linalg.svd: the reference, no zero-direction completion).
+        split: "balanced" (B = U sqrt(S), A = sqrt(S) V^T), "left" (B = U S, A = V^T) or
+            "right" (B = U, A = S V^T).
+        check_values: reject NaN/Inf factors and negative/NaN weights (reads the data).
+
+    Returns:
+        A_new [..., N_out, rank, n], B_new [..., N_out, m, rank], S [..., N_out, rank]
+        (S descending). Directions beyond the numerical rank of M_i get S = 0, a zero B column
+        and a unit-norm A row orthogonal to the rows above it, taken from the neighbors' own A
+        row space (the agent's own factor first), else from the identity, so A is never zero.
+        fp16/bf16 inputs are computed in float32 and returned in their dtype.
+    """
+    W = _dense_weights(W)
+    if check_values:
+        _check_finite(A=A, B=B)
+        _check_weights(W)
+    if method == "dense":
+        if split not in ("balanced", "left", "right"):
+            raise ValueError(f"split must be 'balanced', 'left' or 'right', got {split!r}")
+        A_new, B_new, S = consensus_tsvd_dense(A, B, W.to(A.device), rank, split)
+        return A_new.to(A.dtype), B_new.to(A.dtype), S.to(A.dtype)
+    if split not in ("balanced", "left", "right"):
+        raise ValueError(f"split must be 'balanced', 'left' or 'right', got {split!r}")
+    return torch.ops.decaf_ext.consensus_tsvd.default(A, B, W, int(rank), method, split, int(oversample),
+                                                      int(n_iter), int(seed))
+
+
+def weighted_product_sum(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *,
+                         check_values: bool = True) -> torch.Tensor:
+    """Dense consensus products M [..., N_out, m, n] = sum_j W[i, j] B_j @ A_j.
+
+    A: [..., N_in, r, n], B: [..., N_in, m, r], W: [N_out, N_in] (dense or sparse).
+    """
+    W = _dense_weights(W)
+    if check_values:
+        _check_finite(A=A, B=B)
+        _check_weights(W)
+    return torch.ops.decaf_ext.weighted_product_sum.default(A, B, W)
+
+
+def tsvd(M: torch.Tensor, rank: int, *, oversample: int = 10, n_iter: int = 2, seed: int = 0,
+         check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched randomized truncated SVD of dense matrices M [..., m, n].
+
+    Range finder with `rank + oversample` columns and `n_iter` power iterations (Halko, Martinsson
+    & Tropp), then the exact SVD of the projected factors. Returns U [..., m, rank],
+    S [..., rank] (descending), Vh [..., rank, n]; columns of U beyond the numerical rank are zero.
+    """
+    if check_values:
+        _check_finite(M=M)
+    return torch.ops.decaf_ext.tsvd.default(M, int(rank), int(oversample), int(n_iter), int(seed))
+
+
+def _lead(t: torch.Tensor, drop: int) -> list[int]:
+    return list(t.shape[: t.dim() - drop])
+
+
+@torch.library.register_fake("decaf_ext::consensus_tsvd")
+def _consensus_tsvd_fake(A, B, W, rank, method, split, oversample, n_iter, seed):
+    lead, n_out, m, n = _lead(A, 3), W.shape[0], B.shape[-2], A.shape[-1]
+    return (A.new_empty(lead + [n_out, rank, n]), A.new_empty(lead + [n_out, m, rank]),
+            A.new_empty(lead + [n_out, rank]))
+
+
+@torch.library.register_fake("decaf_ext::weighted_product_sum")
+def _weighted_product_sum_fake(A, B, W):
+    return A.new_empty(_lead(A, 3) + [W.shape[0], B.shape[-2], A.shape[-1]])
+
+
+@torch.library.register_fake("decaf_ext::tsvd")
+def _tsvd_fake(M, rank, oversample, n_iter, seed):
+    lead, m, n = _lead(M, 2), M.shape[-2], M.shape[-1]
+    return M.new_empty(lead + [m, rank]), M.new_empty(lead + [rank]), M.new_empty(lead + [rank, n])

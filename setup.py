@@ -1,0 +1,66 @@
+"""Builds decaf_ext and its compiled operator library decaf_ext._C.
+
+CUDA kernels are compiled when nvcc and a CUDA-enabled torch are present. Environment switches:
+  DECAF_FORCE_CUDA=1   compile the CUDA kernels, fail if that is impossible
+  DECAF_NO_CUDA=1      CPU-only build
+  TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" when no GPU is visible
+  CUDA_HOME            defaults to /usr/local/cuda when that folder exists
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    force = os.environ.get("DECAF_FORCE_CUDA", "0") == "1"
+    if os.environ.get("DECAF_NO_CUDA", "0") == "1":
+        if force:
+            raise RuntimeError("DECAF_FORCE_CUDA and DECAF_NO_CUDA are both set")
+        return False
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if force and not available:
+        raise RuntimeError(
+            "DECAF_FORCE_CUDA=1 but no CUDA build is possible: torch.version.cuda="
+            f"{torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}")
+    return available
+
+
+def extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-fopenmp"]
+    extra = {"cxx": cxx}
+    if want_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        extra["cxx"] = cxx + ["-DDECAF_WITH_CUDA"]
+        extra["nvcc"] = ["-O3", "-DDECAF_WITH_CUDA", "--expt-relaxed-constexpr"]
+        builder = cpp_extension.CUDAExtension
+    else:
+        builder = cpp_extension.CppExtension
+    return builder("decaf_ext._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
+                   py_limited_api=False)
+
+
+setup(
+    name="decaf_ext",
+    version="0.1.0",
+    description="Decentralized LoRA fine-tuning with DeCAF: fused consensus + truncated SVD kernels",
+    packages=find_packages(include=["decaf_ext", "decaf_ext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch", "numpy", "transformers", "peft", "datasets", "pyyaml", "tqdm", "matplotlib",
+                      "safetensors"],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["decaf-train = decaf_ext.train:main"]},
+)
