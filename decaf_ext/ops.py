@@ -59,7 +59,7 @@ def consensus_tsvd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int,
         method: "exact" (orthogonalize the stacked factors through their float64 Gram matrices,
             eigendecompose the small core), "randomized" (subspace iteration with `oversample`
             extra columns and `n_iter` power iterations, test matrix from `seed`), "auto"
-            (exact while the stacked B factors have numerical rank <= 64), or "dense" (forms M_i
+            (exact while the stacked B factors have numerical rank <= 128), or "dense" (forms M_i
             and calls torch.linalg.svd: the reference, no zero-direction completion).
         split: "balanced" (B = U sqrt(S), A = sqrt(S) V^T), "left" (B = U S, A = V^T) or
             "right" (B = U, A = S V^T).

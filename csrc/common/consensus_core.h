@@ -26,7 +26,7 @@ namespace decaf {
 enum CoreMethod : int { kExact = 0, kRandomized = 1, kAuto = 2 };
 
 // Above this numerical rank of the stacked B factors, method "auto" uses subspace iteration.
-constexpr int kAutoExactMaxRank = 64;
+constexpr int kAutoExactMaxRank = 128;
 
 struct CoreProblem {
   // Inputs for one (batch entry, receiving agent); NR = n_in * r.

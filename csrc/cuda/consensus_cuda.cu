@@ -2,7 +2,9 @@
 // core (csrc/common) as a BlockTeam, with its workspace in shared memory when it fits (N_in r up
 // to ~64 on A100/H100) and in global memory otherwise. No host synchronization: every size is
 // known from the shapes, and all work is queued on the current stream.
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -119,7 +121,7 @@ void solve_cores_cuda(CoreBatch& cb) {
   const size_t dyn = in_shared ? shared_bytes : scratch_bytes;
   if (dyn > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(solve_cores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   if (in_shared) {
     a.first = 0;
     solve_cores_kernel<<<(unsigned)problems, kThreads, dyn, stream>>>(a, true, nullptr, nullptr);
@@ -151,7 +153,7 @@ void complete_identity_cuda(at::Tensor& A_new, const at::Tensor& missing) {
   if (count == 0) return;
   const int rank = (int)A_new.size(2), n = (int)A_new.size(3);
   const unsigned blocks = (unsigned)((count + 127) / 128);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(A_new.scalar_type(), "complete_identity_cuda", [&] {
     complete_identity_kernel<scalar_t><<<blocks, 128, 0, stream>>>(A_new.data_ptr<scalar_t>(),
                                                                    missing.data_ptr<int>(), count, rank, n);
@@ -168,7 +170,7 @@ void fill_normal_cuda(at::Tensor& out, uint64_t seed) {
   const int64_t count = out.numel();
   if (count == 0) return;
   const unsigned blocks = (unsigned)std::min<int64_t>((count + 255) / 256, 4096);
-  fill_normal_kernel<<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(out.data_ptr<double>(), count, seed);
+  fill_normal_kernel<<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(out.data_ptr<double>(), count, seed);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

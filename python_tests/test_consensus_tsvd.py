@@ -1,0 +1,248 @@
+"""consensus_tsvd against the float64 dense reference (form M_i, torch.linalg.svd)."""
+import pytest
+import torch
+
+import decaf_ext
+from decaf_ext.reference import consensus_tsvd_dense, weighted_product_sum_dense
+
+from conftest import complete_weights, ring_weights
+
+# Stated tolerances (relative to sigma_1 / ||M_i||) for well-conditioned random factors.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def factors(lead, n_agents, r, m, n, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(*lead, n_agents, r, n, generator=g, dtype=torch.float64)
+    B = torch.randn(*lead, n_agents, m, r, generator=g, dtype=torch.float64)
+    return A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
+
+
+def assert_matches_reference(A, B, W, rank, out, tol):
+    """Singular values match; the product is the best rank-`rank` approximation of M_i."""
+    A_new, B_new, S = (t.double().cpu() for t in out)
+    A, B, W = A.cpu(), B.cpu(), W.cpu()
+    M = weighted_product_sum_dense(A, B, W)
+    full = torch.linalg.svdvals(M)
+    scale = full[..., :1].clamp_min(1e-300)
+    assert ((S - full[..., :rank]).abs() / scale).max() <= tol
+    P = B_new @ A_new
+    # ||P - M|| equals the optimal error sqrt(sum_{k > rank} sigma_k^2) ...
+    opt = full[..., rank:].pow(2).sum(-1).sqrt()
+    err = torch.linalg.matrix_norm(P - M)
+    assert ((err - opt).abs() / full.pow(2).sum(-1).sqrt().clamp_min(1e-300)).max() <= 10 * tol
+    # ... and where the rank-th gap is clear, P equals the reference product.
+    _, _, Sref = consensus_tsvd_dense(A, B, W, rank)
+    A_ref, B_ref, _ = consensus_tsvd_dense(A, B, W, rank)
+    gap = (full[..., rank - 1] - (full[..., rank] if full.shape[-1] > rank else 0)) / scale[..., 0]
+    clear = gap > 1e-3
+    diff = torch.linalg.matrix_norm(P - B_ref @ A_ref) / torch.linalg.matrix_norm(M).clamp_min(1e-300)
+    assert (diff[clear] <= 10 * tol / gap[clear]).all()
+
+
+@pytest.mark.parametrize("method", ["exact", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("topology", ["ring", "complete"])
+@pytest.mark.parametrize("n_agents,r,m,n,rank", [
+    (1, 1, 7, 5, 1), (2, 3, 9, 14, 2), (4, 8, 40, 24, 8), (6, 16, 20, 33, 5),
+    (8, 2, 64, 48, 3), (16, 4, 24, 40, 12), (16, 1, 50, 30, 1), (5, 16, 128, 96, 16),
+])
+def test_matches_dense_reference(device, method, dtype, topology, n_agents, r, m, n, rank):
+    A, B = factors((3,), n_agents, r, m, n, dtype, device)
+    W = (ring_weights if topology == "ring" else complete_weights)(n_agents).to(device=device, dtype=dtype)
+    out = decaf_ext.consensus_tsvd(A, B, W, rank, method=method)
+    assert out[0].shape == (3, n_agents, rank, n) and out[1].shape == (3, n_agents, m, rank)
+    assert out[2].shape == (3, n_agents, rank) and all(t.dtype == dtype for t in out)
+    assert_matches_reference(A, B, W, rank, out, TOL[dtype])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_neighbor_count_and_single_agent_form(device, k):
+    """Every k from 1 to N, and the [1, k] form equals the matching row of the [N, N] form."""
+    n_agents = 8
+    A, B = factors((2,), n_agents, 4, 30, 26, device=device, seed=k)
+    W = torch.zeros(n_agents, n_agents, dtype=torch.float64)
+    for i in range(n_agents):
+        for d in range(k):
+            W[i, (i + d) % n_agents] = 1.0 / k
+    W = W.to(device)
+    out = decaf_ext.consensus_tsvd(A, B, W, 4)
+    assert_matches_reference(A, B, W, 4, out, TOL[torch.float64])
+    nbrs = [(3 + d) % n_agents for d in range(k)]
+    single = decaf_ext.consensus_tsvd(A[:, nbrs], B[:, nbrs], W[3:4, nbrs], 4)
+    for got, full in zip(single, out):
+        torch.testing.assert_close(got[:, 0], full[:, 3], rtol=1e-9, atol=1e-9)
+
+
+def test_batch_dims_and_signs(device):
+    """Two leading batch dims; with clear gaps the factors themselves equal the reference (sign rule)."""
+    A, B = factors((2, 3), 4, 3, 20, 15, device=device, seed=3)
+    W = ring_weights(4).to(device)
+    A_new, B_new, S = decaf_ext.consensus_tsvd(A, B, W, 3)
+    A_ref, B_ref, S_ref = consensus_tsvd_dense(A, B, W, 3)
+    torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(B_new, B_ref, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(A_new, A_ref, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("split", ["balanced", "left", "right"])
+def test_splits(device, split):
+    A, B = factors((2,), 4, 3, 20, 15, device=device, seed=4)
+    W = ring_weights(4).to(device)
+    A_new, B_new, S = decaf_ext.consensus_tsvd(A, B, W, 3, split=split)
+    A_ref, B_ref, _ = consensus_tsvd_dense(A, B, W, 3, split=split)
+    torch.testing.assert_close(B_new, B_ref, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(A_new, A_ref, rtol=1e-7, atol=1e-7)
+    rows = A_new.norm(dim=-1)
+    if split == "left":
+        torch.testing.assert_close(rows, torch.ones_like(rows))
+    if split == "right":
+        torch.testing.assert_close(B_new.norm(dim=-2), torch.ones_like(rows))
+
+
+def test_randomized_is_near_optimal_and_exact_on_low_rank(device):
+    # N_in r = 160 > 128: "auto" takes the randomized path too.
+    A, B = factors((2,), 16, 10, 200, 150, device=device, seed=5)
+    W = complete_weights(16).to(device)
+    M = weighted_product_sum_dense(A.cpu(), B.cpu(), W.cpu())
+    full = torch.linalg.svdvals(M)
+    # Flat spectrum (the hard case): HMT's bound is loose, so only near-optimality is checked.
+    for method in ("randomized", "auto"):
+        A_new, B_new, S = decaf_ext.consensus_tsvd(A, B, W, 4, method=method, oversample=10, n_iter=3)
+        opt = full[..., 4:].pow(2).sum(-1).sqrt()
+        err = torch.linalg.matrix_norm((B_new @ A_new).cpu() - M)
+        assert (err <= opt * 1.01).all()
+        assert ((S.cpu() - full[..., :4]).abs() / full[..., :1]).max() < 5e-2
+    # Decaying spectrum (agents near consensus): as accurate as the exact method.
+    A2 = A[:, :1] + 1e-3 * A
+    B2 = B[:, :1] + 1e-3 * B
+    out = decaf_ext.consensus_tsvd(A2, B2, W, 10, method="randomized")
+    assert_matches_reference(A2, B2, W, 10, out, 1e-9)
+    # Exactly low rank: M_i has rank 10 <= rank + oversample.
+    A1, B1 = A[:, :1].expand_as(A).contiguous(), B[:, :1].expand_as(B).contiguous()
+    out = decaf_ext.consensus_tsvd(A1, B1, W, 6, method="randomized", oversample=4)
+    assert_matches_reference(A1, B1, W, 6, out, 1e-9)
+
+
+def test_zero_products_complete_A_from_own_factor(device):
+    """Standard LoRA init (B = 0): S = 0, B_new = 0, and A_new[i] is an orthonormal basis of A_i's rows."""
+    A, B = factors((2,), 5, 4, 12, 10, device=device, seed=6)
+    B = torch.zeros_like(B)
+    A_new, B_new, S = decaf_ext.consensus_tsvd(A, B, ring_weights(5).to(device), 4)
+    assert torch.equal(S, torch.zeros_like(S)) and torch.equal(B_new, torch.zeros_like(B_new))
+    gram = A_new @ A_new.transpose(-1, -2)
+    torch.testing.assert_close(gram, torch.eye(4, dtype=gram.dtype, device=device).expand_as(gram))
+    proj = A_new @ torch.linalg.pinv(A) @ A  # projection onto the row space of the agent's own A
+    torch.testing.assert_close(proj, A_new)
+
+
+def test_all_zero_factors_complete_with_identity(device):
+    A = torch.zeros(3, 2, 6, dtype=torch.float32, device=device)
+    B = torch.zeros(3, 5, 2, dtype=torch.float32, device=device)
+    A_new, B_new, S = decaf_ext.consensus_tsvd(A, B, ring_weights(3).to(device).float(), 2)
+    assert torch.isfinite(A_new).all() and torch.equal(S, torch.zeros_like(S))
+    torch.testing.assert_close(A_new, torch.eye(2, 6, device=device).expand(3, 2, 6))
+
+
+def test_rank_deficient_and_duplicated_neighbors(device):
+    A, B = factors((), 4, 3, 15, 12, device=device, seed=7)
+    # Every agent holds the same factors: M_i = B_0 A_0 (rank 3) whatever W is.
+    A, B = A[:1].expand(4, 3, 12).contiguous(), B[:1].expand(4, 15, 3).contiguous()
+    W = ring_weights(4).to(device)
+    A_new, B_new, S = decaf_ext.consensus_tsvd(A, B, W, 5)
+    assert_matches_reference(A, B, W, 5, (A_new, B_new, S), 1e-9)
+    assert torch.equal(S[:, 3:], torch.zeros_like(S[:, 3:]))
+    assert torch.equal(B_new[..., 3:], torch.zeros_like(B_new[..., 3:]))
+    # Completed rows are unit vectors orthogonal to the kept directions.
+    rows = A_new / A_new.norm(dim=-1, keepdim=True)
+    gram = rows @ rows.transpose(-1, -2)
+    torch.testing.assert_close(gram, torch.eye(5, dtype=gram.dtype, device=device).expand_as(gram),
+                               atol=1e-7, rtol=0)
+
+
+def test_zero_weights_are_skipped(device):
+    A, B = factors((), 4, 3, 15, 12, device=device, seed=8)
+    W = torch.tensor([[0.5, 0.5, 0.0, 0.0]], dtype=torch.float64, device=device)
+    base = decaf_ext.consensus_tsvd(A, B, W, 3)
+    A2, B2 = A.clone(), B.clone()
+    A2[2:] *= 1e6
+    B2[2:] = torch.randn_like(B2[2:])
+    other = decaf_ext.consensus_tsvd(A2, B2, W, 3)
+    for x, y in zip(base, other):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_rows_of_W_are_used_as_given(device):
+    A, B = factors((), 3, 2, 10, 9, device=device, seed=9)
+    W = ring_weights(3).to(device)
+    _, _, S1 = decaf_ext.consensus_tsvd(A, B, W, 2)
+    _, _, S2 = decaf_ext.consensus_tsvd(A, B, 2.5 * W, 2)
+    torch.testing.assert_close(S2, 2.5 * S1)
+
+
+def test_sparse_W_and_noncontiguous_inputs(device):
+    A, B = factors((2,), 6, 3, 14, 11, device=device, seed=10)
+    W = ring_weights(6).to(device)
+    dense = decaf_ext.consensus_tsvd(A, B, W, 3)
+    # Non-contiguous views holding the same values.
+    A_nc = A.transpose(-1, -2).contiguous().transpose(-1, -2)
+    B_nc = torch.cat([B, B], dim=-1)[..., ::2]
+    B_nc = torch.stack([B, B], dim=-1)[..., 0]
+    assert not A_nc.is_contiguous() and not B_nc.is_contiguous()
+    layouts = [W.to_sparse_csr(), W.to_sparse()] if device == "cpu" else [W.to_sparse()]
+    for Ws in layouts:
+        for got, want in zip(decaf_ext.consensus_tsvd(A_nc, B_nc, Ws, 3), dense):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_float32(device, dtype):
+    A, B = factors((2,), 4, 2, 16, 12, device=device, seed=11)
+    A, B = A.to(dtype), B.to(dtype)
+    W = ring_weights(4).to(device=device, dtype=dtype)
+    out = decaf_ext.consensus_tsvd(A, B, W, 2)
+    assert all(t.dtype == dtype for t in out)
+    # Reference on the same (rounded) inputs; the only extra error is rounding the outputs.
+    assert_matches_reference(A.double(), B.double(), W.double(), 2, out, 2e-2)
+
+
+def test_repeated_calls_are_bitwise_equal_on_cpu():
+    A, B = factors((4,), 10, 4, 64, 48, torch.float32, seed=12)
+    W = ring_weights(10).float()
+    for method in ("exact", "randomized"):
+        first = decaf_ext.consensus_tsvd(A, B, W, 4, method=method)
+        for _ in range(3):
+            again = decaf_ext.consensus_tsvd(A, B, W, 4, method=method)
+            assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+def test_dense_method_is_the_reference(device):
+    A, B = factors((2,), 4, 3, 15, 12, device=device, seed=13)
+    W = ring_weights(4).to(device)
+    got = decaf_ext.consensus_tsvd(A, B, W, 3, method="dense")
+    for x, y in zip(got, consensus_tsvd_dense(A, B, W, 3)):
+        torch.testing.assert_close(x, y.to(x.device))
+
+
+def test_never_nan_on_extreme_scales(device):
+    A, B = factors((2,), 5, 4, 20, 18, device=device, seed=14)
+    for scale in (1e-150, 1e-30, 1.0, 1e30, 1e150):
+        out = decaf_ext.consensus_tsvd(A * scale, B, ring_weights(5).to(device), 4)
+        assert all(torch.isfinite(t).all() for t in out)
+    # Nearly rank-deficient stack: B_1 = B_0 + tiny noise.
+    B2 = B.clone()
+    B2[:, 1] = B2[:, 0] + 1e-9 * torch.randn_like(B2[:, 0])
+    out = decaf_ext.consensus_tsvd(A, B2, ring_weights(5).to(device), 4)
+    assert all(torch.isfinite(t).all() for t in out)
+    assert_matches_reference(A, B2, ring_weights(5).to(device), 4, out, 1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    A, B = factors((3,), 8, 4, 96, 80, torch.float32, seed=15)
+    W = ring_weights(8).float()
+    for method in ("exact", "randomized"):
+        cpu = decaf_ext.consensus_tsvd(A, B, W, 4, method=method)
+        gpu = decaf_ext.consensus_tsvd(A.cuda(), B.cuda(), W.cuda(), 4, method=method)
+        for x, y in zip(cpu, gpu):
+            torch.testing.assert_close(y.cpu(), x, rtol=1e-4, atol=1e-5)
