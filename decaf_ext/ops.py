@@ -76,13 +76,11 @@ def consensus_tsvd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int,
     if check_values:
         _check_finite(A=A, B=B)
         _check_weights(W)
-    if method == "dense":
-        if split not in ("balanced", "left", "right"):
-            raise ValueError(f"split must be 'balanced', 'left' or 'right', got {split!r}")
-        A_new, B_new, S = consensus_tsvd_dense(A, B, W.to(A.device), rank, split)
-        return A_new.to(A.dtype), B_new.to(A.dtype), S.to(A.dtype)
     if split not in ("balanced", "left", "right"):
         raise ValueError(f"split must be 'balanced', 'left' or 'right', got {split!r}")
+    if method == "dense":
+        A_new, B_new, S = consensus_tsvd_dense(A, B, W.to(A.device), rank, split)
+        return A_new.to(A.dtype), B_new.to(A.dtype), S.to(A.dtype)
     return torch.ops.decaf_ext.consensus_tsvd.default(A, B, W, int(rank), method, split, int(oversample),
                                                       int(n_iter), int(seed))
 
