@@ -77,7 +77,7 @@ DECAF_HD void solve_consensus_core(const Team& team, const CoreProblem& pb, doub
   double* lambda = diag + NR;            // K
   double* gvec = lambda + NR;            // K
   double* cvec = gvec + NR;              // K
-  double* rot = cvec + NR;               // 2 (K + 2)
+  double* rot = cvec + NR;               // 2 (K + 2): Jacobi rotations
   double* xs = rot + 2 * (NR + 2);       // rank x K
   double* ys = xs + (long)rank * NR;     // rank x K
   double* gs = ys + (long)rank * NR;     // rank x K  (Gq y for accepted A rows)

@@ -138,14 +138,16 @@ DECAF_HD inline void jacobi_rotation(double app, double aqq, double apq, double*
 
 // Symmetric eigendecomposition of H (n x n, destroyed) by parallel cyclic Jacobi:
 // H = V diag(lambda) V^T. On return lambda[k] (descending) and the eigenvector V[:, order[k]]
-// (V is n x n, row-major). Scratch: rot[2 * n_even] doubles (n_even = n rounded up to even).
+// (V is n x n, row-major). Sweeps stop once the off-diagonal mass is below (n eps)^2 of the total.
+// Scratch: rot[2 * n_even] doubles (n_even = n rounded up to even).
 template <class Team>
 DECAF_HD void jacobi_eigh(const Team& team, double* H, int n, double* V, double* lambda, int* order,
-                          double* rot, int max_sweeps = 40) {
+                          double* rot, int max_sweeps = 30) {
   for (int x = team.rank(); x < n * n; x += team.size()) V[x] = (x / n == x % n) ? 1.0 : 0.0;
   team.sync();
   const int n_even = n + (n & 1);
   const int half = n_even / 2;
+  const double tol = n * kEps;
   for (int sweep = 0; sweep < max_sweeps && n > 1; ++sweep) {
     double off = 0.0, total = 0.0;
     for (int x = team.rank(); x < n * n; x += team.size()) {
@@ -155,24 +157,27 @@ DECAF_HD void jacobi_eigh(const Team& team, double* H, int n, double* V, double*
     }
     off = team_sum(team, off);
     total = team_sum(team, total);
-    if (off <= kEps * kEps * total) break;
+    if (off <= tol * tol * total) break;
     for (int round = 0; round < n_even - 1; ++round) {
+      // rot[4k .. 4k+3] = (c, s, p, q) of pair k; pairs touching the padding index are skipped.
       for (int k = team.rank(); k < half; k += team.size()) {
         int p, q;
         round_robin_pair(n_even, round, k, &p, &q);
         double c = 1.0, s = 0.0;
         if (p < n && q < n) jacobi_rotation(H[p * n + p], H[q * n + q], H[p * n + q], &c, &s);
-        rot[2 * k] = c;
-        rot[2 * k + 1] = s;
+        if (s == 0.0) p = q = -1;
+        rot[4 * k] = c;
+        rot[4 * k + 1] = s;
+        rot[4 * k + 2] = p;
+        rot[4 * k + 3] = q;
       }
       team.sync();
       // Rows: H <- J^T H.
       for (int x = team.rank(); x < half * n; x += team.size()) {
-        const int k = x / n, j = x % n;
-        int p, q;
-        round_robin_pair(n_even, round, k, &p, &q);
-        if (p >= n || q >= n) continue;
-        const double c = rot[2 * k], s = rot[2 * k + 1];
+        const int k = x / n, j = x - k * n;
+        const int p = (int)rot[4 * k + 2], q = (int)rot[4 * k + 3];
+        if (p < 0) continue;
+        const double c = rot[4 * k], s = rot[4 * k + 1];
         const double hp = H[p * n + j], hq = H[q * n + j];
         H[p * n + j] = c * hp - s * hq;
         H[q * n + j] = s * hp + c * hq;
@@ -180,11 +185,10 @@ DECAF_HD void jacobi_eigh(const Team& team, double* H, int n, double* V, double*
       team.sync();
       // Columns: H <- H J and V <- V J.
       for (int x = team.rank(); x < half * n; x += team.size()) {
-        const int k = x / n, i = x % n;
-        int p, q;
-        round_robin_pair(n_even, round, k, &p, &q);
-        if (p >= n || q >= n) continue;
-        const double c = rot[2 * k], s = rot[2 * k + 1];
+        const int k = x / n, i = x - k * n;
+        const int p = (int)rot[4 * k + 2], q = (int)rot[4 * k + 3];
+        if (p < 0) continue;
+        const double c = rot[4 * k], s = rot[4 * k + 1];
         const double hp = H[i * n + p], hq = H[i * n + q];
         H[i * n + p] = c * hp - s * hq;
         H[i * n + q] = s * hp + c * hq;

