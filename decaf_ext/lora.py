@@ -1,0 +1,194 @@
+"""Glue between peft LoRA models and the stacked factor tensors the strategies mix.
+
+Each agent holds a peft model (``peft.get_peft_model(model, LoraConfig(...))``). An adapted module carries
+``lora_A[adapter].weight`` A: [r, n] and ``lora_B[adapter].weight`` B: [m, r]; its update is
+``(alpha / r) * B @ A``. The scaling ``alpha / r`` is the same on every agent (one config), so mixing and
+consensus on ``B @ A`` ignore it: it multiplies every agent's product alike and commutes with the mix.
+
+Modules are visited in ``named_modules`` order. Modules of identical shape (r, n, m) form one
+:class:`FactorGroup`, so a strategy mixes a whole group with one batched call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+DEFAULT_ADAPTER = "default"
+
+
+@dataclass
+class FactorGroup:
+    """LoRA factors of M same-shaped modules on N agents.
+
+    names: the M module names (``named_modules`` names, identical on every agent).
+    A: [M, N, r, n]; B: [M, N, m, r].
+    """
+
+    names: list[str]
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @property
+    def n_agents(self) -> int:
+        """N, the number of agents stacked in the group."""
+        return self.A.shape[1]
+
+    @property
+    def rank(self) -> int:
+        """r, the LoRA rank shared by the group's modules."""
+        return self.A.shape[2]
+
+
+def _lora_modules(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Linear, nn.Linear]]:
+    """(module name, lora_A linear, lora_B linear) for every LoRA layer carrying `adapter_name`."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
+            if lora_a.weight.dim() != 2 or lora_b.weight.dim() != 2:
+                raise ValueError(f"models: LoRA module {name!r} has non-matrix factors (only linear LoRA is supported)")
+            found.append((name, lora_a, lora_b))
+    return found
+
+
+def _check_agents_agree(layouts: list[list[tuple]], what: str) -> None:
+    """ValueError unless there is at least one agent and every agent's layout equals agent 0's."""
+    if not layouts:
+        raise ValueError("models must hold at least one agent's model")
+    for i, layout in enumerate(layouts[1:], start=1):
+        if layout != layouts[0]:
+            raise ValueError(f"models: agent {i} has different {what} than agent 0")
+
+
+def _agent_modules(
+    models: Sequence[nn.Module], adapter_name: str
+) -> list[list[tuple[str, nn.Linear, nn.Linear]]]:
+    """LoRA modules of every agent, checked to have the same names and shapes on every agent."""
+    per_agent = [_lora_modules(model, adapter_name) for model in models]
+    _check_agents_agree([[(name, a.weight.shape, b.weight.shape) for name, a, b in modules]
+                         for modules in per_agent], "LoRA modules or shapes")
+    if not per_agent[0]:
+        raise ValueError(f"models: no LoRA layer carries adapter_name={adapter_name!r}")
+    return per_agent
+
+
+def collect_factors(models: Sequence[nn.Module], *, adapter_name: str = DEFAULT_ADAPTER) -> list[FactorGroup]:
+    """Snapshot every agent's LoRA factors, stacked and grouped by shape (r, n, m).
+
+    Groups come in order of first appearance; names within a group in ``named_modules`` order.
+    Returns detached copies: A [M, N, r, n], B [M, N, m, r] per group.
+    """
+    per_agent = _agent_modules(models, adapter_name)
+    slots: dict[tuple[int, int, int], list[int]] = {}
+    for k, (_, lora_a, lora_b) in enumerate(per_agent[0]):
+        r, n = lora_a.weight.shape
+        slots.setdefault((r, n, lora_b.weight.shape[0]), []).append(k)
+    groups = []
+    for indices in slots.values():
+        names = [per_agent[0][k][0] for k in indices]
+        A = torch.stack([torch.stack([modules[k][1].weight.detach() for modules in per_agent]) for k in indices])
+        B = torch.stack([torch.stack([modules[k][2].weight.detach() for modules in per_agent]) for k in indices])
+        groups.append(FactorGroup(names=names, A=A, B=B))
+    return groups
+
+
+@torch.no_grad()
+def write_factors(
+    models: Sequence[nn.Module], groups: list[FactorGroup], *, adapter_name: str = DEFAULT_ADAPTER
+) -> None:
+    """Copy the groups' factors into every agent's LoRA weights in place (dtype/device of the weights kept)."""
+    per_agent = [{name: (a, b) for name, a, b in modules} for modules in _agent_modules(models, adapter_name)]
+    for group in groups:
+        if group.n_agents != len(models):
+            raise ValueError(f"groups: {group.n_agents} agents stacked but {len(models)} models given")
+        for k, name in enumerate(group.names):
+            for i, modules in enumerate(per_agent):
+                if name not in modules:
+                    raise ValueError(f"groups: module {name!r} is not a LoRA module of agent {i}")
+                lora_a, lora_b = modules[name]
+                if group.A.shape[2:] != lora_a.weight.shape or group.B.shape[2:] != lora_b.weight.shape:
+                    raise ValueError(f"groups: factor shapes of {name!r} do not match the model's LoRA weights")
+                lora_a.weight.copy_(group.A[k, i])
+                lora_b.weight.copy_(group.B[k, i])
+
+
+def _extra_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """Trainable parameters of `model` that are not the adapter's LoRA factors, by parameter name."""
+    factor_ids = {id(w) for _, a, b in _lora_modules(model, adapter_name) for w in (a.weight, b.weight)}
+    return {
+        name: param
+        for name, param in model.named_parameters()
+        if param.requires_grad and id(param) not in factor_ids
+    }
+
+
+def _agent_extras(models: Sequence[nn.Module], adapter_name: str) -> list[dict[str, nn.Parameter]]:
+    """Extra parameters of every agent, checked to have the same names and shapes on every agent."""
+    per_agent = [_extra_parameters(model, adapter_name) for model in models]
+    _check_agents_agree([[(name, p.shape) for name, p in extras.items()] for extras in per_agent],
+                        "trainable non-LoRA parameters")
+    return per_agent
+
+
+def collect_extras(models: Sequence[nn.Module], *, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+    """Snapshot every trainable parameter that is not a LoRA factor (e.g. the classifier head peft keeps in
+    ``modules_to_save``), keyed by parameter name and stacked over agents as [N, ...] (detached copies)."""
+    per_agent = _agent_extras(models, adapter_name)
+    return {name: torch.stack([extras[name].detach() for extras in per_agent]) for name in per_agent[0]}
+
+
+@torch.no_grad()
+def write_extras(
+    models: Sequence[nn.Module], extras: dict[str, torch.Tensor], *, adapter_name: str = DEFAULT_ADAPTER
+) -> None:
+    """Copy stacked extras [N, ...] back into every agent's parameters in place."""
+    per_agent = _agent_extras(models, adapter_name)
+    for name, stacked in extras.items():
+        if name not in per_agent[0]:
+            raise ValueError(f"extras: {name!r} is not a trainable non-LoRA parameter of the models")
+        if stacked.shape != (len(models), *per_agent[0][name].shape):
+            raise ValueError(f"extras: {name!r} has shape {tuple(stacked.shape)}, expected "
+                             f"{(len(models), *per_agent[0][name].shape)}")
+        for i, params in enumerate(per_agent):
+            params[name].copy_(stacked[i])
+
+
+@torch.no_grad()
+def share_and_freeze_A(models: Sequence[nn.Module], seed: int, *, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Give every agent the same A for every LoRA module and freeze it (requires_grad False).
+
+    A is drawn like peft's default LoRA init (Kaiming uniform, a = sqrt(5)) from a generator seeded with
+    `seed`, module by module in ``named_modules`` order. Call it before building the optimizers.
+    """
+    per_agent = _agent_modules(models, adapter_name)
+    generator = torch.Generator().manual_seed(seed)
+    for k, (_, lora_a, _) in enumerate(per_agent[0]):
+        shared = torch.empty(lora_a.weight.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(shared, a=math.sqrt(5), generator=generator)
+        for modules in per_agent:
+            weight = modules[k][1].weight
+            weight.copy_(shared)
+            weight.requires_grad_(False)
+
+
+def consensus_error(groups: list[FactorGroup]) -> float:
+    """Disagreement of the agents' LoRA products, summed over modules.
+
+    Per module: mean_i ||B_i A_i - P̄||_F / ||P̄||_F with P̄ = mean_j B_j A_j (a module counts 0 when
+    P̄ = 0). Forms the products [M, N, m, n] in float64.
+    """
+    total = 0.0
+    for group in groups:
+        products = group.B.double() @ group.A.double()
+        offsets = products - products[:, :1]  # centred around agent 0: exactly 0 for identical agents
+        mean_offset = offsets.mean(dim=1, keepdim=True)
+        spread = torch.linalg.matrix_norm(offsets - mean_offset).mean(dim=1)
+        scale = torch.linalg.matrix_norm(products[:, 0] + mean_offset[:, 0])
+        total += torch.where(scale > 0, spread / scale, torch.zeros_like(spread)).sum().item()
+    return total
