@@ -246,3 +246,16 @@ def test_cuda_matches_cpu():
         gpu = decaf_ext.consensus_tsvd(A.cuda(), B.cuda(), W.cuda(), 4, method=method)
         for x, y in zip(cpu, gpu):
             torch.testing.assert_close(y.cpu(), x, rtol=1e-4, atol=1e-5)
+
+
+def test_randomized_with_rank_deficient_core(device):
+    """All agents share A (rank 4) but not B: the sketch loses columns, the result stays exact."""
+    A, B = factors((2,), 16, 4, 40, 30, device=device, seed=16)
+    A = A[:, :1].expand_as(A).contiguous()
+    W = ring_weights(16).to(device)
+    for rank in (2, 4, 6):
+        out = decaf_ext.consensus_tsvd(A, B, W, rank, method="randomized", oversample=10)
+        assert all(torch.isfinite(t).all() for t in out)
+        kept = min(rank, 4)
+        assert_matches_reference(A, B, W, kept, (out[0][..., :kept, :], out[1][..., :kept], out[2][..., :kept]), 1e-9)
+        assert torch.equal(out[2][..., 4:], torch.zeros_like(out[2][..., 4:]))

@@ -128,15 +128,7 @@ DECAF_HD void solve_consensus_core(const Team& team, const CoreProblem& pb, doub
     double* T = Gp;  // Gp is no longer needed
     team_matmul(team, Rt, K, Gq, K, T, K, rp, K, K);
     team_matmul_nt(team, T, K, Rt, K, H, rp, rp, K, rp);
-    for (int e = team.rank(); e < rp * rp; e += team.size()) {
-      const int a = e / rp, b = e % rp;
-      if (a < b) {
-        const double v = 0.5 * (H[a * rp + b] + H[b * rp + a]);
-        H[a * rp + b] = v;
-        H[b * rp + a] = v;
-      }
-    }
-    team.sync();
+    team_symmetrize(team, H, rp);
     const int L = core_sketch_width(rp, rank, pb.oversample);
     const bool randomized =
         (pb.method == kRandomized || (pb.method == kAuto && rp > kAutoExactMaxRank)) && L < rp;
@@ -146,38 +138,31 @@ DECAF_HD void solve_consensus_core(const Team& team, const CoreProblem& pb, doub
       zld = rp;
     } else {
       // Randomized subspace iteration on H = Op^T M M^T Op (Halko, Martinsson & Tropp, Alg. 4.4).
+      // Y and HY are rp x L (row stride L); `cols` of their columns are in use.
       for (int e = team.rank(); e < rp * L; e += team.size())
         HY[e] = counter_normal(pb.seed, (pb.stream << 32) + (uint64_t)e);
       team.sync();
       team_matmul(team, H, rp, HY, L, Y, L, rp, rp, L);
       int cols = L;
       for (int it = 0; it < pb.n_iter; ++it) {
-        cols = team_orthonormalize_columns(team, Y, rp, cols, 1e-10);
-        team_matmul(team, H, rp, Y, cols, HY, cols, rp, rp, cols);
-        for (int e = team.rank(); e < rp * cols; e += team.size()) Y[e] = HY[e];
+        cols = team_orthonormalize_columns(team, Y, rp, cols, L, 1e-10);
+        team_matmul(team, H, rp, Y, L, HY, L, rp, rp, cols);
+        for (int e = team.rank(); e < rp * L; e += team.size()) Y[e] = HY[e];
         team.sync();
       }
-      cols = team_orthonormalize_columns(team, Y, rp, cols, 1e-10);
-      team_matmul(team, H, rp, Y, cols, HY, cols, rp, rp, cols);
+      cols = team_orthonormalize_columns(team, Y, rp, cols, L, 1e-10);
+      team_matmul(team, H, rp, Y, L, HY, L, rp, rp, cols);
       for (int e = team.rank(); e < cols * cols; e += team.size()) {
         const int a = e / cols, b = e % cols;
         double acc = 0.0;
-        for (int t = 0; t < rp; ++t) acc += Y[t * cols + a] * HY[t * cols + b];
+        for (int t = 0; t < rp; ++t) acc += Y[t * L + a] * HY[t * L + b];
         Tsm[e] = acc;
       }
       team.sync();
-      for (int e = team.rank(); e < cols * cols; e += team.size()) {
-        const int a = e / cols, b = e % cols;
-        if (a < b) {
-          const double v = 0.5 * (Tsm[a * cols + b] + Tsm[b * cols + a]);
-          Tsm[a * cols + b] = v;
-          Tsm[b * cols + a] = v;
-        }
-      }
-      team.sync();
+      team_symmetrize(team, Tsm, cols);
       jacobi_eigh(team, Tsm, cols, Zs, lambda, order, rot);
       double* Zfull = Gp;  // rp x cols Ritz vectors, columns in `order`
-      team_matmul(team, Y, cols, Zs, cols, Zfull, cols, rp, cols, cols);
+      team_matmul(team, Y, L, Zs, cols, Zfull, cols, rp, cols, cols);
       nv = cols;
       zld = cols;
     }

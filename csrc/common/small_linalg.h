@@ -37,6 +37,20 @@ DECAF_HD void team_matmul_nt(const Team& team, const double* A, int lda, const d
   team.sync();
 }
 
+// X <- (X + X^T) / 2 for an n x n matrix.
+template <class Team>
+DECAF_HD void team_symmetrize(const Team& team, double* X, int n) {
+  for (int e = team.rank(); e < n * n; e += team.size()) {
+    const int a = e / n, b = e % n;
+    if (a < b) {
+      const double v = 0.5 * (X[a * n + b] + X[b * n + a]);
+      X[a * n + b] = v;
+      X[b * n + a] = v;
+    }
+  }
+  team.sync();
+}
+
 // Pivoted Cholesky of the K x K positive semidefinite matrix G (left untouched):
 //   G ~= R^T R with R[s][x] = Rt[s * K + x] (rp x K, columns in the original order),
 // pivoting on the largest remaining diagonal entry and stopping once it falls to
@@ -215,32 +229,32 @@ DECAF_HD void jacobi_eigh(const Team& team, double* H, int n, double* V, double*
   team.sync();
 }
 
-// Orthonormalizes the columns of Y (rows x cols, row-major, in place) by modified Gram-Schmidt
-// applied twice; columns that fall below drop_rel of their original norm are removed and the rest
-// are packed to the left. Returns the number of columns kept.
+// Orthonormalizes the first `cols` columns of Y (rows x ld, row-major, in place) by modified
+// Gram-Schmidt applied twice; columns that fall below drop_rel of their original norm are removed
+// and the rest are packed to the left. Returns the number of columns kept.
 template <class Team>
-DECAF_HD int team_orthonormalize_columns(const Team& team, double* Y, int rows, int cols,
+DECAF_HD int team_orthonormalize_columns(const Team& team, double* Y, int rows, int cols, int ld,
                                          double drop_rel) {
   int kept = 0;
   for (int c = 0; c < cols; ++c) {
     double norm0 = 0.0;
-    for (int i = team.rank(); i < rows; i += team.size()) norm0 += Y[i * cols + c] * Y[i * cols + c];
+    for (int i = team.rank(); i < rows; i += team.size()) norm0 += Y[i * ld + c] * Y[i * ld + c];
     norm0 = team_sum(team, norm0);
     for (int pass = 0; pass < 2; ++pass) {
       for (int k = 0; k < kept; ++k) {
         double dot = 0.0;
-        for (int i = team.rank(); i < rows; i += team.size()) dot += Y[i * cols + k] * Y[i * cols + c];
+        for (int i = team.rank(); i < rows; i += team.size()) dot += Y[i * ld + k] * Y[i * ld + c];
         dot = team_sum(team, dot);
-        for (int i = team.rank(); i < rows; i += team.size()) Y[i * cols + c] -= dot * Y[i * cols + k];
+        for (int i = team.rank(); i < rows; i += team.size()) Y[i * ld + c] -= dot * Y[i * ld + k];
         team.sync();
       }
     }
     double norm = 0.0;
-    for (int i = team.rank(); i < rows; i += team.size()) norm += Y[i * cols + c] * Y[i * cols + c];
+    for (int i = team.rank(); i < rows; i += team.size()) norm += Y[i * ld + c] * Y[i * ld + c];
     norm = team_sum(team, norm);
     if (norm0 <= 0.0 || norm <= drop_rel * drop_rel * norm0) continue;
     const double inv = 1.0 / sqrt(norm);
-    for (int i = team.rank(); i < rows; i += team.size()) Y[i * cols + kept] = Y[i * cols + c] * inv;
+    for (int i = team.rank(); i < rows; i += team.size()) Y[i * ld + kept] = Y[i * ld + c] * inv;
     team.sync();
     ++kept;
   }
