@@ -34,6 +34,9 @@ struct Backend {
   void (*fill_normal)(at::Tensor& out, uint64_t seed);
 };
 
+// The CPU backend with the GPU's Jacobi eigensolver instead of LAPACK (for the native tests).
+const Backend& cpu_jacobi_backend();
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,
     const std::string& method, const std::string& split, int64_t oversample, int64_t n_iter,

@@ -60,8 +60,11 @@ DECAF_HD inline long core_workspace_doubles(int n_in, int r, int rank, int overs
 }
 DECAF_HD inline long core_workspace_ints(int n_in, int r) { return 2L * n_in + 3L * n_in * r; }
 
-template <class Team>
-DECAF_HD void solve_consensus_core(const Team& team, const CoreProblem& pb, double* ws, int* iws) {
+// `eigh(team, H, n, V, lambda, order, rot)` is the symmetric eigensolver, with jacobi_eigh's
+// contract (JacobiEigh on the GPU; the CPU backend passes LAPACK's).
+template <class Team, class Eigh>
+DECAF_HD void solve_consensus_core(const Team& team, const CoreProblem& pb, double* ws, int* iws,
+                                   const Eigh& eigh) {
   const int n_in = pb.n_in, r = pb.r, rank = pb.rank, NR = n_in * r;
   const int Lmax = core_sketch_width(NR, rank, pb.oversample);
   // Workspace layout (sizes for the largest K = NR).
@@ -133,7 +136,7 @@ DECAF_HD void solve_consensus_core(const Team& team, const CoreProblem& pb, doub
     const bool randomized =
         (pb.method == kRandomized || (pb.method == kAuto && rp > kAutoExactMaxRank)) && L < rp;
     if (!randomized) {
-      jacobi_eigh(team, H, rp, Gp, lambda, order, rot);
+      eigh(team, H, rp, Gp, lambda, order, rot);
       nv = rp;
       zld = rp;
     } else {
@@ -160,7 +163,7 @@ DECAF_HD void solve_consensus_core(const Team& team, const CoreProblem& pb, doub
       }
       team.sync();
       team_symmetrize(team, Tsm, cols);
-      jacobi_eigh(team, Tsm, cols, Zs, lambda, order, rot);
+      eigh(team, Tsm, cols, Zs, lambda, order, rot);
       double* Zfull = Gp;  // rp x cols Ritz vectors, columns in `order`
       team_matmul(team, Y, L, Zs, cols, Zfull, cols, rp, cols, cols);
       nv = cols;

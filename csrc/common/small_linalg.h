@@ -137,8 +137,9 @@ DECAF_HD inline void round_robin_pair(int n_even, int round, int k, int* p, int*
 
 // Jacobi rotation (c, s) that zeroes the off-diagonal entry of the symmetric 2 x 2 block
 // [[app, apq], [apq, aqq]] under J^T A J with J = [[c, s], [-s, c]] (Golub & Van Loan, sym.schur2).
+// Entries already negligible next to the diagonal (|apq| < eps/2 sqrt(|app aqq|)) are left alone.
 DECAF_HD inline void jacobi_rotation(double app, double aqq, double apq, double* c, double* s) {
-  if (apq == 0.0) {
+  if (apq == 0.0 || fabs(apq) < 0.5 * kEps * sqrt(fabs(app)) * sqrt(fabs(aqq))) {
     *c = 1.0;
     *s = 0.0;
     return;
@@ -228,6 +229,15 @@ DECAF_HD void jacobi_eigh(const Team& team, double* H, int n, double* V, double*
   }
   team.sync();
 }
+
+// jacobi_eigh as a callable, the default eigensolver of the per-agent core.
+struct JacobiEigh {
+  template <class Team>
+  DECAF_HD void operator()(const Team& team, double* H, int n, double* V, double* lambda, int* order,
+                           double* rot) const {
+    jacobi_eigh(team, H, n, V, lambda, order, rot);
+  }
+};
 
 // Orthonormalizes the first `cols` columns of Y (rows x ld, row-major, in place) by modified
 // Gram-Schmidt applied twice; columns that fall below drop_rel of their original norm are removed

@@ -1,5 +1,8 @@
 // CPU backend: the shared per-agent core (csrc/common) run by one thread per problem, problems
 // spread over threads with at::parallel_for. Deterministic: each problem is solved serially.
+// The small symmetric eigenproblems go to LAPACK (torch.linalg.eigh), several times faster than
+// the Jacobi solver the GPU uses; that solver is checked on the CPU by the native test program.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -11,7 +14,21 @@
 namespace decaf {
 namespace {
 
-void solve_cores_cpu(CoreBatch& cb) {
+// LAPACK eigensolver with jacobi_eigh's contract: lambda descending, eigenvector k in column
+// order[k] of V (row-major n x n).
+struct LapackEigh {
+  void operator()(const SerialTeam&, double* H, int n, double* V, double* lambda, int* order, double*) const {
+    if (n == 0) return;
+    const auto opts = at::TensorOptions().dtype(at::kDouble);
+    auto [values, vectors] = at::linalg_eigh(at::from_blob(H, {n, n}, opts));  // ascending
+    at::from_blob(V, {n, n}, opts).copy_(vectors.flip(1));
+    at::from_blob(lambda, {n}, opts).copy_(values.flip(0));
+    for (int k = 0; k < n; ++k) order[k] = k;
+  }
+};
+
+template <class Eigh>
+void solve_cores_cpu(CoreBatch& cb, const Eigh& eigh) {
   const int64_t batch = cb.GB.size(0), n_out = cb.W.size(0), n_in = cb.W.size(1);
   const int64_t NR = cb.GB.size(1), rank = cb.rank;
   const double* GB = cb.GB.data_ptr<double>();
@@ -53,7 +70,7 @@ void solve_cores_cpu(CoreBatch& cb) {
       pb.coefA = coefA + p * NR * rank;
       pb.S = S + p * rank;
       pb.missing = missing + p;
-      solve_consensus_core(team, pb, ws.data(), iws.data());
+      solve_consensus_core(team, pb, ws.data(), iws.data(), eigh);
     }
   });
 }
@@ -77,7 +94,10 @@ void fill_normal_cpu(at::Tensor& out, uint64_t seed) {
   });
 }
 
-const Backend kCpuBackend{solve_cores_cpu, complete_identity_cpu, fill_normal_cpu};
+const Backend kCpuBackend{[](CoreBatch& cb) { solve_cores_cpu(cb, LapackEigh{}); }, complete_identity_cpu,
+                          fill_normal_cpu};
+const Backend kCpuJacobiBackend{[](CoreBatch& cb) { solve_cores_cpu(cb, JacobiEigh{}); }, complete_identity_cpu,
+                                fill_normal_cpu};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_cpu(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,
@@ -92,6 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsvd_cpu(const at::Tensor& M, int
 }
 
 }  // namespace
+
+const Backend& cpu_jacobi_backend() { return kCpuJacobiBackend; }
 
 TORCH_LIBRARY_IMPL(decaf_ext, CPU, m) {
   m.impl("consensus_tsvd", &consensus_tsvd_cpu);

@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kThreads) solve_cores_kernel(CoreArgs a, bool 
   pb.coefA = a.coefA + p * a.NR * a.rank;
   pb.S = a.S + p * a.rank;
   pb.missing = a.missing + p;
-  solve_consensus_core(team, pb, ws, iws);
+  solve_consensus_core(team, pb, ws, iws, JacobiEigh{});
 }
 
 void solve_cores_cuda(CoreBatch& cb) {
