@@ -123,10 +123,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
   const at::Tensor Ad = Af.to(at::kDouble), Bd = Bf.to(at::kDouble);
   cb.GA = at::bmm(Ad, Ad.transpose(1, 2)).contiguous();
   cb.GB = at::bmm(Bd.transpose(1, 2), Bd).contiguous();
-  cb.sA = Ad.sum(2).contiguous();
-  cb.sB = Bd.sum(1).contiguous();
-  cb.W = W.to(at::kDouble).contiguous();
   const auto dopts = Af.options().dtype(at::kDouble);
+  cb.sA = at::matmul(Ad, at::ones({s.n, 1}, dopts)).view({s.batch, NR});
+  cb.sB = at::matmul(at::ones({1, s.m}, dopts), Bd).view({s.batch, NR});
+  cb.W = W.to(at::kDouble).contiguous();
   cb.coefB = at::zeros({s.batch, s.n_out, NR, rank}, dopts);
   cb.coefA = at::zeros({s.batch, s.n_out, NR, rank}, dopts);
   cb.S = at::zeros({s.batch, s.n_out, rank}, dopts);
