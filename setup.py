@@ -60,7 +60,7 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "transformers", "peft", "datasets", "pyyaml", "tqdm", "matplotlib",
-                      "safetensors"],
+                      "safetensors", "networkx"],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["decaf-train = decaf_ext.train:main"]},
 )

@@ -1,0 +1,383 @@
+"""Benchmark of decaf_ext.consensus_tsvd against dense baselines, with accuracy next to every time.
+
+For N agents holding LoRA factors A [modules, N, r, n], B [modules, N, m, r] and a mixing matrix
+W [N, N], every method computes the rank-`rank` truncated SVD of M_i = sum_j W[i, j] B_j A_j:
+  (a) dense:      form every M_i (weighted_product_sum), torch.linalg.svd, truncate;
+  (b) lowrank:    form every M_i, torch.svd_lowrank(q = rank + oversample, niter);
+  (c) exact:      consensus_tsvd(method="exact", check_values=False) (also timed with checks);
+  (d) randomized: consensus_tsvd(method="randomized", check_values=False);
+  (e) floor:      the Gram products of the stacked factors in the input dtype (any method that uses
+                  every factor reads them at least once), plus a memory-bandwidth estimate.
+Times are medians over repeats after warmup (CUDA synchronized). Accuracy is measured against (a)
+on the modules and agents where (a) ran. Run `python bench/tsvd.py --help` for the options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import decaf_ext
+from decaf_ext.topology import build_graph, mixing_matrix
+
+PRESETS: dict[str, dict] = {
+    "cpu": dict(agents=8, modules=12, m=768, n=768, r=8, rank=8, topology=["ring"], dtype="float32",
+                device="cpu", repeats=10, dense_repeats=3, dense_modules=1, dense_agents=None, chunk=None),
+    "gpu": dict(agents=16, modules=64, m=4096, n=4096, r=8, rank=8, topology=["ring", "complete"],
+                dtype="float32", device="cuda", repeats=20, dense_repeats=3, dense_modules=1, dense_agents=2,
+                chunk=4),
+}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+CPU_TARGETS = (("(a)/(c)", ">=", 50.0), ("(b)/(c)", ">=", 5.0), ("(c)/(e)", "<=", 3.0))
+GPU_TARGETS = (("(c)/(e)", "<=", 3.0), ("(c)/(bw)", "<=", 3.0))
+RATIOS = ("(a)/(c)", "(b)/(c)", "(c)/(e)", "(a)/(d)", "(b)/(d)", "(d)/(e)")
+
+# Truncated SVD as (left [..., m, rank], right [..., rank, n], S [..., rank]): product left @ right.
+Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Timing:
+    """Median wall time of one method; `scale` > 1 marks a time extrapolated from a subset."""
+    label: str
+    median_s: float
+    repeats_s: list[float]
+    scale: float = 1.0
+    note: str = ""
+    product_error: float | None = None
+    s_error: float | None = None
+
+
+@dataclass
+class TopologyResult:
+    topology: str
+    timings: dict[str, Timing] = field(default_factory=dict)
+    ratios: dict[str, float | None] = field(default_factory=dict)
+    targets: list[dict] = field(default_factory=list)
+    stages: dict[str, list[dict]] = field(default_factory=dict)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Preset values, overridden by any flag given explicitly."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--agents", type=int, help="number of agents N")
+    p.add_argument("--modules", type=int, help="LoRA modules of one shape (leading batch dim)")
+    p.add_argument("--m", type=int, help="rows of B (output features)")
+    p.add_argument("--n", type=int, help="columns of A (input features)")
+    p.add_argument("--r", type=int, help="LoRA rank of the inputs")
+    p.add_argument("--rank", type=int, help="target rank of the truncated SVD")
+    p.add_argument("--topology", nargs="+", help="one or more topologies of decaf_ext.topology")
+    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--device")
+    p.add_argument("--repeats", type=int, help="timed repeats of (c)-(e)")
+    p.add_argument("--dense-repeats", type=int, help="timed repeats of (a) and (b)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    p.add_argument("--dense-modules", type=int, help="modules on which (a) runs (time scaled to all)")
+    p.add_argument("--dense-agents", type=int, help="receiving agents on which (a) runs (default: all)")
+    p.add_argument("--skip-dense", action="store_true", help="skip (a); accuracy is then not measured")
+    p.add_argument("--chunk", type=int, help="modules per dense call of (a) and (b) (bounds memory)")
+    p.add_argument("--oversample", type=int, default=10)
+    p.add_argument("--n-iter", type=int, default=2)
+    p.add_argument("--bandwidth", type=float, help="device memory bandwidth in GB/s (default: measured copy)")
+    p.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
+                   help="profile (c) and (d) once and print the ops with the largest self time")
+    p.add_argument("--spread", type=float,
+                   help="agents' factors = common + spread * own (default: independent per agent)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the figures to this path")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.chunk = args.chunk or args.modules
+    args.dense_agents = args.dense_agents or args.agents
+    for name in ("agents", "modules", "m", "n", "r", "rank", "repeats", "dense_repeats", "dense_modules",
+                 "dense_agents", "chunk"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.rank > min(args.m, args.n):
+        p.error(f"--rank must be <= min(m, n) = {min(args.m, args.n)}, got {args.rank}")
+    args.dense_modules = min(args.dense_modules, args.modules)
+    args.dense_agents = min(args.dense_agents, args.agents)
+    return args
+
+
+def machine_info(device: torch.device) -> dict:
+    """Versions, device name and thread counts (and the load average: the CPU may be shared)."""
+    info = {"torch": torch.__version__, "decaf_ext": decaf_ext.__version__, "python": platform.python_version(),
+            "device": str(device), "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), "cpu_count": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine()}
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu"] = names[0] if names else info["cpu"]
+    if hasattr(os, "getloadavg"):
+        info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
+              warmup_fn: Callable[[], object] | None = None) -> tuple[list[float], object]:
+    """Wall times (s) of `repeats` calls of fn after `warmup` calls of warmup_fn (default fn);
+    returns the times and the last result."""
+    for _ in range(warmup):
+        (warmup_fn or fn)()
+    synchronize(device)
+    times, out = [], None
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times, out
+
+
+def make_factors(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian LoRA factors A [modules, N, r, n] (rows of norm ~1) and B [modules, N, m, r].
+
+    Independent per agent by default (M_i then has N_i r similar singular values: the hard case for
+    randomized methods); with --spread s every agent holds a common factor plus s times its own.
+    """
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        own = torch.randn(args.modules, args.agents, *shape, generator=gen)
+        if args.spread is None:
+            return own
+        common = torch.randn(args.modules, 1, *shape, generator=gen)
+        return (common + args.spread * own) / math.sqrt(1.0 + args.spread**2)
+
+    A = draw(args.r, args.n) / math.sqrt(args.n)
+    B = draw(args.m, args.r) / math.sqrt(args.r)
+    dtype = DTYPES[args.dtype]
+    return A.to(device, dtype), B.to(device, dtype)
+
+
+def svd_dtype(dtype: torch.dtype) -> torch.dtype:
+    """torch's SVDs take float32/float64 only: half-precision products are decomposed in float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def dense_svd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int, chunk: int) -> list[Factors]:
+    """(a) per chunk of modules: M = weighted_product_sum, full SVD, truncated to `rank`."""
+    out = []
+    for s in range(0, A.shape[0], chunk):
+        M = decaf_ext.weighted_product_sum(A[s:s + chunk], B[s:s + chunk], W, check_values=False)
+        U, S, Vh = torch.linalg.svd(M.to(svd_dtype(M.dtype)), full_matrices=False)
+        out.append((U[..., :rank] * S[..., None, :rank], Vh[..., :rank, :], S[..., :rank]))
+    return out
+
+
+def lowrank_svd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int, chunk: int, oversample: int,
+                n_iter: int) -> list[Factors]:
+    """(b) per chunk of modules: M = weighted_product_sum, torch.svd_lowrank, truncated to `rank`."""
+    out = []
+    for s in range(0, A.shape[0], chunk):
+        M = decaf_ext.weighted_product_sum(A[s:s + chunk], B[s:s + chunk], W, check_values=False)
+        q = min(rank + oversample, *M.shape[-2:])
+        U, S, V = torch.svd_lowrank(M.to(svd_dtype(M.dtype)), q=q, niter=n_iter)
+        out.append((U[..., :rank] * S[..., None, :rank], V[..., :rank].mT, S[..., :rank]))
+    return out
+
+
+def consensus(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int, method: str, args: argparse.Namespace,
+              check_values: bool = False) -> Factors:
+    """(c)/(d): the fused op; returns (B_new, A_new, S)."""
+    A_new, B_new, S = decaf_ext.consensus_tsvd(A, B, W, rank, method=method, oversample=args.oversample,
+                                               n_iter=args.n_iter, seed=args.seed, check_values=check_values)
+    return B_new, A_new, S
+
+
+def gram_floor(A_stack: torch.Tensor, B_stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e) Gram matrices [modules, N r, N r] of the stacked A rows and B columns, input dtype.
+
+    A_stack: [modules, N r, n], B_stack: [modules, N r, m] (B columns as rows, laid out beforehand).
+    """
+    return torch.bmm(A_stack, A_stack.mT), torch.bmm(B_stack, B_stack.mT)
+
+
+def copy_bandwidth(device: torch.device, warmup: int) -> float:
+    """Bytes read + written per second by a device copy of 256 MiB (a rough memory bandwidth)."""
+    x = torch.empty(64 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
+    times, _ = time_call(x.clone, device, repeats=5, warmup=max(warmup, 1))
+    return 2 * x.numel() * x.element_size() / statistics.median(times)
+
+
+def stage_breakdown(fn: Callable[[], object], device: torch.device, calls: int = 3, top: int = 6) -> list[dict]:
+    """Where one call's time goes: the ops with the largest self time (device time on CUDA), per call.
+
+    For consensus_tsvd the op's own self time on the CPU is the per-agent solves (plus argument
+    checks); the Gram products and the back-projection appear as aten::bmm, casts as aten::copy_.
+    """
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    events = prof.key_averages()
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(self_us(e) for e in events) or 1.0
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    return [{"name": e.key, "ms_per_call": self_us(e) / 1e3 / calls, "share": self_us(e) / total} for e in ranked]
+
+
+def relative_errors(ref: Factors, got: Factors) -> tuple[float, float]:
+    """Largest relative Frobenius error over matrices of the rank-r product and of S (float64)."""
+    (rl, rr, rs), (gl, gr, gs) = ref, got
+    worst_p, worst_s = 0.0, 0.0
+    for k in range(rl.shape[0]):  # one module at a time bounds memory
+        P_ref = rl[k].double() @ rr[k].double()
+        P = gl[k].double() @ gr[k].double()
+        e_p = torch.linalg.matrix_norm(P - P_ref) / torch.linalg.matrix_norm(P_ref)
+        e_s = torch.linalg.vector_norm(gs[k].double() - rs[k].double(), dim=-1) / torch.linalg.vector_norm(
+            rs[k].double(), dim=-1)
+        worst_p, worst_s = max(worst_p, e_p.max().item()), max(worst_s, e_s.max().item())
+    return worst_p, worst_s
+
+
+def concat(parts: list[Factors]) -> Factors:
+    return tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
+
+
+def subset(f: Factors, modules: int, agents: int) -> Factors:
+    return tuple(t[:modules, :agents] for t in f)  # type: ignore[return-value]
+
+
+def ratio(num: Timing | None, den: Timing | None) -> float | None:
+    return num.median_s / den.median_s if num and den else None
+
+
+def run_topology(topology: str, A: torch.Tensor, B: torch.Tensor, args: argparse.Namespace,
+                 device: torch.device, bandwidth: float, bandwidth_note: str) -> TopologyResult:
+    """Times (a)-(e) on one topology, then their accuracy against (a), ratios and targets."""
+    res = TopologyResult(topology)
+    W = mixing_matrix(build_graph(topology, args.agents)).to(device, svd_dtype(A.dtype))
+    run = dict(device=device, warmup=args.warmup)
+    outputs: dict[str, Factors] = {}
+
+    def record(key: str, label: str, times: list[float], scale: float = 1.0, note: str = "") -> None:
+        res.timings[key] = Timing(label, statistics.median(times) * scale, times, scale, note)
+
+    dm, da = args.dense_modules, args.dense_agents
+    if not args.skip_dense:
+        Ad, Bd, Wd = A[:dm], B[:dm], W[:da]
+        scale = (args.modules / dm) * (args.agents / da)
+        times, out = time_call(lambda: dense_svd(Ad, Bd, Wd, args.rank, args.chunk), repeats=args.dense_repeats,
+                               warmup_fn=lambda: dense_svd(Ad[:1], Bd[:1], Wd[:1], args.rank, 1), **run)
+        note = f"{args.dense_repeats} repeats; warmup on 1 matrix"
+        if scale != 1.0:
+            note += f"; EXTRAPOLATED x{scale:g} from {dm} module(s) x {da} agent(s)"
+        record("a", "(a) dense M + linalg.svd", times, scale, note)
+        outputs["a"] = concat(out)
+    q = min(args.rank + args.oversample, args.m, args.n)
+    times, out = time_call(lambda: lowrank_svd(A, B, W, args.rank, args.chunk, args.oversample, args.n_iter),
+                           repeats=args.dense_repeats, **run)
+    record("b", f"(b) dense M + svd_lowrank q={q}", times, note=f"{args.dense_repeats} repeats")
+    outputs["b"] = concat(out)
+    for key, method in (("c", "exact"), ("d", "randomized")):
+        times, out = time_call(lambda: consensus(A, B, W, args.rank, method, args), repeats=args.repeats, **run)
+        record(key, f"({key}) consensus_tsvd {method}", times, note="check_values=False")
+        outputs[key] = out
+        if args.stages:
+            res.stages[key] = stage_breakdown(lambda: consensus(A, B, W, args.rank, method, args), device)
+    times, _ = time_call(lambda: consensus(A, B, W, args.rank, "exact", args, check_values=True),
+                         repeats=args.repeats, **run)
+    record("c_checked", "    exact, check_values=True", times)
+    A_stack = A.reshape(args.modules, args.agents * args.r, args.n)
+    B_stack = B.mT.reshape(args.modules, args.agents * args.r, args.m).contiguous()
+    times, _ = time_call(lambda: gram_floor(A_stack, B_stack), repeats=args.repeats, **run)
+    record("e", f"(e) floor: Gram bmm {args.dtype}", times, note="stacked layout prepared untimed")
+    factor_bytes = (A.numel() + B.numel()) * A.element_size()
+    record("bw", "    bandwidth floor", [factor_bytes / bandwidth],
+           note=f"{factor_bytes / 1e6:.1f} MB read once at {bandwidth / 1e9:.1f} GB/s ({bandwidth_note})")
+
+    if "a" in outputs:
+        ref = subset(outputs["a"], dm, da)
+        for key in ("a", "b", "c", "d"):
+            t = res.timings[key]
+            t.product_error, t.s_error = relative_errors(ref, subset(outputs[key], dm, da))
+
+    tm = res.timings
+    pairs = {"(a)/(c)": ("a", "c"), "(b)/(c)": ("b", "c"), "(c)/(e)": ("c", "e"), "(a)/(d)": ("a", "d"),
+             "(b)/(d)": ("b", "d"), "(d)/(e)": ("d", "e"), "(c)/(bw)": ("c", "bw"), "(d)/(bw)": ("d", "bw")}
+    res.ratios = {name: ratio(tm.get(num), tm.get(den)) for name, (num, den) in pairs.items()}
+    for name, op, bound in (GPU_TARGETS if device.type == "cuda" else CPU_TARGETS):
+        value = res.ratios[name]
+        ok = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        res.targets.append({"ratio": name, "op": op, "bound": bound, "value": value, "pass": ok})
+    return res
+
+
+def fmt_err(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def print_result(res: TopologyResult, args: argparse.Namespace) -> None:
+    data = "independent factors" if args.spread is None else f"factors common + {args.spread:g} x own"
+    print(f"\ntopology {res.topology}: {args.agents} agents, {args.modules} modules of {args.m}x{args.n}, "
+          f"r={args.r}, rank={args.rank}, {args.dtype}, {args.device}, {data}")
+    print(f"{'method':36s} {'median ms':>11s} {'err B@A':>9s} {'err S':>9s}  note")
+    for key, t in res.timings.items():
+        errs = ("ref", "ref") if key == "a" else (fmt_err(t.product_error), fmt_err(t.s_error))
+        print(f"{t.label:36s} {t.median_s * 1e3:11.3f} {errs[0]:>9s} {errs[1]:>9s}  {t.note}".rstrip())
+    shown = [f"{n} = {res.ratios[n]:.1f}x" for n in RATIOS + ("(c)/(bw)", "(d)/(bw)") if res.ratios[n] is not None]
+    print("ratios (same run): " + ", ".join(shown))
+    for key, rows in res.stages.items():
+        kind = "device" if args.device.startswith("cuda") else "cpu"
+        print(f"({key}) self {kind} time by op: " + ", ".join(
+            f"{r['name']} {r['ms_per_call']:.2f} ms ({r['share']:.0%})" for r in rows))
+    for t in res.targets:
+        verdict = "SKIP" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
+        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+        print(f"{verdict} [{res.topology}] (c) target {t['ratio']} {t['op']} {t['bound']:g}: {value}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available")
+    torch.manual_seed(args.seed)  # svd_lowrank draws its test matrix from the global generator
+    info = machine_info(device)
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    if args.bandwidth is not None:
+        bandwidth, bandwidth_note = args.bandwidth * 1e9, "given"
+    else:
+        bandwidth, bandwidth_note = copy_bandwidth(device, args.warmup), "measured copy"
+    A, B = make_factors(args, device)
+    results = []
+    for topology in args.topology:
+        results.append(run_topology(topology, A, B, args, device, bandwidth, bandwidth_note))
+        print_result(results[-1], args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "machine": info, "bandwidth_bytes_per_s": bandwidth,
+                       "results": [asdict(r) for r in results]}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

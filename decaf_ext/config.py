@@ -1,0 +1,211 @@
+"""Training configuration: one dataclass with every knob, loaded from YAML and/or command-line flags.
+
+Precedence: dataclass defaults < YAML file (``--config``) < explicit flags. The defaults are the offline
+default run (DeCAF, 10 agents, ring, Dirichlet(0.5) non-IID, LoRA rank 8, all-MiniLM-L6-v2, BBC News),
+sized to finish in under ten minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from decaf_ext.strategies import STRATEGIES, get_strategy
+from decaf_ext.topology import TOPOLOGIES
+
+PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards", "few_shot")
+MIXING_RULES: tuple[str, ...] = ("auto", "uniform", "metropolis", "max_degree")
+COMM_ORDERS: tuple[str, ...] = ("train_then_mix", "mix_then_train")
+OPTIMIZER_STATE_POLICIES: tuple[str, ...] = ("keep", "reset")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message is one line and names the offending argument."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name when the message is empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _knob(default: Any, help: str) -> Any:
+    """A dataclass field carrying its command-line help text (defaults are immutable values or None)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a decentralized LoRA fine-tuning run (see docs/training.md)."""
+
+    # what is trained, and how agents talk
+    algorithm: str = _knob("decaf", f"communication strategy: {', '.join(STRATEGIES)}")
+    topology: str = _knob("ring", f"communication graph: {', '.join(TOPOLOGIES)}")
+    mixing: str = _knob("auto", f"mixing-matrix rule: {', '.join(MIXING_RULES)}")
+    topology_p: float | None = _knob(None, "edge probability of the erdos_renyi topology")
+    topology_file: str | None = _knob(None, "adjacency file of the 'file' topology")
+    agents: int = _knob(10, "number of simulated agents")
+    comm_order: str = _knob("train_then_mix", "per round: local steps then mixing (train_then_mix) "
+                                              "or mixing then local steps (mix_then_train)")
+    # task, model and adapters
+    task: str = _knob("text_classification", "task (decaf_ext.tasks)")
+    model: str | None = _knob(None, "pretrained model folder or hub id (default: the offline all-MiniLM-L6-v2)")
+    rank: int = _knob(8, "LoRA rank r")
+    lora_alpha: float = _knob(16.0, "LoRA alpha (update scale alpha / r)")
+    lora_dropout: float = _knob(0.1, "dropout on the LoRA input")
+    target_modules: list[str] | None = _knob(None, "comma-separated LoRA target modules (default: the task's)")
+    max_len: int = _knob(64, "maximum tokens per example")
+    # data
+    dataset: str = _knob("bbcnews", "'bbcnews' (offline), a local csv/json/jsonl/parquet file or folder, or a hub id")
+    test_fraction: float = _knob(0.2, "held-out fraction of the dataset")
+    max_train: int | None = _knob(600, "training examples used (seeded subset; none = all)")
+    max_test: int | None = _knob(200, "held-out examples evaluated (seeded subset; none = all)")
+    partition: str = _knob("dirichlet", f"how training data is split over agents: {', '.join(PARTITIONS)}")
+    alpha: float = _knob(0.5, "Dirichlet concentration of the 'dirichlet' partition (smaller = more non-IID)")
+    shards: int = _knob(2, "label shards per agent of the 'shards' partition")
+    shots: int | None = _knob(None, "examples per class per agent of the 'few_shot' partition")
+    # optimization
+    rounds: int = _knob(10, "communication rounds")
+    local_steps: int = _knob(5, "local optimizer steps per agent per round")
+    batch_size: int = _knob(16, "training batch size")
+    lr: float = _knob(5e-3, "AdamW learning rate")
+    weight_decay: float = _knob(0.0, "AdamW weight decay")
+    optimizer_state: str = _knob("keep", "AdamW state after each communication: keep or reset")
+    # evaluation, logging, reproducibility
+    eval_every: int = _knob(5, "evaluate every K rounds (and after the last round)")
+    eval_batch_size: int = _knob(64, "evaluation batch size")
+    checkpoint_every: int = _knob(0, "checkpoint every K rounds (0: only after the last round)")
+    seed: int = _knob(0, "seed of data split, partition, initialization and data order")
+    device: str = _knob("auto", "cpu, cuda, cuda:N or auto")
+    output_dir: str | None = _knob(None, "run folder (default: runs/<algorithm>-<topology>-<time>)")
+    progress: bool = _knob(True, "show a progress bar")
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line, naming the argument) for values that are invalid on their own."""
+        _check_choice("algorithm", self.algorithm, STRATEGIES)
+        _check_choice("topology", self.topology, TOPOLOGIES)
+        _check_choice("mixing", self.mixing, MIXING_RULES)
+        _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("comm_order", self.comm_order, COMM_ORDERS)
+        _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
+        from decaf_ext.tasks import TASKS
+
+        _check_choice("task", self.task, tuple(TASKS))
+        if self.agents < 1:
+            raise ConfigError(f"agents must be >= 1, got {self.agents}")
+        if self.agents < 2 and get_strategy(self.algorithm).decentralized:
+            raise ConfigError(f"agents must be >= 2 for the decentralized algorithm {self.algorithm!r}, "
+                              f"got {self.agents}")
+        for name in ("rank", "max_len", "rounds", "local_steps", "batch_size", "eval_every", "eval_batch_size",
+                     "shards"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train", "max_test", "shots"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 or none, got {getattr(self, name)}")
+        for name in ("alpha", "lora_alpha", "lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("target_modules must name at least one module")
+        if self.device != "auto" and not self.device.split(":")[0] in ("cpu", "cuda"):
+            raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """Build from a mapping (YAML or JSON), converting and checking each value's type."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping of options, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        return cls(**{name: convert_value(name, value) for name, value in values.items()})
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def field_types() -> dict[str, Any]:
+    """Resolved type annotation of every TrainConfig field."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def convert_value(name: str, value: Any) -> Any:
+    """`value` (from YAML or a command-line string) converted to the type of field `name`.
+
+    Strings are parsed ("none" -> None, comma lists); numbers are accepted where the field is numeric.
+    """
+    kind = field_types()[name]
+    optional = type(None) in typing.get_args(kind)
+    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if optional else kind
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{name} must not be empty")
+    try:
+        if typing.get_origin(base) is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [str(item).strip() for item in items if str(item).strip()]
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} expects {getattr(base, '__name__', base)}, got {value!r}") from None
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Options mapping read from a YAML file (ConfigError if unreadable or malformed)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle)
+    except OSError as error:
+        raise ConfigError(f"config: cannot read {path!r} ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"config: {path!r} is not valid YAML{at}") from None
+    return {} if values is None else values
+
+
+def build_config(yaml_path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then `overrides` (already typed or strings), validated."""
+    values = load_yaml(yaml_path) if yaml_path else {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: {yaml_path!r} must hold a mapping of options")
+    config = TrainConfig.from_dict({**values, **(overrides or {})}, source=f"config {yaml_path!r}"
+                                   if yaml_path else "config")
+    config.validate()
+    return config

@@ -1,0 +1,301 @@
+"""Transport of a distributed run (one agent per process): who takes part in a round, and moving flat buffers.
+
+Control plane: the rendezvous store (torchrun's TCPStore, or the one ``python -m decaf_ext.distributed`` hosts).
+Each round every agent posts a readiness record (incarnation, payload fingerprint, whether its process group
+failed); the first agent whose wait ends writes the round's membership with ``compare_set`` and everybody reads
+that single agreed :class:`RoundView`. An agent that misses the round timeout (dead, stalled, restarting) is
+left out of the round; an agent that finds itself left out files a join request and is waited for again.
+The payload layout (size, dtype, entries) is fixed at startup and an agent with another one is never admitted:
+gloo aborts a process that receives a message larger than its receive buffer, so sizes are agreed before any
+data moves.
+
+Data plane: a torch.distributed process group over exactly the round's members, formed anew (fresh store
+prefix) whenever membership changes or a member reports a failed group — gloo closes a pair for good after a
+timeout, so a group that saw one is never reused. Every wait has a deadline of one round timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("decaf_ext.distributed")
+
+LATEST = "latest"
+STARTUP = "startup"
+FINGERPRINT = "fingerprint"
+_MIN_WAIT = timedelta(milliseconds=1)  # gloo reads a zero timeout as "the group's default"
+
+
+def check_buffer(buffer: torch.Tensor, numel: int, dtype: torch.dtype) -> str | None:
+    """Why a received buffer must not be used (wrong size, wrong dtype, NaN or Inf), or None if it is sound.
+
+    buffer: 1-D [numel] of `dtype`. Receive buffers are filled with NaN before a transfer, so a message that
+    was shorter than announced fails the finiteness check too.
+    """
+    if buffer.dim() != 1 or buffer.numel() != numel:
+        return f"size {list(buffer.shape)} instead of [{numel}]"
+    if buffer.dtype != dtype:
+        return f"dtype {buffer.dtype} instead of {dtype}"
+    if not bool(torch.isfinite(buffer).all()):
+        return "NaN or Inf values"
+    return None
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """The agreed membership of round `round` (0-based): members {agent: incarnation}, and the id of the
+    process group they use (the round in which that group was formed)."""
+
+    round: int
+    members: dict[int, int]
+    group: int
+
+    @property
+    def agents(self) -> list[int]:
+        """Member agent ids, ascending (a member's rank in the process group is its index here)."""
+        return sorted(self.members)
+
+    def to_json(self) -> str:
+        return json.dumps({"round": self.round, "members": self.members, "group": self.group})
+
+    @classmethod
+    def from_json(cls, text: bytes | str) -> RoundView:
+        value = json.loads(text)
+        return cls(value["round"], {int(k): v for k, v in value["members"].items()}, value["group"])
+
+
+class Transport:
+    """One agent's end of the run: round membership through `store`, buffers through a process group.
+
+    store: a store shared by all agents of this run only (prefix it per run); agent: this agent's id in
+    [0, n_agents); fingerprint: identifies the payload layout (size, dtype, entries); backend: "gloo" or
+    "nccl"; timeout: seconds of one round's waits; startup_timeout: seconds to wait for every agent at start.
+    ``events`` lists the faults seen (also logged).
+    """
+
+    def __init__(self, store: dist.Store, agent: int, n_agents: int, *, fingerprint: str, backend: str,
+                 timeout: float, startup_timeout: float) -> None:
+        if not 0 <= agent < n_agents:
+            raise ValueError(f"agent must be in [0, {n_agents}), got {agent}")
+        if not (timeout > 0 and startup_timeout > 0):
+            raise ValueError(f"round_timeout and startup_timeout must be > 0, got {timeout} and {startup_timeout}")
+        self.store, self.agent, self.n_agents = store, agent, n_agents
+        self.fingerprint, self.backend = fingerprint, backend
+        self.timeout, self.startup_timeout = timeout, startup_timeout
+        self.incarnation = store.add(f"incarnation/{agent}", 1)
+        self.group: int | None = None
+        self.broken = False
+        self.joining = False
+        self.events: list[dict[str, Any]] = []
+
+    # -------------------------------------------------------------------------------------- control plane
+
+    def record_event(self, round_index: int, kind: str, message: str, **details: Any) -> None:
+        """Log a fault (warning) and keep it in ``events``."""
+        self.events.append({"round": round_index, "event": kind, **details})
+        log.warning("agent %d, round %d: %s", self.agent, round_index, message)
+
+    def _record(self, **extra: Any) -> str:
+        return json.dumps({"incarnation": self.incarnation, "fingerprint": self.fingerprint, **extra})
+
+    def _present(self, prefix: str) -> dict[int, dict[str, Any]]:
+        """Records `prefix`/<agent> that exist now, by agent."""
+        keys = {j: f"{prefix}/{j}" for j in range(self.n_agents)}
+        return {j: json.loads(self.store.get(key)) for j, key in keys.items() if self.store.check([key])}
+
+    def _wait(self, keys: list[str], seconds: float) -> None:
+        """Wait until every key exists or `seconds` pass (whichever comes first)."""
+        try:
+            self.store.wait(keys, timedelta(seconds=seconds))
+        except dist.DistStoreError:
+            pass
+
+    def _agreed(self, round_index: int) -> RoundView:
+        return RoundView.from_json(self.store.get(f"members/{round_index}"))
+
+    def _propose(self, key: str, round_index: int, records: dict[int, dict[str, Any]],
+                 previous: RoundView | None) -> RoundView:
+        """Write the view made of `records` under `key` unless a view is there already; returns the one there."""
+        layout = self.store.get(FINGERPRINT).decode()
+        members = {j: r["incarnation"] for j, r in records.items() if r["fingerprint"] == layout}
+        for j in sorted(set(records) - set(members)):
+            self.record_event(round_index, "refused", f"agent {j} refused: its payload layout differs from the run's",
+                              agent=j)
+        fresh = previous is None or members != previous.members or any(records[j].get("broken") for j in members)
+        view = RoundView(round_index, members, round_index if fresh else previous.group)
+        return RoundView.from_json(self.store.compare_set(key, "", view.to_json()))
+
+    @property
+    def latest(self) -> int:
+        """The newest round whose membership has been agreed (-1 before the first round)."""
+        return int(self.store.get(LATEST))
+
+    def _request_join(self) -> None:
+        self.store.set(f"join/{self.agent}", str(self.incarnation))
+        self.joining = True
+
+    def start(self, rounds_done: int) -> int:
+        """Enter the run with `rounds_done` rounds behind this agent (0, or a checkpoint's count).
+
+        The first agents wait up to startup_timeout for each other, fix the run's payload layout (the most
+        common among them) and continue together from the newest checkpoint among them; an agent arriving later
+        (or restarted) joins the running group. Returns the number of rounds done from which this agent
+        continues (the group's, not necessarily its own). ValueError if this agent's layout is not the run's.
+        """
+        self.store.set(f"start/{self.agent}", self._record(round=rounds_done))
+        if not self.store.check([STARTUP]):
+            self._wait([f"start/{j}" for j in range(self.n_agents)], self.startup_timeout)
+            records = self._present("start")
+            votes = Counter(r["fingerprint"] for r in records.values())  # the most common layout, then lowest agent
+            self.store.compare_set(FINGERPRINT, "", max(votes, key=lambda f: (votes[f], -min(
+                j for j, r in records.items() if r["fingerprint"] == f))))
+            first = max(r["round"] for r in records.values()) - 1
+            view = self._propose(STARTUP, first, records, None)
+            self.store.compare_set(f"members/{view.round}", "", view.to_json())
+            self.store.compare_set(LATEST, "", str(view.round))
+        if self.store.get(FINGERPRINT).decode() != self.fingerprint:
+            raise ValueError(f"fingerprint: this agent's payload layout ({self.fingerprint}) differs from the run's "
+                             f"({self.store.get(FINGERPRINT).decode()}); every agent must use the same model and "
+                             "configuration")
+        latest = self.latest
+        view = self._agreed(latest)
+        if view.members.get(self.agent) != self.incarnation:
+            self.record_event(latest, "joining", f"joining the running group after round {latest + 1}")
+            self._request_join()
+        return latest + 1
+
+    def agree(self, round_index: int) -> RoundView | None:
+        """Post readiness for round `round_index` and return the agreed view (who takes part, which group).
+
+        Waits up to the round timeout for the previous round's members and for agents asking to join; the
+        first agent whose wait ends writes the view. Returns None when this agent is left out (it came too
+        late); it then asks to join and is waited for from the next round on. The previous round's view must
+        have been agreed (by :meth:`start` or an earlier call).
+        """
+        key = f"members/{round_index}"
+        self.store.set(f"ready/{round_index}/{self.agent}", self._record(broken=self.broken))
+        previous = self._agreed(round_index - 1)
+        if not self.store.check([key]):
+            joiners = {j for j in range(self.n_agents) if self.store.check([f"join/{j}"])}
+            self._wait([f"ready/{round_index}/{j}" for j in sorted(set(previous.members) | joiners)], self.timeout)
+            self._propose(key, round_index, self._present(f"ready/{round_index}"), previous)
+        view = self._agreed(round_index)
+        if round_index > self.latest:
+            self.store.set(LATEST, str(round_index))
+        if view.members.get(self.agent) != self.incarnation:
+            self.record_event(round_index, "left_out", "left out of the round (late); asking to join the next one")
+            self._request_join()
+            return None
+        for j in sorted(set(previous.members) - set(view.members)):
+            self.record_event(round_index, "peer_lost", f"agent {j} missed the round timeout and is left out",
+                              agent=j)
+        if self.joining:
+            self.store.delete_key(f"join/{self.agent}")
+            self.joining = False
+        return view
+
+    def connect(self, view: RoundView) -> bool:
+        """Make sure this process holds `view`'s process group (formed anew when the view names a new one);
+        False (logged) if it could not be formed within the round timeout."""
+        return view.group == self.group or self._form_group(view)
+
+    # ----------------------------------------------------------------------------------------- data plane
+
+    def _failure(self, round_index: int, what: str, error: BaseException, **details: Any) -> None:
+        """A transport error (torch.distributed raises RuntimeError subclasses): the process group is not trusted
+        again, the members form a new one next round."""
+        self.broken = True
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        self.record_event(round_index, "transport", f"{what} failed: {first_line[:200]}", what=what, **details)
+
+    def _form_group(self, view: RoundView) -> bool:
+        """Replace this process's group by one over `view`'s members; False (and logged) if that failed."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.group = None
+        agents = view.agents
+        try:
+            dist.init_process_group(self.backend, store=dist.PrefixStore(f"group/{view.group}", self.store),
+                                    rank=agents.index(self.agent), world_size=len(agents),
+                                    timeout=timedelta(seconds=self.timeout))
+        except RuntimeError as error:
+            self._failure(view.round, "forming the process group", error)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            return False
+        self.group, self.broken = view.group, False
+        return True
+
+    def _wait_all(self, works: list[dist.Work], deadline: float) -> None:
+        for work in works:
+            work.wait(max(timedelta(seconds=deadline - time.monotonic()), _MIN_WAIT))
+
+    def exchange(self, view: RoundView, buffer: torch.Tensor, peers: list[int]) -> dict[int, torch.Tensor]:
+        """Send `buffer` (1-D) to every agent in `peers` and receive theirs, with ``batch_isend_irecv``.
+
+        Returns the buffers that arrived within the round timeout and passed :func:`check_buffer`, by agent;
+        a peer whose transfer failed or whose buffer was rejected is absent (and logged). With gloo every peer
+        gets its own batch, so one failing pair does not cancel the others; NCCL needs a single batch.
+        """
+        ranks = {j: view.agents.index(j) for j in peers}
+        batches = [[j] for j in peers] if self.backend == "gloo" else [list(peers)] if peers else []
+        posted = []
+        for batch in batches:
+            received = {j: torch.full_like(buffer, float("nan")) for j in batch}
+            ops = [op for j in batch for op in (dist.P2POp(dist.isend, buffer, ranks[j], tag=view.round),
+                                                dist.P2POp(dist.irecv, received[j], ranks[j], tag=view.round))]
+            try:
+                posted.append((received, dist.batch_isend_irecv(ops)))
+            except RuntimeError as error:
+                self._failure(view.round, f"exchange with agents {batch}", error, agents=batch)
+        deadline = time.monotonic() + self.timeout
+        accepted = {}
+        for received, works in posted:
+            try:
+                self._wait_all(works, deadline)
+            except RuntimeError as error:
+                self._failure(view.round, f"exchange with agents {sorted(received)}", error, agents=sorted(received))
+                continue
+            for j, tensor in received.items():
+                reason = check_buffer(tensor, buffer.numel(), buffer.dtype)
+                if reason is None:
+                    accepted[j] = tensor
+                else:
+                    self.record_event(view.round, "rejected", f"buffer of agent {j} rejected ({reason})", agent=j,
+                                reason=reason)
+        return accepted
+
+    def all_reduce(self, view: RoundView, buffer: torch.Tensor) -> bool:
+        """Sum `buffer` over the view's members in place; False (logged) if that failed within the timeout."""
+        try:
+            self._wait_all([dist.all_reduce(buffer, async_op=True)], time.monotonic() + self.timeout)
+        except RuntimeError as error:
+            self._failure(view.round, "all_reduce", error)
+            return False
+        return True
+
+    def all_gather(self, view: RoundView, buffer: torch.Tensor) -> torch.Tensor | None:
+        """Every member's `buffer` [n] stacked as [len(view.members), n] in view.agents order, or None on failure."""
+        gathered = buffer.new_empty(len(view.members) * buffer.numel())
+        try:
+            work = dist.all_gather_into_tensor(gathered, buffer, async_op=True)
+            self._wait_all([work], time.monotonic() + self.timeout)
+        except RuntimeError as error:
+            self._failure(view.round, "all_gather", error)
+            return None
+        return gathered.view(len(view.members), buffer.numel())
+
+    def close(self) -> None:
+        """Leave the run: drop the process group (the store belongs to the launcher)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.group = None

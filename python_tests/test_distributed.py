@@ -1,0 +1,349 @@
+"""decaf_ext.distributed / decaf_ext.exchange: 4 agent processes on gloo (localhost) against the simulator,
+faults (a killed agent, a stalled one, one sending NaN), resuming from checkpoints, and the pieces in-process.
+
+The multi-process runs are launched once per module (one launch runs the five algorithms and then the faulty
+run; a second launch resumes the faulty run through the command line). Run as a script, this file is the body
+of one agent process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from decaf_ext.checkpoint import latest_checkpoint, load_checkpoint
+from decaf_ext.config import ConfigError, TrainConfig
+from decaf_ext.distributed import FAULT_ENV, DistributedOptions, Faults, Payload, launch, main, mix_row, \
+    run_distributed
+from decaf_ext.exchange import Transport, check_buffer
+from decaf_ext.lora import FactorGroup, collect_extras, collect_factors
+from decaf_ext.strategies import STRATEGIES, get_strategy
+from decaf_ext.trainer import Trainer
+from test_trainer import make_tiny_dataset, make_tiny_model, read_metrics, tiny_config, without_times
+
+AGENTS = 4
+ROUND_TIMEOUT = 3.0
+FAULTY = dict(algorithm="dlora", rounds=7, eval_every=1, checkpoint_every=1, lora_dropout=0.0)
+# Rounds 0-based. Agent 1 sends NaN in round 1; agent 2 is killed in round 2; agent 3 stalls past the timeout in
+# round 3 and comes back 0.5 s after the others left it out; agent 0 stalls 2 s (within the timeout) in round 5,
+# which holds the group until agent 3 has asked to join again.
+FAULTS = f"1:nan@1,2:exit@2,3:stall@3={ROUND_TIMEOUT + 0.5},0:stall@5=2"
+EXACT = ("round", "acc_mean", "acc_std", "macro_f1_mean", "avg_model_acc", "avg_model_macro_f1", "bytes_sent",
+         "acc_agents")
+CLOSE = ("train_loss", "consensus_error")
+
+
+def agent_main(spec: str) -> None:
+    """One agent process: run the given configs one after the other, each with its own store prefix."""
+    value = json.loads(spec)
+    base, _, _ = next(dist.rendezvous("env://"))
+    for k, (config, faults) in enumerate(value["runs"]):
+        os.environ[FAULT_ENV] = faults
+        run_distributed(TrainConfig(**config), options=DistributedOptions(**value["options"]),
+                        store=dist.PrefixStore(f"run{k}", base))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Several processes share 2 cores here; more than one intra-op thread each only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[str, str]:
+    """The tiny BERT of test_trainer without dropout (so both runs draw no random masks) and the tiny text set."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_model(root / "model")
+    config = json.loads(Path(model, "config.json").read_text())
+    Path(model, "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
+                                                      "attention_probs_dropout_prob": 0.0}))
+    return model, make_tiny_dataset(root / "data")
+
+
+@pytest.fixture(scope="module")
+def launched(tiny, tmp_path_factory):
+    """One launch of 4 agent processes: the five algorithms (3 rounds, no faults), then the faulty dlora run."""
+    root = tmp_path_factory.mktemp("distributed")
+    runs = {name: tiny_config(tiny, root / name, algorithm=name, lora_dropout=0.0, rounds=3) for name in STRATEGIES}
+    faulty = tiny_config(tiny, root / "faulty", **FAULTY)
+    spec = {"runs": [(c.to_dict(), "") for c in runs.values()] + [(faulty.to_dict(), FAULTS)],
+            "options": {"round_timeout": ROUND_TIMEOUT, "startup_timeout": 120.0}}
+    statuses = launch([sys.executable, __file__, json.dumps(spec)], AGENTS)
+    return runs, faulty, statuses
+
+
+def summary_of(run_dir: str, agent: int) -> dict:
+    return json.loads(Path(run_dir, "agents", f"agent_{agent:02d}", "summary.json").read_text())
+
+
+def events_of(run_dir: str, agent: int, kind: str) -> list[tuple[int, int | None]]:
+    """(round, agent) of agent's recorded events of `kind`."""
+    events = summary_of(run_dir, agent)["distributed"]["events"]
+    return [(e["round"], e.get("agent")) for e in events if e["event"] == kind]
+
+
+# ------------------------------------------------------------------------------------- multi-process runs
+
+
+@pytest.mark.parametrize("algorithm", STRATEGIES)
+def test_distributed_run_matches_the_simulator(launched, tmp_path, algorithm):
+    runs, _, statuses = launched
+    assert statuses[0] == statuses[1] == statuses[3] == 0
+    config = runs[algorithm]
+    simulator = Trainer(dataclasses.replace(config, output_dir=str(tmp_path / "simulated")))
+    simulator.run()
+    distributed = read_metrics(config.output_dir)
+    assert [r.pop("members") for r in distributed] == [list(range(AGENTS))] * config.rounds
+    for expected, got in zip(without_times(simulator.history), without_times(distributed), strict=True):
+        assert got.keys() == expected.keys()
+        assert {k: got[k] for k in EXACT} == {k: expected[k] for k in EXACT}
+        for key in CLOSE:
+            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    # each agent checkpointed only its own adapter, equal to the simulator's agent
+    groups, extras = collect_factors(simulator.models), collect_extras(simulator.models)
+    for agent in range(AGENTS):
+        saved = load_checkpoint(latest_checkpoint(os.path.join(config.output_dir, "agents", f"agent_{agent:02d}")))
+        assert saved.round == config.rounds
+        for k, group in enumerate(groups):
+            for factor in "AB":
+                mine = saved.tensors[f"factors/{k}/{factor}"]
+                assert mine.shape[1] == 1
+                torch.testing.assert_close(mine[:, 0], getattr(group, factor)[:, agent], rtol=1e-4, atol=1e-6)
+        for name, stacked in extras.items():
+            torch.testing.assert_close(saved.tensors[f"extras/{name}"][0], stacked[agent], rtol=1e-4, atol=1e-6)
+    summary = json.loads(Path(config.output_dir, "summary.json").read_text())
+    assert summary["final"] == without_times(read_metrics(config.output_dir))[-1]
+    assert Path(config.output_dir, "adapters", "average", "adapter_model.safetensors").is_file()
+
+
+def test_survivors_finish_without_a_killed_and_a_stalled_agent(launched):
+    _, faulty, statuses = launched
+    assert statuses[2] == -9 and statuses[0] == statuses[1] == statuses[3] == 0  # agent 2 was SIGKILLed
+    run_dir = faulty.output_dir
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == list(range(1, faulty.rounds + 1))
+    members = [r["members"] for r in records]
+    assert members[:2] == [[0, 1, 2, 3]] * 2
+    assert members[2] == [0, 1, 3]  # round index 2: agent 2 is dead
+    assert members[3] == [0, 1]  # round index 3: agent 3 stalls past the timeout
+    assert members[5:] == [[0, 1, 3]] * 2  # agent 3 asked to join again and was admitted
+    for record in records:
+        assert all(math.isfinite(record[k]) for k in ("train_loss", "acc_mean", "consensus_error", "avg_model_acc"))
+        assert len(record["acc_agents"]) == len(record["members"])
+    # the NaN buffers of agent 1 (round 1) were rejected by its ring neighbours 0 and 2 and never used
+    assert events_of(run_dir, 0, "rejected") == [(1, 1)]
+    assert (2, 2) in events_of(run_dir, 0, "peer_lost") and (3, 3) in events_of(run_dir, 0, "peer_lost")
+    assert events_of(run_dir, 3, "left_out")[0] == (3, None)
+    assert summary_of(run_dir, 0)["final"]["round"] == faulty.rounds
+    # every agent's newest checkpoint is complete and finite; the killed agent's is from before it died
+    for agent in range(AGENTS):
+        folder = latest_checkpoint(os.path.join(run_dir, "agents", f"agent_{agent:02d}"))
+        saved = load_checkpoint(folder)
+        assert saved.round == (2 if agent == 2 else faulty.rounds)
+        assert all(torch.isfinite(t).all() for t in saved.tensors.values())
+        assert not [p for p in Path(folder).parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_resume_brings_the_killed_agent_back_from_its_checkpoint(launched, capfd):
+    _, faulty, _ = launched
+    run_dir = faulty.output_dir
+    status = main(["--nproc", str(AGENTS), "--resume", run_dir, "--rounds", str(faulty.rounds + 2),
+                   "--round-timeout", str(ROUND_TIMEOUT), "--startup-timeout", "120"])
+    assert status == 0
+    assert f"round {faulty.rounds + 2}:" in capfd.readouterr().out  # printed by the reporting agent
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == list(range(1, faulty.rounds + 3))
+    assert [r["members"] for r in records[-2:]] == [[0, 1, 2, 3]] * 2
+    # agent 2 continued from its own round-2 checkpoint (its history up to then) and skipped to the group's round
+    own = read_metrics(os.path.join(run_dir, "agents", "agent_02"))
+    assert [r["round"] for r in own] == [1, 2, faulty.rounds + 1, faulty.rounds + 2]
+    assert load_checkpoint(latest_checkpoint(os.path.join(run_dir, "agents", "agent_02"))).round == faulty.rounds + 2
+
+
+# -------------------------------------------------------------------------------------------- in-process
+
+
+def test_check_buffer():
+    good = torch.ones(5)
+    assert check_buffer(good, 5, torch.float32) is None
+    assert "size" in check_buffer(torch.ones(4), 5, torch.float32)
+    assert "size" in check_buffer(torch.ones(1, 5), 5, torch.float32)
+    assert "dtype" in check_buffer(torch.ones(5, dtype=torch.float64), 5, torch.float32)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert "NaN or Inf" in check_buffer(torch.tensor([1.0, bad, 1.0, 1.0, 1.0]), 5, torch.float32)
+
+
+def random_agents(n: int, seed: int = 0) -> tuple[list[FactorGroup], dict[str, torch.Tensor]]:
+    """Two factor groups and two extras for n agents, float64."""
+    g = torch.Generator().manual_seed(seed)
+    groups = [FactorGroup(["q", "v"], torch.randn(2, n, 3, 7, generator=g, dtype=torch.float64),
+                          torch.randn(2, n, 5, 3, generator=g, dtype=torch.float64)),
+              FactorGroup(["o"], torch.randn(1, n, 3, 4, generator=g, dtype=torch.float64),
+                          torch.randn(1, n, 6, 3, generator=g, dtype=torch.float64))]
+    extras = {"head.weight": torch.randn(n, 2, 5, generator=g, dtype=torch.float64),
+              "head.bias": torch.randn(n, 2, generator=g, dtype=torch.float64)}
+    return groups, extras
+
+
+def select(groups, extras, agents: list[int]):
+    return ([FactorGroup(g.names, g.A[:, agents], g.B[:, agents]) for g in groups],
+            {k: x[agents] for k, x in extras.items()})
+
+
+@pytest.mark.parametrize("trains_A", [True, False])
+def test_payload_round_trip(trains_A):
+    groups, extras = random_agents(3)
+    own = select(groups, extras, [1])
+    payload = Payload(*own, trains_A=trains_A)
+    strategy = get_strategy("dlora" if trains_A else "dlora_fa")
+    assert payload.numel * 8 == strategy.payload(*own)  # the simulator's byte count for one agent
+    buffers = torch.stack([payload.pack(*select(groups, extras, [j])) for j in range(3)])
+    assert buffers.shape == (3, payload.numel)
+    unpacked_groups, unpacked_extras = payload.unpack(buffers, *own)
+    for got, expected in zip(unpacked_groups, groups):
+        assert got.names == expected.names
+        assert torch.equal(got.B, expected.B)
+        assert torch.equal(got.A, expected.A if trains_A else expected.A[:, [1, 1, 1]])
+    assert all(torch.equal(unpacked_extras[k], extras[k]) for k in extras)
+    other = Payload(*select(*random_agents(3), [0]), trains_A=not trains_A)
+    assert other.fingerprint != payload.fingerprint
+
+
+@pytest.mark.parametrize("algorithm", ["dlora", "dlora_fa", "decaf"])
+def test_mix_row_equals_the_strategy_row(algorithm):
+    """Agent i mixing its own and its live neighbours' factors with its row of W ([1, k], own first) gives row i
+    of the strategy on all agents (float64); with a neighbour missing, its weight goes to the own factors."""
+    n = 5
+    groups, extras = random_agents(n)
+    if algorithm == "dlora_fa":
+        groups = [FactorGroup(g.names, g.A[:, :1].expand_as(g.A).contiguous(), g.B) for g in groups]
+    W = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        W[i, i], W[i, (i + 1) % n], W[i, (i - 1) % n] = 0.5, 0.25, 0.25
+    strategy = get_strategy(algorithm)
+    expected_groups, expected_extras = strategy.communicate(groups, extras, W)
+    i, neighbours = 2, [1, 3]
+    got_groups, got_extras = mix_row(strategy, *select(groups, extras, [i, *neighbours]),
+                                     W[i, [i, *neighbours]][None])
+    for got, expected in zip(got_groups, expected_groups):
+        torch.testing.assert_close(got.B @ got.A, (expected.B @ expected.A)[:, i:i + 1])
+        if algorithm != "decaf":
+            torch.testing.assert_close(got.A, expected.A[:, i:i + 1])
+    for name in extras:
+        torch.testing.assert_close(got_extras[name], expected_extras[name][i:i + 1])
+    # neighbour 3 missing: weights (0.75, 0.25) on (own, neighbour 1), checked against a hand-built row
+    row = torch.zeros(1, n, dtype=torch.float64)
+    row[0, i], row[0, 1] = 0.75, 0.25
+    reference = strategy.communicate(groups, extras, torch.cat([row, torch.eye(n, dtype=torch.float64)[1:]]))
+    partial = mix_row(strategy, *select(groups, extras, [i, 1]), torch.tensor([[0.75, 0.25]], dtype=torch.float64))
+    for got, expected in zip(partial[0], reference[0]):
+        torch.testing.assert_close(got.B @ got.A, (expected.B @ expected.A)[:, :1])
+
+
+def test_membership_protocol():
+    """Agreed views through a store: startup, a late agent left out then waited for, a broken group replaced,
+    an agent with another payload layout refused."""
+    store = dist.HashStore()
+    transports = [Transport(store, j, 3, fingerprint="same", backend="gloo", timeout=1.0, startup_timeout=5.0)
+                  for j in range(3)]
+
+    def agree_all(round_index: int, delays=(0.0, 0.0, 0.0)):
+        def one(j):
+            time.sleep(delays[j])
+            return transports[j].agree(round_index)
+        with ThreadPoolExecutor(3) as pool:
+            return list(pool.map(one, range(3)))
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(lambda t: t.start(0), transports)) == [0, 0, 0]
+    views = agree_all(0)
+    assert views[0] == views[1] == views[2] and views[0].agents == [0, 1, 2]
+    # round 1: agent 2 arrives after the others' timeout: left out, asks to join
+    views = agree_all(1, delays=(0.0, 0.0, 1.6))
+    assert views[0] == views[1] and views[0].agents == [0, 1] and views[0].group == 1 and views[2] is None
+    assert [e["event"] for e in transports[2].events] == ["left_out"]
+    assert transports[0].events[-1] == {"round": 1, "event": "peer_lost", "agent": 2}
+    # round 2: agent 2 is late again but within the timeout: the others wait for the joiner
+    views = agree_all(2, delays=(0.0, 0.0, 0.3))
+    assert all(v == views[0] for v in views) and views[0].agents == [0, 1, 2] and views[0].group == 2
+    assert not store.check(["join/2"])
+    # round 3: same members keep their group; round 4: a member reporting a failed group gets a new one
+    assert {v.group for v in agree_all(3)} == {2}
+    transports[1].broken = True
+    assert {v.group for v in agree_all(4)} == {4}
+    # an agent whose payload layout differs from the run's cannot start, and is never admitted
+    stranger = Transport(store, 2, 3, fingerprint="other", backend="gloo", timeout=1.0, startup_timeout=5.0)
+    assert stranger.incarnation == 2
+    with pytest.raises(ValueError, match="fingerprint: .*differs from the run's"):
+        stranger.start(0)
+    with ThreadPoolExecutor(3) as pool:
+        views = list(pool.map(lambda t: t.agree(5), [transports[0], transports[1], stranger]))
+    assert views[0].agents == [0, 1] and views[2] is None
+    assert {"round": 5, "event": "refused", "agent": 2} in transports[0].events + transports[1].events
+
+
+def test_faults_from_the_environment(monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "2:exit@3, 1:nan@1,2:stall@4=1.5,2:nan@0")
+    faults = Faults.from_env(2, restarted=False)
+    assert faults.exit == {3} and faults.nan == {0} and faults.stall == {4: 1.5}
+    assert Faults.from_env(2, restarted=True) == Faults()  # a restarted process runs cleanly
+    assert torch.isnan(faults.outgoing(0, torch.ones(3))).all() and torch.equal(faults.outgoing(1, torch.ones(3)),
+                                                                               torch.ones(3))
+    for bad in ("2:exit", "2:boom@1", "x:nan@1", "1:stall@2", "1:nan@2=3"):
+        monkeypatch.setenv(FAULT_ENV, bad)
+        with pytest.raises(ConfigError, match=FAULT_ENV):
+            Faults.from_env(1, restarted=False)
+
+
+@pytest.mark.parametrize("env, changes, argument", [
+    ({}, {}, "launcher"),
+    ({"RANK": "0", "WORLD_SIZE": "3"}, {}, "agents"),
+    ({"RANK": "0", "WORLD_SIZE": "4"}, {"backend": "mpi"}, "backend"),
+    ({"RANK": "0", "WORLD_SIZE": "4"}, {"round_timeout": 0.0}, "round_timeout"),
+    ({"RANK": "0", "WORLD_SIZE": "4"}, {"backend": "nccl"}, "backend"),
+])
+def test_run_distributed_rejects_bad_setups(tiny, tmp_path, monkeypatch, env, changes, argument):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as error:
+        run_distributed(tiny_config(tiny, tmp_path / "run"), options=DistributedOptions(**changes))
+    assert argument in str(error.value) and "\n" not in str(error.value)
+
+
+def test_command_line_errors_are_one_line(capsys):
+    assert main(["--nproc", "3", "--agents", "4"]) == 2
+    assert main(["--nproc", "4", "--agents", "4", "--backend", "mpi"]) == 2
+    assert main(["--nproc", "4", "--compare", "dlora,decaf"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(": error: ")[1].split(" ")[0] for line in lines] == ["nproc:", "backend", "compare:"]
+
+
+def test_launch_restarts_failed_processes(tmp_path):
+    script = ("import os, pathlib, sys\n"
+              f"marker = pathlib.Path({str(tmp_path)!r}, os.environ['RANK'])\n"
+              "first = not marker.exists()\n"
+              "marker.touch()\n"
+              "sys.exit(3 if first and os.environ['RANK'] == '1' else 0)\n")
+    assert launch([sys.executable, "-c", script], 3) == [0, 3, 0]
+    for marker in tmp_path.iterdir():
+        marker.unlink()
+    assert launch([sys.executable, "-c", script], 3, max_restarts=1) == [0, 0, 0]
+
+
+if __name__ == "__main__":
+    agent_main(sys.argv[1])
