@@ -5,8 +5,6 @@
 
 #include <c10/util/Exception.h>
 
-#include "common/consensus_core.h"
-
 namespace decaf {
 namespace {
 
@@ -93,6 +91,32 @@ int method_code(const std::string& method) {
 }
 
 }  // namespace
+
+CoreBatchView view_of(CoreBatch& cb) {
+  CoreBatchView v;
+  v.GB = cb.GB.data_ptr<double>();
+  v.GA = cb.GA.data_ptr<double>();
+  v.sB = cb.sB.data_ptr<double>();
+  v.sA = cb.sA.data_ptr<double>();
+  v.W = cb.W.data_ptr<double>();
+  v.coefB = cb.coefB.data_ptr<double>();
+  v.coefA = cb.coefA.data_ptr<double>();
+  v.S = cb.S.data_ptr<double>();
+  v.missing = cb.missing.data_ptr<int>();
+  v.n_out = cb.W.size(0);
+  v.n_in = cb.W.size(1);
+  v.problems = cb.GB.size(0) * v.n_out;
+  v.NR = cb.GB.size(1);
+  v.r = cb.r;
+  v.rank = cb.rank;
+  v.method = cb.method;
+  v.oversample = cb.oversample;
+  v.n_iter = cb.n_iter;
+  v.exp_b = cb.exp_b;
+  v.exp_a = cb.exp_a;
+  v.seed = cb.seed;
+  return v;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,

@@ -8,6 +8,8 @@
 #include <string>
 #include <tuple>
 
+#include "common/consensus_core.h"
+
 namespace decaf {
 
 // Everything the per-agent core solver needs for a whole call (float64 unless noted, one device).
@@ -23,6 +25,9 @@ struct CoreBatch {
   double exp_b = 0.5, exp_a = 0.5;
   uint64_t seed = 0;
 };
+
+// Raw view of a CoreBatch's tensors for the per-problem solvers.
+CoreBatchView view_of(CoreBatch& batch);
 
 struct Backend {
   // Runs solve_consensus_core for every (batch entry, receiving agent).

@@ -47,6 +47,44 @@ struct CoreProblem {
   int* missing;   // rows of A_new still to complete with the identity rule
 };
 
+// Raw pointers and sizes of a whole call (every batch entry and receiving agent), passed by value
+// to kernels; core_problem() cuts out problem p = batch_index * n_out + agent.
+struct CoreBatchView {
+  const double *GB, *GA, *sB, *sA, *W;  // [batch, NR, NR] x2, [batch, NR] x2, [n_out, n_in]
+  double *coefB, *coefA, *S;            // [batch, n_out, NR, rank] x2, [batch, n_out, rank]
+  int* missing;                         // [batch, n_out]
+  int64_t problems, n_out, n_in, NR, r, rank;
+  int method, oversample, n_iter;
+  double exp_b, exp_a;
+  uint64_t seed;
+};
+
+DECAF_HD inline CoreProblem core_problem(const CoreBatchView& v, int64_t p) {
+  const int64_t b = p / v.n_out, i = p % v.n_out;
+  CoreProblem pb;
+  pb.GB = v.GB + b * v.NR * v.NR;
+  pb.GA = v.GA + b * v.NR * v.NR;
+  pb.sB = v.sB + b * v.NR;
+  pb.sA = v.sA + b * v.NR;
+  pb.w = v.W + i * v.n_in;
+  pb.n_in = (int)v.n_in;
+  pb.r = (int)v.r;
+  pb.rank = (int)v.rank;
+  pb.self_index = v.n_out == v.n_in ? (int)i : -1;
+  pb.method = v.method;
+  pb.oversample = v.oversample;
+  pb.n_iter = v.n_iter;
+  pb.exp_b = v.exp_b;
+  pb.exp_a = v.exp_a;
+  pb.seed = v.seed;
+  pb.stream = (uint64_t)p;
+  pb.coefB = v.coefB + p * v.NR * v.rank;
+  pb.coefA = v.coefA + p * v.NR * v.rank;
+  pb.S = v.S + p * v.rank;
+  pb.missing = v.missing + p;
+  return pb;
+}
+
 DECAF_HD inline int core_sketch_width(int K, int rank, int oversample) {
   const int l = rank + oversample;
   return l < K ? l : K;

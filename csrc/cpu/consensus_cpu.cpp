@@ -29,49 +29,15 @@ struct LapackEigh {
 
 template <class Eigh>
 void solve_cores_cpu(CoreBatch& cb, const Eigh& eigh) {
-  const int64_t batch = cb.GB.size(0), n_out = cb.W.size(0), n_in = cb.W.size(1);
-  const int64_t NR = cb.GB.size(1), rank = cb.rank;
-  const double* GB = cb.GB.data_ptr<double>();
-  const double* GA = cb.GA.data_ptr<double>();
-  const double* sB = cb.sB.data_ptr<double>();
-  const double* sA = cb.sA.data_ptr<double>();
-  const double* W = cb.W.data_ptr<double>();
-  double* coefB = cb.coefB.data_ptr<double>();
-  double* coefA = cb.coefA.data_ptr<double>();
-  double* S = cb.S.data_ptr<double>();
-  int* missing = cb.missing.data_ptr<int>();
-  const long n_ws = core_workspace_doubles((int)n_in, (int)cb.r, (int)rank, cb.oversample);
-  const long n_iws = core_workspace_ints((int)n_in, (int)cb.r);
-  at::parallel_for(0, batch * n_out, 1, [&](int64_t begin, int64_t end) {
+  const CoreBatchView v = view_of(cb);
+  const long n_ws = core_workspace_doubles((int)v.n_in, (int)v.r, (int)v.rank, v.oversample);
+  const long n_iws = core_workspace_ints((int)v.n_in, (int)v.r);
+  at::parallel_for(0, v.problems, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> ws(n_ws);
     std::vector<int> iws(n_iws);
     double scratch = 0.0;
-    SerialTeam team{&scratch};
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t b = p / n_out, i = p % n_out;
-      CoreProblem pb;
-      pb.GB = GB + b * NR * NR;
-      pb.GA = GA + b * NR * NR;
-      pb.sB = sB + b * NR;
-      pb.sA = sA + b * NR;
-      pb.w = W + i * n_in;
-      pb.n_in = (int)n_in;
-      pb.r = (int)cb.r;
-      pb.rank = (int)rank;
-      pb.self_index = n_out == n_in ? (int)i : -1;
-      pb.method = cb.method;
-      pb.oversample = cb.oversample;
-      pb.n_iter = cb.n_iter;
-      pb.exp_b = cb.exp_b;
-      pb.exp_a = cb.exp_a;
-      pb.seed = cb.seed;
-      pb.stream = (uint64_t)p;
-      pb.coefB = coefB + p * NR * rank;
-      pb.coefA = coefA + p * NR * rank;
-      pb.S = S + p * rank;
-      pb.missing = missing + p;
-      solve_consensus_core(team, pb, ws.data(), iws.data(), eigh);
-    }
+    const SerialTeam team{&scratch};
+    for (int64_t p = begin; p < end; ++p) solve_consensus_core(team, core_problem(v, p), ws.data(), iws.data(), eigh);
   });
 }
 

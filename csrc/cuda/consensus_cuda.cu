@@ -42,102 +42,46 @@ struct BlockTeam {
 
 constexpr int kThreads = 128;
 
-struct CoreArgs {
-  const double *GB, *GA, *sB, *sA, *W;
-  double *coefB, *coefA, *S;
-  int* missing;
-  int64_t first, n_out, n_in, NR, r, rank;
-  int method, oversample, n_iter;
-  double exp_b, exp_a;
-  uint64_t seed;
-  long n_ws, n_iws;
-};
-
-__global__ void __launch_bounds__(kThreads) solve_cores_kernel(CoreArgs a, bool in_shared, double* ws_global,
-                                                               int* iws_global) {
+__global__ void __launch_bounds__(kThreads) solve_cores_kernel(CoreBatchView v, int64_t first, long n_ws, long n_iws,
+                                                               bool in_shared, double* ws_global, int* iws_global) {
   extern __shared__ double smem[];
-  const int64_t local = blockIdx.x, p = a.first + local;
-  const int64_t b = p / a.n_out, i = p % a.n_out;
-  BlockTeam team{smem};
-  double* ws = in_shared ? smem + kThreads : ws_global + local * a.n_ws;
-  int* iws = in_shared ? reinterpret_cast<int*>(smem + kThreads + a.n_ws) : iws_global + local * a.n_iws;
-  CoreProblem pb;
-  pb.GB = a.GB + b * a.NR * a.NR;
-  pb.GA = a.GA + b * a.NR * a.NR;
-  pb.sB = a.sB + b * a.NR;
-  pb.sA = a.sA + b * a.NR;
-  pb.w = a.W + i * a.n_in;
-  pb.n_in = (int)a.n_in;
-  pb.r = (int)a.r;
-  pb.rank = (int)a.rank;
-  pb.self_index = a.n_out == a.n_in ? (int)i : -1;
-  pb.method = a.method;
-  pb.oversample = a.oversample;
-  pb.n_iter = a.n_iter;
-  pb.exp_b = a.exp_b;
-  pb.exp_a = a.exp_a;
-  pb.seed = a.seed;
-  pb.stream = (uint64_t)p;
-  pb.coefB = a.coefB + p * a.NR * a.rank;
-  pb.coefA = a.coefA + p * a.NR * a.rank;
-  pb.S = a.S + p * a.rank;
-  pb.missing = a.missing + p;
-  solve_consensus_core(team, pb, ws, iws, JacobiEigh{});
+  const int64_t local = blockIdx.x;
+  const BlockTeam team{smem};
+  double* ws = in_shared ? smem + kThreads : ws_global + local * n_ws;
+  int* iws = in_shared ? reinterpret_cast<int*>(smem + kThreads + n_ws) : iws_global + local * n_iws;
+  solve_consensus_core(team, core_problem(v, first + local), ws, iws, JacobiEigh{});
 }
 
 void solve_cores_cuda(CoreBatch& cb) {
-  CoreArgs a;
-  a.GB = cb.GB.data_ptr<double>();
-  a.GA = cb.GA.data_ptr<double>();
-  a.sB = cb.sB.data_ptr<double>();
-  a.sA = cb.sA.data_ptr<double>();
-  a.W = cb.W.data_ptr<double>();
-  a.coefB = cb.coefB.data_ptr<double>();
-  a.coefA = cb.coefA.data_ptr<double>();
-  a.S = cb.S.data_ptr<double>();
-  a.missing = cb.missing.data_ptr<int>();
-  a.n_out = cb.W.size(0);
-  a.n_in = cb.W.size(1);
-  a.NR = cb.GB.size(1);
-  a.r = cb.r;
-  a.rank = cb.rank;
-  a.method = cb.method;
-  a.oversample = cb.oversample;
-  a.n_iter = cb.n_iter;
-  a.exp_b = cb.exp_b;
-  a.exp_a = cb.exp_a;
-  a.seed = cb.seed;
-  a.n_ws = core_workspace_doubles((int)a.n_in, (int)a.r, (int)a.rank, a.oversample);
-  a.n_iws = core_workspace_ints((int)a.n_in, (int)a.r);
-  const int64_t problems = cb.GB.size(0) * a.n_out;
-  if (problems == 0) return;
+  const CoreBatchView v = view_of(cb);
+  if (v.problems == 0) return;
+  const long n_ws = core_workspace_doubles((int)v.n_in, (int)v.r, (int)v.rank, v.oversample);
+  const long n_iws = core_workspace_ints((int)v.n_in, (int)v.r);
 
   int device = 0, max_shared = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const size_t scratch_bytes = kThreads * sizeof(double);
-  const size_t shared_bytes = scratch_bytes + a.n_ws * sizeof(double) + a.n_iws * sizeof(int);
+  const size_t shared_bytes = scratch_bytes + n_ws * sizeof(double) + n_iws * sizeof(int);
   const bool in_shared = shared_bytes <= (size_t)max_shared;
   const size_t dyn = in_shared ? shared_bytes : scratch_bytes;
   if (dyn > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(solve_cores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn));
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (in_shared) {
-    a.first = 0;
-    solve_cores_kernel<<<(unsigned)problems, kThreads, dyn, stream>>>(a, true, nullptr, nullptr);
+    solve_cores_kernel<<<(unsigned)v.problems, kThreads, dyn, stream>>>(v, 0, n_ws, n_iws, true, nullptr, nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   // Global workspace, in chunks of problems so that it stays under ~1 GiB.
-  const int64_t per = a.n_ws * (int64_t)sizeof(double) + a.n_iws * (int64_t)sizeof(int);
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(problems, (int64_t(1) << 30) / per));
-  at::Tensor ws = at::empty({chunk, a.n_ws}, cb.GB.options());
-  at::Tensor iws = at::empty({chunk, a.n_iws}, cb.missing.options());
-  for (int64_t first = 0; first < problems; first += chunk) {
-    a.first = first;
-    const int64_t count = std::min(chunk, problems - first);
-    solve_cores_kernel<<<(unsigned)count, kThreads, dyn, stream>>>(a, false, ws.data_ptr<double>(),
-                                                                   iws.data_ptr<int>());
+  const int64_t per = n_ws * (int64_t)sizeof(double) + n_iws * (int64_t)sizeof(int);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(v.problems, (int64_t(1) << 30) / per));
+  at::Tensor ws = at::empty({chunk, n_ws}, cb.GB.options());
+  at::Tensor iws = at::empty({chunk, n_iws}, cb.missing.options());
+  for (int64_t first = 0; first < v.problems; first += chunk) {
+    const int64_t count = std::min(chunk, v.problems - first);
+    solve_cores_kernel<<<(unsigned)count, kThreads, dyn, stream>>>(v, first, n_ws, n_iws, false,
+                                                                   ws.data_ptr<double>(), iws.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
