@@ -36,11 +36,11 @@ from tqdm.auto import tqdm
 from decaf_ext.checkpoint import latest_checkpoint
 from decaf_ext.config import ConfigError, TrainConfig, build_config, convert_value
 from decaf_ext.exchange import RoundView, Transport, check_buffer
-from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, consensus_error, write_extras, write_factors
+from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, write_extras, write_factors
 from decaf_ext.ops import consensus_tsvd
-from decaf_ext.strategies import DeCAF, Strategy, _mix, get_strategy
+from decaf_ext.strategies import DeCAF, Strategy, mix
 from decaf_ext.tasks import Encoded
-from decaf_ext.trainer import METRICS, SUMMARY, AgentSampler, Trainer
+from decaf_ext.trainer import METRICS, SUMMARY, AgentSampler, Trainer, write_json
 
 log = logging.getLogger("decaf_ext.distributed")
 
@@ -178,20 +178,10 @@ def mix_row(strategy: Strategy, groups: list[FactorGroup], extras: Extras, weigh
             A, B, _ = consensus_tsvd(g.A, g.B, weights.to(g.A), g.rank, method=strategy.method,
                                      oversample=strategy.oversample, n_iter=strategy.n_iter, seed=strategy.seed)
         else:
-            A = _mix(weights, g.A, 1) if strategy.trains_A else g.A[:, :1].clone()
-            B = _mix(weights, g.B, 1)
+            A = mix(weights, g.A, 1) if strategy.trains_A else g.A[:, :1].clone()
+            B = mix(weights, g.B, 1)
         new_groups.append(FactorGroup(list(g.names), A, B))
-    return new_groups, {name: _mix(weights, x, 0) for name, x in extras.items()}
-def _replace_json(path: str, value: Any, *, lines: bool = False) -> None:
-    """Write JSON (or JSON lines from a list) atomically: a temporary file named after this process, then
-    ``os.replace`` — several agents may write the same shared file."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        if lines:
-            handle.writelines(json.dumps(item) + "\n" for item in value)
-        else:
-            json.dump(value, handle, indent=1)
-    os.replace(temporary, path)
+    return new_groups, {name: mix(weights, x, 0) for name, x in extras.items()}
 
 
 class AgentTrainer(Trainer):
@@ -211,6 +201,7 @@ class AgentTrainer(Trainer):
         super().__init__(config)
         self.output_dir = self.run_dir
         self.run_dir = os.path.join(self.output_dir, "agents", f"agent_{agent:02d}")
+        self.agent_ids = [agent]
         self.samplers = [AgentSampler(np.arange(len(self.parts[agent])), config.batch_size, config.seed, agent)]
         groups, extras = collect_factors(self.models), collect_extras(self.models)
         self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A)
@@ -223,22 +214,22 @@ class AgentTrainer(Trainer):
         self.faults = Faults.from_env(agent, restarted=self.restarted)
         self.view: RoundView | None = None
 
-    def _build_data(self) -> None:
+    def build_data(self) -> None:
         """As the simulator, then keep only this agent's training examples (sampled by local position)."""
-        super()._build_data()
+        super().build_data()
         part = torch.as_tensor(self.parts[self.agent], dtype=torch.int64)
         self.train_set = Encoded({k: v[part] for k, v in self.train_set.inputs.items()}, self.train_set.labels[part])
 
-    def _build_models(self) -> None:
+    def build_models(self) -> None:
         """As the simulator (identical initialization), then keep only this agent's model (and the scratch one)."""
-        super()._build_models()
+        super().build_models()
         self.models = [self.models[self.agent]]
 
     # ----------------------------------------------------------------------------------- communication
 
     def _communicate_round(self, round_index: int) -> RoundView | None:
         """Agree on the round's members, then mix with them; None when this agent is left out of the round."""
-        start = self._clock()
+        start = self.clock()
         self.faults.before_communication(round_index)
         view = self.transport.agree(round_index)
         if view is not None and not self.transport.connect(view):
@@ -251,7 +242,7 @@ class AgentTrainer(Trainer):
                 self.counters["bytes_sent"] += sent
                 if sent > 0 and self.config.optimizer_state == "reset":
                     self.optimizers[0].state.clear()
-        self.counters["time_comm"] += self._clock() - start
+        self.counters["time_comm"] += self.clock() - start
         return view
 
     def _gossip(self, view: RoundView, round_index: int, groups: list[FactorGroup], extras: Extras) -> int:
@@ -294,22 +285,11 @@ class AgentTrainer(Trainer):
 
     # -------------------------------------------------------------------------------------- evaluation
 
-    def _average_model(self, groups: list[FactorGroup], extras: Extras) -> torch.nn.Module:
-        """The scratch model holding the members' averaged adapter (the simulator's ``average_model`` rule)."""
-        n = groups[0].n_agents
-        rule = self.strategy if self.strategy.name == "decaf" else get_strategy("dlora")
-        groups, extras = rule.communicate(groups, extras, torch.full((n, n), 1.0 / n, dtype=torch.float64))
-        write_factors([self.scratch], [FactorGroup(g.names, g.A[:, :1], g.B[:, :1]) for g in groups])
-        write_extras([self.scratch], {k: x[:1] for k, x in extras.items()})
-        return self.scratch
-
     def _evaluate_round(self, rounds_done: int, view: RoundView) -> None:
         """Test metrics of every member and of their averaged model, as the simulator logs them (plus
         ``members``): one all_gather of [loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, payload]."""
-        start = self._clock()
-        evaluate = functools.partial(self.task.evaluate, encoded=self.test_set, batch_size=self.config.eval_batch_size,
-                                     device=self.device, n_classes=len(self.label_names))
-        own = evaluate(self.models[0])
+        start = self.clock()
+        own = self.evaluate_model(self.models[0])
         groups, extras = collect_factors(self.models), collect_extras(self.models)
         numbers = [self.counters["loss_sum"], self.counters["loss_steps"], self.counters["bytes_sent"],
                    own["accuracy"], own["macro_f1"]]
@@ -320,28 +300,16 @@ class AgentTrainer(Trainer):
             self.transport.record_event(view.round, "evaluation_lost", f"evaluation after round {rounds_done} lost")
             return
         gathered = gathered.cpu()
-        stats = gathered[:, :STATS]
+        loss_sum, loss_steps, bytes_sent = gathered[:, :3].sum(dim=0).tolist()
+        agents = [{"accuracy": accuracy, "macro_f1": macro_f1} for accuracy, macro_f1 in gathered[:, 3:STATS].tolist()]
         buffers = gathered[:, STATS:].to(self.payload.dtype).to(self.device)
         all_groups, all_extras = self.payload.unpack(buffers, groups, extras)
-        average = evaluate(self._average_model(all_groups, all_extras))
-        accuracy = stats[:, 3].numpy()
-        self.counters["time_eval"] += self._clock() - start
-        record = {
-            "round": rounds_done,
-            "train_loss": float(stats[:, 0].sum() / max(float(stats[:, 1].sum()), 1.0)),
-            "acc_mean": float(accuracy.mean()),
-            "acc_std": float(accuracy.std()),
-            "macro_f1_mean": float(stats[:, 4].mean()),
-            "avg_model_acc": average["accuracy"],
-            "avg_model_macro_f1": average["macro_f1"],
-            "consensus_error": consensus_error(all_groups),
-            "bytes_sent": int(stats[:, 2].sum()),
-            "acc_agents": accuracy.tolist(),
-            "members": view.agents,
-            "time": {k[5:]: round(v, 3) for k, v in self.counters.items() if k.startswith("time_")},
-        }
-        self.history.append(record)
-        self._write_metrics()
+        average = self.evaluate_model(self.average_model(all_groups, all_extras))
+        self.counters["time_eval"] += self.clock() - start
+        record = self.evaluation_record(rounds_done, agents, average, all_groups, loss_sum, loss_steps,
+                                        int(bytes_sent))
+        self.history.append({**record, "members": view.agents})
+        self.write_metrics()
         if self.agent == view.agents[0]:
             self._report_metrics()
 
@@ -353,7 +321,7 @@ class AgentTrainer(Trainer):
             with open(path, encoding="utf-8") as handle:
                 records = {r["round"]: r for r in map(json.loads, handle.read().splitlines())}
         records.update({r["round"]: r for r in self.history})
-        _replace_json(path, [records[k] for k in sorted(records)], lines=True)
+        write_json(path, [records[k] for k in sorted(records)], lines=True)
 
     # --------------------------------------------------------------------------------------------- run
 
@@ -362,13 +330,13 @@ class AgentTrainer(Trainer):
         launcher or by torchrun, it continues from its newest checkpoint, or from the initial adapter if it has
         none yet."""
         if not (resume or self.restarted):
-            done = self._prepare_run_dir(False)
-            _replace_json(os.path.join(self.output_dir, "config.json"), self.config.to_dict())
+            done = self.prepare_run_dir(False)
+            write_json(os.path.join(self.output_dir, "config.json"), self.config.to_dict())
             return done
         if resume:
-            _replace_json(os.path.join(self.output_dir, "config.json"), self.config.to_dict())
+            write_json(os.path.join(self.output_dir, "config.json"), self.config.to_dict())
         if latest_checkpoint(self.run_dir) is not None:
-            return self._prepare_run_dir(True)
+            return self.prepare_run_dir(True)
         self.transport.record_event(-1, "no_checkpoint", "restarted without a checkpoint: from the initial adapter")
         os.makedirs(self.run_dir, exist_ok=True)
         return 0
@@ -387,7 +355,7 @@ class AgentTrainer(Trainer):
                 round_index = done
                 if cfg.comm_order == "mix_then_train":
                     self.view = self._communicate_round(round_index)
-                self._local_round()
+                self.local_round(round_index)
                 self.faults.after_local_steps(round_index)
                 if cfg.comm_order == "train_then_mix":
                     self.view = self._communicate_round(round_index)
@@ -398,7 +366,7 @@ class AgentTrainer(Trainer):
                     if done % cfg.eval_every == 0 or done == cfg.rounds:
                         self._evaluate_round(done, self.view)
                     if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.rounds:
-                        self._checkpoint(done)
+                        self.write_checkpoint(done)
                 bar.update(min(done, cfg.rounds) - bar.n)
             bar.close()
             return self._finish(time.perf_counter() - wall)
@@ -417,17 +385,18 @@ class AgentTrainer(Trainer):
         """Export adapters and write the summaries."""
         reporter = self.view is not None and self.agent == self.view.agents[0] and bool(self.history)
         self._export(self.models[0], f"agent_{self.agent:02d}")
-        summary = self._summary(wall_seconds) if self.history else {"algorithm": self.config.algorithm, "final": None}
+        summary = (self.build_summary(wall_seconds) if self.history
+                   else {"algorithm": self.config.algorithm, "final": None})
         if self.history:
             summary["examples"]["train"] = len(self.train_labels)
             summary["run_dir"] = self.output_dir
         summary["distributed"] = {"agent": self.agent, "incarnation": self.transport.incarnation,
                                   "backend": self.transport.backend, "reporter": reporter,
                                   "members": self.view.agents if self.view else None, "events": self.transport.events}
-        _replace_json(os.path.join(self.run_dir, SUMMARY), summary)
+        write_json(os.path.join(self.run_dir, SUMMARY), summary)
         if reporter:
             self._export(self.scratch, "average")
-            _replace_json(os.path.join(self.output_dir, SUMMARY), summary)
+            write_json(os.path.join(self.output_dir, SUMMARY), summary)
         return summary
 
 
@@ -555,7 +524,7 @@ def command(argv: Sequence[str]) -> int:
     otherwise this process is one agent (under torchrun or the launcher). Returns the exit status; user
     mistakes raise ConfigError (one line). A --launcher flag, if present (decaf-train's), is ignored.
     """
-    from decaf_ext.train import _resume_config, build_parser, format_result
+    from decaf_ext.train import resume_config, build_parser, format_result
 
     parser = build_parser()
     parser.prog = "python -m decaf_ext.distributed"
@@ -570,7 +539,7 @@ def command(argv: Sequence[str]) -> int:
     if compare is not None:
         raise ConfigError("compare: not available in a distributed run (launch one run per algorithm)")
     overrides = {name: convert_value(name, value) for name, value in args.items()}
-    config = _resume_config(resume, overrides) if resume is not None else build_config(yaml_path, overrides)
+    config = resume_config(resume, overrides) if resume is not None else build_config(yaml_path, overrides)
     if nproc is None or "RANK" in os.environ:
         summary = run_distributed(config, resume=resume is not None, options=options)
         if summary["distributed"]["reporter"]:
@@ -591,10 +560,10 @@ def command(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m decaf_ext.distributed``; returns the exit status."""
-    from decaf_ext.train import _quiet_libraries, guarded
+    from decaf_ext.train import quiet_libraries, guarded
 
     logging.basicConfig(format=f"[agent {os.environ.get('RANK', '-')}] %(levelname)s %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     return guarded(command, list(sys.argv[1:] if argv is None else argv), prog="python -m decaf_ext.distributed")
 
 

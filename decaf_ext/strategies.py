@@ -34,7 +34,7 @@ def _n_agents(groups: list[FactorGroup], extras: Extras, W: torch.Tensor) -> int
     return n
 
 
-def _mix(W: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+def mix(W: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
     """sum_j W[i, j] x_j along agent axis `dim` of x; computed in at least float32, returned in x's dtype."""
     compute = torch.promote_types(x.dtype, torch.float32)
     mixed = torch.tensordot(W.to(device=x.device, dtype=compute), x.to(compute).movedim(dim, 0), dims=1)
@@ -133,8 +133,8 @@ class DLoRA(Strategy):
     ) -> tuple[list[FactorGroup], Extras]:
         _n_agents(groups, extras, W)
         return (
-            [FactorGroup(list(g.names), _mix(W, g.A, 1), _mix(W, g.B, 1)) for g in groups],
-            {k: _mix(W, x, 0) for k, x in extras.items()},
+            [FactorGroup(list(g.names), mix(W, g.A, 1), mix(W, g.B, 1)) for g in groups],
+            {k: mix(W, x, 0) for k, x in extras.items()},
         )
 
 
@@ -164,7 +164,7 @@ class DeCAF(Strategy):
             A, B, _ = consensus_tsvd(g.A, g.B, W.to(g.A), rank=g.rank, method=self.method,
                                      oversample=self.oversample, n_iter=self.n_iter, seed=self.seed)
             new_groups.append(FactorGroup(list(g.names), A, B))
-        return new_groups, {k: _mix(W, x, 0) for k, x in extras.items()}
+        return new_groups, {k: mix(W, x, 0) for k, x in extras.items()}
 
 
 class DLoRAFA(Strategy):
@@ -181,8 +181,8 @@ class DLoRAFA(Strategy):
             if not torch.equal(g.A, g.A[:, :1].expand_as(g.A)):
                 raise ValueError("groups: dlora_fa needs the same A on every agent (call share_and_freeze_A)")
         return (
-            [FactorGroup(list(g.names), g.A.clone(), _mix(W, g.B, 1)) for g in groups],
-            {k: _mix(W, x, 0) for k, x in extras.items()},
+            [FactorGroup(list(g.names), g.A.clone(), mix(W, g.B, 1)) for g in groups],
+            {k: mix(W, x, 0) for k, x in extras.items()},
         )
 
 

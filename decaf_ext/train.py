@@ -84,7 +84,7 @@ def format_table(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
 
-def _resume_config(run_dir: str, overrides: dict[str, Any]) -> TrainConfig:
+def resume_config(run_dir: str, overrides: dict[str, Any]) -> TrainConfig:
     """The saved config of `run_dir` with the allowed `overrides` applied."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
@@ -133,7 +133,7 @@ def _train(argv: Sequence[str]) -> int:
     if resume is not None:
         if yaml_path is not None or compare is not None:
             raise ConfigError("resume: --config and --compare cannot be combined with --resume")
-        trainer = Trainer(_resume_config(resume, overrides))
+        trainer = Trainer(resume_config(resume, overrides))
         print(format_result(trainer.run(resume=True)))
         return 0
     config = build_config(yaml_path, overrides)
@@ -164,7 +164,7 @@ def _dispatch(argv: Sequence[str]) -> int:
     return _train(rest)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Keep transformers' load reports, download bars and deprecation notices off the terminal."""
     import transformers
 
@@ -188,7 +188,7 @@ def guarded(command: Callable[[Sequence[str]], int], argv: Sequence[str], prog: 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``decaf-train``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_libraries()
+    quiet_libraries()
     if argv[:1] == ["plot"]:
         from decaf_ext.plot import plot_command
 

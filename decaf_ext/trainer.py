@@ -110,18 +110,24 @@ def _blame(argument: str) -> Iterator[None]:
         raise ConfigError(f"{argument}: {first_line(error)}") from None
 
 
-def _write_json(path: str, value: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1)
-    os.replace(path + ".tmp", path)
+def write_json(path: str, value: Any, *, lines: bool = False) -> None:
+    """Write JSON (or JSON lines from a list) atomically: a temporary file named after this process, then
+    ``os.replace`` (several agent processes may write the same shared file)."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        if lines:
+            handle.writelines(json.dumps(item) + "\n" for item in value)
+        else:
+            json.dump(value, handle, indent=1)
+    os.replace(temporary, path)
 
 
 class Trainer:
     """Builds data, agents, optimizers and the mixing schedule from a TrainConfig; :meth:`run` trains.
 
-    Attributes after construction: models (N peft models), optimizers, samplers, strategy, schedule,
-    train_set / test_set (:class:`Encoded`), history (one dict per evaluation), run_dir.
+    Attributes after construction: models (N peft models), agent_ids (the agent number of each model),
+    optimizers, samplers, strategy, schedule, train_set / test_set (:class:`Encoded`), history (one dict per
+    evaluation), run_dir.
     """
 
     def __init__(self, config: TrainConfig) -> None:
@@ -138,10 +144,11 @@ class Trainer:
         with _blame("topology"):
             self.schedule = make_schedule(config.topology, config.agents, rule=config.mixing, seed=config.seed,
                                           p=config.topology_p, path=config.topology_file)
-        self._build_data()
-        self._build_models()
+        self.build_data()
+        self.build_models()
         self.optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=config.lr,
                                              weight_decay=config.weight_decay) for m in self.models]
+        self.agent_ids = list(range(config.agents))
         self.samplers = [AgentSampler(part, config.batch_size, config.seed, i) for i, part in enumerate(self.parts)]
         self.history: list[dict[str, Any]] = []
         self.counters = {"bytes_sent": 0, "loss_sum": 0.0, "loss_steps": 0,
@@ -149,7 +156,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ setup
 
-    def _build_data(self) -> None:
+    def build_data(self) -> None:
         """Load the dataset, take the seeded train/test subsets, partition train over agents, encode once."""
         cfg = self.config
         with _blame("dataset"):
@@ -195,7 +202,7 @@ class Trainer:
                 raise ConfigError(f"rank: {self.config.rank} exceeds min(in, out) = {min(shape)} "
                                   f"of target module {name!r}")
 
-    def _build_models(self) -> None:
+    def build_models(self) -> None:
         """N agents and one scratch model (for the averaged adapter), all sharing the frozen base."""
         cfg = self.config
         targets = list(cfg.target_modules or self.task.default_target_modules)
@@ -210,28 +217,42 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- training
 
-    def _clock(self) -> float:
+    def clock(self) -> float:
+        """time.perf_counter() after the device's pending work is done."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _local_round(self) -> None:
-        """`local_steps` optimizer steps per agent on its own data."""
-        start = self._clock()
-        for model, optimizer, sampler in zip(self.models, self.optimizers, self.samplers):
+    @contextmanager
+    def agent_rng(self, agent: int, round_index: int) -> Iterator[None]:
+        """Torch's generators (CPU and this trainer's CUDA device) seeded by (seed, agent, round) inside, restored
+        after: an agent's dropout masks depend only on those three, whether simulated or in its own process."""
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        seed = int(np.random.SeedSequence([self.config.seed, agent, round_index]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(seed)
+            for index in cuda:
+                torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+
+    def local_round(self, round_index: int) -> None:
+        """`local_steps` optimizer steps per agent on its own data (0-based round_index)."""
+        start = self.clock()
+        for agent, model, optimizer, sampler in zip(self.agent_ids, self.models, self.optimizers, self.samplers):
             model.train()
-            for _ in range(self.config.local_steps):
-                loss = self.task.loss(model, self.task.batch(self.train_set, sampler.next_batch(), self.device))
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.counters["loss_sum"] += loss.item()
-                self.counters["loss_steps"] += 1
-        self.counters["time_local"] += self._clock() - start
+            with self.agent_rng(agent, round_index):
+                for _ in range(self.config.local_steps):
+                    loss = self.task.loss(model, self.task.batch(self.train_set, sampler.next_batch(), self.device))
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    self.counters["loss_sum"] += loss.item()
+                    self.counters["loss_steps"] += 1
+        self.counters["time_local"] += self.clock() - start
 
     def _communicate(self, round_index: int) -> None:
         """One mixing step of the strategy on every agent's factors and extras (0-based round_index)."""
-        start = self._clock()
+        start = self.clock()
         groups, extras = collect_factors(self.models), collect_extras(self.models)
         W = self.schedule.at(round_index)
         new_groups, new_extras = self.strategy.communicate(groups, extras, W)
@@ -243,7 +264,7 @@ class Trainer:
             for optimizer, agent_sent in zip(self.optimizers, sent.tolist()):
                 if agent_sent > 0:
                     optimizer.state.clear()
-        self.counters["time_comm"] += self._clock() - start
+        self.counters["time_comm"] += self.clock() - start
 
     def average_model(self, groups: list[FactorGroup] | None = None,
                       extras: dict[str, torch.Tensor] | None = None) -> nn.Module:
@@ -261,45 +282,53 @@ class Trainer:
         write_extras([self.scratch], {k: x[:1] for k, x in extras.items()})
         return self.scratch
 
-    def _evaluate(self, rounds_done: int) -> dict[str, Any]:
-        """Test metrics of every agent and of the averaged model; appended to history and metrics.jsonl."""
-        start = self._clock()
-        evaluate = lambda model: self.task.evaluate(  # noqa: E731
-            model, self.test_set, batch_size=self.config.eval_batch_size, device=self.device,
-            n_classes=len(self.label_names))
-        agents = [evaluate(model) for model in self.models]
-        average = evaluate(self.average_model())
+    def evaluate_model(self, model: nn.Module) -> dict[str, float]:
+        """Test-set metrics of one model (accuracy, macro_f1)."""
+        return self.task.evaluate(model, self.test_set, batch_size=self.config.eval_batch_size, device=self.device,
+                                  n_classes=len(self.label_names))
+
+    def evaluation_record(self, rounds_done: int, agents: list[dict[str, float]], average: dict[str, float],
+                          groups: list[FactorGroup], loss_sum: float, loss_steps: float, bytes_sent: int
+                          ) -> dict[str, Any]:
+        """One metrics.jsonl record: per-agent test metrics `agents`, the averaged model's `average`, the agents'
+        factors `groups` (A [M, N, r, n], B [M, N, m, r]) for the consensus error, the training loss summed
+        over `loss_steps` steps since the last evaluation, the bytes sent so far, this trainer's timings."""
         accuracy = np.array([m["accuracy"] for m in agents])
-        steps = max(self.counters["loss_steps"], 1)
-        self.counters["time_eval"] += self._clock() - start
-        record = {
+        return {
             "round": rounds_done,
-            "train_loss": self.counters["loss_sum"] / steps,
+            "train_loss": loss_sum / max(loss_steps, 1),
             "acc_mean": float(accuracy.mean()),
             "acc_std": float(accuracy.std()),
             "macro_f1_mean": float(np.mean([m["macro_f1"] for m in agents])),
             "avg_model_acc": average["accuracy"],
             "avg_model_macro_f1": average["macro_f1"],
-            "consensus_error": consensus_error(collect_factors(self.models)),
-            "bytes_sent": self.counters["bytes_sent"],
+            "consensus_error": consensus_error(groups),
+            "bytes_sent": bytes_sent,
             "acc_agents": accuracy.tolist(),
             "time": {k[5:]: round(v, 3) for k, v in self.counters.items() if k.startswith("time_")},
         }
+
+    def _evaluate(self, rounds_done: int) -> dict[str, Any]:
+        """Test metrics of every agent and of the averaged model; appended to history and metrics.jsonl."""
+        start = self.clock()
+        agents = [self.evaluate_model(model) for model in self.models]
+        average = self.evaluate_model(self.average_model())
+        self.counters["time_eval"] += self.clock() - start
+        record = self.evaluation_record(rounds_done, agents, average, collect_factors(self.models),
+                                        self.counters["loss_sum"], self.counters["loss_steps"],
+                                        self.counters["bytes_sent"])
         self.counters["loss_sum"], self.counters["loss_steps"] = 0.0, 0
         self.history.append(record)
-        self._write_metrics()
+        self.write_metrics()
         return record
 
-    def _write_metrics(self) -> None:
+    def write_metrics(self) -> None:
         """Rewrite run_dir/metrics.jsonl (one line per evaluation in history) atomically."""
-        path = os.path.join(self.run_dir, METRICS)
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(record) + "\n" for record in self.history)
-        os.replace(path + ".tmp", path)
+        write_json(os.path.join(self.run_dir, METRICS), self.history, lines=True)
 
     # ------------------------------------------------------------------------------------- checkpoints
 
-    def _checkpoint(self, rounds_done: int) -> None:
+    def write_checkpoint(self, rounds_done: int) -> None:
         groups, extras = collect_factors(self.models), collect_extras(self.models)
         tensors = {f"factors/{k}/{factor}": getattr(g, factor) for k, g in enumerate(groups) for factor in "AB"}
         tensors.update({f"extras/{name}": x for name, x in extras.items()})
@@ -329,7 +358,7 @@ class Trainer:
         restore_rng(saved.rng)
         return saved.round
 
-    def _prepare_run_dir(self, resume: bool) -> int:
+    def prepare_run_dir(self, resume: bool) -> int:
         """Create (fresh) or reopen (resume) run_dir; returns the number of rounds already done."""
         config_path = os.path.join(self.run_dir, CONFIG)
         if not resume:
@@ -337,7 +366,7 @@ class Trainer:
                 raise ConfigError(f"output_dir: {self.run_dir!r} already holds a run "
                                   "(resume it with --resume or choose another folder)")
             os.makedirs(self.run_dir, exist_ok=True)
-            _write_json(config_path, self.config.to_dict())
+            write_json(config_path, self.config.to_dict())
             return 0
         done = self._restore()
         if done > self.config.rounds:
@@ -345,8 +374,8 @@ class Trainer:
                               f"(asked for {self.config.rounds})")
         if os.path.exists(os.path.join(self.run_dir, SUMMARY)):
             os.remove(os.path.join(self.run_dir, SUMMARY))  # the run is unfinished again until it ends
-        self._write_metrics()
-        _write_json(config_path, self.config.to_dict())
+        self.write_metrics()
+        write_json(config_path, self.config.to_dict())
         return done
 
     # --------------------------------------------------------------------------------------------- run
@@ -355,14 +384,14 @@ class Trainer:
         """Train for config.rounds rounds (continuing from the newest checkpoint if `resume`); returns the
         summary that is also written to run_dir/summary.json."""
         cfg = self.config
-        done = self._prepare_run_dir(resume)
+        done = self.prepare_run_dir(resume)
         wall = time.perf_counter()
         bar = tqdm(range(done, cfg.rounds), initial=done, total=cfg.rounds, unit="round", disable=not cfg.progress,
                    desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents}", dynamic_ncols=True)
         for round_index in bar:
             if cfg.comm_order == "mix_then_train":
                 self._communicate(round_index)
-            self._local_round()
+            self.local_round(round_index)
             if cfg.comm_order == "train_then_mix":
                 self._communicate(round_index)
             rounds_done = round_index + 1
@@ -371,11 +400,11 @@ class Trainer:
                 bar.set_postfix(acc=f"{record['acc_mean']:.3f}", avg=f"{record['avg_model_acc']:.3f}",
                                 loss=f"{record['train_loss']:.3f}")
             if (cfg.checkpoint_every and rounds_done % cfg.checkpoint_every == 0) or rounds_done == cfg.rounds:
-                self._checkpoint(rounds_done)
+                self.write_checkpoint(rounds_done)
         bar.close()
         self.export_adapters(os.path.join(self.run_dir, "adapters"))
-        summary = self._summary(time.perf_counter() - wall)
-        _write_json(os.path.join(self.run_dir, SUMMARY), summary)
+        summary = self.build_summary(time.perf_counter() - wall)
+        write_json(os.path.join(self.run_dir, SUMMARY), summary)
         return summary
 
     def export_adapters(self, folder: str) -> None:
@@ -395,7 +424,7 @@ class Trainer:
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
-    def _summary(self, wall_seconds: float) -> dict[str, Any]:
+    def build_summary(self, wall_seconds: float) -> dict[str, Any]:
         """Final metrics, totals and per-round timings."""
         cfg, final = self.config, self.history[-1]
         return {

@@ -33,7 +33,7 @@ from test_trainer import make_tiny_dataset, make_tiny_model, read_metrics, tiny_
 
 AGENTS = 4
 ROUND_TIMEOUT = 3.0
-FAULTY = dict(algorithm="dlora", rounds=7, eval_every=1, checkpoint_every=1, lora_dropout=0.0)
+FAULTY = dict(algorithm="dlora", rounds=7, eval_every=1, checkpoint_every=1)
 # Rounds 0-based. Agent 1 sends NaN in round 1; agent 2 is killed in round 2; agent 3 stalls past the timeout in
 # round 3 and comes back 0.5 s after the others left it out; agent 0 stalls 2 s (within the timeout) in round 5,
 # which holds the group until agent 3 has asked to join again.
@@ -64,20 +64,17 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[str, str]:
-    """The tiny BERT of test_trainer without dropout (so both runs draw no random masks) and the tiny text set."""
+    """The tiny BERT of test_trainer (hidden and attention dropout 0.1) and the tiny text set."""
     root = tmp_path_factory.mktemp("tiny")
-    model = make_tiny_model(root / "model")
-    config = json.loads(Path(model, "config.json").read_text())
-    Path(model, "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
-                                                      "attention_probs_dropout_prob": 0.0}))
-    return model, make_tiny_dataset(root / "data")
+    return make_tiny_model(root / "model"), make_tiny_dataset(root / "data")
 
 
 @pytest.fixture(scope="module")
 def launched(tiny, tmp_path_factory):
-    """One launch of 4 agent processes: the five algorithms (3 rounds, no faults), then the faulty dlora run."""
+    """One launch of 4 agent processes: the five algorithms (3 rounds, no faults, dropout on the model and the
+    LoRA input: every agent draws its masks from its own (seed, agent, round) stream), then the faulty dlora run."""
     root = tmp_path_factory.mktemp("distributed")
-    runs = {name: tiny_config(tiny, root / name, algorithm=name, lora_dropout=0.0, rounds=3) for name in STRATEGIES}
+    runs = {name: tiny_config(tiny, root / name, algorithm=name, lora_dropout=0.1, rounds=3) for name in STRATEGIES}
     faulty = tiny_config(tiny, root / "faulty", **FAULTY)
     spec = {"runs": [(c.to_dict(), "") for c in runs.values()] + [(faulty.to_dict(), FAULTS)],
             "options": {"round_timeout": ROUND_TIMEOUT, "startup_timeout": 120.0}}
