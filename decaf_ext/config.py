@@ -21,6 +21,7 @@ PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards", "few_shot")
 MIXING_RULES: tuple[str, ...] = ("auto", "uniform", "metropolis", "max_degree")
 COMM_ORDERS: tuple[str, ...] = ("train_then_mix", "mix_then_train")
 OPTIMIZER_STATE_POLICIES: tuple[str, ...] = ("keep", "reset")
+CLIP_ENCODERS: tuple[str, ...] = ("vision", "text", "both")
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,12 @@ class TrainConfig:
     lora_dropout: float = _knob(0.1, "dropout on the LoRA input")
     target_modules: list[str] | None = _knob(None, "comma-separated LoRA target modules (default: the task's)")
     max_len: int = _knob(64, "maximum tokens per example")
+    # clip task
+    prompt_template: str = _knob("generic", "clip: class-name prompt, a built-in template (flowers, food, actions, "
+                                            "generic) or a string with {} for the class name")
+    clip_lora_on: str = _knob("both", f"clip: encoders carrying LoRA: {', '.join(CLIP_ENCODERS)}")
+    shots_per_class: int | None = _knob(None, "clip: training images per class in all (seeded), before the "
+                                              "split over agents")
     # data
     dataset: str = _knob("bbcnews", "'bbcnews' (offline), a local csv/json/jsonl/parquet file or folder, or a hub id")
     test_fraction: float = _knob(0.2, "held-out fraction of the dataset")
@@ -78,6 +85,7 @@ class TrainConfig:
     # evaluation, logging, reproducibility
     eval_every: int = _knob(5, "evaluate every K rounds (and after the last round)")
     eval_batch_size: int = _knob(64, "evaluation batch size")
+    eval_at_start: bool = _knob(False, "also evaluate before the first round (round 0: the pretrained model)")
     checkpoint_every: int = _knob(0, "checkpoint every K rounds (0: only after the last round)")
     seed: int = _knob(0, "seed of data split, partition, initialization and data order")
     device: str = _knob("auto", "cpu, cuda, cuda:N or auto")
@@ -92,6 +100,7 @@ class TrainConfig:
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("comm_order", self.comm_order, COMM_ORDERS)
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
+        _check_choice("clip_lora_on", self.clip_lora_on, CLIP_ENCODERS)
         from decaf_ext.tasks import TASKS
 
         _check_choice("task", self.task, tuple(TASKS))
@@ -104,7 +113,7 @@ class TrainConfig:
                      "shards"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train", "max_test", "shots"):
+        for name in ("max_train", "max_test", "shots", "shots_per_class"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or none, got {getattr(self, name)}")
         for name in ("alpha", "lora_alpha", "lr"):

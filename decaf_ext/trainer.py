@@ -286,7 +286,7 @@ class Trainer:
         accuracy = np.array([m["accuracy"] for m in agents])
         return {
             "round": rounds_done,
-            "train_loss": loss_sum / max(loss_steps, 1),
+            "train_loss": loss_sum / loss_steps if loss_steps else None,  # None before any local step
             "acc_mean": float(accuracy.mean()),
             "acc_std": float(accuracy.std()),
             "macro_f1_mean": float(np.mean([m["macro_f1"] for m in agents])),
@@ -378,6 +378,8 @@ class Trainer:
         wall = time.perf_counter()
         bar = tqdm(range(done, cfg.rounds), initial=done, total=cfg.rounds, unit="round", disable=not cfg.progress,
                    desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents}", dynamic_ncols=True)
+        if cfg.eval_at_start and done == 0:
+            self._evaluate(0)
         for round_index in bar:
             if cfg.comm_order == "mix_then_train":
                 self._communicate(round_index)

@@ -127,9 +127,10 @@ def classification_metrics(predicted: np.ndarray, labels: np.ndarray, n_classes:
 
 
 def _registry() -> dict[str, type[Task]]:
+    from decaf_ext.tasks.clip import CLIPClassification
     from decaf_ext.tasks.text_classification import TextClassification
 
-    return {cls.name: cls for cls in (TextClassification,)}
+    return {cls.name: cls for cls in (TextClassification, CLIPClassification)}
 
 
 TASKS: dict[str, type[Task]] = _registry()
