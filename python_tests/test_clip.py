@@ -17,7 +17,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from decaf_ext.config import ConfigError, TrainConfig
 from decaf_ext.distributed import launch
-from decaf_ext.image_data import load_digits_dataset, read_image_folder, shots_per_class
+from decaf_ext.image_data import load_digits_dataset, read_image_folder, read_image_source, shots_per_class
 from decaf_ext.lora import collect_factors
 from decaf_ext.tasks.clip import TEMPLATES, build_tiny_clip, class_prompts, resolve_template
 from decaf_ext.train import main
@@ -218,6 +218,24 @@ def test_image_folder_reading(clip_paths):
     assert np.bincount(dataset.labels).tolist() == [PER_CLASS] * 3
     image = dataset.image(0)
     assert image.mode == "RGB" and image.size == (8, 8)
+
+
+def test_hub_dataset_pools_splits_and_keeps_class_names(monkeypatch):
+    """A hub dataset (datasets.load_dataset replaced by an in-memory one): Image and ClassLabel columns found,
+    splits pooled, unlabelled rows (-1) dropped, images decoded on access."""
+    import datasets
+
+    features = datasets.Features({"label": datasets.ClassLabel(names=["pink_primrose", "sweet-pea"]),
+                                  "picture": datasets.Image()})
+    images = [Image.fromarray(np.full((4, 4), 40 * k, dtype=np.uint8)) for k in range(5)]
+    splits = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"label": [0, 1, -1], "picture": images[:3]}, features=features),
+        "test": datasets.Dataset.from_dict({"label": [1, 0], "picture": images[3:]}, features=features)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda source: splits)
+    dataset = read_image_source("someone/flowers")
+    assert dataset.label_names == ["pink_primrose", "sweet-pea"] and dataset.labels.tolist() == [0, 1, 1, 0]
+    assert [np.asarray(dataset.image(i))[0, 0, 0] for i in range(4)] == [0, 40, 120, 160]
+    assert class_prompts("flowers", dataset.label_names)[1] == "a photo of a sweet pea, a type of flower."
 
 
 def test_shots_per_class_is_seeded_and_balanced():
