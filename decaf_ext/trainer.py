@@ -37,7 +37,7 @@ from decaf_ext.config import ConfigError, TrainConfig, first_line
 from decaf_ext.data import partition
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, consensus_error, share_and_freeze_A, \
     write_extras, write_factors
-from decaf_ext.strategies import Strategy, get_strategy
+from decaf_ext.strategies import Strategy
 from decaf_ext.tasks import Encoded, get_task
 from decaf_ext.topology import make_schedule
 
@@ -126,7 +126,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.run_dir = config.output_dir or os.path.join(
             "runs", f"{config.algorithm}-{config.topology}-{datetime.now():%Y%m%d-%H%M%S}")
-        self.strategy: Strategy = get_strategy(config.algorithm)
+        self.strategy: Strategy = config.strategy()
         self.task = get_task(config)
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -260,16 +260,14 @@ class Trainer:
                       extras: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """The scratch model holding the averaged adapter of `groups` / `extras` (default: this trainer's agents).
 
-        decaf: B, A = rank-r truncated SVD of mean_i B_i A_i (the DeCAF consensus with W = J/N);
-        every other algorithm: the plain agent-mean of A and of B. Extras (the head): the agent-mean.
+        The strategy's consensus of all agents (``Strategy.consensus``): decaf: B, A = rank-r truncated SVD of
+        mean_i B_i A_i; dlora, dlora_fa, fedavg, local: the plain agent-mean of A and of B. Extras: the agent-mean.
         """
         if groups is None or extras is None:
             groups, extras = collect_factors(self.models), collect_extras(self.models)
-        n = groups[0].n_agents
-        rule = self.strategy if self.strategy.name == "decaf" else get_strategy("dlora")
-        groups, extras = rule.communicate(groups, extras, torch.full((n, n), 1.0 / n, dtype=torch.float64))
-        write_factors([self.scratch], [FactorGroup(g.names, g.A[:, :1], g.B[:, :1]) for g in groups])
-        write_extras([self.scratch], {k: x[:1] for k, x in extras.items()})
+        groups, extras = self.strategy.consensus(groups, extras)
+        write_factors([self.scratch], groups)
+        write_extras([self.scratch], extras)
         return self.scratch
 
     def evaluate_model(self, model: nn.Module) -> dict[str, float]:
