@@ -17,7 +17,7 @@ import os
 import torch
 
 from decaf_ext.config import ConfigError
-from decaf_ext.lora import FactorGroup
+from decaf_ext.lora import FactorGroup, product_norm
 
 RUN_KEY_ENV = "DECAF_RUN_KEY"
 TAG_BYTES = hashlib.sha256().digest_size
@@ -37,17 +37,6 @@ def load_run_key(path: str | None) -> bytes | None:
     if not key:
         raise ConfigError(f"run_key_file: {path!r} is empty")
     return key
-
-
-def product_norm(groups: list[FactorGroup]) -> torch.Tensor:
-    """float64 [N]: sqrt(sum over modules ||B_i A_i||_F^2) per agent, from r x r Gram matrices (no m x n
-    product is formed): ||B A||_F^2 = trace(B^T B A A^T)."""
-    total = None
-    for g in groups:
-        A, B = g.A.double(), g.B.double()
-        squared = ((B.transpose(-1, -2) @ B) * (A @ A.transpose(-1, -2))).sum(dim=(-1, -2)).sum(dim=0)
-        total = squared if total is None else total + squared
-    return total.clamp_min(0).sqrt()
 
 
 class MessageGuard:
