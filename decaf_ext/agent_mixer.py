@@ -5,7 +5,8 @@ Shared by the distributed runtime (:mod:`decaf_ext.distributed`) and the bring-y
 (:mod:`decaf_ext.averager`). A decentralized strategy hears from the agent's graph neighbours that are members
 of the round and mixes with the agent's row of W restricted to those it heard from, own factors first; the
 weight of a missing neighbour (left out, failed, rejected) stays with the agent's own factors, so the row still
-sums to 1. A server strategy (``decentralized`` False) hears from every member and gets the uniform row.
+sums to 1. A server strategy (``decentralized`` False) hears from every member and computes the round as a
+server would (every member in agent order, the uniform [k, k] W), so every member keeps the same result.
 """
 
 from __future__ import annotations
@@ -30,12 +31,11 @@ Extras = dict[str, torch.Tensor]
 @dataclass
 class MixResult:
     """One round's outcome for this agent: new groups (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...],
-    the agents it mixed with (own first) and their weights [k], the bytes it sent."""
+    the agents it mixed with (this agent first), the bytes it sent."""
 
     groups: list[FactorGroup]
     extras: Extras
     agents: list[int]
-    weights: torch.Tensor
     bytes_sent: int
 
 
@@ -84,11 +84,17 @@ class AgentMixer:
             if missing:
                 log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
                          self.agent, round_index, missing, float(row[missing].sum()))
-            weights = torch.cat([(row[self.agent] + row[missing].sum()).reshape(1), row[live]])
-        else:
-            weights = torch.full((1 + len(live),), 1.0 / (1 + len(live)), dtype=torch.float64)
-        data = [own] + [received[j][:self.payload.data_numel] for j in live]
-        stacked = self.payload.unpack(torch.stack(data).to(self.device), groups, extras)
-        new_groups, new_extras = self.strategy.communicate(*stacked, weights[None])
+            order = [self.agent, *live]
+            W_round = torch.cat([(row[self.agent] + row[missing].sum()).reshape(1), row[live]])[None]
+        else:  # as the server would: every member in agent order, every row computed, this agent's row kept
+            order = sorted([self.agent, *live])
+            W_round = torch.full((len(order), len(order)), 1.0 / len(order), dtype=torch.float64)
+        buffers = {self.agent: own, **{j: received[j][:self.payload.data_numel] for j in live}}
+        stacked = self.payload.unpack(torch.stack([buffers[j] for j in order]).to(self.device), groups, extras)
+        new_groups, new_extras = self.strategy.communicate(*stacked, W_round)
+        if not self.strategy.decentralized:
+            k = order.index(self.agent)
+            new_groups = [FactorGroup(g.names, g.A[:, k:k + 1], g.B[:, k:k + 1]) for g in new_groups]
+            new_extras = {name: x[k:k + 1] for name, x in new_extras.items()}
         sent = payload_bytes * (len(peers) if self.strategy.decentralized else 1)
-        return MixResult(new_groups, new_extras, [self.agent, *live], weights, sent)
+        return MixResult(new_groups, new_extras, [self.agent, *live], sent)
