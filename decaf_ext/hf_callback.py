@@ -30,8 +30,8 @@ class DecentralizedCallback(TrainerCallback):
     the other agents through torchrun's store, then hides torchrun's rank variables from this process so that
     the Trainer trains this agent alone instead of data-parallel (the Trainer's own data is this agent's
     private data). On CUDA it selects the device cuda:LOCAL_RANK. After every optimizer step the averager
-    communicates when due; its latest statistics are added to the Trainer's logs (``decaf/bytes_sent``,
-    ``decaf/disagreement``, ``decaf/rounds``, ``decaf/left_out``).
+    communicates when due (``callback.averager.stats``: rounds, bytes sent, the last round's consensus
+    statistics, fault events).
 
     Example::
 
@@ -58,16 +58,6 @@ class DecentralizedCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
         self.averager.step(optimizer)
-
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if logs is None:
-            return
-        stats = self.averager.stats
-        logs.update({"decaf/bytes_sent": stats.bytes_sent, "decaf/rounds": stats.rounds,
-                     "decaf/left_out": stats.left_out})
-        if stats.last is not None:
-            logs["decaf/disagreement"] = stats.last.disagreement
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
