@@ -5,9 +5,10 @@
 
 Each process builds exactly what the simulator (:class:`~decaf_ext.trainer.Trainer`) builds for its agent —
 same data split, partition, initialization and per-agent data order — keeps only its own data shard and adapter,
-and replaces the in-memory mixing by messages: one flat buffer per neighbour per round
-(``batch_isend_irecv``) for dlora / decaf / dlora_fa, ``all_reduce`` for fedavg. Round membership, timeouts
-and buffer validation live in :mod:`decaf_ext.exchange`.
+and replaces the in-memory mixing by messages (:class:`~decaf_ext.agent_mixer.AgentMixer`: one flat buffer per
+neighbour and round for a decentralized strategy, every member's for a server strategy such as fedavg, then the
+strategy's own ``communicate``). Round membership, timeouts and buffer validation live in
+:mod:`decaf_ext.exchange`.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ PERIOD = 2
 STEPS = 6  # 3 communication rounds
 ALGORITHMS = strategy_names()
 DEAD = {"algorithm": "decaf", "faults": "2:exit@1"}  # agent 2 dies when round 1 is due (0-based)
+# With a run key and a norm bound: agent 1 sends a wrong message tag in round 1, agent 2 its factors x 1000 in
+# round 2 (finite, correctly tagged).
+GUARDED = {"algorithm": "dlora", "faults": "1:badtag@1,2:scale@2=1000", "norm_bound": 10.0}
 
 
 # ------------------------------------------------------------------------------------------- agent side
@@ -75,7 +78,8 @@ def plain_loop(spec: dict, run: dict, store: dist.Store, out: Path) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     averager = DecentralizedAverager(model, algorithm=run["algorithm"], topology="ring", period=PERIOD,
                                      process_group=dist.group.WORLD, store=store, optimizer=optimizer,
-                                     round_timeout=spec["round_timeout"])
+                                     round_timeout=spec["round_timeout"], norm_bound=run.get("norm_bound"),
+                                     run_key_file=spec["key"] if "norm_bound" in run else None)
     generator = torch.Generator().manual_seed(rank)
     for _ in range(STEPS):
         batch = torch.randperm(len(labels), generator=generator)[:8]
@@ -87,6 +91,7 @@ def plain_loop(spec: dict, run: dict, store: dist.Store, out: Path) -> None:
         if stats is not None:
             save_round(out, rank, stats, before, snapshot(model))
     averager.close()
+    (out / f"events_agent{rank}.json").write_text(json.dumps(averager.stats.events))
 
 
 def hf_trainer(spec: dict, out: Path) -> None:
@@ -151,16 +156,18 @@ def tiny(tmp_path_factory) -> tuple[str, str]:
 
 def launch_agents(tiny, out: Path, **spec) -> list[int]:
     model, data = tiny
-    spec = {"model": model, "data": data, "out": str(out), "round_timeout": 3.0, **spec}
+    (out / "key").write_text("a shared secret")
+    spec = {"model": model, "data": data, "out": str(out), "key": str(out / "key"), "round_timeout": 3.0, **spec}
     return launch([sys.executable, __file__, json.dumps(spec)], AGENTS)
 
 
 @pytest.fixture(scope="module")
 def plain_runs(tiny, tmp_path_factory):
-    """One launch: every registered strategy in turn, then a decaf run in which agent 2 dies."""
+    """One launch: every registered strategy in turn, a dlora run with a run key, a norm bound and faulty messages,
+    then a decaf run in which agent 2 dies."""
     assert USER_STRATEGY in ALGORITHMS
     out = tmp_path_factory.mktemp("loop")
-    runs = [{"algorithm": name} for name in ALGORITHMS] + [DEAD]
+    runs = [{"algorithm": name} for name in ALGORITHMS] + [GUARDED, DEAD]
     return runs, out, launch_agents(tiny, out, mode="loop", runs=runs)
 
 
@@ -231,6 +238,22 @@ def test_a_dead_agent_does_not_hang_the_others(plain_runs):
         by_round.setdefault(s["round"], []).append(s)
     assert [s["members"] for s in by_round[0]] == [[0, 1, 2]] * 2
     assert all(s["members"] == [0, 1] and sorted(s["mixed_with"]) == [0, 1] for t in (1, 2) for s in by_round[t])
+
+
+def test_wrong_tags_and_oversized_products_are_rejected(plain_runs):
+    runs, out, statuses = plain_runs
+    folder = out / f"run{runs.index(GUARDED)}"
+    seen = {(s["round"], s["mixed_with"][0]): s for s in check_rounds(folder, GUARDED["algorithm"], [0, 1, 2])}
+    assert len(seen) == AGENTS * STEPS // PERIOD
+    events = {i: json.loads((folder / f"events_agent{i}.json").read_text()) for i in range(AGENTS)}
+    rejected = {i: [(e["round"], e["agent"], e["reason"]) for e in events[i] if e["event"] == "rejected"]
+                for i in range(AGENTS)}
+    assert rejected[0][0] == rejected[2][0] == (1, 1, "wrong message tag")
+    assert [r[:2] for r in rejected[0][1:]] == [r[:2] for r in rejected[1]] == [(2, 2)]
+    assert "LoRA product norm" in rejected[1][0][2]
+    assert sorted(seen[1, 0]["mixed_with"]) == [0, 2] and sorted(seen[1, 1]["mixed_with"]) == [0, 1, 2]
+    assert sorted(seen[2, 0]["mixed_with"]) == [0, 1] and sorted(seen[2, 2]["mixed_with"]) == [0, 1, 2]
+    assert all(sorted(s["mixed_with"]) == [0, 1, 2] for (t, _), s in seen.items() if t == 0)
 
 
 def test_hf_trainer_with_the_callback(tiny, tmp_path):
