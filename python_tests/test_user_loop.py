@@ -91,6 +91,7 @@ def plain_loop(spec: dict, run: dict, store: dist.Store, out: Path) -> None:
         if stats is not None:
             save_round(out, rank, stats, before, snapshot(model))
     averager.close()
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"events_agent{rank}.json").write_text(json.dumps(averager.stats.events))
 
 
