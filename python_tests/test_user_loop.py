@@ -297,6 +297,32 @@ def test_bad_input_gives_one_line_errors(lora_model, one_agent_env, changes, arg
     assert argument in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("policy", ["keep", "reset"])
+def test_period_warmup_and_optimizer_state(lora_model, monkeypatch, policy):
+    """One agent alone (complete graph of 1): rounds after steps warmup + period, + 2 period, ...; "reset" drops the
+    optimizer state of the communicated parameters after each round, "keep" leaves it."""
+    from decaf_ext.averager import DecentralizedAverager
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    trainable = [p for p in lora_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    averager = DecentralizedAverager(lora_model, algorithm="dlora", topology="complete", period=3, warmup_steps=2,
+                                     store=dist.HashStore(), optimizer=optimizer, optimizer_state=policy)
+    rounds = []
+    for step in range(1, 12):
+        sum(p.sum() for p in trainable).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        stats = averager.step()
+        if stats is not None:
+            rounds.append(step)
+            assert stats.mixed_with == [0] and stats.bytes_sent == 0 and stats.disagreement == 0.0
+            assert (len(optimizer.state) == 0) == (policy == "reset")
+    assert rounds == [5, 8, 11] and averager.stats.rounds == 3
+    averager.close()
+
+
 def test_a_model_without_lora_layers_is_rejected(tiny, one_agent_env):
     from transformers import AutoModelForSequenceClassification
 
