@@ -9,9 +9,10 @@ The payload layout (size, dtype, entries) is fixed at startup and an agent with 
 gloo aborts a process that receives a message larger than its receive buffer, so sizes are agreed before any
 data moves.
 
-Data plane: a torch.distributed process group object over exactly the round's members (never the default
-group, which stays the user's), formed anew (fresh store prefix) whenever membership changes or a member reports a failed group — gloo closes a pair for good after a
-timeout, so a group that saw one is never reused. Every wait has a deadline of one round timeout.
+Data plane: a torch.distributed process group object over exactly the round's members (never the default group,
+which stays the user's), formed anew (fresh store prefix) whenever membership changes or a member reports a
+failed group — gloo closes a pair for good after a timeout, so a group that saw one is never reused. Every wait
+has a deadline of one round timeout.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ class Faults:
                     events.setdefault(kind, {})[int(round_index)] = float(value) if value else None
             except ValueError:
                 raise ConfigError(f"{FAULT_ENV}: cannot read {item!r} (expected AGENT:KIND@ROUND with KIND one of "
-                                  "exit, nan, badtag, or AGENT:stall@ROUND=SECONDS, AGENT:scale@ROUND=FACTOR)") from None
+                                  "exit, nan, badtag, or AGENT:stall@ROUND=SECONDS, AGENT:scale@ROUND=FACTOR)"
+                                  ) from None
         return cls(events)
 
     def at(self, kind: str, round_index: int) -> bool:

@@ -83,5 +83,6 @@ class MessageGuard:
             return None
         norm, limit = float(product_norm(theirs)[0]), self.norm_bound * float(product_norm(own)[0])
         if norm > limit:
-            return f"LoRA product norm {norm:.4g} above {self.norm_bound:g} x this agent's {limit / self.norm_bound:.4g}"
+            own = limit / self.norm_bound
+            return f"LoRA product norm {norm:.4g} above {self.norm_bound:g} x this agent's {own:.4g}"
         return None

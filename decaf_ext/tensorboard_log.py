@@ -41,8 +41,8 @@ class TensorBoardLog:
         for tag, key in SCALARS.items():
             self.writer.add_scalar(tag, record[key], step)
         if step > self.last_round:
-            self.writer.add_scalar("bytes/per_round", (record["bytes_sent"] - self.last_bytes) / (step - self.last_round),
-                                   step)
+            per_round = (record["bytes_sent"] - self.last_bytes) / (step - self.last_round)
+            self.writer.add_scalar("bytes/per_round", per_round, step)
         self.last_round, self.last_bytes = step, record["bytes_sent"]
         self.writer.flush()
 

@@ -181,9 +181,9 @@ def stack(snapshots: list[dict]) -> tuple[list[FactorGroup], dict[str, torch.Ten
 
 
 def check_rounds(folder: Path, algorithm: str, agents: list[int]) -> list[dict]:
-    """Every saved round of `agents` (the rounds of the others are inputs only): their new factors equal the strategy's, computed here from the factors
-    every agent had before the round (the [N, N] form when an agent heard from all its neighbours, else its
-    row over the agents it mixed with, a missing neighbour's weight on its own factors)."""
+    """Every saved round of `agents` (the others' rounds are inputs only): their new factors equal the strategy's,
+    computed here from the factors every agent had before the round (the [N, N] form when an agent heard from all
+    its neighbours, else its row over the agents it mixed with, a missing neighbour's weight on its own factors)."""
     strategy = get_strategy(algorithm)
     W = make_schedule("ring", AGENTS).at(0)
     rounds = sorted({int(p.name.split("_")[0][5:]) for p in folder.glob("round*_agent*.pt")})
