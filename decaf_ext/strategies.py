@@ -91,7 +91,7 @@ class Strategy(ABC):
     def consensus(self, groups: list[FactorGroup], extras: Extras) -> tuple[list[FactorGroup], Extras]:
         """The one model that stands for all N agents (the averaged model): this strategy's mix with the uniform
         row W = [1/N, ..., 1/N] ([1, N]). Returns groups A [M, 1, r, n], B [M, 1, m, r], extras [1, ...]."""
-        n = self.check_agents(groups, extras, torch.zeros(1, groups[0].n_agents if groups else 1))
+        n = groups[0].n_agents if groups else next(iter(extras.values())).shape[0]
         return self.communicate(groups, extras, torch.full((1, n), 1.0 / n, dtype=torch.float64))
 
     def payload(self, groups: list[FactorGroup], extras: Extras) -> int:
@@ -186,7 +186,7 @@ class Local(Strategy):
                 {k: _own(x, 0, n_out) for k, x in extras.items()})
 
     def consensus(self, groups: list[FactorGroup], extras: Extras) -> tuple[list[FactorGroup], Extras]:
-        return get_strategy("fedavg").communicate(groups, extras, torch.zeros(1, groups[0].n_agents))
+        return FedAvg().consensus(groups, extras)
 
     def payload(self, groups: list[FactorGroup], extras: Extras) -> int:
         return 0

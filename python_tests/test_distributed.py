@@ -1,8 +1,9 @@
 """decaf_ext.distributed / decaf_ext.exchange: 4 agent processes on gloo (localhost) against the simulator,
 faults (a killed agent, a stalled one, one sending NaN), resuming from checkpoints, and the pieces in-process.
 
-The multi-process runs are launched once per module (one launch runs the five algorithms and then the faulty
-run; a second launch resumes the faulty run through the command line). Run as a script, this file is the body
+The multi-process runs are launched once per module (one launch runs every registered strategy, a run with a
+run key, a norm bound and faulty messages, then the faulty run; a second launch resumes the faulty run through the
+command line). Run as a script, this file is the body
 of one agent process.
 """
 
@@ -43,6 +44,10 @@ FAULTY = dict(algorithm="dlora", rounds=7, eval_every=1, checkpoint_every=1)
 # round 3 and comes back 0.5 s after the others left it out; agent 0 stalls 2 s (within the timeout) in round 5,
 # which holds the group until agent 3 has asked to join again.
 FAULTS = f"1:nan@1,2:exit@2,3:stall@3={ROUND_TIMEOUT + 0.5},0:stall@5=2"
+# With a shared run key and a norm bound: agent 1 sends a wrong message tag in round 0, agent 3 its factors x 1000
+# in round 1 (finite, correctly tagged).
+GUARDED = dict(algorithm="decaf", rounds=2, norm_bound=10.0)
+GUARDED_FAULTS = "1:badtag@0,3:scale@1=1000"
 EXACT = ("round", "acc_mean", "acc_std", "macro_f1_mean", "avg_model_acc", "avg_model_macro_f1", "bytes_sent",
          "acc_agents")
 CLOSE = ("train_loss", "consensus_error")
@@ -76,16 +81,20 @@ def tiny(tmp_path_factory) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def launched(tiny, tmp_path_factory):
-    """One launch of 4 agent processes: the five algorithms (3 rounds, no faults, dropout on the model and the
-    LoRA input: every agent draws its masks from its own (seed, agent, round) stream), then the faulty dlora run."""
+    """One launch of 4 agent processes: every registered strategy (3 rounds, no faults, dropout on the model and
+    the LoRA input: every agent draws its masks from its own (seed, agent, round) stream), the guarded decaf run,
+    then the faulty dlora run."""
     root = tmp_path_factory.mktemp("distributed")
     assert USER_STRATEGY in ALGORITHMS
     runs = {name: tiny_config(tiny, root / name, algorithm=name, lora_dropout=0.1, rounds=3) for name in ALGORITHMS}
     faulty = tiny_config(tiny, root / "faulty", **FAULTY)
-    spec = {"runs": [(c.to_dict(), "") for c in runs.values()] + [(faulty.to_dict(), FAULTS)],
+    (root / "key").write_text("a shared secret\n")
+    guarded = tiny_config(tiny, root / "guarded", run_key_file=str(root / "key"), **GUARDED)
+    spec = {"runs": [(c.to_dict(), "") for c in runs.values()] + [(guarded.to_dict(), GUARDED_FAULTS),
+                                                                   (faulty.to_dict(), FAULTS)],
             "options": {"round_timeout": ROUND_TIMEOUT, "startup_timeout": 120.0}}
     statuses = launch([sys.executable, __file__, json.dumps(spec)], AGENTS)
-    return runs, faulty, statuses
+    return runs, faulty, statuses, guarded
 
 
 def summary_of(run_dir: str, agent: int) -> dict:
@@ -103,7 +112,7 @@ def events_of(run_dir: str, agent: int, kind: str) -> list[tuple[int, int | None
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_distributed_run_matches_the_simulator(launched, tmp_path, algorithm):
-    runs, _, statuses = launched
+    runs, _, statuses, _ = launched
     assert statuses[0] == statuses[1] == statuses[3] == 0
     config = runs[algorithm]
     simulator = Trainer(dataclasses.replace(config, output_dir=str(tmp_path / "simulated")))
@@ -133,7 +142,7 @@ def test_distributed_run_matches_the_simulator(launched, tmp_path, algorithm):
 
 
 def test_survivors_finish_without_a_killed_and_a_stalled_agent(launched):
-    _, faulty, statuses = launched
+    _, faulty, statuses, _ = launched
     assert statuses[2] == -9 and statuses[0] == statuses[1] == statuses[3] == 0  # agent 2 was SIGKILLed
     run_dir = faulty.output_dir
     records = read_metrics(run_dir)
@@ -161,7 +170,7 @@ def test_survivors_finish_without_a_killed_and_a_stalled_agent(launched):
 
 
 def test_resume_brings_the_killed_agent_back_from_its_checkpoint(launched, capfd):
-    _, faulty, _ = launched
+    _, faulty, _, _ = launched
     run_dir = faulty.output_dir
     status = main(["--nproc", str(AGENTS), "--resume", run_dir, "--rounds", str(faulty.rounds + 2),
                    "--round-timeout", str(ROUND_TIMEOUT), "--startup-timeout", "120"])
@@ -174,6 +183,22 @@ def test_resume_brings_the_killed_agent_back_from_its_checkpoint(launched, capfd
     own = read_metrics(os.path.join(run_dir, "agents", "agent_02"))
     assert [r["round"] for r in own] == [1, 2, faulty.rounds + 1, faulty.rounds + 2]
     assert load_checkpoint(latest_checkpoint(os.path.join(run_dir, "agents", "agent_02"))).round == faulty.rounds + 2
+
+
+def test_wrong_tags_and_oversized_products_are_rejected(launched):
+    guarded = launched[3]
+    run_dir = guarded.output_dir
+    assert [r["members"] for r in read_metrics(run_dir)] == [[0, 1, 2, 3]] * guarded.rounds
+    events = {agent: summary_of(run_dir, agent)["distributed"]["events"] for agent in range(AGENTS)}
+    rejected = {agent: [(e["round"], e["agent"], e["reason"]) for e in events[agent] if e["event"] == "rejected"]
+                for agent in range(AGENTS)}
+    # ring of 4: agent 1's neighbours are 0 and 2, agent 3's are 2 and 0
+    assert rejected[0][0] == rejected[2][0] == (0, 1, "wrong message tag")
+    assert [r[:2] for r in rejected[0][1:]] == [r[:2] for r in rejected[2][1:]] == [(1, 3)]
+    assert "LoRA product norm" in rejected[0][1][2] and rejected[1] == rejected[3] == []
+    for agent in range(AGENTS):
+        saved = load_checkpoint(latest_checkpoint(os.path.join(run_dir, "agents", f"agent_{agent:02d}")))
+        assert all(torch.isfinite(t).all() for t in saved.tensors.values())
 
 
 # -------------------------------------------------------------------------------------------- in-process
