@@ -61,6 +61,6 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "transformers", "peft", "datasets", "pyyaml", "tqdm", "matplotlib",
                       "safetensors", "networkx"],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "tensorboard"], "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["decaf-train = decaf_ext.train:main"]},
 )

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from decaf_ext.strategies import STRATEGIES, get_strategy
+from decaf_ext.strategies import DECAF_METHODS, DECAF_SPLITS, Strategy, get_strategy, strategy_names, \
+    strategy_options
 from decaf_ext.topology import TOPOLOGIES
 
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards", "few_shot")
@@ -44,12 +45,18 @@ class TrainConfig:
     """Every knob of a decentralized LoRA fine-tuning run (see docs/training.md)."""
 
     # what is trained, and how agents talk
-    algorithm: str = _knob("decaf", f"communication strategy: {', '.join(STRATEGIES)}")
+    algorithm: str = _knob("decaf", f"communication strategy: {', '.join(strategy_names())} "
+                                    "(or one registered with decaf_ext.strategies.register_strategy)")
     topology: str = _knob("ring", f"communication graph: {', '.join(TOPOLOGIES)}")
     mixing: str = _knob("auto", f"mixing-matrix rule: {', '.join(MIXING_RULES)}")
     topology_p: float | None = _knob(None, "edge probability of the erdos_renyi topology")
     topology_file: str | None = _knob(None, "adjacency file of the 'file' topology")
     agents: int = _knob(10, "number of simulated agents")
+    decaf_method: str = _knob("auto", f"DeCAF's truncated SVD: {', '.join(DECAF_METHODS)}")
+    decaf_oversample: int = _knob(10, "DeCAF randomized method: extra columns of the test matrix")
+    decaf_n_iter: int = _knob(2, "DeCAF randomized method: power iterations")
+    decaf_seed: int = _knob(0, "DeCAF randomized method: seed of the test matrix")
+    decaf_split: str = _knob("balanced", f"how DeCAF splits U S V^T into B, A: {', '.join(DECAF_SPLITS)}")
     comm_order: str = _knob("train_then_mix", "per round: local steps then mixing (train_then_mix) "
                                               "or mixing then local steps (mix_then_train)")
     # task, model and adapters
@@ -91,10 +98,17 @@ class TrainConfig:
     device: str = _knob("auto", "cpu, cuda, cuda:N or auto")
     output_dir: str | None = _knob(None, "run folder (default: runs/<algorithm>-<topology>-<time>)")
     progress: bool = _knob(True, "show a progress bar")
+    tensorboard: bool = _knob(False, "also write TensorBoard event files to <run folder>/tensorboard "
+                                     "(needs the tensorboard package: pip install decaf_ext[tensorboard])")
+    # message safety (runs with one process per agent)
+    run_key_file: str | None = _knob(None, "file holding a shared secret: every message carries an HMAC tag and "
+                                           "untagged or wrongly tagged ones are rejected (or set DECAF_RUN_KEY)")
+    norm_bound: float | None = _knob(None, "reject a neighbour whose LoRA product norm exceeds this multiple of "
+                                           "the agent's own")
 
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the argument) for values that are invalid on their own."""
-        _check_choice("algorithm", self.algorithm, STRATEGIES)
+        _check_choice("algorithm", self.algorithm, strategy_names())
         _check_choice("topology", self.topology, TOPOLOGIES)
         _check_choice("mixing", self.mixing, MIXING_RULES)
         _check_choice("partition", self.partition, PARTITIONS)
@@ -106,7 +120,8 @@ class TrainConfig:
         _check_choice("task", self.task, tuple(TASKS))
         if self.agents < 1:
             raise ConfigError(f"agents must be >= 1, got {self.agents}")
-        if self.agents < 2 and get_strategy(self.algorithm).decentralized:
+        strategy = self.strategy()
+        if self.agents < 2 and strategy.decentralized:
             raise ConfigError(f"agents must be >= 2 for the decentralized algorithm {self.algorithm!r}, "
                               f"got {self.agents}")
         for name in ("rank", "max_len", "rounds", "local_steps", "batch_size", "eval_every", "eval_batch_size",
@@ -129,8 +144,19 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("target_modules must name at least one module")
+        if self.norm_bound is not None and not self.norm_bound >= 1:
+            raise ConfigError(f"norm_bound must be >= 1 or none, got {self.norm_bound}")
         if self.device != "auto" and not self.device.split(":")[0] in ("cpu", "cuda"):
             raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+
+    def strategy(self) -> Strategy:
+        """The configured strategy, with the decaf_* options it takes (the built-in decaf takes all five)."""
+        options = {name: getattr(self, f"decaf_{name}") for name in strategy_options(self.algorithm)
+                   if hasattr(self, f"decaf_{name}")}
+        try:
+            return get_strategy(self.algorithm, **options)
+        except ValueError as error:
+            raise ConfigError(f"decaf_{first_line(error)}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-ready dict of every field."""

@@ -5,22 +5,20 @@
 
 Each process builds exactly what the simulator (:class:`~decaf_ext.trainer.Trainer`) builds for its agent —
 same data split, partition, initialization and per-agent data order — keeps only its own data shard and adapter,
-and replaces the in-memory mixing by messages: one flat buffer per neighbour per round
-(``batch_isend_irecv``) for dlora / decaf / dlora_fa, ``all_reduce`` for fedavg. Round membership, timeouts
-and buffer validation live in :mod:`decaf_ext.exchange`.
+and replaces the in-memory mixing by messages (:class:`~decaf_ext.agent_mixer.AgentMixer`: one flat buffer per
+neighbour and round for a decentralized strategy, every member's for a server strategy such as fedavg, then the
+strategy's own ``communicate``). Round membership, timeouts and buffer validation live in
+:mod:`decaf_ext.exchange`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import hashlib
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -35,20 +33,19 @@ from tqdm.auto import tqdm
 
 from decaf_ext.checkpoint import latest_checkpoint
 from decaf_ext.config import ConfigError, TrainConfig, build_config, convert_value
-from decaf_ext.exchange import RoundView, Transport, check_buffer
-from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, write_extras, write_factors
-from decaf_ext.ops import consensus_tsvd
-from decaf_ext.strategies import DeCAF, Strategy, mix
+from decaf_ext.agent_mixer import AgentMixer
+from decaf_ext.exchange import RoundView, Transport
+from decaf_ext.faults import Faults
+from decaf_ext.lora import collect_extras, collect_factors, write_extras, write_factors
+from decaf_ext.message_guard import MessageGuard, load_run_key
+from decaf_ext.payload import Payload
 from decaf_ext.tasks import Encoded
 from decaf_ext.trainer import METRICS, SUMMARY, AgentSampler, Trainer, write_json
 
 log = logging.getLogger("decaf_ext.distributed")
 
 BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
-FAULT_ENV = "DECAF_FAULT"
 STATS = 5  # loss_sum, loss_steps, bytes_sent, accuracy, macro_f1: the per-agent numbers gathered at evaluation
-
-Extras = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -67,121 +64,6 @@ class DistributedOptions:
         for name in ("round_timeout", "startup_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-
-
-@dataclass
-class Faults:
-    """Test-only fault injection from the environment variable DECAF_FAULT, e.g. ``2:exit@3,1:nan@1,3:stall@2=5``:
-    agent 2 kills itself (SIGKILL) after its local steps of round 3, agent 1 sends NaN buffers in round 1, agent 3
-    sleeps 5 s before communicating in round 2 (rounds 0-based). A restarted process runs cleanly."""
-
-    exit: frozenset[int] = frozenset()
-    nan: frozenset[int] = frozenset()
-    stall: Mapping[int, float] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_env(cls, agent: int, *, restarted: bool) -> Faults:
-        spec = os.environ.get(FAULT_ENV, "").strip()
-        if not spec or restarted:
-            return cls()
-        exits, nans, stalls = set(), set(), {}
-        for item in spec.split(","):
-            try:
-                who, what = item.strip().split(":")
-                kind, when = what.split("@")
-                round_index, _, seconds = when.partition("=")
-                if kind not in ("exit", "nan", "stall") or (kind == "stall") != bool(seconds):
-                    raise ValueError
-                if int(who) == agent:
-                    if kind == "stall":
-                        stalls[int(round_index)] = float(seconds)
-                    else:
-                        (exits if kind == "exit" else nans).add(int(round_index))
-            except ValueError:
-                raise ConfigError(f"{FAULT_ENV}: cannot read {item!r} (expected AGENT:exit@R, AGENT:nan@R or "
-                                  "AGENT:stall@R=SECONDS)") from None
-        return cls(frozenset(exits), frozenset(nans), stalls)
-
-    def before_communication(self, round_index: int) -> None:
-        if round_index in self.stall:
-            time.sleep(self.stall[round_index])
-
-    def after_local_steps(self, round_index: int) -> None:
-        if round_index in self.exit:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def outgoing(self, round_index: int, buffer: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(buffer, float("nan")) if round_index in self.nan else buffer
-
-
-class Payload:
-    """Layout of the one flat buffer an agent sends per neighbour and round.
-
-    For every factor group (``collect_factors`` order): A [M, r, n] when the strategy trains A, then B [M, m, r];
-    then every extra (``collect_extras`` order), all in one dtype. Every agent has the same model, so the size
-    is known before anything is received; ``fingerprint`` (entries, shapes, dtype) lets the transport refuse an
-    agent whose layout differs.
-    """
-
-    def __init__(self, groups: list[FactorGroup], extras: Extras, *, trains_A: bool) -> None:
-        self.trains_A = trains_A
-        factors, others = self._entries(groups, extras)
-        self.n_factors = len(factors)
-        self.shapes = [tuple(t.shape) for t in factors + others]
-        self.dtypes = [t.dtype for t in factors + others]
-        self.sizes = [t.numel() for t in factors + others]
-        self.dtype = functools.reduce(torch.promote_types, self.dtypes)
-        self.numel = sum(self.sizes)
-        described = json.dumps([[list(s), str(d)] for s, d in zip(self.shapes, self.dtypes)] + [str(self.dtype)])
-        self.fingerprint = f"{self.numel}:{self.dtype}:{hashlib.sha1(described.encode()).hexdigest()[:16]}"
-
-    def _entries(self, groups: list[FactorGroup], extras: Extras) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """One agent's factors [M, ...] (agent axis dropped) and extras [...], in buffer order."""
-        if any(g.n_agents != 1 for g in groups) or any(x.shape[0] != 1 for x in extras.values()):
-            raise ValueError("groups/extras must hold exactly one agent")
-        factors = [t[:, 0] for g in groups for t in ((g.A, g.B) if self.trains_A else (g.B,))]
-        return factors, [x[0] for x in extras.values()]
-
-    def pack(self, groups: list[FactorGroup], extras: Extras) -> torch.Tensor:
-        """One agent's groups (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...] -> buffer [numel]."""
-        factors, others = self._entries(groups, extras)
-        return torch.cat([t.reshape(-1).to(self.dtype) for t in factors + others])
-
-    def unpack(self, buffers: torch.Tensor, own_groups: list[FactorGroup], own_extras: Extras
-               ) -> tuple[list[FactorGroup], Extras]:
-        """k agents' buffers [k, numel] -> groups (A [M, k, r, n], B [M, k, m, r]) and extras {name: [k, ...]}.
-
-        own_groups / own_extras (one agent) give the names; when A is not trained it is taken from own_groups
-        (the A all agents share).
-        """
-        k = buffers.shape[0]
-        pieces = []
-        for index, (piece, shape, dtype) in enumerate(zip(buffers.split(self.sizes, dim=1), self.shapes, self.dtypes)):
-            piece = piece.reshape(k, *shape).to(dtype)
-            pieces.append((piece.movedim(0, 1) if index < self.n_factors else piece).contiguous())
-        stream = iter(pieces)
-        groups = []
-        for g in own_groups:
-            A = next(stream) if self.trains_A else g.A.expand(-1, k, -1, -1).contiguous()
-            groups.append(FactorGroup(list(g.names), A, next(stream)))
-        return groups, {name: next(stream) for name in own_extras}
-
-
-def mix_row(strategy: Strategy, groups: list[FactorGroup], extras: Extras, weights: torch.Tensor
-            ) -> tuple[list[FactorGroup], Extras]:
-    """One agent's new factors and extras from k stacked agents (A [M, k, r, n], B [M, k, m, r], extras [k, ...])
-    with its mixing row `weights` [1, k]: decaf calls ``consensus_tsvd`` in its [1, k] form, dlora mixes A and B,
-    dlora_fa mixes B and keeps the shared A; extras are mixed alike. Returns one agent (agent axis of size 1)."""
-    new_groups = []
-    for g in groups:
-        if isinstance(strategy, DeCAF):
-            A, B, _ = consensus_tsvd(g.A, g.B, weights.to(g.A), g.rank, method=strategy.method,
-                                     oversample=strategy.oversample, n_iter=strategy.n_iter, seed=strategy.seed)
-        else:
-            A = mix(weights, g.A, 1) if strategy.trains_A else g.A[:, :1].clone()
-            B = mix(weights, g.B, 1)
-        new_groups.append(FactorGroup(list(g.names), A, B))
-    return new_groups, {name: mix(weights, x, 0) for name, x in extras.items()}
 
 
 class AgentTrainer(Trainer):
@@ -203,15 +85,17 @@ class AgentTrainer(Trainer):
         self.run_dir = os.path.join(self.output_dir, "agents", f"agent_{agent:02d}")
         self.agent_ids = [agent]
         self.samplers = [AgentSampler(np.arange(len(self.parts[agent])), config.batch_size, config.seed, agent)]
+        guard = MessageGuard(load_run_key(config.run_key_file), config.norm_bound)
         groups, extras = collect_factors(self.models), collect_extras(self.models)
-        self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A)
+        self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, trailer=guard.trailer)
         self.transport = Transport(store, agent, config.agents, fingerprint=self.payload.fingerprint,
                                    backend=backend, timeout=options.round_timeout,
                                    startup_timeout=options.startup_timeout)
-        self.buffer_device = self.device if backend == "nccl" else torch.device("cpu")
         # restarted by the launcher (same store, next incarnation) or by torchrun (new store, restart count)
         self.restarted = self.transport.incarnation > 1 or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         self.faults = Faults.from_env(agent, restarted=self.restarted)
+        self.mixer = AgentMixer(self.strategy, self.transport, self.payload, guard=guard, faults=self.faults,
+                                device=self.device)
         self.view: RoundView | None = None
 
     def build_data(self) -> None:
@@ -236,52 +120,15 @@ class AgentTrainer(Trainer):
             view = None
         if view is not None:
             groups, extras = collect_factors(self.models), collect_extras(self.models)
-            if self.strategy.payload(groups, extras) > 0:
-                mix = self._gossip if self.strategy.decentralized else self._average
-                sent = mix(view, round_index, groups, extras)
-                self.counters["bytes_sent"] += sent
-                if sent > 0 and self.config.optimizer_state == "reset":
+            mixed = self.mixer.communicate(view, round_index, groups, extras, self.schedule.at(round_index))
+            if mixed is not None:
+                write_factors(self.models, mixed.groups)
+                write_extras(self.models, mixed.extras)
+                self.counters["bytes_sent"] += mixed.bytes_sent
+                if mixed.bytes_sent > 0 and self.config.optimizer_state == "reset":
                     self.optimizers[0].state.clear()
         self.counters["time_comm"] += self.clock() - start
         return view
-
-    def _gossip(self, view: RoundView, round_index: int, groups: list[FactorGroup], extras: Extras) -> int:
-        """dlora / decaf / dlora_fa: exchange with the live neighbours, mix with this agent's row of W; the weight
-        of a neighbour that is missing (left out, failed, rejected) moves to this agent's own factors, so the
-        row still sums to 1 (and W stays symmetric and doubly stochastic over the members when both ends agree).
-        Returns the bytes sent."""
-        row = self.schedule.at(round_index)[self.agent]
-        neighbours = [j for j in range(self.config.agents) if j != self.agent and row[j] > 0]
-        peers = [j for j in neighbours if j in view.members]
-        own = self.payload.pack(groups, extras).to(self.buffer_device)
-        received = self.transport.exchange(view, self.faults.outgoing(round_index, own), peers)
-        live = sorted(received)
-        missing = [j for j in neighbours if j not in received]
-        if missing:
-            log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
-                     self.agent, round_index, missing, float(row[missing].sum()))
-        weights = torch.cat([(row[self.agent] + row[missing].sum()).reshape(1), row[live]])
-        stacked = self.payload.unpack(torch.stack([own, *(received[j] for j in live)]).to(self.device), groups,
-                                      extras)
-        new_groups, new_extras = mix_row(self.strategy, *stacked, weights[None])
-        write_factors(self.models, new_groups)
-        write_extras(self.models, new_extras)
-        return len(peers) * self.strategy.payload(groups, extras)
-
-    def _average(self, view: RoundView, round_index: int, groups: list[FactorGroup], extras: Extras) -> int:
-        """fedavg: the mean over the round's members with one all_reduce; a failed or non-finite result leaves
-        this agent's factors as they are. Returns the bytes sent (one upload, as the simulator counts)."""
-        buffer = self.faults.outgoing(round_index, self.payload.pack(groups, extras).to(self.buffer_device))
-        if self.transport.all_reduce(view, buffer):
-            reason = check_buffer(buffer, self.payload.numel, self.payload.dtype)
-            if reason is None:
-                mean = (buffer / len(view.members)).to(self.device)
-                new_groups, new_extras = self.payload.unpack(mean[None], groups, extras)
-                write_factors(self.models, new_groups)
-                write_extras(self.models, new_extras)
-            else:
-                self.transport.record_event(round_index, "rejected", f"average rejected ({reason})", reason=reason)
-        return self.strategy.payload(groups, extras)
 
     # -------------------------------------------------------------------------------------- evaluation
 
@@ -294,7 +141,7 @@ class AgentTrainer(Trainer):
         numbers = [self.counters["loss_sum"], self.counters["loss_steps"], self.counters["bytes_sent"],
                    own["accuracy"], own["macro_f1"]]
         mine = torch.cat([torch.tensor(numbers, dtype=torch.float64), self.payload.pack(groups, extras).double().cpu()])
-        gathered = self.transport.all_gather(view, mine.to(self.buffer_device))
+        gathered = self.transport.all_gather(view, mine.to(self.mixer.buffer_device))
         self.counters["loss_sum"], self.counters["loss_steps"] = 0.0, 0
         if gathered is None:
             self.transport.record_event(view.round, "evaluation_lost", f"evaluation after round {rounds_done} lost")
@@ -308,8 +155,7 @@ class AgentTrainer(Trainer):
         self.counters["time_eval"] += self.clock() - start
         record = self.evaluation_record(rounds_done, agents, average, all_groups, loss_sum, loss_steps,
                                         int(bytes_sent))
-        self.history.append({**record, "members": view.agents})
-        self.write_metrics()
+        self.log_record({**record, "members": view.agents})
         if self.agent == view.agents[0]:
             self._report_metrics()
 
@@ -372,6 +218,8 @@ class AgentTrainer(Trainer):
             return self._finish(time.perf_counter() - wall)
         finally:
             self.transport.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def _export(self, model: torch.nn.Module, name: str) -> None:
         """peft adapter of `model` into <output_dir>/adapters/<name> (written to a temporary folder, then renamed)."""

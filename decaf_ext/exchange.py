@@ -9,9 +9,10 @@ The payload layout (size, dtype, entries) is fixed at startup and an agent with 
 gloo aborts a process that receives a message larger than its receive buffer, so sizes are agreed before any
 data moves.
 
-Data plane: a torch.distributed process group over exactly the round's members, formed anew (fresh store
-prefix) whenever membership changes or a member reports a failed group — gloo closes a pair for good after a
-timeout, so a group that saw one is never reused. Every wait has a deadline of one round timeout.
+Data plane: a torch.distributed process group object over exactly the round's members (never the default group,
+which stays the user's), formed anew (fresh store prefix) whenever membership changes or a member reports a
+failed group — gloo closes a pair for good after a timeout, so a group that saw one is never reused. Every wait
+has a deadline of one round timeout.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ LATEST = "latest"
 STARTUP = "startup"
 FINGERPRINT = "fingerprint"
 _MIN_WAIT = timedelta(milliseconds=1)  # gloo reads a zero timeout as "the group's default"
+Validator = Callable[[int, torch.Tensor], "str | None"]  # (sender agent, received buffer) -> why rejected, or None
 
 
 def check_buffer(buffer: torch.Tensor, numel: int, dtype: torch.dtype) -> str | None:
@@ -93,6 +95,7 @@ class Transport:
         self.timeout, self.startup_timeout = timeout, startup_timeout
         self.incarnation = store.add(f"incarnation/{agent}", 1)
         self.group: int | None = None
+        self.process_group: dist.ProcessGroup | None = None
         self.broken = False
         self.joining = False
         self.events: list[dict[str, Any]] = []
@@ -218,76 +221,89 @@ class Transport:
         self.record_event(round_index, "transport", f"{what} failed: {first_line[:200]}", what=what, **details)
 
     def _form_group(self, view: RoundView) -> bool:
-        """Replace this process's group by one over `view`'s members; False (and logged) if that failed."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        self.group = None
+        """Replace this agent's group by one over `view`'s members; False (and logged) if that failed.
+
+        The group is a process group object of its own (never the default group, which belongs to the user):
+        forming it involves only the members, through the store under a prefix named after the view's group."""
+        self.process_group, self.group = None, None
         agents = view.agents
+        store = dist.PrefixStore(f"group/{view.group}", self.store)
+        store.set_timeout(timedelta(seconds=self.timeout))  # connecting to a dead member gives up after this
         try:
-            dist.init_process_group(self.backend, store=dist.PrefixStore(f"group/{view.group}", self.store),
-                                    rank=agents.index(self.agent), world_size=len(agents),
-                                    timeout=timedelta(seconds=self.timeout))
+            if self.backend == "nccl":
+                options = dist.ProcessGroupNCCL.Options()
+                options._timeout = timedelta(seconds=self.timeout)
+                group = dist.ProcessGroupNCCL(store, agents.index(self.agent), len(agents), options)
+            else:
+                group = dist.ProcessGroupGloo(store, agents.index(self.agent), len(agents),
+                                              timedelta(seconds=self.timeout))
         except RuntimeError as error:
             self._failure(view.round, "forming the process group", error)
-            if dist.is_initialized():
-                dist.destroy_process_group()
             return False
-        self.group, self.broken = view.group, False
+        self.process_group, self.group, self.broken = group, view.group, False
         return True
 
-    def _wait_all(self, works: list[dist.Work], deadline: float) -> None:
+    def _wait_all(self, works: list[Any], deadline: float) -> None:
         for work in works:
             work.wait(max(timedelta(seconds=deadline - time.monotonic()), _MIN_WAIT))
 
-    def exchange(self, view: RoundView, buffer: torch.Tensor, peers: list[int]) -> dict[int, torch.Tensor]:
-        """Send `buffer` (1-D) to every agent in `peers` and receive theirs, with ``batch_isend_irecv``.
+    def _accept(self, round_index: int, j: int, tensor: torch.Tensor, reference: torch.Tensor,
+                validate: Validator | None) -> bool:
+        """Whether agent j's buffer passes :func:`check_buffer` and `validate`; a rejection is logged."""
+        reason = check_buffer(tensor, reference.numel(), reference.dtype)
+        if reason is None and validate is not None:
+            reason = validate(j, tensor)
+        if reason is not None:
+            self.record_event(round_index, "rejected", f"buffer of agent {j} rejected ({reason})", agent=j,
+                              reason=reason)
+        return reason is None
 
-        Returns the buffers that arrived within the round timeout and passed :func:`check_buffer`, by agent;
-        a peer whose transfer failed or whose buffer was rejected is absent (and logged). With gloo every peer
-        gets its own batch, so one failing pair does not cancel the others; NCCL needs a single batch.
+    def exchange(self, view: RoundView, buffer: torch.Tensor, peers: list[int],
+                 validate: Validator | None = None) -> dict[int, torch.Tensor]:
+        """Send `buffer` (1-D) to every agent in `peers` and receive theirs (tag = round).
+
+        Returns the buffers that arrived within the round timeout and passed :func:`check_buffer` and
+        `validate(agent, buffer) -> reason or None`, by agent; a peer whose transfer failed or whose buffer was
+        rejected is absent (and logged). Each pair orders its two transfers by rank (the lower rank sends
+        first), so blocking backends cannot deadlock; one failing pair does not cancel the others.
         """
-        ranks = {j: view.agents.index(j) for j in peers}
-        batches = [[j] for j in peers] if self.backend == "gloo" else [list(peers)] if peers else []
+        rank = view.agents.index(self.agent)
+        received = {j: torch.full_like(buffer, float("nan")) for j in peers}
         posted = []
-        for batch in batches:
-            received = {j: torch.full_like(buffer, float("nan")) for j in batch}
-            ops = [op for j in batch for op in (dist.P2POp(dist.isend, buffer, ranks[j], tag=view.round),
-                                                dist.P2POp(dist.irecv, received[j], ranks[j], tag=view.round))]
+        for j in peers:
+            peer = view.agents.index(j)
+            send = lambda: self.process_group.send([buffer], peer, view.round)  # noqa: E731
+            recv = lambda: self.process_group.recv([received[j]], peer, view.round)  # noqa: E731
             try:
-                posted.append((received, dist.batch_isend_irecv(ops)))
+                posted.append((j, [op() for op in ((send, recv) if rank < peer else (recv, send))]))
             except RuntimeError as error:
-                self._failure(view.round, f"exchange with agents {batch}", error, agents=batch)
+                self._failure(view.round, f"exchange with agent {j}", error, agents=[j])
         deadline = time.monotonic() + self.timeout
         accepted = {}
-        for received, works in posted:
+        for j, works in posted:
             try:
                 self._wait_all(works, deadline)
             except RuntimeError as error:
-                self._failure(view.round, f"exchange with agents {sorted(received)}", error, agents=sorted(received))
+                self._failure(view.round, f"exchange with agent {j}", error, agents=[j])
                 continue
-            for j, tensor in received.items():
-                reason = check_buffer(tensor, buffer.numel(), buffer.dtype)
-                if reason is None:
-                    accepted[j] = tensor
-                else:
-                    self.record_event(view.round, "rejected", f"buffer of agent {j} rejected ({reason})", agent=j,
-                                reason=reason)
+            if self._accept(view.round, j, received[j], buffer, validate):
+                accepted[j] = received[j]
         return accepted
 
-    def all_reduce(self, view: RoundView, buffer: torch.Tensor) -> bool:
-        """Sum `buffer` over the view's members in place; False (logged) if that failed within the timeout."""
-        try:
-            self._wait_all([dist.all_reduce(buffer, async_op=True)], time.monotonic() + self.timeout)
-        except RuntimeError as error:
-            self._failure(view.round, "all_reduce", error)
-            return False
-        return True
+    def gather(self, view: RoundView, buffer: torch.Tensor, validate: Validator | None = None
+               ) -> dict[int, torch.Tensor]:
+        """Every other member's `buffer` that passed the checks (as :meth:`exchange`), by agent; {} on failure."""
+        gathered = self.all_gather(view, buffer)
+        if gathered is None:
+            return {}
+        return {j: gathered[k] for k, j in enumerate(view.agents)
+                if j != self.agent and self._accept(view.round, j, gathered[k], buffer, validate)}
 
     def all_gather(self, view: RoundView, buffer: torch.Tensor) -> torch.Tensor | None:
         """Every member's `buffer` [n] stacked as [len(view.members), n] in view.agents order, or None on failure."""
         gathered = buffer.new_empty(len(view.members) * buffer.numel())
         try:
-            work = dist.all_gather_into_tensor(gathered, buffer, async_op=True)
+            work = self.process_group._allgather_base(gathered, buffer)
             self._wait_all([work], time.monotonic() + self.timeout)
         except RuntimeError as error:
             self._failure(view.round, "all_gather", error)
@@ -296,6 +312,4 @@ class Transport:
 
     def close(self) -> None:
         """Leave the run: drop the process group (the store belongs to the launcher)."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        self.group = None
+        self.process_group, self.group = None, None

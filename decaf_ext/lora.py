@@ -192,3 +192,24 @@ def consensus_error(groups: list[FactorGroup]) -> float:
         scale = torch.linalg.matrix_norm(products[:, 0] + mean_offset[:, 0])
         total += torch.where(scale > 0, spread / scale, torch.zeros_like(spread)).sum().item()
     return total
+
+
+def _product_inner(left: list[FactorGroup], right: list[FactorGroup]) -> torch.Tensor:
+    """float64 [N]: sum over modules of <B_i A_i, B'_i A'_i>_F per agent, from r x r matrices (no m x n product
+    is formed): <B A, B' A'> = trace((B^T B') (A' A^T))."""
+    total = torch.zeros((), dtype=torch.float64)
+    for g, h in zip(left, right, strict=True):
+        A, B, A2, B2 = g.A.double(), g.B.double(), h.A.double(), h.B.double()
+        total = total + ((B.transpose(-1, -2) @ B2) * (A @ A2.transpose(-1, -2))).sum(dim=(-1, -2)).sum(dim=0)
+    return total
+
+
+def product_norm(groups: list[FactorGroup]) -> torch.Tensor:
+    """float64 [N]: sqrt(sum over modules ||B_i A_i||_F^2) per agent."""
+    return _product_inner(groups, groups).clamp_min(0).sqrt()
+
+
+def product_distance(left: list[FactorGroup], right: list[FactorGroup]) -> torch.Tensor:
+    """float64 [N]: sqrt(sum over modules ||B_i A_i - B'_i A'_i||_F^2) per agent (same modules and agents)."""
+    squared = _product_inner(left, left) + _product_inner(right, right) - 2 * _product_inner(left, right)
+    return squared.clamp_min(0).sqrt()

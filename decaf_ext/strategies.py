@@ -1,50 +1,68 @@
-"""Communication strategies: one round of mixing on the agents' stacked LoRA factors.
+"""Communication strategies: how one round mixes the LoRA factors of the agents a runtime hands over.
 
-Every strategy maps (groups, extras, W) to new groups and extras without touching its inputs:
-groups hold A [M, N, r, n] and B [M, N, m, r] (see :mod:`decaf_ext.lora`), extras are the other trainable
-parameters stacked as [N, ...], W is the [N, N] doubly stochastic mixing matrix of the round.
-``bytes_sent`` counts what each agent puts on the wire in that round (formulas in docs/strategies.md).
+A strategy is policy only; the runtime decides whom an agent hears from and moves the bytes. Every strategy
+maps (groups, extras, W) to new groups and extras without touching its inputs:
+
+- groups hold A [M, N_in, r, n] and B [M, N_in, m, r] (see :mod:`decaf_ext.lora`), extras the other trainable
+  parameters stacked as [N_in, ...];
+- W [N_out, N_in] holds the mixing weights; output agent i's own factors are input i. The simulator passes the
+  round's [N, N] matrix; an agent in its own process passes its [1, k] row over itself (input 0) and the k - 1
+  agents it heard from. Output: A [M, N_out, r, n], B [M, N_out, m, r], extras [N_out, ...].
+
+Every runtime (the simulator, the distributed runtime, :class:`~decaf_ext.averager.DecentralizedAverager`) calls
+the same ``communicate``, so a strategy registered from user code runs everywhere unchanged::
+
+    from decaf_ext.lora import FactorGroup
+    from decaf_ext.strategies import Strategy, register_strategy, mix
+
+    @register_strategy("half_dlora")
+    class HalfDLoRA(Strategy):
+        '''DLoRA that moves only half-way towards the neighbours' mix.'''
+
+        def communicate(self, groups, extras, W):
+            self.check_agents(groups, extras, W)
+            def half(x, dim):
+                return 0.5 * x[(slice(None),) * dim + (slice(0, W.shape[0]),)] + 0.5 * mix(W, x, dim)
+            return ([FactorGroup(g.names, half(g.A, 1), half(g.B, 1)) for g in groups],
+                    {k: half(x, 0) for k, x in extras.items()})
 """
 
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import torch
 
 from decaf_ext.lora import FactorGroup
 
-STRATEGIES: tuple[str, ...] = ("local", "fedavg", "dlora", "decaf", "dlora_fa")
-
 Extras = dict[str, torch.Tensor]
+S = TypeVar("S", bound=type)
 
-
-def _n_agents(groups: list[FactorGroup], extras: Extras, W: torch.Tensor) -> int:
-    """N, checked to agree between the groups, the extras and W [N, N]."""
-    counts = {g.n_agents for g in groups} | {x.shape[0] for x in extras.values()}
-    if len(counts) > 1:
-        raise ValueError(f"groups/extras: agent counts disagree ({sorted(counts)})")
-    if W.dim() != 2:
-        raise ValueError(f"W must be a [N, N] matrix, got shape {list(W.shape)}")
-    n = counts.pop() if counts else W.shape[0]
-    if W.shape != (n, n):
-        raise ValueError(f"W must have shape [{n}, {n}] for {n} agents, got {list(W.shape)}")
-    return n
+DECAF_METHODS: tuple[str, ...] = ("auto", "exact", "randomized", "dense")
+DECAF_SPLITS: tuple[str, ...] = ("balanced", "left", "right")
 
 
 def mix(W: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
-    """sum_j W[i, j] x_j along agent axis `dim` of x; computed in at least float32, returned in x's dtype."""
+    """sum_j W[i, j] x_j along agent axis `dim` of x ([..., N_in, ...] -> [..., N_out, ...]); computed in at
+    least float32, returned in x's dtype."""
     compute = torch.promote_types(x.dtype, torch.float32)
     mixed = torch.tensordot(W.to(device=x.device, dtype=compute), x.to(compute).movedim(dim, 0), dims=1)
     return mixed.movedim(0, dim).to(x.dtype)
 
 
-def _average(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Plain mean over agent axis `dim`, handed to every agent (same shape as x)."""
+def _mean(x: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
+    """Plain mean over agent axis `dim`, handed to `n_out` agents."""
     compute = torch.promote_types(x.dtype, torch.float32)
-    return x.to(compute).mean(dim=dim, keepdim=True).expand_as(x).to(x.dtype).contiguous()
+    mean = x.to(compute).mean(dim=dim, keepdim=True)
+    return mean.expand(*x.shape[:dim], n_out, *x.shape[dim + 1:]).to(x.dtype).contiguous()
+
+
+def _own(x: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
+    """A copy of the first `n_out` agents along `dim` (output agent i's own input is input i)."""
+    return x.narrow(dim, 0, n_out).clone()
 
 
 def _bytes_per_agent(tensors: Iterable[torch.Tensor], dim: int) -> int:
@@ -52,22 +70,29 @@ def _bytes_per_agent(tensors: Iterable[torch.Tensor], dim: int) -> int:
     return sum(t.numel() // t.shape[dim] * t.element_size() for t in tensors)
 
 
-class Strategy:
-    """Base class: one communication round on stacked factors.
+class Strategy(ABC):
+    """One communication round on stacked factors (policy only; see the module docstring for shapes).
 
-    name: registry name; trains_A: whether agents train A locally; decentralized: whether agents talk to
-    graph neighbours (True) or to a server (False).
+    Class attributes: name (registry name, set by :func:`register_strategy`); trains_A: whether agents train A
+    locally (False: A is shared and frozen, only B travels); decentralized: True when an agent mixes with its
+    graph neighbours by W, False when it needs every agent of the round (the runtime then gathers all members
+    and W's values are not used).
     """
 
     name: str = ""
     trains_A: bool = True
     decentralized: bool = True
 
-    def communicate(
-        self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
-    ) -> tuple[list[FactorGroup], Extras]:
-        """New groups and extras after one round (inputs untouched). W: [N, N]."""
-        raise NotImplementedError
+    @abstractmethod
+    def communicate(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
+                    ) -> tuple[list[FactorGroup], Extras]:
+        """New groups and extras of the N_out agents after one round (inputs untouched). W: [N_out, N_in]."""
+
+    def consensus(self, groups: list[FactorGroup], extras: Extras) -> tuple[list[FactorGroup], Extras]:
+        """The one model that stands for all N agents (the averaged model): this strategy's mix with the uniform
+        row W = [1/N, ..., 1/N] ([1, N]). Returns groups A [M, 1, r, n], B [M, 1, m, r], extras [1, ...]."""
+        n = groups[0].n_agents if groups else next(iter(extras.values())).shape[0]
+        return self.communicate(groups, extras, torch.full((1, n), 1.0 / n, dtype=torch.float64))
 
     def payload(self, groups: list[FactorGroup], extras: Extras) -> int:
         """Bytes of one agent's copy of everything it sends in a round: its trainable factors (B, and A
@@ -76,127 +101,174 @@ class Strategy:
         return _bytes_per_agent(factors, 1) + _bytes_per_agent(extras.values(), 0)
 
     def bytes_sent(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor) -> torch.Tensor:
-        """int64 [N]: bytes each agent sends this round.
+        """int64 [N_out]: bytes each output agent sends this round.
 
-        Decentralized: payload times the number of neighbours (nonzero off-diagonal entries of the agent's
-        row of W; W is symmetric). Server: the payload, uploaded once.
+        Decentralized: payload times the number of agents it mixes with (nonzero entries of its row of W other
+        than its own input). Otherwise: the payload, uploaded once (0 when the payload is empty).
         """
-        n = _n_agents(groups, extras, W)
+        n_in = self.check_agents(groups, extras, W)
+        n_out = W.shape[0]
         if not self.decentralized:
-            return torch.full((n,), self.payload(groups, extras), dtype=torch.int64)
-        off_diagonal = (W != 0) & ~torch.eye(n, dtype=torch.bool, device=W.device)
-        return off_diagonal.sum(dim=1).cpu().to(torch.int64) * self.payload(groups, extras)
+            return torch.full((n_out,), self.payload(groups, extras), dtype=torch.int64)
+        others = (W != 0) & ~torch.eye(n_out, n_in, dtype=torch.bool, device=W.device)
+        return others.sum(dim=1).cpu().to(torch.int64) * self.payload(groups, extras)
+
+    @staticmethod
+    def check_agents(groups: list[FactorGroup], extras: Extras, W: torch.Tensor) -> int:
+        """N_in, checked to agree between the groups, the extras and W [N_out, N_in] (N_out <= N_in)."""
+        counts = {g.n_agents for g in groups} | {x.shape[0] for x in extras.values()}
+        if len(counts) > 1:
+            raise ValueError(f"groups/extras: agent counts disagree ({sorted(counts)})")
+        if W.dim() != 2:
+            raise ValueError(f"W must be a [N_out, N_in] matrix, got shape {list(W.shape)}")
+        n = counts.pop() if counts else W.shape[1]
+        if W.shape[1] != n or not 1 <= W.shape[0] <= n:
+            raise ValueError(f"W must have shape [N_out, {n}] with 1 <= N_out <= {n} for {n} agents, "
+                             f"got {list(W.shape)}")
+        return n
 
 
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(name: str) -> Callable[[S], S]:
+    """Class decorator: register a :class:`Strategy` subclass under `name` (its ``name`` attribute is set).
+
+    Options of the strategy are its dataclass fields (``get_strategy(name, **options)``). Registering a name
+    twice replaces the earlier class.
+    """
+    if not name or not isinstance(name, str):
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+
+    def register(cls: S) -> S:
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise ValueError(f"register_strategy({name!r}): {cls!r} is not a Strategy subclass")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def strategy_names() -> tuple[str, ...]:
+    """Names of every registered strategy (built-in first, then the user's, in registration order)."""
+    return tuple(_REGISTRY)
+
+
+def strategy_options(name: str) -> tuple[str, ...]:
+    """Option names strategy `name` accepts (its dataclass fields)."""
+    cls = _REGISTRY[name]
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
+
+
+def get_strategy(name: str, **options) -> Strategy:
+    """The strategy called `name` (one of :func:`strategy_names`) built with `options` (decaf: method,
+    oversample, n_iter, seed, split). ValueError naming the argument for an unknown name or option."""
+    if name not in _REGISTRY:
+        raise ValueError(f"algorithm must be one of {', '.join(_REGISTRY)}; got {name!r}")
+    unknown = sorted(set(options) - set(strategy_options(name)))
+    if unknown:
+        raise ValueError(f"algorithm {name!r} takes no option(s) {', '.join(unknown)}")
+    return _REGISTRY[name](**options)
+
+
+@register_strategy("local")
 class Local(Strategy):
-    """No communication: every agent keeps its own factors."""
+    """No communication: every agent keeps its own factors (its consensus model is the plain mean)."""
 
-    name = "local"
     decentralized = False
 
-    def communicate(
-        self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
-    ) -> tuple[list[FactorGroup], Extras]:
-        _n_agents(groups, extras, W)
-        return (
-            [FactorGroup(list(g.names), g.A.clone(), g.B.clone()) for g in groups],
-            {k: x.clone() for k, x in extras.items()},
-        )
+    def communicate(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
+                    ) -> tuple[list[FactorGroup], Extras]:
+        self.check_agents(groups, extras, W)
+        n_out = W.shape[0]
+        return ([FactorGroup(list(g.names), _own(g.A, 1, n_out), _own(g.B, 1, n_out)) for g in groups],
+                {k: _own(x, 0, n_out) for k, x in extras.items()})
+
+    def consensus(self, groups: list[FactorGroup], extras: Extras) -> tuple[list[FactorGroup], Extras]:
+        return FedAvg().consensus(groups, extras)
 
     def payload(self, groups: list[FactorGroup], extras: Extras) -> int:
         return 0
 
 
+@register_strategy("fedavg")
 class FedAvg(Strategy):
-    """Server averaging: every agent receives the plain mean of A, B and extras over all agents (W unused)."""
+    """Server averaging: every output agent receives the plain mean of A, B and extras over all its inputs
+    (W's values unused: the runtime hands over every agent of the round)."""
 
-    name = "fedavg"
     decentralized = False
 
-    def communicate(
-        self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
-    ) -> tuple[list[FactorGroup], Extras]:
-        _n_agents(groups, extras, W)
-        return (
-            [FactorGroup(list(g.names), _average(g.A, 1), _average(g.B, 1)) for g in groups],
-            {k: _average(x, 0) for k, x in extras.items()},
-        )
+    def communicate(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
+                    ) -> tuple[list[FactorGroup], Extras]:
+        self.check_agents(groups, extras, W)
+        n_out = W.shape[0]
+        return ([FactorGroup(list(g.names), _mean(g.A, 1, n_out), _mean(g.B, 1, n_out)) for g in groups],
+                {k: _mean(x, 0, n_out) for k, x in extras.items()})
 
 
+@register_strategy("dlora")
 class DLoRA(Strategy):
     """Gossip on each factor separately: A_i <- sum_j W_ij A_j, B_i <- sum_j W_ij B_j, extras likewise."""
 
-    name = "dlora"
-
-    def communicate(
-        self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
-    ) -> tuple[list[FactorGroup], Extras]:
-        _n_agents(groups, extras, W)
-        return (
-            [FactorGroup(list(g.names), mix(W, g.A, 1), mix(W, g.B, 1)) for g in groups],
-            {k: mix(W, x, 0) for k, x in extras.items()},
-        )
+    def communicate(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
+                    ) -> tuple[list[FactorGroup], Extras]:
+        self.check_agents(groups, extras, W)
+        return ([FactorGroup(list(g.names), mix(W, g.A, 1), mix(W, g.B, 1)) for g in groups],
+                {k: mix(W, x, 0) for k, x in extras.items()})
 
 
+@register_strategy("decaf")
 @dataclass
 class DeCAF(Strategy):
     """Consensus on the products, then rank-r truncated SVD (``decaf_ext.consensus_tsvd``), per shape group.
 
     B_i A_i <- best rank-r approximation of sum_j W_ij B_j A_j, r = the adapter's rank; extras gossip-averaged
-    with W. The fields are passed on to ``consensus_tsvd``.
+    with W. The fields are passed on to ``consensus_tsvd`` (method, oversample, n_iter, seed, split).
     """
 
     method: str = "auto"
     oversample: int = 10
     n_iter: int = 2
     seed: int = 0
+    split: str = "balanced"
 
-    name = "decaf"
+    def __post_init__(self) -> None:
+        if self.method not in DECAF_METHODS:
+            raise ValueError(f"method must be one of {', '.join(DECAF_METHODS)}; got {self.method!r}")
+        if self.split not in DECAF_SPLITS:
+            raise ValueError(f"split must be one of {', '.join(DECAF_SPLITS)}; got {self.split!r}")
+        for option in ("oversample", "n_iter", "seed"):
+            if getattr(self, option) < 0:
+                raise ValueError(f"{option} must be >= 0, got {getattr(self, option)}")
 
-    def communicate(
-        self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
-    ) -> tuple[list[FactorGroup], Extras]:
+    def communicate(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
+                    ) -> tuple[list[FactorGroup], Extras]:
         from decaf_ext.ops import consensus_tsvd
 
-        _n_agents(groups, extras, W)
+        self.check_agents(groups, extras, W)
         new_groups = []
         for g in groups:
-            A, B, _ = consensus_tsvd(g.A, g.B, W.to(g.A), rank=g.rank, method=self.method,
+            A, B, _ = consensus_tsvd(g.A, g.B, W.to(g.A), rank=g.rank, method=self.method, split=self.split,
                                      oversample=self.oversample, n_iter=self.n_iter, seed=self.seed)
             new_groups.append(FactorGroup(list(g.names), A, B))
         return new_groups, {k: mix(W, x, 0) for k, x in extras.items()}
 
 
+@register_strategy("dlora_fa")
 class DLoRAFA(Strategy):
     """DLoRA with A frozen at an init shared by all agents: only B and extras are gossip-averaged."""
 
-    name = "dlora_fa"
     trains_A = False
 
-    def communicate(
-        self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
-    ) -> tuple[list[FactorGroup], Extras]:
-        _n_agents(groups, extras, W)
+    def communicate(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
+                    ) -> tuple[list[FactorGroup], Extras]:
+        self.check_agents(groups, extras, W)
         for g in groups:
             if not torch.equal(g.A, g.A[:, :1].expand_as(g.A)):
                 raise ValueError("groups: dlora_fa needs the same A on every agent (call share_and_freeze_A)")
-        return (
-            [FactorGroup(list(g.names), g.A.clone(), mix(W, g.B, 1)) for g in groups],
-            {k: mix(W, x, 0) for k, x in extras.items()},
-        )
+        return ([FactorGroup(list(g.names), _own(g.A, 1, W.shape[0]), mix(W, g.B, 1)) for g in groups],
+                {k: mix(W, x, 0) for k, x in extras.items()})
 
 
-_REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (Local, FedAvg, DLoRA, DeCAF, DLoRAFA)}
-
-
-def get_strategy(name: str, **options) -> Strategy:
-    """The strategy called `name` (one of STRATEGIES); `options` go to its constructor (decaf: method,
-    oversample, n_iter, seed)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"algorithm must be one of {', '.join(STRATEGIES)}; got {name!r}")
-    cls = _REGISTRY[name]
-    known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"algorithm {name!r} takes no option(s) {', '.join(unknown)}")
-    return cls(**options)
+STRATEGIES: tuple[str, ...] = strategy_names()  # the built-in strategies; strategy_names() includes the user's

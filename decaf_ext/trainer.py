@@ -37,8 +37,9 @@ from decaf_ext.config import ConfigError, TrainConfig, first_line
 from decaf_ext.data import partition
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, consensus_error, share_and_freeze_A, \
     write_extras, write_factors
-from decaf_ext.strategies import Strategy, get_strategy
+from decaf_ext.strategies import Strategy
 from decaf_ext.tasks import Encoded, get_task
+from decaf_ext.tensorboard_log import TensorBoardLog
 from decaf_ext.topology import make_schedule
 
 SUMMARY = "summary.json"
@@ -126,7 +127,9 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.run_dir = config.output_dir or os.path.join(
             "runs", f"{config.algorithm}-{config.topology}-{datetime.now():%Y%m%d-%H%M%S}")
-        self.strategy: Strategy = get_strategy(config.algorithm)
+        self.strategy: Strategy = config.strategy()
+        if config.tensorboard:
+            TensorBoardLog.writer_class()
         self.task = get_task(config)
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -141,6 +144,7 @@ class Trainer:
         self.agent_ids = list(range(config.agents))
         self.samplers = [AgentSampler(part, config.batch_size, config.seed, i) for i, part in enumerate(self.parts)]
         self.history: list[dict[str, Any]] = []
+        self.tensorboard: TensorBoardLog | None = None
         self.counters = {"bytes_sent": 0, "loss_sum": 0.0, "loss_steps": 0,
                          "time_local": 0.0, "time_comm": 0.0, "time_eval": 0.0}
 
@@ -260,16 +264,14 @@ class Trainer:
                       extras: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """The scratch model holding the averaged adapter of `groups` / `extras` (default: this trainer's agents).
 
-        decaf: B, A = rank-r truncated SVD of mean_i B_i A_i (the DeCAF consensus with W = J/N);
-        every other algorithm: the plain agent-mean of A and of B. Extras (the head): the agent-mean.
+        The strategy's consensus of all agents (``Strategy.consensus``): decaf: B, A = rank-r truncated SVD of
+        mean_i B_i A_i; dlora, dlora_fa, fedavg, local: the plain agent-mean of A and of B. Extras: the agent-mean.
         """
         if groups is None or extras is None:
             groups, extras = collect_factors(self.models), collect_extras(self.models)
-        n = groups[0].n_agents
-        rule = self.strategy if self.strategy.name == "decaf" else get_strategy("dlora")
-        groups, extras = rule.communicate(groups, extras, torch.full((n, n), 1.0 / n, dtype=torch.float64))
-        write_factors([self.scratch], [FactorGroup(g.names, g.A[:, :1], g.B[:, :1]) for g in groups])
-        write_extras([self.scratch], {k: x[:1] for k, x in extras.items()})
+        groups, extras = self.strategy.consensus(groups, extras)
+        write_factors([self.scratch], groups)
+        write_extras([self.scratch], extras)
         return self.scratch
 
     def evaluate_model(self, model: nn.Module) -> dict[str, float]:
@@ -308,9 +310,19 @@ class Trainer:
                                         self.counters["loss_sum"], self.counters["loss_steps"],
                                         self.counters["bytes_sent"])
         self.counters["loss_sum"], self.counters["loss_steps"] = 0.0, 0
+        self.log_record(record)
+        return record
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        """Append an evaluation record to history, rewrite metrics.jsonl and, with config.tensorboard, add it to
+        the TensorBoard event files in run_dir/tensorboard."""
+        if self.config.tensorboard and self.tensorboard is None:
+            self.tensorboard = TensorBoardLog(os.path.join(self.run_dir, "tensorboard"),
+                                              self.history[-1] if self.history else None)
         self.history.append(record)
         self.write_metrics()
-        return record
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
     def write_metrics(self) -> None:
         """Rewrite run_dir/metrics.jsonl (one line per evaluation in history) atomically."""
@@ -394,6 +406,8 @@ class Trainer:
             if (cfg.checkpoint_every and rounds_done % cfg.checkpoint_every == 0) or rounds_done == cfg.rounds:
                 self.write_checkpoint(rounds_done)
         bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self.export_adapters(os.path.join(self.run_dir, "adapters"))
         summary = self.build_summary(time.perf_counter() - wall)
         write_json(os.path.join(self.run_dir, SUMMARY), summary)

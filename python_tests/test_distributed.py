@@ -1,8 +1,9 @@
 """decaf_ext.distributed / decaf_ext.exchange: 4 agent processes on gloo (localhost) against the simulator,
 faults (a killed agent, a stalled one, one sending NaN), resuming from checkpoints, and the pieces in-process.
 
-The multi-process runs are launched once per module (one launch runs the five algorithms and then the faulty
-run; a second launch resumes the faulty run through the command line). Run as a script, this file is the body
+The multi-process runs are launched once per module (one launch runs every registered strategy, a run with a
+run key, a norm bound and faulty messages, then the faulty run; a second launch resumes the faulty run through the
+command line). Run as a script, this file is the body
 of one agent process.
 """
 
@@ -23,13 +24,18 @@ import torch.distributed as dist
 
 from decaf_ext.checkpoint import latest_checkpoint, load_checkpoint
 from decaf_ext.config import ConfigError, TrainConfig
-from decaf_ext.distributed import FAULT_ENV, DistributedOptions, Faults, Payload, launch, main, mix_row, \
-    run_distributed
+from decaf_ext.distributed import DistributedOptions, launch, main, run_distributed
 from decaf_ext.exchange import Transport, check_buffer
+from decaf_ext.faults import FAULT_ENV, Faults
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors
-from decaf_ext.strategies import STRATEGIES, get_strategy
+from decaf_ext.message_guard import MessageGuard
+from decaf_ext.payload import Payload
+from decaf_ext.strategies import get_strategy, strategy_names
 from decaf_ext.trainer import Trainer
 from test_trainer import make_tiny_dataset, make_tiny_model, read_metrics, tiny_config, without_times
+from user_strategy import NAME as USER_STRATEGY
+
+ALGORITHMS = strategy_names()  # every registered strategy, the test's own included
 
 AGENTS = 4
 ROUND_TIMEOUT = 3.0
@@ -38,6 +44,10 @@ FAULTY = dict(algorithm="dlora", rounds=7, eval_every=1, checkpoint_every=1)
 # round 3 and comes back 0.5 s after the others left it out; agent 0 stalls 2 s (within the timeout) in round 5,
 # which holds the group until agent 3 has asked to join again.
 FAULTS = f"1:nan@1,2:exit@2,3:stall@3={ROUND_TIMEOUT + 0.5},0:stall@5=2"
+# With a shared run key and a norm bound: agent 1 sends a wrong message tag in round 0, agent 3 its factors x 1000
+# in round 1 (finite, correctly tagged).
+GUARDED = dict(algorithm="decaf", rounds=2, norm_bound=10.0)
+GUARDED_FAULTS = "1:badtag@0,3:scale@1=1000"
 EXACT = ("round", "acc_mean", "acc_std", "macro_f1_mean", "avg_model_acc", "avg_model_macro_f1", "bytes_sent",
          "acc_agents")
 CLOSE = ("train_loss", "consensus_error")
@@ -71,15 +81,20 @@ def tiny(tmp_path_factory) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def launched(tiny, tmp_path_factory):
-    """One launch of 4 agent processes: the five algorithms (3 rounds, no faults, dropout on the model and the
-    LoRA input: every agent draws its masks from its own (seed, agent, round) stream), then the faulty dlora run."""
+    """One launch of 4 agent processes: every registered strategy (3 rounds, no faults, dropout on the model and
+    the LoRA input: every agent draws its masks from its own (seed, agent, round) stream), the guarded decaf run,
+    then the faulty dlora run."""
     root = tmp_path_factory.mktemp("distributed")
-    runs = {name: tiny_config(tiny, root / name, algorithm=name, lora_dropout=0.1, rounds=3) for name in STRATEGIES}
+    assert USER_STRATEGY in ALGORITHMS
+    runs = {name: tiny_config(tiny, root / name, algorithm=name, lora_dropout=0.1, rounds=3) for name in ALGORITHMS}
     faulty = tiny_config(tiny, root / "faulty", **FAULTY)
-    spec = {"runs": [(c.to_dict(), "") for c in runs.values()] + [(faulty.to_dict(), FAULTS)],
+    (root / "key").write_text("a shared secret\n")
+    guarded = tiny_config(tiny, root / "guarded", run_key_file=str(root / "key"), **GUARDED)
+    spec = {"runs": [(c.to_dict(), "") for c in runs.values()] + [(guarded.to_dict(), GUARDED_FAULTS),
+                                                                   (faulty.to_dict(), FAULTS)],
             "options": {"round_timeout": ROUND_TIMEOUT, "startup_timeout": 120.0}}
     statuses = launch([sys.executable, __file__, json.dumps(spec)], AGENTS)
-    return runs, faulty, statuses
+    return runs, faulty, statuses, guarded
 
 
 def summary_of(run_dir: str, agent: int) -> dict:
@@ -95,9 +110,9 @@ def events_of(run_dir: str, agent: int, kind: str) -> list[tuple[int, int | None
 # ------------------------------------------------------------------------------------- multi-process runs
 
 
-@pytest.mark.parametrize("algorithm", STRATEGIES)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_distributed_run_matches_the_simulator(launched, tmp_path, algorithm):
-    runs, _, statuses = launched
+    runs, _, statuses, _ = launched
     assert statuses[0] == statuses[1] == statuses[3] == 0
     config = runs[algorithm]
     simulator = Trainer(dataclasses.replace(config, output_dir=str(tmp_path / "simulated")))
@@ -127,7 +142,7 @@ def test_distributed_run_matches_the_simulator(launched, tmp_path, algorithm):
 
 
 def test_survivors_finish_without_a_killed_and_a_stalled_agent(launched):
-    _, faulty, statuses = launched
+    _, faulty, statuses, _ = launched
     assert statuses[2] == -9 and statuses[0] == statuses[1] == statuses[3] == 0  # agent 2 was SIGKILLed
     run_dir = faulty.output_dir
     records = read_metrics(run_dir)
@@ -155,7 +170,7 @@ def test_survivors_finish_without_a_killed_and_a_stalled_agent(launched):
 
 
 def test_resume_brings_the_killed_agent_back_from_its_checkpoint(launched, capfd):
-    _, faulty, _ = launched
+    _, faulty, _, _ = launched
     run_dir = faulty.output_dir
     status = main(["--nproc", str(AGENTS), "--resume", run_dir, "--rounds", str(faulty.rounds + 2),
                    "--round-timeout", str(ROUND_TIMEOUT), "--startup-timeout", "120"])
@@ -168,6 +183,22 @@ def test_resume_brings_the_killed_agent_back_from_its_checkpoint(launched, capfd
     own = read_metrics(os.path.join(run_dir, "agents", "agent_02"))
     assert [r["round"] for r in own] == [1, 2, faulty.rounds + 1, faulty.rounds + 2]
     assert load_checkpoint(latest_checkpoint(os.path.join(run_dir, "agents", "agent_02"))).round == faulty.rounds + 2
+
+
+def test_wrong_tags_and_oversized_products_are_rejected(launched):
+    guarded = launched[3]
+    run_dir = guarded.output_dir
+    assert [r["members"] for r in read_metrics(run_dir)] == [[0, 1, 2, 3]] * guarded.rounds
+    events = {agent: summary_of(run_dir, agent)["distributed"]["events"] for agent in range(AGENTS)}
+    rejected = {agent: [(e["round"], e["agent"], e["reason"]) for e in events[agent] if e["event"] == "rejected"]
+                for agent in range(AGENTS)}
+    # ring of 4: agent 1's neighbours are 0 and 2, agent 3's are 2 and 0
+    assert rejected[0][0] == rejected[2][0] == (0, 1, "wrong message tag")
+    assert [r[:2] for r in rejected[0][1:]] == [r[:2] for r in rejected[2][1:]] == [(1, 3)]
+    assert "LoRA product norm" in rejected[0][1][2] and rejected[1] == rejected[3] == []
+    for agent in range(AGENTS):
+        saved = load_checkpoint(latest_checkpoint(os.path.join(run_dir, "agents", f"agent_{agent:02d}")))
+        assert all(torch.isfinite(t).all() for t in saved.tensors.values())
 
 
 # -------------------------------------------------------------------------------------------- in-process
@@ -217,37 +248,65 @@ def test_payload_round_trip(trains_A):
     assert all(torch.equal(unpacked_extras[k], extras[k]) for k in extras)
     other = Payload(*select(*random_agents(3), [0]), trains_A=not trains_A)
     assert other.fingerprint != payload.fingerprint
+    tagged = Payload(*own, trains_A=trains_A, trailer=32)
+    assert tagged.numel == payload.numel + 32 and tagged.fingerprint != payload.fingerprint
 
 
-@pytest.mark.parametrize("algorithm", ["dlora", "dlora_fa", "decaf"])
-def test_mix_row_equals_the_strategy_row(algorithm):
-    """Agent i mixing its own and its live neighbours' factors with its row of W ([1, k], own first) gives row i
-    of the strategy on all agents (float64); with a neighbour missing, its weight goes to the own factors."""
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_the_row_form_equals_the_strategy_row(algorithm):
+    """Agent i calling the strategy on its own and its neighbours' factors with its row of W ([1, k], own first)
+    gets row i of the strategy on all agents (float64); a server strategy hears from every agent. With a
+    neighbour missing, its weight on the own factors gives the row of a hand-built W."""
     n = 5
     groups, extras = random_agents(n)
-    if algorithm == "dlora_fa":
+    strategy = get_strategy(algorithm)
+    if not strategy.trains_A:
         groups = [FactorGroup(g.names, g.A[:, :1].expand_as(g.A).contiguous(), g.B) for g in groups]
     W = torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
         W[i, i], W[i, (i + 1) % n], W[i, (i - 1) % n] = 0.5, 0.25, 0.25
-    strategy = get_strategy(algorithm)
     expected_groups, expected_extras = strategy.communicate(groups, extras, W)
-    i, neighbours = 2, [1, 3]
-    got_groups, got_extras = mix_row(strategy, *select(groups, extras, [i, *neighbours]),
-                                     W[i, [i, *neighbours]][None])
+    i = 2
+    heard = [i, 1, 3] if strategy.decentralized else [i, 0, 1, 3, 4]
+    got_groups, got_extras = strategy.communicate(*select(groups, extras, heard), W[i, heard][None])
     for got, expected in zip(got_groups, expected_groups):
+        assert got.A.shape[1] == 1
         torch.testing.assert_close(got.B @ got.A, (expected.B @ expected.A)[:, i:i + 1])
         if algorithm != "decaf":
             torch.testing.assert_close(got.A, expected.A[:, i:i + 1])
     for name in extras:
         torch.testing.assert_close(got_extras[name], expected_extras[name][i:i + 1])
-    # neighbour 3 missing: weights (0.75, 0.25) on (own, neighbour 1), checked against a hand-built row
-    row = torch.zeros(1, n, dtype=torch.float64)
-    row[0, i], row[0, 1] = 0.75, 0.25
-    reference = strategy.communicate(groups, extras, torch.cat([row, torch.eye(n, dtype=torch.float64)[1:]]))
-    partial = mix_row(strategy, *select(groups, extras, [i, 1]), torch.tensor([[0.75, 0.25]], dtype=torch.float64))
-    for got, expected in zip(partial[0], reference[0]):
-        torch.testing.assert_close(got.B @ got.A, (expected.B @ expected.A)[:, :1])
+    if strategy.decentralized:  # neighbour 3 missing: weights (0.75, 0.25) on (own, neighbour 1)
+        row = torch.zeros(1, n, dtype=torch.float64)
+        row[0, i], row[0, 1] = 0.75, 0.25
+        reference = strategy.communicate(groups, extras, torch.cat([torch.eye(n, dtype=torch.float64)[:i], row,
+                                                                     torch.eye(n, dtype=torch.float64)[i + 1:]]))
+        partial = strategy.communicate(*select(groups, extras, [i, 1]), torch.tensor([[0.75, 0.25]],
+                                                                                    dtype=torch.float64))
+        for got, expected in zip(partial[0], reference[0]):
+            torch.testing.assert_close(got.B @ got.A, (expected.B @ expected.A)[:, i:i + 1])
+
+
+def test_message_guard_tags_and_norm_bound():
+    groups, extras = random_agents(2)
+    payload = Payload(*select(groups, extras, [0]), trains_A=True, trailer=32)
+    data = payload.pack(*select(groups, extras, [0]))
+    guard = MessageGuard(b"secret", norm_bound=2.0)
+    sealed = guard.seal(data, 3, 0)
+    assert sealed.shape == (payload.numel,) and torch.equal(sealed[:-32], data)
+    assert guard.open(sealed, 3, 0)[1] is None
+    assert guard.open(sealed, 4, 0)[1] == "wrong message tag"  # another round
+    assert guard.open(sealed, 3, 1)[1] == "wrong message tag"  # another sender
+    assert guard.open(MessageGuard(b"other").seal(data, 3, 0), 3, 0)[1] == "wrong message tag"
+    assert "missing" in guard.open(torch.cat([data, torch.full((32,), 0.5, dtype=data.dtype)]), 3, 0)[1]
+    tampered = sealed.clone()
+    tampered[0] += 1
+    assert guard.open(tampered, 3, 0)[1] == "wrong message tag"
+    own = select(groups, extras, [0])[0]
+    scaled = [FactorGroup(g.names, g.A * 3, g.B) for g in own]
+    assert guard.check_norm(own, own) is None
+    assert "above 2 x" in guard.check_norm(scaled, own)
+    assert MessageGuard(None, None).check_norm(scaled, own) is None
 
 
 def test_membership_protocol():
@@ -293,13 +352,18 @@ def test_membership_protocol():
 
 
 def test_faults_from_the_environment(monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "2:exit@3, 1:nan@1,2:stall@4=1.5,2:nan@0")
+    monkeypatch.setenv(FAULT_ENV, "2:exit@3, 1:nan@1,2:stall@4=1.5,2:nan@0,2:scale@1=10,2:badtag@2")
     faults = Faults.from_env(2, restarted=False)
-    assert faults.exit == {3} and faults.nan == {0} and faults.stall == {4: 1.5}
+    assert faults.events == {"exit": {3: None}, "nan": {0: None}, "stall": {4: 1.5}, "scale": {1: 10.0},
+                             "badtag": {2: None}}
     assert Faults.from_env(2, restarted=True) == Faults()  # a restarted process runs cleanly
-    assert torch.isnan(faults.outgoing(0, torch.ones(3))).all() and torch.equal(faults.outgoing(1, torch.ones(3)),
-                                                                               torch.ones(3))
-    for bad in ("2:exit", "2:boom@1", "x:nan@1", "1:stall@2", "1:nan@2=3"):
+    guard = MessageGuard(b"key")
+    seal = lambda data: guard.seal(data, 0, 2)  # noqa: E731
+    assert torch.isnan(faults.outgoing(0, torch.ones(3), seal)[:3]).all()
+    assert torch.equal(faults.outgoing(1, torch.ones(3), seal)[:3], torch.full((3,), 10.0))
+    assert guard.open(faults.outgoing(2, torch.ones(3), seal), 0, 2)[1] == "wrong message tag"
+    assert torch.equal(faults.outgoing(3, torch.ones(3), seal), seal(torch.ones(3)))
+    for bad in ("2:exit", "2:boom@1", "x:nan@1", "1:stall@2", "1:nan@2=3", "1:scale@2"):
         monkeypatch.setenv(FAULT_ENV, bad)
         with pytest.raises(ConfigError, match=FAULT_ENV):
             Faults.from_env(1, restarted=False)

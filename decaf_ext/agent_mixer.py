@@ -1,0 +1,100 @@
+"""One agent's communication round in its own process: hear from the round's members over a
+:class:`~decaf_ext.exchange.Transport`, check what arrived, and mix with the strategy in its [1, k] form.
+
+Shared by the distributed runtime (:mod:`decaf_ext.distributed`) and the bring-your-own-loop API
+(:mod:`decaf_ext.averager`). A decentralized strategy hears from the agent's graph neighbours that are members
+of the round and mixes with the agent's row of W restricted to those it heard from, own factors first; the
+weight of a missing neighbour (left out, failed, rejected) stays with the agent's own factors, so the row still
+sums to 1. A server strategy (``decentralized`` False) hears from every member and computes the round as a
+server would (every member in agent order, the uniform [k, k] W), so every member keeps the same result.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from decaf_ext.exchange import RoundView, Transport
+from decaf_ext.faults import Faults
+from decaf_ext.lora import FactorGroup
+from decaf_ext.message_guard import MessageGuard
+from decaf_ext.payload import Payload
+from decaf_ext.strategies import Strategy
+
+log = logging.getLogger("decaf_ext.distributed")
+
+Extras = dict[str, torch.Tensor]
+
+
+@dataclass
+class MixResult:
+    """One round's outcome for this agent: new groups (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...],
+    the agents it mixed with (this agent first), the bytes it sent."""
+
+    groups: list[FactorGroup]
+    extras: Extras
+    agents: list[int]
+    bytes_sent: int
+
+
+class AgentMixer:
+    """strategy: the policy; transport: this agent's transport (its ``agent`` is this agent); payload: the
+    buffer layout (its trailer = guard.trailer); guard: tags and norm bound; faults: test-only injection;
+    device: where the model's factors live (buffers travel on the transport's device)."""
+
+    def __init__(self, strategy: Strategy, transport: Transport, payload: Payload, *, guard: MessageGuard,
+                 faults: Faults, device: torch.device) -> None:
+        self.strategy, self.transport, self.payload = strategy, transport, payload
+        self.guard, self.faults, self.device = guard, faults, device
+        self.agent = transport.agent
+        self.buffer_device = device if transport.backend == "nccl" else torch.device("cpu")
+
+    def communicate(self, view: RoundView, round_index: int, groups: list[FactorGroup], extras: Extras,
+                    W: torch.Tensor) -> MixResult | None:
+        """Mix this agent's groups / extras (one agent) with the members of `view`; W [N, N] is the round's
+        mixing matrix (only this agent's row is read). None when the strategy sends nothing."""
+        payload_bytes = self.strategy.payload(groups, extras)
+        if payload_bytes == 0:
+            return None
+        if self.strategy.decentralized:
+            row = W[self.agent].to(torch.float64).cpu()
+            neighbours = [j for j in range(len(row)) if j != self.agent and row[j] > 0]
+        else:
+            neighbours = [j for j in view.agents if j != self.agent]
+        peers = [j for j in neighbours if j in view.members]
+        own = self.payload.pack(groups, extras).to(self.buffer_device)
+        sealed = self.faults.outgoing(round_index, own, lambda data: self.guard.seal(data, round_index, self.agent))
+
+        def validate(j: int, buffer: torch.Tensor) -> str | None:
+            data, reason = self.guard.open(buffer, round_index, j)
+            if reason is None and self.guard.norm_bound is not None:
+                theirs, _ = self.payload.unpack(data[None].to(self.device), groups, extras)
+                reason = self.guard.check_norm(theirs, groups)
+            return reason
+
+        if self.strategy.decentralized:
+            received = self.transport.exchange(view, sealed, peers, validate)
+        else:
+            received = self.transport.gather(view, sealed, validate)
+        live = sorted(received)
+        if self.strategy.decentralized:
+            missing = [j for j in neighbours if j not in received]
+            if missing:
+                log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
+                         self.agent, round_index, missing, float(row[missing].sum()))
+            order = [self.agent, *live]
+            W_round = torch.cat([(row[self.agent] + row[missing].sum()).reshape(1), row[live]])[None]
+        else:  # as the server would: every member in agent order, every row computed, this agent's row kept
+            order = sorted([self.agent, *live])
+            W_round = torch.full((len(order), len(order)), 1.0 / len(order), dtype=torch.float64)
+        buffers = {self.agent: own, **{j: received[j][:self.payload.data_numel] for j in live}}
+        stacked = self.payload.unpack(torch.stack([buffers[j] for j in order]).to(self.device), groups, extras)
+        new_groups, new_extras = self.strategy.communicate(*stacked, W_round)
+        if not self.strategy.decentralized:
+            k = order.index(self.agent)
+            new_groups = [FactorGroup(g.names, g.A[:, k:k + 1], g.B[:, k:k + 1]) for g in new_groups]
+            new_extras = {name: x[k:k + 1] for name, x in new_extras.items()}
+        sent = payload_bytes * (len(peers) if self.strategy.decentralized else 1)
+        return MixResult(new_groups, new_extras, [self.agent, *live], sent)

@@ -1,0 +1,26 @@
+"""decaf_ext.tensorboard_log: the simulator's TensorBoard event files, read back with tensorboard's reader."""
+
+from __future__ import annotations
+
+import pytest
+
+from decaf_ext.tensorboard_log import SCALARS
+from decaf_ext.trainer import Trainer
+from test_trainer import read_metrics, tiny_config, tiny_paths  # noqa: F401 (a fixture)
+
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+
+def test_event_files_hold_every_record(tiny_paths, tmp_path):
+    trainer = Trainer(tiny_config(tiny_paths, tmp_path / "run", algorithm="decaf", rounds=3, tensorboard=True))
+    trainer.run()
+    records = read_metrics(trainer.run_dir)
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {*SCALARS, "bytes/per_round"}
+    for tag, key in SCALARS.items():
+        logged = events.Scalars(tag)
+        assert [e.step for e in logged] == [r["round"] for r in records]
+        assert [e.value for e in logged] == pytest.approx([r[key] for r in records], rel=1e-6)
+    per_round = [e.value for e in events.Scalars("bytes/per_round")]
+    assert per_round == pytest.approx([records[0]["bytes_sent"]] * 3) and per_round[0] > 0

@@ -1,0 +1,338 @@
+"""decaf_ext.averager / decaf_ext.hf_callback: 3 agent processes on gloo (localhost), each with its own tiny peft
+model and data shard, (a) in a plain PyTorch loop with DecentralizedAverager, for every registered strategy and
+then with an agent killed mid-run, (b) in a Hugging Face Trainer with DecentralizedCallback. Every agent saves
+its factors before and after each communication; the test gathers them and checks that every agent's new
+factors are what the strategy computes from all agents' factors. Run as a script, this file is the body of one
+agent process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from decaf_ext.distributed import launch
+from decaf_ext.faults import FAULT_ENV
+from decaf_ext.lora import FactorGroup, collect_extras, collect_factors
+from decaf_ext.strategies import get_strategy, strategy_names
+from decaf_ext.topology import make_schedule
+from test_trainer import CLASSES, make_tiny_dataset, make_tiny_model
+from user_strategy import NAME as USER_STRATEGY
+
+AGENTS = 3
+PERIOD = 2
+STEPS = 6  # 3 communication rounds
+ALGORITHMS = strategy_names()
+DEAD = {"algorithm": "decaf", "faults": "2:exit@1"}  # agent 2 dies when round 1 is due (0-based)
+# With a run key and a norm bound: agent 1 sends a wrong message tag in round 1, agent 2 its factors x 1000 in
+# round 2 (finite, correctly tagged).
+GUARDED = {"algorithm": "dlora", "faults": "1:badtag@1,2:scale@2=1000", "norm_bound": 10.0}
+
+
+# ------------------------------------------------------------------------------------------- agent side
+
+
+def tiny_agent(model_dir: str, data_dir: str, rank: int):
+    """(peft model, [n, 16] token ids, masks, labels) of agent `rank`: LoRA r=4 on query/value + a head; this
+    agent's shard of the tiny dataset (every AGENTS-th text)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(rank)  # agents start apart: the mixing has something to do from the first round
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(CLASSES))
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0,
+                                            target_modules=["query", "value"]))
+    texts, labels = [], []
+    for label, name in enumerate(sorted(CLASSES)):
+        for path in sorted(Path(data_dir, name).iterdir()):
+            texts.append(path.read_text())
+            labels.append(label)
+    tokens = AutoTokenizer.from_pretrained(model_dir)(texts[rank::AGENTS], truncation=True, max_length=16,
+                                                      padding="max_length", return_tensors="pt")
+    return model, tokens["input_ids"], tokens["attention_mask"], torch.tensor(labels[rank::AGENTS])
+
+
+def snapshot(model) -> dict:
+    groups, extras = collect_factors([model]), collect_extras([model])
+    return {"groups": [(g.names, g.A.clone(), g.B.clone()) for g in groups],
+            "extras": {k: x.clone() for k, x in extras.items()}}
+
+
+def save_round(out: Path, rank: int, stats, before: dict, after: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"stats": vars(stats), "before": before, "after": after}, out / f"round{stats.round}_agent{rank}.pt")
+
+
+def plain_loop(spec: dict, run: dict, store: dist.Store, out: Path) -> None:
+    """The user's loop: AdamW steps on this agent's shard, DecentralizedAverager.step() after each."""
+    from decaf_ext.averager import DecentralizedAverager
+
+    rank = dist.get_rank()
+    model, ids, mask, labels = tiny_agent(spec["model"], spec["data"], rank)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    averager = DecentralizedAverager(model, algorithm=run["algorithm"], topology="ring", period=PERIOD,
+                                     process_group=dist.group.WORLD, store=store, optimizer=optimizer,
+                                     round_timeout=spec["round_timeout"], norm_bound=run.get("norm_bound"),
+                                     run_key_file=spec["key"] if "norm_bound" in run else None)
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(STEPS):
+        batch = torch.randperm(len(labels), generator=generator)[:8]
+        model(input_ids=ids[batch], attention_mask=mask[batch], labels=labels[batch]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        before = snapshot(model)
+        stats = averager.step()
+        if stats is not None:
+            save_round(out, rank, stats, before, snapshot(model))
+    averager.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"events_agent{rank}.json").write_text(json.dumps(averager.stats.events))
+
+
+def hf_trainer(spec: dict, out: Path) -> None:
+    """The user's Hugging Face script: Trainer + peft, made decentralized by one callback."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from decaf_ext.hf_callback import DecentralizedCallback
+
+    rank = int(os.environ["RANK"])
+    model, ids, mask, labels = tiny_agent(spec["model"], spec["data"], rank)
+    callback = DecentralizedCallback(model, algorithm="decaf", topology="ring", period=PERIOD,
+                                     round_timeout=spec["round_timeout"])
+    assert "RANK" not in os.environ  # the Trainer must not see torchrun's variables (it would run DDP)
+
+    class Recorder(TrainerCallback):
+        """Snapshots before (first in the list) and after (last) the decentralized callback's step."""
+
+        def __init__(self) -> None:
+            self.before = None
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if self.before is None:
+                self.before = snapshot(model)
+                return
+            last = callback.averager.stats.last
+            if last is not None and last.step == state.global_step:
+                save_round(out, rank, last, self.before, snapshot(model))
+            self.before = None
+
+    recorder = Recorder()
+    examples = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels)]
+    args = TrainingArguments(str(out / f"hf{rank}"), max_steps=STEPS, per_device_train_batch_size=8,
+                             learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+                             seed=rank)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, callbacks=[recorder, callback, recorder])
+    trainer.train()
+    assert callback.averager.stats.rounds == STEPS // PERIOD and callback.averager.stats.bytes_sent > 0
+
+
+def agent_main(spec_text: str) -> None:
+    spec = json.loads(spec_text)
+    torch.set_num_threads(1)
+    out = Path(spec["out"])
+    if spec["mode"] == "hf":
+        hf_trainer(spec, out / "hf")
+        return
+    dist.init_process_group("gloo")  # the user's own process group; the averager leaves it alone
+    base = dist.distributed_c10d._get_default_store()
+    for k, run in enumerate(spec["runs"]):
+        os.environ[FAULT_ENV] = run.get("faults", "")
+        plain_loop(spec, run, dist.PrefixStore(f"run{k}", base), out / f"run{k}")
+
+
+# ------------------------------------------------------------------------------------------- test side
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_model(root / "model"), make_tiny_dataset(root / "data")
+
+
+def launch_agents(tiny, out: Path, **spec) -> list[int]:
+    model, data = tiny
+    (out / "key").write_text("a shared secret")
+    spec = {"model": model, "data": data, "out": str(out), "key": str(out / "key"), "round_timeout": 3.0, **spec}
+    return launch([sys.executable, __file__, json.dumps(spec)], AGENTS)
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tiny, tmp_path_factory):
+    """One launch: every registered strategy in turn, a dlora run with a run key, a norm bound and faulty messages,
+    then a decaf run in which agent 2 dies."""
+    assert USER_STRATEGY in ALGORITHMS
+    out = tmp_path_factory.mktemp("loop")
+    runs = [{"algorithm": name} for name in ALGORITHMS] + [GUARDED, DEAD]
+    return runs, out, launch_agents(tiny, out, mode="loop", runs=runs)
+
+
+def stack(snapshots: list[dict]) -> tuple[list[FactorGroup], dict[str, torch.Tensor]]:
+    """Agents' one-agent snapshots -> groups A [M, k, r, n], B [M, k, m, r] and extras [k, ...]."""
+    groups = [FactorGroup(names, torch.cat([s["groups"][g][1] for s in snapshots], dim=1),
+                          torch.cat([s["groups"][g][2] for s in snapshots], dim=1))
+              for g, (names, _, _) in enumerate(snapshots[0]["groups"])]
+    return groups, {k: torch.cat([s["extras"][k] for s in snapshots]) for k in snapshots[0]["extras"]}
+
+
+def check_rounds(folder: Path, algorithm: str, agents: list[int]) -> list[dict]:
+    """Every saved round of `agents` (the others' rounds are inputs only): their new factors equal the strategy's,
+    computed here from the factors every agent had before the round (the [N, N] form when an agent heard from all
+    its neighbours, else its row over the agents it mixed with, a missing neighbour's weight on its own factors)."""
+    strategy = get_strategy(algorithm)
+    W = make_schedule("ring", AGENTS).at(0)
+    rounds = sorted({int(p.name.split("_")[0][5:]) for p in folder.glob("round*_agent*.pt")})
+    seen = []
+    for t in rounds:
+        saved = {i: torch.load(folder / f"round{t}_agent{i}.pt") for i in range(AGENTS)
+                 if (folder / f"round{t}_agent{i}.pt").exists()}
+        everyone = len(saved) == AGENTS and all(s["stats"]["mixed_with"][0] == i for i, s in saved.items())
+        full = strategy.communicate(*stack([saved[i]["before"] for i in range(AGENTS)]), W) if everyone else None
+        for i, record in saved.items():
+            if i not in agents:
+                continue
+            heard = record["stats"]["mixed_with"]
+            if full is not None and sorted(heard) == list(range(AGENTS)):
+                groups, extras = full
+                expected = ([FactorGroup(g.names, g.A[:, i:i + 1], g.B[:, i:i + 1]) for g in groups],
+                            {k: x[i:i + 1] for k, x in extras.items()})
+            else:
+                weights = W[i, heard].clone()
+                weights[0] += W[i].sum() - weights.sum()
+                expected = strategy.communicate(*stack([saved[j]["before"] for j in heard]), weights[None])
+            got_groups, got_extras = stack([record["after"]])
+            for got, want in zip(got_groups, expected[0], strict=True):
+                torch.testing.assert_close(got.B @ got.A, want.B @ want.A, rtol=1e-4, atol=1e-6)
+                if algorithm != "decaf":
+                    torch.testing.assert_close(got.A, want.A, rtol=1e-4, atol=1e-6)
+            for name, x in got_extras.items():
+                torch.testing.assert_close(x, expected[1][name], rtol=1e-4, atol=1e-6)
+            seen.append(record["stats"])
+    return seen
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_plain_loop_mixes_as_the_strategy(plain_runs, algorithm):
+    runs, out, statuses = plain_runs
+    assert statuses[0] == statuses[1] == 0
+    k = runs.index({"algorithm": algorithm})
+    seen = check_rounds(out / f"run{k}", algorithm, list(range(AGENTS)))
+    if algorithm == "local":  # sends nothing: no round at all
+        assert seen == []
+        return
+    assert len(seen) == AGENTS * STEPS // PERIOD
+    assert all(s["members"] == [0, 1, 2] and s["bytes_sent"] > 0 for s in seen)
+    assert {s["step"] for s in seen} == set(range(PERIOD, STEPS + 1, PERIOD))
+
+
+def test_a_dead_agent_does_not_hang_the_others(plain_runs):
+    runs, out, statuses = plain_runs
+    assert statuses[2] == -9 and statuses[0] == statuses[1] == 0  # agent 2 was SIGKILLed in the last run
+    seen = check_rounds(out / f"run{len(runs) - 1}", DEAD["algorithm"], [0, 1])
+    by_round = {}
+    for s in seen:
+        by_round.setdefault(s["round"], []).append(s)
+    assert [s["members"] for s in by_round[0]] == [[0, 1, 2]] * 2
+    assert all(s["members"] == [0, 1] and sorted(s["mixed_with"]) == [0, 1] for t in (1, 2) for s in by_round[t])
+
+
+def test_wrong_tags_and_oversized_products_are_rejected(plain_runs):
+    runs, out, statuses = plain_runs
+    folder = out / f"run{runs.index(GUARDED)}"
+    seen = {(s["round"], s["mixed_with"][0]): s for s in check_rounds(folder, GUARDED["algorithm"], [0, 1, 2])}
+    assert len(seen) == AGENTS * STEPS // PERIOD
+    events = {i: json.loads((folder / f"events_agent{i}.json").read_text()) for i in range(AGENTS)}
+    rejected = {i: [(e["round"], e["agent"], e["reason"]) for e in events[i] if e["event"] == "rejected"]
+                for i in range(AGENTS)}
+    assert rejected[0][0] == rejected[2][0] == (1, 1, "wrong message tag")
+    assert [r[:2] for r in rejected[0][1:]] == [r[:2] for r in rejected[1]] == [(2, 2)]
+    assert "LoRA product norm" in rejected[1][0][2]
+    assert sorted(seen[1, 0]["mixed_with"]) == [0, 2] and sorted(seen[1, 1]["mixed_with"]) == [0, 1, 2]
+    assert sorted(seen[2, 0]["mixed_with"]) == [0, 1] and sorted(seen[2, 2]["mixed_with"]) == [0, 1, 2]
+    assert all(sorted(s["mixed_with"]) == [0, 1, 2] for (t, _), s in seen.items() if t == 0)
+
+
+def test_hf_trainer_with_the_callback(tiny, tmp_path):
+    statuses = launch_agents(tiny, tmp_path, mode="hf")
+    assert statuses == [0] * AGENTS
+    seen = check_rounds(tmp_path / "hf", "decaf", list(range(AGENTS)))
+    assert len(seen) == AGENTS * STEPS // PERIOD and all(s["members"] == [0, 1, 2] for s in seen)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def one_agent_env(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny):
+    return tiny_agent(*tiny, 0)[0]
+
+
+@pytest.mark.parametrize("changes, argument", [
+    ({"period": 0}, "period"),
+    ({"warmup_steps": -1}, "warmup_steps"),
+    ({"algorithm": "gossip"}, "algorithm"),
+    ({"options": {"n_iters": 3}}, "n_iters"),
+    ({"options": {"method": "svd"}}, "method"),
+    ({"topology": make_schedule("ring", 4)}, "process_group"),
+    ({"topology": "hypercube"}, "topology"),
+    ({"run_key_file": "/no/such/key"}, "run_key_file"),
+    ({"optimizer_state": "forget"}, "optimizer_state"),
+])
+def test_bad_input_gives_one_line_errors(lora_model, one_agent_env, changes, argument):
+    from decaf_ext.averager import DecentralizedAverager
+
+    with pytest.raises(ValueError) as error:
+        DecentralizedAverager(lora_model, store=dist.HashStore(), **changes)
+    assert argument in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset"])
+def test_period_warmup_and_optimizer_state(lora_model, monkeypatch, policy):
+    """One agent alone (complete graph of 1): rounds after steps warmup + period, + 2 period, ...; "reset" drops the
+    optimizer state of the communicated parameters after each round, "keep" leaves it."""
+    from decaf_ext.averager import DecentralizedAverager
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    trainable = [p for p in lora_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    averager = DecentralizedAverager(lora_model, algorithm="dlora", topology="complete", period=3, warmup_steps=2,
+                                     store=dist.HashStore(), optimizer=optimizer, optimizer_state=policy)
+    rounds = []
+    for step in range(1, 12):
+        sum(p.sum() for p in trainable).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        stats = averager.step()
+        if stats is not None:
+            rounds.append(step)
+            assert stats.mixed_with == [0] and stats.bytes_sent == 0 and stats.disagreement == 0.0
+            assert (len(optimizer.state) == 0) == (policy == "reset")
+    assert rounds == [5, 8, 11] and averager.stats.rounds == 3
+    averager.close()
+
+
+def test_a_model_without_lora_layers_is_rejected(tiny, one_agent_env):
+    from transformers import AutoModelForSequenceClassification
+
+    from decaf_ext.averager import DecentralizedAverager
+
+    plain = AutoModelForSequenceClassification.from_pretrained(tiny[0], num_labels=3)
+    with pytest.raises(ValueError, match="^model: .*LoRA") as error:
+        DecentralizedAverager(plain, store=dist.HashStore())
+    assert "\n" not in str(error.value)
+
+
+if __name__ == "__main__":
+    agent_main(sys.argv[1])
