@@ -8,29 +8,34 @@ sized to finish in under ten minutes on two CPU cores.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from decaf_ext.strategies import STRATEGIES, get_strategy
-from decaf_ext.topology import TOPOLOGIES
+from decaf_ext.data import SCHEMES
+from decaf_ext.errors import ConfigError, first_line  # noqa: F401  (first_line re-exported)
 
-PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards", "few_shot")
-MIXING_RULES: tuple[str, ...] = ("auto", "uniform", "metropolis", "max_degree")
 COMM_ORDERS: tuple[str, ...] = ("train_then_mix", "mix_then_train")
 OPTIMIZER_STATE_POLICIES: tuple[str, ...] = ("keep", "reset")
+#: old option names still read from YAML, config.json and the command line -> their current names
+RENAMED: dict[str, str] = {"alpha": "dirichlet_alpha"}
+#: fields holding a local path, stored absolute so that a run resumes from any working directory
+PATH_FIELDS: tuple[str, ...] = ("dataset", "model", "topology_file")
+#: (max_train, max_test) used when they are not set: a budget for the offline default only
+DEFAULT_CAPS: dict[str, tuple[int, int]] = {"bbcnews": (600, 200)}
 
 
-class ConfigError(ValueError):
-    """A user mistake in the configuration; the message is one line and names the offending argument."""
+def registry_names() -> dict[str, tuple[str, ...]]:
+    """Choices of the options backed by a registry, read from the registries themselves (imports torch)."""
+    from decaf_ext.strategies import STRATEGIES
+    from decaf_ext.tasks import TASKS
+    from decaf_ext.topology import RULES, TOPOLOGIES
 
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type name when the message is empty)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return {"algorithm": tuple(STRATEGIES), "topology": tuple(TOPOLOGIES), "mixing": tuple(RULES),
+            "partition": SCHEMES, "task": tuple(TASKS)}
 
 
 def _knob(default: Any, help: str) -> Any:
@@ -43,17 +48,19 @@ class TrainConfig:
     """Every knob of a decentralized LoRA fine-tuning run (see docs/training.md)."""
 
     # what is trained, and how agents talk
-    algorithm: str = _knob("decaf", f"communication strategy: {', '.join(STRATEGIES)}")
-    topology: str = _knob("ring", f"communication graph: {', '.join(TOPOLOGIES)}")
-    mixing: str = _knob("auto", f"mixing-matrix rule: {', '.join(MIXING_RULES)}")
+    algorithm: str = _knob("decaf", "communication strategy (--list shows the registered ones)")
+    topology: str = _knob("ring", "communication graph (--list shows them)")
+    mixing: str = _knob("auto", "mixing-matrix rule: auto = uniform on regular graphs, else metropolis "
+                                "(--list shows them)")
     topology_p: float | None = _knob(None, "edge probability of the erdos_renyi topology")
     topology_file: str | None = _knob(None, "adjacency file of the 'file' topology")
     agents: int = _knob(10, "number of simulated agents")
     comm_order: str = _knob("train_then_mix", "per round: local steps then mixing (train_then_mix) "
                                               "or mixing then local steps (mix_then_train)")
     # task, model and adapters
-    task: str = _knob("text_classification", "task (decaf_ext.tasks)")
-    model: str | None = _knob(None, "pretrained model folder or hub id (default: the offline all-MiniLM-L6-v2)")
+    task: str = _knob("text_classification", "task (--list shows them)")
+    model: str | None = _knob(None, "pretrained model folder, hub id or the task's alias (none: the task's "
+                                    "offline default, all-MiniLM-L6-v2 for text classification)")
     rank: int = _knob(8, "LoRA rank r")
     lora_alpha: float = _knob(16.0, "LoRA alpha (update scale alpha / r)")
     lora_dropout: float = _knob(0.1, "dropout on the LoRA input")
@@ -61,11 +68,16 @@ class TrainConfig:
     max_len: int = _knob(64, "maximum tokens per example")
     # data
     dataset: str = _knob("bbcnews", "'bbcnews' (offline), a local csv/json/jsonl/parquet file or folder, or a hub id")
+    text_column: str = _knob("text", "text column of a csv/json/jsonl/parquet or hub dataset")
+    label_column: str = _knob("label", "label column of a csv/json/jsonl/parquet or hub dataset")
     test_fraction: float = _knob(0.2, "held-out fraction of the dataset")
-    max_train: int | None = _knob(600, "training examples used (seeded subset; none = all)")
-    max_test: int | None = _knob(200, "held-out examples evaluated (seeded subset; none = all)")
-    partition: str = _knob("dirichlet", f"how training data is split over agents: {', '.join(PARTITIONS)}")
-    alpha: float = _knob(0.5, "Dirichlet concentration of the 'dirichlet' partition (smaller = more non-IID)")
+    max_train: int | None = _knob(None, "training examples used, a seeded subset (none: 600 of the offline "
+                                        "bbcnews, all of any other dataset; 0: all)")
+    max_test: int | None = _knob(None, "held-out examples evaluated, a seeded subset (none: 200 of the offline "
+                                       "bbcnews, all of any other dataset; 0: all)")
+    partition: str = _knob("dirichlet", f"how training data is split over agents: {', '.join(SCHEMES)}")
+    dirichlet_alpha: float = _knob(0.5, "concentration of the 'dirichlet' partition, smaller = more non-IID "
+                                        "(was --alpha)")
     shards: int = _knob(2, "label shards per agent of the 'shards' partition")
     shots: int | None = _knob(None, "examples per class per agent of the 'few_shot' partition")
     # optimization
@@ -78,7 +90,8 @@ class TrainConfig:
     # evaluation, logging, reproducibility
     eval_every: int = _knob(5, "evaluate every K rounds (and after the last round)")
     eval_batch_size: int = _knob(64, "evaluation batch size")
-    checkpoint_every: int = _knob(0, "checkpoint every K rounds (0: only after the last round)")
+    checkpoint_every: int = _knob(1, "checkpoint every K rounds (0: only after the last round); a killed run "
+                                     "continues with --resume from its newest checkpoint")
     seed: int = _knob(0, "seed of data split, partition, initialization and data order")
     device: str = _knob("auto", "cpu, cuda, cuda:N or auto")
     output_dir: str | None = _knob(None, "run folder (default: runs/<algorithm>-<topology>-<time>)")
@@ -86,15 +99,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the argument) for values that are invalid on their own."""
-        _check_choice("algorithm", self.algorithm, STRATEGIES)
-        _check_choice("topology", self.topology, TOPOLOGIES)
-        _check_choice("mixing", self.mixing, MIXING_RULES)
-        _check_choice("partition", self.partition, PARTITIONS)
+        from decaf_ext.strategies import get_strategy
+
+        for name, choices in registry_names().items():
+            _check_choice(name, getattr(self, name), choices)
         _check_choice("comm_order", self.comm_order, COMM_ORDERS)
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
-        from decaf_ext.tasks import TASKS
-
-        _check_choice("task", self.task, tuple(TASKS))
         if self.agents < 1:
             raise ConfigError(f"agents must be >= 1, got {self.agents}")
         if self.agents < 2 and get_strategy(self.algorithm).decentralized:
@@ -104,10 +114,15 @@ class TrainConfig:
                      "shards"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train", "max_test", "shots"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1 or none, got {getattr(self, name)}")
-        for name in ("alpha", "lora_alpha", "lr"):
+        for name in ("max_train", "max_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: all) or none, got {getattr(self, name)}")
+        if self.shots is not None and self.shots < 1:
+            raise ConfigError(f"shots must be >= 1 or none, got {self.shots}")
+        for name in ("text_column", "label_column"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} must name a column")
+        for name in ("dirichlet_alpha", "lora_alpha", "lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1:
@@ -127,11 +142,24 @@ class TrainConfig:
         """Plain JSON/YAML-ready dict of every field."""
         return dataclasses.asdict(self)
 
+    def caps(self) -> tuple[int | None, int | None]:
+        """(max_train, max_test) in effect: None = every example (unset caps take DEFAULT_CAPS of the dataset)."""
+        defaults = DEFAULT_CAPS.get(self.dataset, (None, None))
+        chosen = [default if cap is None else cap for cap, default in zip((self.max_train, self.max_test), defaults)]
+        return chosen[0] or None, chosen[1] or None
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """A copy whose dataset, model and topology file, where they name an existing local path, are absolute."""
+        changes = {name: os.path.abspath(os.path.expanduser(getattr(self, name))) for name in PATH_FIELDS
+                   if getattr(self, name) and os.path.exists(os.path.expanduser(getattr(self, name)))}
+        return dataclasses.replace(self, **changes)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
         """Build from a mapping (YAML or JSON), converting and checking each value's type."""
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: expected a mapping of options, got {type(values).__name__}")
+        values = {RENAMED.get(name, name): value for name, value in values.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
