@@ -48,17 +48,17 @@ class TrainConfig:
     """Every knob of a decentralized LoRA fine-tuning run (see docs/training.md)."""
 
     # what is trained, and how agents talk
-    algorithm: str = _knob("decaf", "communication strategy (--list shows the registered ones)")
-    topology: str = _knob("ring", "communication graph (--list shows them)")
-    mixing: str = _knob("auto", "mixing-matrix rule: auto = uniform on regular graphs, else metropolis "
-                                "(--list shows them)")
+    algorithm: str = _knob("decaf", "communication strategy; --list shows the registered ones")
+    topology: str = _knob("ring", "communication graph; --list shows them")
+    mixing: str = _knob("auto", "mixing-matrix rule: auto = uniform on regular graphs, else metropolis; "
+                                "--list shows them")
     topology_p: float | None = _knob(None, "edge probability of the erdos_renyi topology")
     topology_file: str | None = _knob(None, "adjacency file of the 'file' topology")
     agents: int = _knob(10, "number of simulated agents")
     comm_order: str = _knob("train_then_mix", "per round: local steps then mixing (train_then_mix) "
                                               "or mixing then local steps (mix_then_train)")
     # task, model and adapters
-    task: str = _knob("text_classification", "task (--list shows them)")
+    task: str = _knob("text_classification", "task; --list shows them")
     model: str | None = _knob(None, "pretrained model folder, hub id or the task's alias (none: the task's "
                                     "offline default, all-MiniLM-L6-v2 for text classification)")
     rank: int = _knob(8, "LoRA rank r")

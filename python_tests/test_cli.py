@@ -1,4 +1,4 @@
-"""decaf-train (decaf_ext.train.main) and its plot subcommand, on the tiny model and data of test_trainer."""
+"""decaf-train (decaf_ext.cli.main) and its plot subcommand, on the tiny model and data of test_trainer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from decaf_ext.train import main
+from decaf_ext.cli import main
 from test_trainer import read_metrics, tiny_paths, without_times  # noqa: F401  (tiny_paths is a fixture)
 
 
