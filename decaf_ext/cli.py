@@ -234,8 +234,13 @@ def _run_one(config: TrainConfig, *, announce: bool) -> dict[str, Any]:
 
 
 def _with(config: TrainConfig, **changes: Any) -> TrainConfig:
+    """`config` with `changes`, validated, its run folder checked to be free (before anything is trained)."""
+    from decaf_ext.trainer import check_free
+
     changed = TrainConfig(**{**config.to_dict(), **changes})
     changed.validate()
+    if changed.output_dir is not None:
+        check_free(changed.output_dir)
     return changed
 
 
@@ -346,7 +351,7 @@ def train_command(argv: Sequence[str], prog: str = PROG) -> int:
         return _compare(config, [name.strip() for name in run["compare"].split(",") if name.strip()], seeds)
     if seeds is not None:
         return _seeded(config, seeds)
-    _run_one(config, announce=True)
+    _run_one(_with(config), announce=True)
     return 0
 
 

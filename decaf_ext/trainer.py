@@ -115,6 +115,19 @@ def write_json(path: str, value: Any, *, lines: bool = False) -> None:
     os.replace(temporary, path)
 
 
+def check_free(run_dir: str) -> None:
+    """ConfigError saying what to do when `run_dir` already holds a run (finished, or stopped part way)."""
+    if not os.path.exists(os.path.join(run_dir, CONFIG)):
+        return
+    if os.path.exists(os.path.join(run_dir, SUMMARY)):
+        raise ConfigError(f"output_dir: {run_dir!r} already holds a finished run (extend it with "
+                          f"'decaf-train --resume {run_dir} --rounds N', or choose another --output-dir)")
+    folder = latest_checkpoint(run_dir)
+    done = 0 if folder is None else checkpoint_round(folder)
+    raise ConfigError(f"output_dir: {run_dir!r} holds an unfinished run ({done} rounds checkpointed); continue "
+                      f"it with 'decaf-train --resume {run_dir}', or choose another --output-dir")
+
+
 class Trainer:
     """Builds data, agents, optimizers and the mixing schedule from a TrainConfig; :meth:`run` trains.
 
@@ -337,16 +350,6 @@ class Trainer:
                                                  optimizers=[o.state_dict() for o in self.optimizers],
                                                  state=state, rng=capture_rng()))
 
-    def _occupied_message(self) -> str:
-        """What to do about the run already in run_dir (finished or not)."""
-        if os.path.exists(os.path.join(self.run_dir, SUMMARY)):
-            return (f"output_dir: {self.run_dir!r} already holds a finished run (extend it with "
-                    f"'decaf-train --resume {self.run_dir} --rounds N', or choose another --output-dir)")
-        folder = latest_checkpoint(self.run_dir)
-        done = 0 if folder is None else checkpoint_round(folder)
-        return (f"output_dir: {self.run_dir!r} holds an unfinished run ({done} rounds checkpointed); continue it "
-                f"with 'decaf-train --resume {self.run_dir}', or choose another --output-dir")
-
     def _restore(self) -> int:
         """Load the newest checkpoint of run_dir; returns the number of rounds it had finished (0, from the
         initial state this trainer was built with, when the run was stopped before its first checkpoint)."""
@@ -373,8 +376,7 @@ class Trainer:
         """Create (fresh) or reopen (resume) run_dir; returns the number of rounds already done."""
         config_path = os.path.join(self.run_dir, CONFIG)
         if not resume:
-            if os.path.exists(config_path):
-                raise ConfigError(self._occupied_message())
+            check_free(self.run_dir)
             os.makedirs(self.run_dir, exist_ok=True)
             write_json(config_path, self.config.to_dict())
             return 0
