@@ -219,8 +219,9 @@ class Trainer:
         cfg = self.config
         targets = list(cfg.target_modules or self.task.default_target_modules)
         self._check_targets(targets)
-        template = get_peft_model(self._base.to(self.device),
-                                  self.task.lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets))
+        with quiet_transformers():  # peft asks transformers a deprecated question (a FutureWarning)
+            template = get_peft_model(self._base.to(self.device),
+                                      self.task.lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets))
         del self._base
         *self.models, self.scratch = [template, *replicate(template, cfg.agents)]
         if not self.strategy.trains_A:

@@ -179,6 +179,18 @@ def test_example_caps_apply_to_the_offline_default_only():
     assert TrainConfig(max_train=0, max_test=0).caps() == (None, None)  # 0: every example
 
 
+def test_python_api_is_quiet(tiny_paths, tmp_path, capfd):
+    import warnings
+
+    from test_trainer import tiny_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(tiny_config(tiny_paths, tmp_path / "run"))
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+    assert "LOAD REPORT" not in capfd.readouterr().err
+
+
 # ------------------------------------------------------------------------------- user errors vs. bugs
 
 
