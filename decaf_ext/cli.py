@@ -167,10 +167,12 @@ def format_seed_table(stats: dict[str, dict[str, dict[str, float]]], seeds: list
     """One row per algorithm: mean ± std across `seeds` of the final metrics."""
     rows = [(f"algorithm ({len(seeds)} seeds)", "acc mean (agents)", "avg model", "macro-F1", "consensus err",
              "MB sent")]
+    def cell(values: dict[str, float], scale: float = 1.0, fmt: str = ".4f") -> str:
+        return f"{values['mean'] / scale:{fmt}} ± {values['std'] / scale:{fmt}}"
+
     for name, s in stats.items():
-        cell = lambda key, scale=1.0, fmt=".4f": f"{s[key]['mean'] / scale:{fmt}} ± {s[key]['std'] / scale:{fmt}}"
-        rows.append((name, cell("acc_mean"), cell("avg_model_acc"), cell("macro_f1_mean"),
-                     cell("consensus_error", fmt=".3g"), cell("bytes_sent", 1e6, ".2f")))
+        rows.append((name, cell(s["acc_mean"]), cell(s["avg_model_acc"]), cell(s["macro_f1_mean"]),
+                     cell(s["consensus_error"], fmt=".3g"), cell(s["bytes_sent"], 1e6, ".2f")))
     return _table(rows)
 
 
@@ -261,7 +263,8 @@ def _compare(config: TrainConfig, algorithms: list[str], seeds: list[int] | None
     configs = {name: {seed: _with(config, algorithm=name, seed=seed,
                                   output_dir=os.path.join(root, name, f"seed{seed}")) for seed in seeds}
                for name in algorithms}
-    runs = {name: {seed: _run_one(c, announce=False) for seed, c in by_seed.items()} for name, by_seed in configs.items()}
+    runs = {name: {seed: _run_one(c, announce=False) for seed, c in by_seed.items()}
+            for name, by_seed in configs.items()}
     stats = {name: across_seeds(by_seed) for name, by_seed in runs.items()}
     print(format_seed_table(stats, seeds))
     _write_json(os.path.join(root, "compare.json"), {"config": config.to_dict(), "seeds": seeds, "runs": runs,

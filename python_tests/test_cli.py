@@ -136,7 +136,8 @@ def test_missing_config_file_and_plot_errors(tmp_path, capsys):
 
 def python(code: str) -> subprocess.CompletedProcess:
     """`code` in a fresh interpreter with this checkout first on the path."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -218,6 +219,21 @@ def test_topology_file_with_the_wrong_node_count(tiny_paths, tmp_path, capsys):
     assert main(tiny_flags(tiny_paths, tmp_path / "run", "--topology", "file", "--topology-file", str(graph))) == 2
     err = capsys.readouterr().err
     assert "has 3 nodes" in err and "there are 4 agents" in err and len(err.splitlines()) == 1
+
+
+def test_own_columns_and_the_whole_dataset(tiny_paths, tmp_path):
+    """A CSV with its own column names; no cap unless asked (the tiny set has 72 texts, 14 of them held out)."""
+    model, data = tiny_paths
+    rows = [(path.read_text(), path.parent.name) for path in sorted(Path(data).glob("*/*.txt"))]
+    table = tmp_path / "mine.csv"
+    table.write_text("topic,body\n" + "".join(f"{label},{text}\n" for text, label in rows))
+    flags = [flag for flag in tiny_flags(tiny_paths, tmp_path / "run", "--rounds", "1") if flag != "none"]
+    flags = [f for f in flags if f not in ("--max-train", "--max-test")]
+    flags[flags.index(data)] = str(table)
+    assert main([*flags, "--text-column", "body", "--label-column", "topic"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["label_names"] == ["animals", "colors", "food"]
+    assert summary["examples"]["train"] + summary["examples"]["test"] == len({text for text, _ in rows})
 
 
 # ------------------------------------------------------------------------------------ killed runs
