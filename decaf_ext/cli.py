@@ -304,8 +304,7 @@ def _distributed(argv: Sequence[str], prog: str, config: TrainConfig, resume: st
         return 0
     if nproc != config.agents:
         raise ConfigError(f"nproc: {nproc} processes for {config.agents} agents (one process per agent)")
-    output_dir = config.output_dir or os.path.join(
-        "runs", f"{config.algorithm}-{config.topology}-{datetime.now():%Y%m%d-%H%M%S}")
+    output_dir = _default_root(config, f"{config.algorithm}-{config.topology}")
     named = [] if config.output_dir else ["--output-dir", output_dir]
     statuses = launch([sys.executable, "-m", "decaf_ext.train", *argv, "--launcher", "dist", *named], nproc,
                       max_restarts=max_restarts)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from decaf_ext.data import OFFLINE_DEFAULT, SCHEMES
-from decaf_ext.errors import ConfigError, first_line  # noqa: F401  (first_line re-exported)
+from decaf_ext.errors import ConfigError
 
 COMM_ORDERS: tuple[str, ...] = ("train_then_mix", "mix_then_train")
 OPTIMIZER_STATE_POLICIES: tuple[str, ...] = ("keep", "reset")

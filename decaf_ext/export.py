@@ -9,7 +9,6 @@ other file (weights, tokenizer) is a symbolic link to the original, so it costs 
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 
@@ -26,8 +25,7 @@ def labelled_base(model_path: str, model_config, folder: str) -> str | None:
         source = os.path.join(os.path.abspath(model_path), name)
         if name != "config.json" and os.path.isfile(source):
             os.symlink(source, os.path.join(folder, name))
-    config = copy.deepcopy(model_config)
-    config.save_pretrained(folder)
+    model_config.save_pretrained(folder)
     return os.path.abspath(folder)
 
 

@@ -236,6 +236,23 @@ def test_own_columns_and_the_whole_dataset(tiny_paths, tmp_path):
     assert summary["examples"]["train"] + summary["examples"]["test"] == len({text for text, _ in rows})
 
 
+def test_distributed_launch_is_quiet_and_speaks_as_decaf_train(tiny_paths, tmp_path, monkeypatch, capsys):
+    import decaf_ext.distributed as distributed
+
+    started = {}
+
+    def launch(command, nproc, max_restarts=0):
+        started.update(command=command, level=os.environ.get("TORCH_CPP_LOG_LEVEL"))
+        return [0, 1, 0, 0]
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"})
+    monkeypatch.setattr(distributed, "launch", launch)
+    assert main(tiny_flags(tiny_paths, tmp_path / "d", "--launcher", "dist", "--nproc", "4")) == 1
+    assert started["level"] == "ERROR"  # no flood of c10d socket warnings while agents time out
+    assert started["command"][1:3] == ["-m", "decaf_ext.train"] and started["command"][-2:] == ["--launcher", "dist"]
+    assert capsys.readouterr().err.startswith("decaf-train: agents [1] failed (exit status 1)")
+
+
 # ------------------------------------------------------------------------------------ killed runs
 
 
