@@ -62,5 +62,5 @@ setup(
     install_requires=["torch", "numpy", "transformers", "peft", "datasets", "pyyaml", "tqdm", "matplotlib",
                       "safetensors", "networkx"],
     extras_require={"test": ["pytest", "tensorboard"], "tensorboard": ["tensorboard"]},
-    entry_points={"console_scripts": ["decaf-train = decaf_ext.train:main"]},
+    entry_points={"console_scripts": ["decaf-train = decaf_ext.cli:main"]},
 )

@@ -1,8 +1,38 @@
 """decaf_ext: decentralized LoRA fine-tuning with DeCAF (consensus on products + truncated SVD).
 
-The compiled kernels are exposed as ``consensus_tsvd``, ``weighted_product_sum`` and ``tsvd``.
-"""
-from .ops import CUDA_COMPILED, consensus_tsvd, tsvd, weighted_product_sum
+The compiled kernels are exposed as ``consensus_tsvd``, ``weighted_product_sum`` and ``tsvd``; the trainer as
+``Trainer`` and ``TrainConfig``. Every name is imported on first use, so ``import decaf_ext`` stays light
+(no torch until a name that needs it is touched).
 
-__all__ = ["CUDA_COMPILED", "consensus_tsvd", "tsvd", "weighted_product_sum"]
+Example::
+
+    from decaf_ext import TrainConfig, Trainer
+    summary = Trainer(TrainConfig(algorithm="dlora", rounds=2)).run()
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+#: public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "CUDA_COMPILED": "decaf_ext.ops", "consensus_tsvd": "decaf_ext.ops", "tsvd": "decaf_ext.ops",
+    "weighted_product_sum": "decaf_ext.ops", "TrainConfig": "decaf_ext.config", "ConfigError": "decaf_ext.errors",
+    "Trainer": "decaf_ext.trainer",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'decaf_ext' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -91,6 +91,11 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return os.path.join(root, names[-1]) if names else None
 
 
+def checkpoint_round(folder: str) -> int:
+    """Rounds finished by the checkpoint in `folder` (from its name, without reading it)."""
+    return int(os.path.basename(folder)[len(_PREFIX):])
+
+
 def load_checkpoint(folder: str) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`."""
     tensors = load_file(os.path.join(folder, "tensors.safetensors"))

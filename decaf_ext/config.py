@@ -8,31 +8,38 @@ sized to finish in under ten minutes on two CPU cores.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from decaf_ext.strategies import DECAF_METHODS, DECAF_SPLITS, Strategy, get_strategy, strategy_names, \
-    strategy_options
-from decaf_ext.topology import TOPOLOGIES
+from decaf_ext.data import OFFLINE_DEFAULT, SCHEMES
+from decaf_ext.errors import ConfigError, first_line
 
-PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards", "few_shot")
-MIXING_RULES: tuple[str, ...] = ("auto", "uniform", "metropolis", "max_degree")
+if TYPE_CHECKING:
+    from decaf_ext.strategies import Strategy
+
 COMM_ORDERS: tuple[str, ...] = ("train_then_mix", "mix_then_train")
 OPTIMIZER_STATE_POLICIES: tuple[str, ...] = ("keep", "reset")
 CLIP_ENCODERS: tuple[str, ...] = ("vision", "text", "both")
+#: old option names still read from YAML, config.json and the command line -> their current names
+RENAMED: dict[str, str] = {"alpha": "dirichlet_alpha"}
+#: fields holding a local path, stored absolute so that a run resumes from any working directory
+PATH_FIELDS: tuple[str, ...] = ("dataset", "model", "topology_file")
+#: (max_train, max_test) used when they are not set: a budget for the offline default only
+DEFAULT_CAPS: dict[str, tuple[int, int]] = {OFFLINE_DEFAULT: (600, 200)}
 
 
-class ConfigError(ValueError):
-    """A user mistake in the configuration; the message is one line and names the offending argument."""
+def registry_names() -> dict[str, tuple[str, ...]]:
+    """Choices of the options backed by a registry, read from the registries themselves (imports torch)."""
+    from decaf_ext.strategies import strategy_names
+    from decaf_ext.tasks import TASKS
+    from decaf_ext.topology import RULES, TOPOLOGIES
 
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type name when the message is empty)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return {"algorithm": strategy_names(), "topology": tuple(TOPOLOGIES), "mixing": tuple(RULES),
+            "partition": SCHEMES, "task": tuple(TASKS)}
 
 
 def _knob(default: Any, help: str) -> Any:
@@ -45,23 +52,27 @@ class TrainConfig:
     """Every knob of a decentralized LoRA fine-tuning run (see docs/training.md)."""
 
     # what is trained, and how agents talk
-    algorithm: str = _knob("decaf", f"communication strategy: {', '.join(strategy_names())} "
-                                    "(or one registered with decaf_ext.strategies.register_strategy)")
-    topology: str = _knob("ring", f"communication graph: {', '.join(TOPOLOGIES)}")
-    mixing: str = _knob("auto", f"mixing-matrix rule: {', '.join(MIXING_RULES)}")
+    algorithm: str = _knob("decaf", "communication strategy (or one registered with "
+                                    "decaf_ext.strategies.register_strategy); --list shows them")
+    topology: str = _knob("ring", "communication graph; --list shows them")
+    mixing: str = _knob("auto", "mixing-matrix rule: auto = uniform on regular graphs, else metropolis; "
+                                "--list shows them")
     topology_p: float | None = _knob(None, "edge probability of the erdos_renyi topology")
     topology_file: str | None = _knob(None, "adjacency file of the 'file' topology")
     agents: int = _knob(10, "number of simulated agents")
-    decaf_method: str = _knob("auto", f"DeCAF's truncated SVD: {', '.join(DECAF_METHODS)}")
+    decaf_method: str = _knob("auto", "DeCAF's truncated SVD: consensus_tsvd's method (auto, exact, randomized, "
+                                      "dense)")
     decaf_oversample: int = _knob(10, "DeCAF randomized method: extra columns of the test matrix")
     decaf_n_iter: int = _knob(2, "DeCAF randomized method: power iterations")
     decaf_seed: int = _knob(0, "DeCAF randomized method: seed of the test matrix")
-    decaf_split: str = _knob("balanced", f"how DeCAF splits U S V^T into B, A: {', '.join(DECAF_SPLITS)}")
+    decaf_split: str = _knob("balanced", "how DeCAF splits U S V^T into B, A: consensus_tsvd's split (balanced, "
+                                         "left, right)")
     comm_order: str = _knob("train_then_mix", "per round: local steps then mixing (train_then_mix) "
                                               "or mixing then local steps (mix_then_train)")
     # task, model and adapters
-    task: str = _knob("text_classification", "task (decaf_ext.tasks)")
-    model: str | None = _knob(None, "pretrained model folder or hub id (default: the offline all-MiniLM-L6-v2)")
+    task: str = _knob("text_classification", "task; --list shows them")
+    model: str | None = _knob(None, "pretrained model folder, hub id or the task's alias (none: the task's "
+                                    "offline default, all-MiniLM-L6-v2 for text classification)")
     rank: int = _knob(8, "LoRA rank r")
     lora_alpha: float = _knob(16.0, "LoRA alpha (update scale alpha / r)")
     lora_dropout: float = _knob(0.1, "dropout on the LoRA input")
@@ -74,12 +85,18 @@ class TrainConfig:
     shots_per_class: int | None = _knob(None, "clip: training images per class in all (seeded), before the "
                                               "split over agents")
     # data
-    dataset: str = _knob("bbcnews", "'bbcnews' (offline), a local csv/json/jsonl/parquet file or folder, or a hub id")
+    dataset: str = _knob(OFFLINE_DEFAULT, f"'{OFFLINE_DEFAULT}' (offline), a local csv/json/jsonl/parquet file or "
+                                          "folder, or a hub id")
+    text_column: str = _knob("text", "text column of a csv/json/jsonl/parquet or hub dataset")
+    label_column: str = _knob("label", "label column of a csv/json/jsonl/parquet or hub dataset")
     test_fraction: float = _knob(0.2, "held-out fraction of the dataset")
-    max_train: int | None = _knob(600, "training examples used (seeded subset; none = all)")
-    max_test: int | None = _knob(200, "held-out examples evaluated (seeded subset; none = all)")
-    partition: str = _knob("dirichlet", f"how training data is split over agents: {', '.join(PARTITIONS)}")
-    alpha: float = _knob(0.5, "Dirichlet concentration of the 'dirichlet' partition (smaller = more non-IID)")
+    max_train: int | None = _knob(None, "training examples used, a seeded subset (none: 600 of the offline "
+                                        "bbcnews, all of any other dataset; 0: all)")
+    max_test: int | None = _knob(None, "held-out examples evaluated, a seeded subset (none: 200 of the offline "
+                                       "bbcnews, all of any other dataset; 0: all)")
+    partition: str = _knob("dirichlet", f"how training data is split over agents: {', '.join(SCHEMES)}")
+    dirichlet_alpha: float = _knob(0.5, "concentration of the 'dirichlet' partition, smaller = more non-IID "
+                                        "(was --alpha)")
     shards: int = _knob(2, "label shards per agent of the 'shards' partition")
     shots: int | None = _knob(None, "examples per class per agent of the 'few_shot' partition")
     # optimization
@@ -93,7 +110,8 @@ class TrainConfig:
     eval_every: int = _knob(5, "evaluate every K rounds (and after the last round)")
     eval_batch_size: int = _knob(64, "evaluation batch size")
     eval_at_start: bool = _knob(False, "also evaluate before the first round (round 0: the pretrained model)")
-    checkpoint_every: int = _knob(0, "checkpoint every K rounds (0: only after the last round)")
+    checkpoint_every: int = _knob(1, "checkpoint every K rounds (0: only after the last round); a killed run "
+                                     "continues with --resume from its newest checkpoint")
     seed: int = _knob(0, "seed of data split, partition, initialization and data order")
     device: str = _knob("auto", "cpu, cuda, cuda:N or auto")
     output_dir: str | None = _knob(None, "run folder (default: runs/<algorithm>-<topology>-<time>)")
@@ -108,16 +126,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the argument) for values that are invalid on their own."""
-        _check_choice("algorithm", self.algorithm, strategy_names())
-        _check_choice("topology", self.topology, TOPOLOGIES)
-        _check_choice("mixing", self.mixing, MIXING_RULES)
-        _check_choice("partition", self.partition, PARTITIONS)
+        for name, choices in registry_names().items():
+            _check_choice(name, getattr(self, name), choices)
         _check_choice("comm_order", self.comm_order, COMM_ORDERS)
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
         _check_choice("clip_lora_on", self.clip_lora_on, CLIP_ENCODERS)
-        from decaf_ext.tasks import TASKS
-
-        _check_choice("task", self.task, tuple(TASKS))
         if self.agents < 1:
             raise ConfigError(f"agents must be >= 1, got {self.agents}")
         strategy = self.strategy()
@@ -128,10 +141,16 @@ class TrainConfig:
                      "shards"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train", "max_test", "shots", "shots_per_class"):
+        for name in ("max_train", "max_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: all) or none, got {getattr(self, name)}")
+        for name in ("shots", "shots_per_class"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or none, got {getattr(self, name)}")
-        for name in ("alpha", "lora_alpha", "lr"):
+        for name in ("text_column", "label_column"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} must name a column")
+        for name in ("dirichlet_alpha", "lora_alpha", "lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1:
@@ -151,6 +170,8 @@ class TrainConfig:
 
     def strategy(self) -> Strategy:
         """The configured strategy, with the decaf_* options it takes (the built-in decaf takes all five)."""
+        from decaf_ext.strategies import get_strategy, strategy_options
+
         options = {name: getattr(self, f"decaf_{name}") for name in strategy_options(self.algorithm)
                    if hasattr(self, f"decaf_{name}")}
         try:
@@ -162,11 +183,26 @@ class TrainConfig:
         """Plain JSON/YAML-ready dict of every field."""
         return dataclasses.asdict(self)
 
+    def caps(self) -> tuple[int | None, int | None]:
+        """(max_train, max_test) in effect: None = every example (unset caps take DEFAULT_CAPS of the dataset)."""
+        defaults = DEFAULT_CAPS.get(self.dataset, (None, None))
+        chosen = [default if cap is None else cap for cap, default in zip((self.max_train, self.max_test), defaults)]
+        return chosen[0] or None, chosen[1] or None
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """A copy whose dataset (unless the offline default's name), model and topology file, where they name an
+        existing local path, are absolute."""
+        changes = {name: os.path.abspath(os.path.expanduser(getattr(self, name))) for name in PATH_FIELDS
+                   if getattr(self, name) and os.path.exists(os.path.expanduser(getattr(self, name)))
+                   and not (name == "dataset" and self.dataset == OFFLINE_DEFAULT)}
+        return dataclasses.replace(self, **changes)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
         """Build from a mapping (YAML or JSON), converting and checking each value's type."""
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: expected a mapping of options, got {type(values).__name__}")
+        values = {RENAMED.get(name, name): value for name, value in values.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

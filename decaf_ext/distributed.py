@@ -13,7 +13,6 @@ strategy's own ``communicate``). Round membership, timeouts and buffer validatio
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -32,7 +31,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from decaf_ext.checkpoint import latest_checkpoint
-from decaf_ext.config import ConfigError, TrainConfig, build_config, convert_value
+from decaf_ext.config import TrainConfig
+from decaf_ext.errors import ConfigError
 from decaf_ext.agent_mixer import AgentMixer
 from decaf_ext.exchange import RoundView, Transport
 from decaf_ext.faults import Faults
@@ -350,69 +350,12 @@ def launch(command: Sequence[str], nproc: int, *, max_restarts: int = 0, env: Ma
     return [status[rank] for rank in range(nproc)]
 
 
-def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
-    """The distributed flags (--nproc, --max-restarts, --backend, --round-timeout, --startup-timeout)."""
-    defaults = DistributedOptions()
-    group = parser.add_argument_group("distributed (one process per agent)")
-    group.add_argument("--nproc", type=int, metavar="N",
-                       help="start N local processes, one per agent (without it: run as one agent of torchrun)")
-    group.add_argument("--max-restarts", type=int, metavar="K",
-                       help="with --nproc: restart a failed agent up to K times; it rejoins from its checkpoint")
-    group.add_argument("--backend", metavar="NAME", help=f"{', '.join(BACKENDS)} (default: {defaults.backend})")
-    group.add_argument("--round-timeout", type=float, metavar="S",
-                       help=f"seconds to wait for the others in a round (default: {defaults.round_timeout})")
-    group.add_argument("--startup-timeout", type=float, metavar="S",
-                       help=f"seconds to wait for every agent at start (default: {defaults.startup_timeout})")
-
-
-def command(argv: Sequence[str]) -> int:
-    """The command line of a distributed run: decaf-train's flags plus :func:`add_distributed_arguments`.
-
-    With --nproc N (and no RANK in the environment) it launches N local agent processes and waits for them;
-    otherwise this process is one agent (under torchrun or the launcher). Returns the exit status; user
-    mistakes raise ConfigError (one line). A --launcher flag, if present (decaf-train's), is ignored.
-    """
-    from decaf_ext.train import resume_config, build_parser, format_result
-
-    parser = build_parser()
-    parser.prog = "python -m decaf_ext.distributed"
-    add_distributed_arguments(parser)
-    args = vars(parser.parse_args(argv))
-    args.pop("launcher", None)
-    nproc, max_restarts = args.pop("nproc", None), args.pop("max_restarts", None) or 0
-    options = DistributedOptions(**{k: args.pop(k) for k in ("backend", "round_timeout", "startup_timeout")
-                                    if k in args})
-    options.validate()
-    yaml_path, compare, resume = (args.pop(k, None) for k in ("config", "compare", "resume"))
-    if compare is not None:
-        raise ConfigError("compare: not available in a distributed run (launch one run per algorithm)")
-    overrides = {name: convert_value(name, value) for name, value in args.items()}
-    config = resume_config(resume, overrides) if resume is not None else build_config(yaml_path, overrides)
-    if nproc is None or "RANK" in os.environ:
-        summary = run_distributed(config, resume=resume is not None, options=options)
-        if summary["distributed"]["reporter"]:
-            print(format_result(summary), flush=True)
-        return 0
-    if nproc != config.agents:
-        raise ConfigError(f"nproc: {nproc} processes for {config.agents} agents (one process per agent)")
-    output_dir = config.output_dir or os.path.join(
-        "runs", f"{config.algorithm}-{config.topology}-{datetime.now():%Y%m%d-%H%M%S}")
-    named = [] if config.output_dir else ["--output-dir", output_dir]
-    statuses = launch([sys.executable, "-m", "decaf_ext.distributed", *argv, *named], nproc, max_restarts=max_restarts)
-    failed = {rank: code for rank, code in enumerate(statuses) if code != 0}
-    if failed:
-        print(f"python -m decaf_ext.distributed: agents {sorted(failed)} failed (exit status "
-              f"{', '.join(map(str, failed.values()))}); see {output_dir}", file=sys.stderr)
-    return 1 if failed else 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m decaf_ext.distributed``; returns the exit status."""
-    from decaf_ext.train import quiet_libraries, guarded
+    """Entry point of ``python -m decaf_ext.distributed``: ``decaf-train --launcher dist`` (see decaf_ext.cli)."""
+    from decaf_ext.cli import main as cli_main
 
-    logging.basicConfig(format=f"[agent {os.environ.get('RANK', '-')}] %(levelname)s %(message)s")
-    quiet_libraries()
-    return guarded(command, list(sys.argv[1:] if argv is None else argv), prog="python -m decaf_ext.distributed")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return cli_main([*argv, "--launcher", "dist"], prog="python -m decaf_ext.distributed")
 
 
 if __name__ == "__main__":

@@ -1,38 +1,44 @@
 """Plots of finished or running runs: a metric (default: mean test accuracy) against round or bytes sent.
 
-    decaf-train plot RUN_DIR... -o acc.png        (or: python -m decaf_ext.plot RUN_DIR... -o acc.png)
+    decaf-train plot RUN_DIR... -o acc.png
 
-A RUN_DIR is a run folder (holding metrics.jsonl) or a --compare folder (its sub-runs are plotted).
-Each run is one line (with a ± std band for the agents' mean accuracy); the averaged model is dashed.
-Uses matplotlib's Agg canvas without pyplot, so no display and no global backend change are needed.
+A RUN_DIR is a run folder (holding metrics.jsonl) or a folder holding runs (a --compare or --seeds folder:
+every run below it is plotted). Each run is one line (with a ± std band for the agents' mean accuracy); the
+averaged model is dashed. Runs whose algorithm and topology agree are told apart by their folder names.
+Uses matplotlib's Agg canvas without pyplot, so no display and no global backend change are needed
+(matplotlib is imported only when drawing).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-from typing import Sequence
+from collections import Counter
+from typing import TYPE_CHECKING, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from decaf_ext.errors import ConfigError, first_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRICS: tuple[str, ...] = ("acc_mean", "macro_f1_mean", "train_loss", "consensus_error")
+AXES: tuple[str, ...] = ("round", "bytes_sent")
 AVERAGED = {"acc_mean": "avg_model_acc", "macro_f1_mean": "avg_model_macro_f1"}
 
 
 def run_folders(paths: Sequence[str]) -> list[str]:
-    """Run folders named by `paths`: each path itself if it holds metrics.jsonl, else its sub-folders that do."""
+    """Run folders named by `paths`: each path itself if it holds metrics.jsonl, else every folder below it
+    that does (not looking inside a run folder)."""
     runs = []
     for path in paths:
-        if os.path.isfile(os.path.join(path, "metrics.jsonl")):
-            runs.append(path)
-            continue
-        children = sorted(os.path.join(path, c) for c in os.listdir(path)) if os.path.isdir(path) else []
-        found = [c for c in children if os.path.isfile(os.path.join(c, "metrics.jsonl"))]
+        found = []
+        for folder, children, files in os.walk(path):
+            children.sort()
+            if "metrics.jsonl" in files:
+                found.append(folder)
+                children.clear()
         if not found:
-            raise ValueError(f"run_dirs: {path!r} holds no metrics.jsonl (nor do its sub-folders)")
+            raise ConfigError(f"run_dirs: {path!r} holds no metrics.jsonl (nor does any folder below it)")
         runs += found
     return runs
 
@@ -50,16 +56,38 @@ def load_run(folder: str) -> tuple[str, list[dict]]:
     return label, history
 
 
+def _labels(folders: list[str], labels: list[str]) -> list[str]:
+    """`labels`, with the run's folder path (from the runs' common parent) added where a label repeats."""
+    repeated = {label for label, count in Counter(labels).items() if count > 1}
+    if not repeated:
+        return labels
+    parent = os.path.dirname(os.path.commonpath([os.path.abspath(f) for f in folders]))
+    return [f"{label} [{os.path.relpath(os.path.abspath(f), parent)}]" if label in repeated else label
+            for label, f in zip(labels, folders)]
+
+
 def plot_runs(paths: Sequence[str], output: str, *, metric: str = "acc_mean", x: str = "round") -> Figure:
-    """Draw `metric` against `x` ("round" or "bytes_sent") for every run of `paths`; save to `output`."""
+    """Draw `metric` against `x` ("round" or "bytes_sent") for every run of `paths`; save to `output` (its
+    folder is created when missing)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
-    if x not in ("round", "bytes_sent"):
-        raise ValueError(f"x must be 'round' or 'bytes_sent'; got {x!r}")
+        raise ConfigError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    if x not in AXES:
+        raise ConfigError(f"x must be one of {', '.join(AXES)}; got {x!r}")
+    folders = run_folders(paths)
+    runs = [load_run(folder) for folder in folders]
+    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"output: cannot create the folder {folder!r} ({error.strerror})") from None
     figure = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for label, history in (load_run(folder) for folder in run_folders(paths)):
+    for label, (_, history) in zip(_labels(folders, [label for label, _ in runs]), runs):
         xs = [r[x] / 1e6 if x == "bytes_sent" else r[x] for r in history]
         (line,) = axes.plot(xs, [r[metric] for r in history], marker="o", label=f"{label} (agents)")
         if metric == "acc_mean":
@@ -67,8 +95,8 @@ def plot_runs(paths: Sequence[str], output: str, *, metric: str = "acc_mean", x:
             axes.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                               color=line.get_color(), alpha=0.15)
         if metric in AVERAGED:
-            axes.plot(xs, [r[AVERAGED[metric]] for r in history], linestyle="--", color=line.get_color(),
-                      label=f"{label} (averaged model)")
+            axes.plot(xs, [r[AVERAGED[metric]] for r in history], linestyle="--", marker="s", fillstyle="none",
+                      color=line.get_color(), label=f"{label} (averaged model)")
     axes.set_xlabel("MB sent (all agents)" if x == "bytes_sent" else "round")
     if x == "round":
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -76,26 +104,10 @@ def plot_runs(paths: Sequence[str], output: str, *, metric: str = "acc_mean", x:
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(output, dpi=120)
+    try:
+        figure.savefig(output, dpi=120)
+    except OSError as error:
+        raise ConfigError(f"output: cannot write {output!r} ({error.strerror})") from None
+    except ValueError as error:  # matplotlib: unknown image format of the file name
+        raise ConfigError(f"output: {first_line(error)}") from None
     return figure
-
-
-def plot_command(argv: Sequence[str]) -> int:
-    """``plot RUN_DIR... -o FILE [--metric M] [--x round|bytes_sent]``; returns the exit status."""
-    from decaf_ext.train import OneLineParser
-
-    parser = OneLineParser(prog="decaf-train plot", description="Plot runs' metrics against rounds.")
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders or --compare folders")
-    parser.add_argument("-o", "--output", default="accuracy.png", help="image file (default: accuracy.png)")
-    parser.add_argument("--metric", default="acc_mean", choices=METRICS, help="what to plot (default: acc_mean)")
-    parser.add_argument("--x", default="round", choices=("round", "bytes_sent"), help="horizontal axis")
-    args = parser.parse_args(argv)
-    plot_runs(args.run_dirs, args.output, metric=args.metric, x=args.x)
-    print(f"wrote {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    from decaf_ext.train import main
-
-    sys.exit(main(["plot", *sys.argv[1:]]))

@@ -82,8 +82,11 @@ def _read_graph_file(path: str, n: int) -> torch.Tensor:
     else:
         table = np.loadtxt(file.read_text().replace(",", " ").splitlines(), ndmin=2)
     if file.suffix != ".npy" and table.shape[1] == 2:
-        if not np.array_equal(table, np.round(table)) or table.min() < 0 or table.max() >= n:
+        if not np.array_equal(table, np.round(table)) or table.min() < 0:
             raise ValueError(f"path={path!r}: edge list entries must be integer node ids in [0, {n - 1}]")
+        if table.max() + 1 != n:
+            raise ValueError(f"path={path!r}: the edge list has {int(table.max()) + 1} nodes (ids 0 to "
+                             f"{int(table.max())}) but there are {n} agents")
         i, j = table.astype(np.int64).T
         if np.any(i == j):
             raise ValueError(f"path={path!r}: edge list has a self loop")
@@ -91,7 +94,8 @@ def _read_graph_file(path: str, n: int) -> torch.Tensor:
         adjacency[i, j] = adjacency[j, i] = True
         return torch.from_numpy(adjacency)
     if table.shape != (n, n) or not np.isin(table, (0, 1)).all():
-        raise ValueError(f"path={path!r} must hold an edge list or an {n}x{n} 0/1 matrix, got shape {table.shape}")
+        raise ValueError(f"path={path!r} must hold an edge list or an {n}x{n} 0/1 matrix for {n} agents, "
+                         f"got shape {table.shape}")
     return _check_adjacency(torch.from_numpy(table != 0), f"adjacency in {path!r}")
 
 

@@ -31,10 +31,13 @@ from peft import get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from decaf_ext.checkpoint import Checkpoint, capture_rng, latest_checkpoint, load_checkpoint, restore_rng, \
-    save_checkpoint
-from decaf_ext.config import ConfigError, TrainConfig, first_line
+from decaf_ext.checkpoint import Checkpoint, capture_rng, checkpoint_round, latest_checkpoint, load_checkpoint, \
+    restore_rng, save_checkpoint
+from decaf_ext.config import TrainConfig
 from decaf_ext.data import partition
+from decaf_ext.errors import ConfigError, first_line
+from decaf_ext.export import export_adapter, labelled_base, set_label_names
+from decaf_ext.quiet import quiet_transformers
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, consensus_error, share_and_freeze_A, \
     write_extras, write_factors
 from decaf_ext.strategies import Strategy
@@ -113,6 +116,19 @@ def write_json(path: str, value: Any, *, lines: bool = False) -> None:
     os.replace(temporary, path)
 
 
+def check_free(run_dir: str) -> None:
+    """ConfigError saying what to do when `run_dir` already holds a run (finished, or stopped part way)."""
+    if not os.path.exists(os.path.join(run_dir, CONFIG)):
+        return
+    if os.path.exists(os.path.join(run_dir, SUMMARY)):
+        raise ConfigError(f"output_dir: {run_dir!r} already holds a finished run (extend it with "
+                          f"'decaf-train --resume {run_dir} --rounds N', or choose another --output-dir)")
+    folder = latest_checkpoint(run_dir)
+    done = 0 if folder is None else checkpoint_round(folder)
+    raise ConfigError(f"output_dir: {run_dir!r} holds an unfinished run ({done} rounds checkpointed); continue "
+                      f"it with 'decaf-train --resume {run_dir}', or choose another --output-dir")
+
+
 class Trainer:
     """Builds data, agents, optimizers and the mixing schedule from a TrainConfig; :meth:`run` trains.
 
@@ -123,6 +139,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         config.validate()
+        config = config.with_absolute_paths()
         self.config = config
         self.device = resolve_device(config.device)
         self.run_dir = config.output_dir or os.path.join(
@@ -156,15 +173,16 @@ class Trainer:
         with _blame("dataset"):
             train, test = self.task.load_data(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        train_idx = np.sort(rng.permutation(len(train))[:cfg.max_train])
-        test_idx = np.sort(rng.permutation(len(test))[:cfg.max_test])
+        max_train, max_test = cfg.caps()
+        train_idx = np.sort(rng.permutation(len(train))[:max_train])
+        test_idx = np.sort(rng.permutation(len(test))[:max_test])
         if len(train_idx) < cfg.agents:
             raise ConfigError(f"agents: {cfg.agents} agents but only {len(train_idx)} training examples "
                               "(raise max_train or use fewer agents)")
         self.label_names = list(train.label_names)
         self.train_labels = train.labels[train_idx]
         with _blame("partition"):
-            self.parts = partition(self.train_labels, cfg.agents, cfg.partition, alpha=cfg.alpha,
+            self.parts = partition(self.train_labels, cfg.agents, cfg.partition, alpha=cfg.dirichlet_alpha,
                                    shards=cfg.shards, shots=cfg.shots, seed=cfg.seed)
         self.model_path = self.task.resolve_model(cfg.model)
         self._base = self._load_model()
@@ -177,11 +195,15 @@ class Trainer:
         if (os.path.isabs(path) or path.startswith((".", "~"))) and not os.path.isdir(path):
             raise ConfigError(f"model: {path!r} is not a folder")
         try:
-            return self.task.build_model(path, self.label_names)
+            with quiet_transformers():
+                model = self.task.build_model(path, self.label_names)
         except ConfigError:
             raise
         except (OSError, ValueError) as error:
             raise ConfigError(f"model: cannot load a pretrained model from {path!r} ({first_line(error)})") from None
+        if getattr(model.config, "num_labels", None) == len(self.label_names):
+            set_label_names(model.config, self.label_names)
+        return model
 
     def _check_targets(self, targets: list[str]) -> None:
         """ConfigError unless every target matches a matrix-weight module of rank >= config.rank."""
@@ -201,8 +223,9 @@ class Trainer:
         cfg = self.config
         targets = list(cfg.target_modules or self.task.default_target_modules)
         self._check_targets(targets)
-        template = get_peft_model(self._base.to(self.device),
-                                  self.task.lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets))
+        with quiet_transformers():  # peft asks transformers a deprecated question (a FutureWarning)
+            template = get_peft_model(self._base.to(self.device),
+                                      self.task.lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets))
         del self._base
         *self.models, self.scratch = [template, *replicate(template, cfg.agents)]
         if not self.strategy.trains_A:
@@ -341,10 +364,12 @@ class Trainer:
                                                  state=state, rng=capture_rng()))
 
     def _restore(self) -> int:
-        """Load the newest checkpoint of run_dir; returns the number of rounds it had finished."""
+        """Load the newest checkpoint of run_dir; returns the number of rounds it had finished (0, from the
+        initial state this trainer was built with, when the run was stopped before its first checkpoint)."""
         folder = latest_checkpoint(self.run_dir)
         if folder is None:
-            raise ConfigError(f"resume: {self.run_dir!r} has no checkpoint to resume from")
+            self.history = []
+            return 0
         saved = load_checkpoint(folder)
         groups = collect_factors(self.models)
         write_factors(self.models, [FactorGroup(g.names, saved.tensors[f"factors/{k}/A"],
@@ -364,9 +389,7 @@ class Trainer:
         """Create (fresh) or reopen (resume) run_dir; returns the number of rounds already done."""
         config_path = os.path.join(self.run_dir, CONFIG)
         if not resume:
-            if os.path.exists(config_path):
-                raise ConfigError(f"output_dir: {self.run_dir!r} already holds a run "
-                                  "(resume it with --resume or choose another folder)")
+            check_free(self.run_dir)
             os.makedirs(self.run_dir, exist_ok=True)
             write_json(config_path, self.config.to_dict())
             return 0
@@ -414,13 +437,19 @@ class Trainer:
         return summary
 
     def export_adapters(self, folder: str) -> None:
-        """peft-format adapters (``PeftModel.from_pretrained``): agent_XX/ for each agent, average/ for the
-        averaged model. Written to a temporary folder, then renamed."""
+        """peft-format adapters (``PeftModel.from_pretrained``, ``AutoPeftModelFor...from_pretrained``):
+        agent_XX/ for each agent, average/ for the averaged model, and base/, the base model folder they name
+        (its config carries the label names; see :mod:`decaf_ext.export`). Written to a temporary folder, then
+        renamed."""
+        folder = os.path.abspath(folder)
         temporary = folder + ".tmp"
         shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+        made = labelled_base(self.model_path, self.models[0].get_base_model().config, os.path.join(temporary, "base"))
+        base = None if made is None else os.path.join(folder, "base")
         for i, model in enumerate(self.models):
-            model.save_pretrained(os.path.join(temporary, f"agent_{i:02d}"))
-        self.average_model().save_pretrained(os.path.join(temporary, "average"))
+            export_adapter(model, os.path.join(temporary, f"agent_{i:02d}"), base)
+        export_adapter(self.average_model(), os.path.join(temporary, "average"), base)
         shutil.rmtree(folder, ignore_errors=True)
         os.rename(temporary, folder)
 
@@ -442,6 +471,7 @@ class Trainer:
             "peak_memory_mb": round(self._peak_memory_mb(), 1),
             "spectral_gap": self.schedule.spectral_gap,
             "trainable_params_per_agent": self.trainable_params,
+            "label_names": self.label_names,
             "examples": {"train": len(self.train_set), "test": len(self.test_set),
                          "per_agent": [len(p) for p in self.parts]},
             "run_dir": self.run_dir,

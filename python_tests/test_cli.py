@@ -1,13 +1,20 @@
-"""decaf-train (decaf_ext.train.main) and its plot subcommand, on the tiny model and data of test_trainer."""
+"""decaf-train (decaf_ext.cli.main) and its plot subcommand, on the tiny model and data of test_trainer."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from decaf_ext.train import main
+from decaf_ext.cli import build_parser, main
+from decaf_ext.config import TrainConfig, build_config
+from decaf_ext.errors import ConfigError
+from decaf_ext.trainer import Trainer
 from test_trainer import read_metrics, tiny_paths, without_times  # noqa: F401  (tiny_paths is a fixture)
 
 
@@ -21,7 +28,9 @@ def tiny_flags(paths: tuple[str, str], output_dir: Path, *extra: str) -> list[st
 
 def test_run_prints_the_result_line(tiny_paths, tmp_path, capsys):
     assert main(tiny_flags(tiny_paths, tmp_path / "run", "--algorithm", "dlora")) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out.strip().splitlines()
+    last = out[-1]
+    assert out[1].split() == ["agent", "animals", "colors", "food", "total"]  # histogram kept with --no-progress
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     final = summary["final"]
     assert last.startswith("dlora ring x4 | round 2: ")
@@ -120,3 +129,212 @@ def test_missing_config_file_and_plot_errors(tmp_path, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors[0].startswith("decaf-train: error: config: cannot read")
     assert errors[1].startswith("decaf-train plot: error: run_dirs:") and len(errors) == 2
+
+
+# ------------------------------------------------------------------------------------- a fast command line
+
+
+def python(code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter with this checkout first on the path."""
+    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_help_version_and_flag_mistakes_import_no_torch():
+    done = python("import sys\nfrom decaf_ext.cli import main\n"
+                  "for argv in (['--help'], ['--version'], ['plot', '--help'], ['--rank', 'four'], ['--no-such']):\n"
+                  "    try:\n        print('status', main(argv))\n    except SystemExit as exit:\n"
+                  "        print('status', exit.code)\n"
+                  "print('heavy', sorted(m for m in ('torch', 'transformers', 'peft', 'datasets', 'matplotlib') "
+                  "if m in sys.modules))")
+    assert done.returncode == 0, done.stderr
+    assert "status 0\n" in done.stdout and "decaf-train 0.1.0" in done.stdout
+    assert done.stdout.count("status 2") == 2 and "heavy []" in done.stdout
+    assert "--nproc N" in done.stdout and "--round-timeout S" in done.stdout  # distributed flags in the main help
+
+
+def test_package_import_is_light_and_exports_the_trainer():
+    done = python("import sys, decaf_ext\nprint('torch' in sys.modules)\n"
+                  "from decaf_ext import Trainer, TrainConfig, consensus_tsvd\nprint(Trainer.__module__, "
+                  "TrainConfig.__module__, consensus_tsvd.__name__)")
+    assert done.stdout.split() == ["False", "decaf_ext.trainer", "decaf_ext.config", "consensus_tsvd"], done.stderr
+
+
+def test_help_states_each_default_once():
+    for action in build_parser()._actions:
+        assert (action.help or "").count("default") <= 1, action.help
+
+
+def test_dirichlet_alpha_and_its_old_spelling(tmp_path):
+    assert build_parser().parse_args(["--alpha", "0.3"]).dirichlet_alpha == "0.3"
+    config = tmp_path / "old.yaml"
+    config.write_text("alpha: 0.25\n")
+    assert build_config(str(config)).dirichlet_alpha == 0.25
+
+
+def test_example_caps_apply_to_the_offline_default_only():
+    assert TrainConfig().caps() == (600, 200)
+    assert TrainConfig(dataset="mine.csv").caps() == (None, None)
+    assert TrainConfig(dataset="mine.csv", max_train=50).caps() == (50, None)
+    assert TrainConfig(max_train=0, max_test=0).caps() == (None, None)  # 0: every example
+
+
+def test_python_api_is_quiet(tiny_paths, tmp_path, capfd):
+    import warnings
+
+    from test_trainer import tiny_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(tiny_config(tiny_paths, tmp_path / "run"))
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+    assert "LOAD REPORT" not in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------------------- user errors vs. bugs
+
+
+def test_guarded_reports_user_errors_and_keeps_bug_tracebacks(monkeypatch, capsys):
+    import decaf_ext.cli as cli
+
+    def mistake(config, announce):
+        raise ConfigError("rank: a user mistake\nsecond line")
+
+    monkeypatch.setattr(cli, "_run_one", mistake)
+    assert main(["--no-progress"]) == 2
+    assert capsys.readouterr().err == "decaf-train: error: rank: a user mistake\n"
+
+    def bug(config, announce):
+        raise ValueError("an internal shape mismatch")
+
+    monkeypatch.setattr(cli, "_run_one", bug)
+    with pytest.raises(ValueError, match="internal shape mismatch"):
+        main(["--no-progress"])
+
+
+def test_topology_file_with_the_wrong_node_count(tiny_paths, tmp_path, capsys):
+    graph = tmp_path / "triangle.txt"
+    graph.write_text("0 1\n1 2\n2 0\n")
+    assert main(tiny_flags(tiny_paths, tmp_path / "run", "--topology", "file", "--topology-file", str(graph))) == 2
+    err = capsys.readouterr().err
+    assert "has 3 nodes" in err and "there are 4 agents" in err and len(err.splitlines()) == 1
+
+
+def test_own_columns_and_the_whole_dataset(tiny_paths, tmp_path):
+    """A CSV with its own column names; no cap unless asked (the tiny set has 72 texts, 14 of them held out)."""
+    model, data = tiny_paths
+    rows = [(path.read_text(), path.parent.name) for path in sorted(Path(data).glob("*/*.txt"))]
+    table = tmp_path / "mine.csv"
+    table.write_text("topic,body\n" + "".join(f"{label},{text}\n" for text, label in rows))
+    flags = [flag for flag in tiny_flags(tiny_paths, tmp_path / "run", "--rounds", "1") if flag != "none"]
+    flags = [f for f in flags if f not in ("--max-train", "--max-test")]
+    flags[flags.index(data)] = str(table)
+    assert main([*flags, "--text-column", "body", "--label-column", "topic"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["label_names"] == ["animals", "colors", "food"]
+    assert summary["examples"]["train"] + summary["examples"]["test"] == len({text for text, _ in rows})
+
+
+def test_distributed_launch_is_quiet_and_speaks_as_decaf_train(tiny_paths, tmp_path, monkeypatch, capsys):
+    import decaf_ext.distributed as distributed
+
+    started = {}
+
+    def launch(command, nproc, max_restarts=0):
+        started.update(command=command, level=os.environ.get("TORCH_CPP_LOG_LEVEL"))
+        return [0, 1, 0, 0]
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"})
+    monkeypatch.setattr(distributed, "launch", launch)
+    assert main(tiny_flags(tiny_paths, tmp_path / "d", "--launcher", "dist", "--nproc", "4")) == 1
+    assert started["level"] == "ERROR"  # no flood of c10d socket warnings while agents time out
+    assert started["command"][1:3] == ["-m", "decaf_ext.train"] and started["command"][-2:] == ["--launcher", "dist"]
+    assert capsys.readouterr().err.startswith("decaf-train: agents [1] failed (exit status 1)")
+
+
+# ------------------------------------------------------------------------------------ killed runs
+
+
+def test_a_killed_run_is_resumed_from_any_folder(tiny_paths, tmp_path, monkeypatch, capsys):
+    """Relative paths, killed in round 2: re-running explains, --resume from elsewhere finishes it exactly."""
+    model, data = tiny_paths
+    monkeypatch.chdir(Path(data).parent)
+    relative = tiny_flags(("model", "data"), Path("run"), "--rounds", "3")
+    local_round = Trainer.local_round
+
+    def killed_in_round_2(self, round_index):
+        if round_index == 1:
+            raise KeyboardInterrupt
+        local_round(self, round_index)
+
+    monkeypatch.setattr(Trainer, "local_round", killed_in_round_2)
+    assert main(relative) == 130
+    monkeypatch.setattr(Trainer, "local_round", local_round)
+    capsys.readouterr()
+    assert main(relative) == 2
+    err = capsys.readouterr().err
+    assert "holds an unfinished run (1 rounds checkpointed)" in err and "decaf-train --resume run" in err
+    saved = json.loads(Path("run", "config.json").read_text())
+    assert (saved["model"], saved["dataset"]) == (str(Path(model).resolve()), str(Path(data).resolve()))
+    run_dir = Path("run").resolve()
+    monkeypatch.chdir(tmp_path)
+    assert main(["--resume", str(run_dir), "--no-progress"]) == 0
+    assert main(tiny_flags(tiny_paths, tmp_path / "whole", "--rounds", "3")) == 0
+    assert without_times(read_metrics(str(run_dir))) == without_times(read_metrics(str(tmp_path / "whole")))
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tiny_paths, tmp_path, monkeypatch):
+    def killed(self, round_index):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "local_round", killed)
+    assert main(tiny_flags(tiny_paths, tmp_path / "run", "--rounds", "1")) == 130
+    monkeypatch.undo()
+    assert main(["--resume", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert main(tiny_flags(tiny_paths, tmp_path / "whole", "--rounds", "1")) == 0
+    assert without_times(read_metrics(str(tmp_path / "run"))) == without_times(read_metrics(str(tmp_path / "whole")))
+
+
+# ------------------------------------------------------------------------------------------- seeds
+
+
+def test_seeds_give_mean_and_std_across_seeds(tiny_paths, tmp_path, capsys):
+    flags = ("--rounds", "1", "--local-steps", "1")
+    assert main(tiny_flags(tiny_paths, tmp_path / "cmp", *flags, "--compare", "local,dlora", "--seeds", "0,1")) == 0
+    out = capsys.readouterr().out
+    compare = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert compare["seeds"] == [0, 1] and list(compare["runs"]) == ["local", "dlora"]
+    for name in ("local", "dlora"):
+        accuracies = [compare["runs"][name][seed]["final"]["acc_mean"] for seed in ("0", "1")]
+        stats = compare["across_seeds"][name]["acc_mean"]
+        assert stats["mean"] == pytest.approx(np.mean(accuracies))
+        assert stats["std"] == pytest.approx(np.std(accuracies, ddof=1))
+        assert f"{stats['mean']:.4f} ± {stats['std']:.4f}" in out
+    assert compare["runs"]["dlora"]["0"]["examples"] != compare["runs"]["dlora"]["1"]["examples"] or \
+        compare["runs"]["dlora"]["0"]["final"] != compare["runs"]["dlora"]["1"]["final"]
+    # a single configuration over seeds: the same runs as inside the comparison
+    assert main(tiny_flags(tiny_paths, tmp_path / "seeds", *flags, "--algorithm", "dlora", "--seeds", "1")) == 0
+    seeds = json.loads((tmp_path / "seeds" / "seeds.json").read_text())
+    assert seeds["across_seeds"]["acc_mean"] == {"mean": seeds["runs"]["1"]["final"]["acc_mean"], "std": 0.0}
+    assert without_times(read_metrics(str(tmp_path / "seeds" / "seed1"))) == \
+        without_times(read_metrics(str(tmp_path / "cmp" / "dlora" / "seed1")))
+    assert main(["--seeds", "0,x"]) == 2 and main(["--seeds", "1", "--seed", "2"]) == 2
+
+
+# -------------------------------------------------------------------------------------------- plots
+
+
+def test_plot_creates_its_folder_and_tells_equal_runs_apart(tiny_paths, tmp_path):
+    for name in ("first", "second"):
+        assert main(tiny_flags(tiny_paths, tmp_path / "runs" / name, "--rounds", "1")) == 0
+    output = tmp_path / "missing" / "deeper" / "acc.png"
+    assert main(["plot", str(tmp_path / "runs"), "-o", str(output)]) == 0
+    assert output.read_bytes()[:4] == b"\x89PNG"
+    from decaf_ext.plot import plot_runs
+
+    lines = plot_runs([str(tmp_path / "runs")], str(output)).axes[0].get_lines()
+    labels = [line.get_label() for line in lines]
+    assert len(set(labels)) == 4 and "decaf ring [runs/first] (agents)" in labels
+    averaged = [line for line in lines if "averaged" in line.get_label()]
+    assert all(len(line.get_xdata()) == 1 and line.get_marker() not in (None, "None", "") for line in averaged)

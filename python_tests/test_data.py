@@ -104,6 +104,40 @@ def test_local_file_errors(tmp_path):
         load_text_dataset(str(tmp_path / "missing.csv"))
 
 
+@pytest.mark.parametrize("content, expected", [
+    ("", "is an empty file"),
+    ("text,label\n", "holds a header but no rows"),
+    ("text,label\n" + "".join(f"doc {k},spam\n" for k in range(10)), r"a single label \('spam'\)"),
+])
+def test_unusable_files_are_one_line_errors_naming_the_dataset(tmp_path, content, expected):
+    path = tmp_path / "mine.csv"
+    path.write_text(content)
+    with one_line_error(f"dataset '{path}'.*{expected}"):
+        load_text_dataset(str(path))
+
+
+def test_reading_a_file_draws_no_progress_bar(tmp_path, capfd):
+    path = tmp_path / "fresh.csv"
+    path.write_text("text,label\n" + "".join(f"doc {k},{k % 2}\n" for k in range(20)))
+    load_text_dataset(str(path))
+    captured = capfd.readouterr()
+    assert "Generating" not in captured.err + captured.out
+
+
+def test_rows_without_text_or_label_are_dropped_with_one_warning(tmp_path, caplog):
+    rows = [("", "1"), ("   ", "2"), ("no label", ""), *((f"doc {k}", str(k % 3)) for k in range(30))]
+    path = tmp_path / "gaps.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    with caplog.at_level("WARNING", logger="decaf_ext.data"):
+        train, test = load_text_dataset(str(path), test_fraction=0.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"dataset '{path}': dropped 3 of 33 rows (2 with an empty text, 1 with a missing label)"]
+    assert train.label_names == ["0", "1", "2"] and len(train) + len(test) == 30  # integer labels next to a NaN
+    for dataset in (train, test):
+        for text, label in zip(dataset.texts, dataset.labels):
+            assert dataset.label_names[label] == str(int(text.split()[1]) % 3)
+
+
 def test_label_folder(tmp_path):
     for label, texts in {"b": ["x1", "x2", "x3"], "a": ["y1", "y2", "y1"]}.items():
         (tmp_path / label).mkdir()

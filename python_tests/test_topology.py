@@ -161,8 +161,14 @@ def test_file_errors(tmp_path):
     path.write_text("0 1\n2 3\n")
     with one_line_error("disconnected"):
         build_graph("file", 4, path=str(path))
-    with one_line_error("node ids"):
+    with one_line_error("the edge list has 4 nodes .* but there are 3 agents"):
         build_graph("file", 3, path=str(path))
+    with one_line_error("the edge list has 4 nodes .* but there are 6 agents"):
+        build_graph("file", 6, path=str(path))
+    path.write_text("0 1\n-1 3\n")
+    with one_line_error("node ids"):
+        build_graph("file", 4, path=str(path))
+    path.write_text("0 1\n2 3\n")
     path.write_text("0 1\n1 1\n")
     with one_line_error("self loop"):
         build_graph("file", 2, path=str(path))

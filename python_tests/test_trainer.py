@@ -59,7 +59,7 @@ def tiny_config(paths: tuple[str, str], output_dir: Path, **changes) -> TrainCon
     """A 2-round, 4-agent ring run on the tiny model and data (57 train / 15 test examples)."""
     model, data = paths
     values = dict(model=model, dataset=data, agents=4, rank=4, lora_alpha=8, max_len=16, max_train=None,
-                  max_test=None, rounds=2, local_steps=2, batch_size=8, lr=1e-2, eval_every=1, alpha=1.0,
+                  max_test=None, rounds=2, local_steps=2, batch_size=8, lr=1e-2, eval_every=1, dirichlet_alpha=1.0,
                   device="cpu", output_dir=str(output_dir), progress=False)
     return TrainConfig(**{**values, **changes})
 
@@ -242,7 +242,7 @@ def test_classification_metrics_by_hand():
     ({"agents": 1}, "agents"),
     ({"rank": 0}, "rank"),
     ({"rank": 33}, "rank"),
-    ({"alpha": 0.0}, "alpha"),
+    ({"dirichlet_alpha": 0.0}, "dirichlet_alpha"),
     ({"max_train": 3}, "agents"),
     ({"model": "/no/such/model"}, "model"),
     ({"target_modules": ["no_such_module"]}, "target_modules"),

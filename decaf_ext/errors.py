@@ -1,0 +1,13 @@
+"""User errors: the exception every user mistake becomes, and the one line it is shown as."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message is one line and names the offending argument."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name when the message is empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
