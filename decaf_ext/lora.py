@@ -192,3 +192,20 @@ def consensus_error(groups: list[FactorGroup]) -> float:
         scale = torch.linalg.matrix_norm(products[:, 0] + mean_offset[:, 0])
         total += torch.where(scale > 0, spread / scale, torch.zeros_like(spread)).sum().item()
     return total
+
+
+def consensus_interference(groups: list[FactorGroup]) -> float:
+    """How far averaging the factors separately is from averaging the products, summed over modules.
+
+    Per module: ||mean_i B_i A_i - (mean_i B_i)(mean_i A_i)||_F / ||mean_i B_i A_i||_F (a module counts 0 when
+    mean_i B_i A_i = 0): the error DLoRA's separate averaging of A [M, N, r, n] and B [M, N, m, r] would make
+    on these factors, relative to the true mean product. Computed in float64.
+    """
+    total = 0.0
+    for group in groups:
+        A, B = group.A.double(), group.B.double()
+        mean_product = (B @ A).mean(dim=1)
+        gap = torch.linalg.matrix_norm(mean_product - B.mean(dim=1) @ A.mean(dim=1))
+        scale = torch.linalg.matrix_norm(mean_product)
+        total += torch.where(scale > 0, gap / scale, torch.zeros_like(gap)).sum().item()
+    return total
