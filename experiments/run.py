@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import resource
 import shutil
 import sys
 import time
@@ -82,6 +83,12 @@ def train_one(run: Run, device: str, fields: set[str]) -> dict:
     return summary
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def runnable(suite: Suite, fields: set[str]) -> str | None:
     """Why `suite` cannot run with this TrainConfig (None when it can)."""
     if suite.source is not None:
@@ -123,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'done' if is_done(run) else 'todo'}  {run.key}")
         return 0
     for index, run in enumerate(todo, start=1):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         summary = train_one(run, args.device, fields)
         final = summary["final"]
         print(f"[{index}/{len(todo)}] {run.suite}/{run.key}: acc {final['acc_mean']:.4f} ± {final['acc_std']:.4f}, "
-              f"averaged {final['avg_model_acc']:.4f}, {time.perf_counter() - start:.0f} s", flush=True)
+              f"averaged {final['avg_model_acc']:.4f}, {time.perf_counter() - start:.0f} s wall, "
+              f"{cpu_seconds() - cpu:.0f} CPU s", flush=True)
     return 0
 
 
