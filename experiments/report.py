@@ -174,7 +174,7 @@ def plot_panels(cells: dict[str, Cell], panels: list[tuple[str, list[tuple[str, 
         axes = figure.add_subplot(1, len(panels), index + 1)
         for name, label in lines:
             xs, mean, std = curve(cells[name], key, x)
-            (line,) = axes.plot(xs, mean, marker="o", markersize=3, label=f"{label} ({len(cells[name].runs)} s.)")
+            (line,) = axes.plot(xs, mean, marker="o", markersize=3, label=f"{label} ({len(cells[name].runs)} seed{'s' * (len(cells[name].runs) > 1)})")
             axes.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                               color=line.get_color(), alpha=0.15)
         axes.set_title(title, fontsize="medium")
