@@ -399,9 +399,11 @@ class Report:
             rows.append([name, str(n_cells * 3), str(len(done)), measured, estimate])
         out.append(table(["suite", "runs (3 seeds)", "finished", "median wall s / run (measured)",
                           "estimated wall for 3 seeds"], rows))
-        out += ["", "Wall times were measured on a 2-core machine shared with other jobs (the runner runs at "
-                "`nice -n 15`), so they overstate the cost on 2 quiet cores; the estimate scales the median by the "
-                "number of agents of each run (training and evaluation are per agent)."]
+        out += ["", "Wall times are those of the finished runs (summary.json), measured on whatever machine ran "
+                "them; on a 2-core machine shared with other jobs (the runner at `nice -n 15`) they overstate the "
+                "cost on 2 quiet cores many times (see `experiments/README.md` for a quiet-machine estimate). The "
+                "estimate scales the median by the number of agents of each run (training and evaluation are per "
+                "agent)."]
         return "\n".join(out)
 
     def write(self) -> None:
