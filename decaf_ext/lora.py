@@ -213,3 +213,20 @@ def product_distance(left: list[FactorGroup], right: list[FactorGroup]) -> torch
     """float64 [N]: sqrt(sum over modules ||B_i A_i - B'_i A'_i||_F^2) per agent (same modules and agents)."""
     squared = _product_inner(left, left) + _product_inner(right, right) - 2 * _product_inner(left, right)
     return squared.clamp_min(0).sqrt()
+
+
+def consensus_interference(groups: list[FactorGroup]) -> float:
+    """How far averaging the factors separately is from averaging the products, summed over modules.
+
+    Per module: ||mean_i B_i A_i - (mean_i B_i)(mean_i A_i)||_F / ||mean_i B_i A_i||_F (a module counts 0 when
+    mean_i B_i A_i = 0): the error DLoRA's separate averaging of A [M, N, r, n] and B [M, N, m, r] would make
+    on these factors, relative to the true mean product. Computed in float64.
+    """
+    total = 0.0
+    for group in groups:
+        A, B = group.A.double(), group.B.double()
+        mean_product = (B @ A).mean(dim=1)
+        gap = torch.linalg.matrix_norm(mean_product - B.mean(dim=1) @ A.mean(dim=1))
+        scale = torch.linalg.matrix_norm(mean_product)
+        total += torch.where(scale > 0, gap / scale, torch.zeros_like(gap)).sum().item()
+    return total

@@ -38,8 +38,8 @@ from decaf_ext.data import partition
 from decaf_ext.errors import ConfigError, first_line
 from decaf_ext.export import export_adapter, labelled_base, set_label_names
 from decaf_ext.quiet import quiet_transformers
-from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, consensus_error, share_and_freeze_A, \
-    write_extras, write_factors
+from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, consensus_error, \
+    consensus_interference, share_and_freeze_A, write_extras, write_factors
 from decaf_ext.strategies import Strategy
 from decaf_ext.tasks import Encoded, get_task
 from decaf_ext.tensorboard_log import TensorBoardLog
@@ -318,6 +318,7 @@ class Trainer:
             "avg_model_acc": average["accuracy"],
             "avg_model_macro_f1": average["macro_f1"],
             "consensus_error": consensus_error(groups),
+            "consensus_interference": consensus_interference(groups),
             "bytes_sent": bytes_sent,
             "acc_agents": accuracy.tolist(),
             "time": {k[5:]: round(v, 3) for k, v in self.counters.items() if k.startswith("time_")},

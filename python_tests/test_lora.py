@@ -14,6 +14,7 @@ from decaf_ext.lora import (
     collect_extras,
     collect_factors,
     consensus_error,
+    consensus_interference,
     share_and_freeze_A,
     write_extras,
     write_factors,
@@ -157,3 +158,30 @@ def test_consensus_error_zero_for_identical_agents_and_positive_otherwise(models
     assert consensus_error(groups) > 0
     same = [FactorGroup(g.names, g.A[:, :1].expand_as(g.A), g.B[:, :1].expand_as(g.B)) for g in groups]
     assert consensus_error(same) == 0.0
+
+
+def test_consensus_interference_by_hand():
+    # two agents, one 1x1 module: mean B_i A_i = (3 + 3) / 2 = 3, mean B * mean A = 2 * 2 = 4 -> |3 - 4| / 3
+    A = torch.tensor([1.0, 3.0]).reshape(1, 2, 1, 1)
+    B = torch.tensor([3.0, 1.0]).reshape(1, 2, 1, 1)
+    assert consensus_interference([FactorGroup(["m"], A, B)]) == pytest.approx(1 / 3)
+    # summed over modules and groups; a module whose mean product is zero counts 0
+    zero = FactorGroup(["z"], A, torch.tensor([3.0, -1.0]).reshape(1, 2, 1, 1))
+    assert consensus_interference([FactorGroup(["m", "k"], A.repeat(2, 1, 1, 1), B.repeat(2, 1, 1, 1)), zero]) \
+        == pytest.approx(2 / 3)
+
+
+def test_consensus_interference_vanishes_with_a_shared_factor_but_not_across_gauges(models):
+    groups = collect_factors(models)
+    shared_A = [FactorGroup(g.names, g.A[:, :1].expand_as(g.A), g.B) for g in groups]
+    assert consensus_interference(shared_A) == pytest.approx(0.0, abs=1e-12)
+    # identical products in different gauges (B_i R_i, R_i^-1 A_i): no consensus error, yet interference
+    torch.manual_seed(0)
+    same = []
+    for g in groups:
+        R = torch.eye(g.rank, dtype=torch.float64) + 0.5 * torch.randn(g.n_agents, g.rank, g.rank,
+                                                                        dtype=torch.float64)
+        A0, B0 = g.A[:, :1].double(), g.B[:, :1].double()
+        same.append(FactorGroup(g.names, torch.linalg.solve(R, A0), B0 @ R))
+    assert consensus_error(same) < 1e-9
+    assert consensus_interference(same) > 0.1

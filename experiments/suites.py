@@ -1,0 +1,87 @@
+"""The experiment suites: named grids of TrainConfig overrides on top of one shortened base setting.
+
+Every run is (suite, run name, overrides, seed). The base setting is the offline default (MiniLM, BBC News,
+LoRA r = 8 on query/value, batch 16, 600 training / 200 held-out documents) shortened to fit two CPU cores:
+3 local steps per round instead of 5, 48 tokens per document instead of 64, evaluation every 2 rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+BASE: dict[str, Any] = {
+    "agents": 10, "topology": "ring", "rounds": 10, "local_steps": 3, "max_len": 48, "eval_every": 2,
+    "batch_size": 16, "max_train": 600, "max_test": 200, "progress": False,
+}
+ALGORITHMS = ("local", "fedavg", "dlora", "decaf", "dlora_fa")
+PARTITIONS: dict[str, dict[str, Any]] = {
+    "iid": {"partition": "iid"},
+    "dir0.5": {"partition": "dirichlet", "alpha": 0.5},
+    "dir0.1": {"partition": "dirichlet", "alpha": 0.1},
+}
+TOPOLOGIES = ("ring", "bipartite", "complete", "erdos_renyi", "exponential", "one_peer_exponential")
+TOPOLOGY_AGENTS = 8  # one_peer_exponential needs a power of two; every graph of the suite uses the same count
+RANKS = (1, 2, 4, 8, 16)
+AGENT_COUNTS = (5, 10, 20, 40)
+SPLITS = ("balanced", "left", "right")
+OPTIMIZER_STATES = ("keep", "reset")
+SPLIT_FIELDS = ("decaf_split", "split")  # the TrainConfig field carrying DeCAF's factor split, whichever exists
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of a suite: its folder name under experiments/results/<suite>/ and its overrides."""
+
+    suite: str
+    name: str
+    overrides: dict[str, Any]
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named grid; `cells` maps a cell name to its overrides (seeds are added by `runs`)."""
+
+    name: str
+    claim: str
+    cells: dict[str, dict[str, Any]]
+    needs_field: tuple[str, ...] = ()  # TrainConfig fields (any one of them) the suite needs
+    source: str | None = None  # a suite with no runs of its own reads this suite's results
+
+    def runs(self, seeds: tuple[int, ...]) -> list[Run]:
+        """Seed-major order: every cell with the first seed, then every cell with the next seed, ..."""
+        return [Run(self.name, cell, {**BASE, **overrides, "seed": seed}, seed)
+                for seed in seeds for cell, overrides in self.cells.items()]
+
+
+def _grid() -> dict[str, Suite]:
+    algorithms = {f"{a}-{p}": {"algorithm": a, **PARTITIONS[p]} for p in PARTITIONS for a in ALGORITHMS}
+    topologies = {f"{a}-{t}-{p}": {"algorithm": a, "topology": t, "agents": TOPOLOGY_AGENTS, **PARTITIONS[p]}
+                  for p in ("iid", "dir0.1") for t in TOPOLOGIES for a in ("decaf", "dlora")}
+    ranks = {f"{a}-r{r}": {"algorithm": a, "rank": r, **PARTITIONS["dir0.5"]}
+             for r in RANKS for a in ("decaf", "dlora")}
+    agents = {f"{a}-n{n}": {"algorithm": a, "agents": n, **PARTITIONS["dir0.5"]}
+              for n in AGENT_COUNTS for a in ("decaf", "dlora")}
+    split = {f"decaf-{s}-{o}": {"algorithm": "decaf", "split": s, "optimizer_state": o, **PARTITIONS["dir0.5"]}
+             for s in SPLITS for o in OPTIMIZER_STATES}
+    suites = [
+        Suite("algorithms", "algorithms on a 10-agent ring: IID, Dirichlet 0.5, Dirichlet 0.1", algorithms),
+        Suite("topologies", "decaf and dlora on six graphs of 8 agents (one-peer exponential needs a power of two), "
+              "IID and Dirichlet 0.1", topologies),
+        Suite("rank", "decaf vs dlora at LoRA rank 1-16 (ring, Dirichlet 0.5): accuracy and interference", ranks),
+        Suite("agents", "5, 10, 20, 40 agents on a ring sharing the same 600 documents (Dirichlet 0.5)", agents),
+        Suite("split", "DeCAF factor split x optimizer state after re-factorization (ring, Dirichlet 0.5)", split,
+              needs_field=SPLIT_FIELDS),
+        Suite("bytes", "accuracy against bytes sent, per algorithm (reads the algorithms suite)", {},
+              source="algorithms"),
+    ]
+    return {suite.name: suite for suite in suites}
+
+
+SUITES: dict[str, Suite] = _grid()
