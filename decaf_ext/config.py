@@ -21,6 +21,7 @@ PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards", "few_shot")
 MIXING_RULES: tuple[str, ...] = ("auto", "uniform", "metropolis", "max_degree")
 COMM_ORDERS: tuple[str, ...] = ("train_then_mix", "mix_then_train")
 OPTIMIZER_STATE_POLICIES: tuple[str, ...] = ("keep", "reset")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,16 @@ class TrainConfig:
     lora_dropout: float = _knob(0.1, "dropout on the LoRA input")
     target_modules: list[str] | None = _knob(None, "comma-separated LoRA target modules (default: the task's)")
     max_len: int = _knob(64, "maximum tokens per example")
+    dtype: str = _knob("float32", f"dtype of the frozen base model of causal_lm: {', '.join(DTYPES)} "
+                                  "(LoRA factors, mixing and optimizer state stay float32)")
+    gradient_checkpointing: bool = _knob(False, "recompute the base model's activations in the backward pass "
+                                                "(causal_lm; less memory, more time)")
+    template: str | None = _knob(None, "causal_lm prompt: yesno_qa, wic, topic (default), or a string with "
+                                       "{column} placeholders")
+    label_words: list[str] | None = _knob(None, "causal_lm: comma-separated word per label id (default: the "
+                                                "template's, else the label names)")
+    columns: list[str] | None = _knob(None, "causal_lm: comma-separated field=column pairs renaming dataset "
+                                            "columns to the template's fields (e.g. label=answer)")
     # data
     dataset: str = _knob("bbcnews", "'bbcnews' (offline), a local csv/json/jsonl/parquet file or folder, or a hub id")
     test_fraction: float = _knob(0.2, "held-out fraction of the dataset")
@@ -78,6 +89,7 @@ class TrainConfig:
     # evaluation, logging, reproducibility
     eval_every: int = _knob(5, "evaluate every K rounds (and after the last round)")
     eval_batch_size: int = _knob(64, "evaluation batch size")
+    eval_at_start: bool = _knob(False, "also evaluate before the first round (round 0)")
     checkpoint_every: int = _knob(0, "checkpoint every K rounds (0: only after the last round)")
     seed: int = _knob(0, "seed of data split, partition, initialization and data order")
     device: str = _knob("auto", "cpu, cuda, cuda:N or auto")
@@ -92,6 +104,7 @@ class TrainConfig:
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("comm_order", self.comm_order, COMM_ORDERS)
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
+        _check_choice("dtype", self.dtype, DTYPES)
         from decaf_ext.tasks import TASKS
 
         _check_choice("task", self.task, tuple(TASKS))
@@ -122,6 +135,8 @@ class TrainConfig:
             raise ConfigError("target_modules must name at least one module")
         if self.device != "auto" and not self.device.split(":")[0] in ("cpu", "cuda"):
             raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if self.dtype == "float16" and (self.device == "cpu" or (self.device == "auto" and not _cuda_available())):
+            raise ConfigError("dtype: float16 cannot train on a CPU (use bfloat16 or float32)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-ready dict of every field."""
@@ -137,6 +152,12 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
         return cls(**{name: convert_value(name, value) for name, value in values.items()})
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -195,7 +195,7 @@ class Trainer:
     def build_models(self) -> None:
         """N agents and one scratch model (for the averaged adapter), all sharing the frozen base."""
         cfg = self.config
-        targets = list(cfg.target_modules or self.task.default_target_modules)
+        targets = list(cfg.target_modules or self.task.default_targets(self._base))
         self._check_targets(targets)
         template = get_peft_model(self._base.to(self.device),
                                   self.task.lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets))
@@ -286,7 +286,7 @@ class Trainer:
         accuracy = np.array([m["accuracy"] for m in agents])
         return {
             "round": rounds_done,
-            "train_loss": loss_sum / max(loss_steps, 1),
+            "train_loss": loss_sum / loss_steps if loss_steps else None,
             "acc_mean": float(accuracy.mean()),
             "acc_std": float(accuracy.std()),
             "macro_f1_mean": float(np.mean([m["macro_f1"] for m in agents])),
@@ -378,6 +378,8 @@ class Trainer:
         wall = time.perf_counter()
         bar = tqdm(range(done, cfg.rounds), initial=done, total=cfg.rounds, unit="round", disable=not cfg.progress,
                    desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents}", dynamic_ncols=True)
+        if cfg.eval_at_start and done == 0:
+            self._evaluate(0)
         for round_index in bar:
             if cfg.comm_order == "mix_then_train":
                 self._communicate(round_index)
@@ -418,7 +420,8 @@ class Trainer:
         """Final metrics, totals and per-round timings."""
         cfg, final = self.config, self.history[-1]
         return {
-            "algorithm": cfg.algorithm, "topology": cfg.topology, "agents": cfg.agents, "rounds": cfg.rounds,
+            "task": cfg.task, "algorithm": cfg.algorithm, "topology": cfg.topology, "agents": cfg.agents,
+            "rounds": cfg.rounds,
             "final": {k: v for k, v in final.items() if k != "time"},
             "bytes_per_agent_per_round": final["bytes_sent"] / (cfg.agents * cfg.rounds),
             "time": {**final["time"], "wall_this_session": round(wall_seconds, 3)},
