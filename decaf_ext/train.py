@@ -60,26 +60,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reports_f1(summary: dict[str, Any]) -> bool:
+    """Whether the run's task is scored by macro-F1 (the causal LM's paper metric) next to accuracy."""
+    return summary.get("task") == "causal_lm"
+
+
 def format_result(summary: dict[str, Any]) -> str:
-    """One line: final mean test accuracy ± std, averaged-model accuracy, consensus error, bytes, timings."""
+    """One line: final mean test accuracy ± std (and macro-F1 where the task reports it), averaged-model
+    accuracy, consensus error, bytes, timings."""
     final, per_round = summary["final"], summary["seconds_per_round"]
+    f1 = (f" | macro-F1 {final['macro_f1_mean']:.4f}, averaged model {final['avg_model_macro_f1']:.4f}"
+          if _reports_f1(summary) else "")
     return (f"{summary['algorithm']} {summary['topology']} x{summary['agents']} | round {final['round']}: "
             f"test acc {final['acc_mean']:.4f} ± {final['acc_std']:.4f} | averaged model {final['avg_model_acc']:.4f}"
-            f" | consensus error {final['consensus_error']:.3g} | sent {final['bytes_sent'] / 1e6:.2f} MB"
+            f"{f1} | consensus error {final['consensus_error']:.3g} | sent {final['bytes_sent'] / 1e6:.2f} MB"
             f" | {per_round['local']:.2f} s local + {per_round['comm']:.3f} s comm per round"
             f" | {summary['run_dir']}")
 
 
 def format_table(summaries: dict[str, dict[str, Any]]) -> str:
     """Comparison table, one row per algorithm."""
-    header = ("algorithm", "acc mean ± std", "avg model", "macro-F1", "consensus err", "MB sent",
-              "local s/round", "comm s/round")
+    f1 = any(_reports_f1(s) for s in summaries.values())
+    header = ("algorithm", "acc mean ± std", "avg model", "macro-F1", *(("avg model F1",) if f1 else ()),
+              "consensus err", "MB sent", "local s/round", "comm s/round")
     rows = [header]
     for name, s in summaries.items():
         final, per_round = s["final"], s["seconds_per_round"]
         rows.append((name, f"{final['acc_mean']:.4f} ± {final['acc_std']:.4f}", f"{final['avg_model_acc']:.4f}",
-                     f"{final['macro_f1_mean']:.4f}", f"{final['consensus_error']:.3g}",
-                     f"{final['bytes_sent'] / 1e6:.2f}", f"{per_round['local']:.3f}", f"{per_round['comm']:.4f}"))
+                     f"{final['macro_f1_mean']:.4f}", *((f"{final['avg_model_macro_f1']:.4f}",) if f1 else ()),
+                     f"{final['consensus_error']:.3g}", f"{final['bytes_sent'] / 1e6:.2f}",
+                     f"{per_round['local']:.3f}", f"{per_round['comm']:.4f}"))
     widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 

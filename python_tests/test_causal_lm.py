@@ -93,15 +93,6 @@ def test_every_algorithm_runs_and_evaluates_at_start(tiny_lm, tmp_path, algorith
     assert all("q_proj" in n or "v_proj" in n for n in trainable)
 
 
-def test_learns_the_tiny_topic_task(tiny_lm, tmp_path):
-    """Class words decide the topic: fedavg for 6 rounds moves macro-F1 well above round 0."""
-    trainer = Trainer(lm_config(tiny_lm, tmp_path / "run", algorithm="fedavg", rounds=6, local_steps=3,
-                                eval_at_start=True, eval_every=6))
-    trainer.run()
-    start, end = trainer.history[0], trainer.history[-1]
-    assert end["avg_model_macro_f1"] > start["avg_model_macro_f1"] + 0.3 and end["avg_model_macro_f1"] > 0.8
-
-
 # ---------------------------------------------------------------------------------- loss and scores
 
 

@@ -97,7 +97,7 @@ class CausalLM(Task):
                               f"{fixed} and the longest label word {self.target_ids.shape[1]}")
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     def _set_targets(self, label_names: list[str]) -> None:
@@ -107,6 +107,8 @@ class CausalLM(Task):
         for word, ids in zip(words, tokens):
             if not ids:
                 raise ConfigError(f"label_words: {word.strip()!r} tokenizes to nothing")
+            if self.tokenizer.unk_token_id is not None and self.tokenizer.unk_token_id in ids:
+                raise ConfigError(f"label_words: {word.strip()!r} holds a token the tokenizer does not know")
         for i in range(len(tokens)):
             for j in range(i):
                 if tokens[i] == tokens[j]:
