@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 from decaf_ext.config import ConfigError
 from decaf_ext.strategies import STRATEGIES
 from decaf_ext.tasks import classification_metrics
+from decaf_ext.train import format_result, format_table
 from decaf_ext.trainer import Trainer
 from test_trainer import CLASSES, FILLER, make_tiny_dataset, make_tiny_model, read_metrics, tiny_config
 
@@ -87,6 +88,11 @@ def test_every_algorithm_runs_and_evaluates_at_start(tiny_lm, tmp_path, algorith
     assert all(np.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in history[1:])
     assert all(0.0 <= r["macro_f1_mean"] <= 1.0 and 0.0 <= r["avg_model_macro_f1"] <= 1.0 for r in history)
     assert summary["task"] == "causal_lm" and summary["final"]["round"] == 2
+    final = summary["final"]
+    assert f"macro-F1 {final['macro_f1_mean']:.4f}, averaged model {final['avg_model_macro_f1']:.4f}" \
+        in format_result(summary)
+    header, row = format_table({algorithm: summary}).splitlines()
+    assert "avg model F1" in header and f"{final['avg_model_macro_f1']:.4f}" in row
     # LoRA on the attention q/v projections of both layers, nothing else trainable (no head for this task)
     trainable = [n for n, p in trainer.models[0].named_parameters() if p.requires_grad]
     assert len(trainable) == (2 * 2 * 2 if algorithm != "dlora_fa" else 2 * 2)
@@ -113,7 +119,7 @@ def test_prompt_and_padding_carry_no_loss(tiny_lm, tmp_path):
     with torch.no_grad():
         loss = task.loss(model, batch)
     assert loss.item() == pytest.approx(np.mean(terms), rel=1e-5)
-    assert sorted(set(labels.tolist())) == [0, 1, 2] or len(set(labels.tolist())) > 1
+    assert len(set(labels.tolist())) > 1  # words of different lengths in one batch
 
 
 @pytest.mark.parametrize("label_words", [None, ["big thing", "red apple", "food"]])
