@@ -287,14 +287,21 @@ def test_two_process_run_matches_the_simulator(tiny_lm, tmp_path):
 
 
 @pytest.mark.slow
-def test_gemma_topic_learns(tmp_path):
-    """Gemma 3 270M (offline packages) on BBC News topics, DeCAF, 4 agents: macro-F1 of the averaged model rises."""
+def test_gemma_topic_run_of_the_readme_learns(tmp_path):
+    """The README's offline causal-LM run: Gemma 3 270M (PyPI GGUF packages), BBC News topics, DeCAF, 4 agents.
+
+    The averaged model's macro-F1 must end above its zero-shot round-0 value and far above the majority-class
+    baseline (about 0.08 macro-F1, 0.23 accuracy on the 60 stratified test documents).
+    """
     from decaf_ext.config import TrainConfig
 
-    config = TrainConfig(task="causal_lm", model="gemma3-270m", agents=4, rounds=2, local_steps=3, batch_size=8,
-                         max_len=96, max_train=200, max_test=40, eval_every=2, eval_at_start=True, lr=1e-3,
-                         partition="iid", device="cpu", output_dir=str(tmp_path / "run"), progress=False)
+    config = TrainConfig(task="causal_lm", model="gemma3-270m", template="topic", agents=4, rounds=3, local_steps=5,
+                         batch_size=8, max_len=64, max_train=320, max_test=60, lr=3e-3, eval_at_start=True,
+                         eval_every=3, device="cpu", output_dir=str(tmp_path / "run"), progress=False)
     trainer = Trainer(config)
-    assert sum(p.numel() for p in trainer.models[0].parameters()) > 2.6e8
+    assert sum(p.numel() for p in trainer.models[0].parameters() if not p.requires_grad) == 268_098_176
     trainer.run()
-    assert trainer.history[-1]["avg_model_macro_f1"] > trainer.history[0]["avg_model_macro_f1"]
+    start, end = trainer.history[0], trainer.history[-1]
+    majority = np.bincount(trainer.test_set.labels.numpy()).max() / len(trainer.test_set)
+    assert end["avg_model_macro_f1"] > start["avg_model_macro_f1"] + 0.05
+    assert end["avg_model_acc"] > majority + 0.5
