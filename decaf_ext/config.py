@@ -30,6 +30,7 @@ RENAMED: dict[str, str] = {"alpha": "dirichlet_alpha"}
 PATH_FIELDS: tuple[str, ...] = ("dataset", "model", "topology_file")
 #: (max_train, max_test) used when they are not set: a budget for the offline default only
 DEFAULT_CAPS: dict[str, tuple[int, int]] = {OFFLINE_DEFAULT: (600, 200)}
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 
 def registry_names() -> dict[str, tuple[str, ...]]:
@@ -78,6 +79,16 @@ class TrainConfig:
     lora_dropout: float = _knob(0.1, "dropout on the LoRA input")
     target_modules: list[str] | None = _knob(None, "comma-separated LoRA target modules (default: the task's)")
     max_len: int = _knob(64, "maximum tokens per example")
+    dtype: str = _knob("float32", f"dtype of the frozen base model of causal_lm: {', '.join(DTYPES)} "
+                                  "(LoRA factors, mixing and optimizer state stay float32)")
+    gradient_checkpointing: bool = _knob(False, "recompute the base model's activations in the backward pass "
+                                                "(causal_lm; less memory, more time)")
+    template: str | None = _knob(None, "causal_lm prompt: yesno_qa, wic, topic (default), or a string with "
+                                       "{column} placeholders")
+    label_words: list[str] | None = _knob(None, "causal_lm: comma-separated word per label id (default: the "
+                                                "template's, else the label names)")
+    columns: list[str] | None = _knob(None, "causal_lm: comma-separated field=column pairs renaming dataset "
+                                            "columns to the template's fields (e.g. label=answer)")
     # clip task
     prompt_template: str = _knob("generic", "clip: class-name prompt, a built-in template (flowers, food, actions, "
                                             "generic) or a string with {} for the class name")
@@ -131,6 +142,7 @@ class TrainConfig:
         _check_choice("comm_order", self.comm_order, COMM_ORDERS)
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
         _check_choice("clip_lora_on", self.clip_lora_on, CLIP_ENCODERS)
+        _check_choice("dtype", self.dtype, DTYPES)
         if self.agents < 1:
             raise ConfigError(f"agents must be >= 1, got {self.agents}")
         strategy = self.strategy()
@@ -167,6 +179,8 @@ class TrainConfig:
             raise ConfigError(f"norm_bound must be >= 1 or none, got {self.norm_bound}")
         if self.device != "auto" and not self.device.split(":")[0] in ("cpu", "cuda"):
             raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if self.dtype == "float16" and (self.device == "cpu" or (self.device == "auto" and not _cuda_available())):
+            raise ConfigError("dtype: float16 cannot train on a CPU (use bfloat16 or float32)")
 
     def strategy(self) -> Strategy:
         """The configured strategy, with the decaf_* options it takes (the built-in decaf takes all five)."""
@@ -208,6 +222,12 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
         return cls(**{name: convert_value(name, value) for name, value in values.items()})
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -45,6 +45,36 @@ class TextDataset:
         """The examples at `indices` (int [k]), in that order, with the same label names."""
         return TextDataset([self.texts[i] for i in indices], self.labels[indices], self.label_names)
 
+    def contents(self) -> list[str]:
+        """What makes two examples duplicates: the text of each example."""
+        return self.texts
+
+
+@dataclass
+class RecordDataset:
+    """Examples with several text fields: columns: field name -> n strings; labels: int64 [n] ids into label_names."""
+
+    columns: dict[str, list[str]]
+    labels: np.ndarray
+    label_names: list[str]
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if any(len(values) != len(self.labels) for values in self.columns.values()):
+            raise ValueError(f"every column must hold {len(self.labels)} values, one per label")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> RecordDataset:
+        """The examples at `indices` (int [k]), in that order, with the same label names."""
+        return RecordDataset({name: [values[i] for i in indices] for name, values in self.columns.items()},
+                             self.labels[indices], self.label_names)
+
+    def contents(self) -> list[tuple[str, ...]]:
+        """What makes two examples duplicates: all fields of each example."""
+        return list(zip(*self.columns.values()))
+
 
 # ---------------------------------------------------------------------------------------------- loading
 
@@ -91,40 +121,51 @@ def _label_name(value: object) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def _from_table(table, text_column: str, label_column: str, source: str) -> TextDataset:
-    """TextDataset from a datasets.Dataset. Rows with a missing or blank text or label (None, NaN, ClassLabel
-    -1) are dropped with one warning giving the counts. ClassLabel columns keep their names; other label
-    columns are numbered by sorted value."""
+def _label_ids(table, label_column: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(label ids int64 [k], label names, kept row indices int64 [k]) of a datasets.Dataset's label column.
+
+    Rows with a missing label (None, NaN, blank, ClassLabel -1) are left out. ClassLabel columns keep their
+    names; other label columns are numbered by sorted value (integral floats count as integers).
+    """
     import datasets
 
-    for column, argument in ((text_column, "text_column"), (label_column, "label_column")):
-        if column not in table.column_names:
-            raise ValueError(f"{argument}={column!r} is not a column of {source!r} (columns: {table.column_names})")
     feature = table.features[label_column]
     class_label = isinstance(feature, datasets.ClassLabel)
-    texts, values, no_text, no_label = [], [], 0, 0
-    for text, label in zip(table[text_column], table[label_column]):
-        if _missing(text):
-            no_text += 1
-        elif _missing(label) or (class_label and label < 0):
-            no_label += 1
-        else:
-            texts.append(str(text))
-            values.append(label)
+    values = table[label_column]
+    kept = [i for i, value in enumerate(values) if not (_missing(value) or (class_label and value < 0))]
+    values = [values[i] for i in kept]
+    kept = np.array(kept, dtype=np.int64)
+    if class_label:
+        return np.array(values, dtype=np.int64), list(feature.names), kept
+    if values and all(isinstance(value, float) and value.is_integer() for value in values):
+        values = [int(value) for value in values]
+    distinct = sorted(set(values))
+    ids = {value: i for i, value in enumerate(distinct)}
+    return np.array([ids[v] for v in values], dtype=np.int64), [_label_name(v) for v in distinct], kept
+
+
+def _check_columns(table, wanted: dict[str, str], source: str) -> None:
+    """ValueError naming the first argument (key of `wanted`) whose column (value) `table` lacks."""
+    for argument, column in wanted.items():
+        if column not in table.column_names:
+            raise ValueError(f"{argument}={column!r} is not a column of {source!r} (columns: {table.column_names})")
+
+
+def _from_table(table, text_column: str, label_column: str, source: str) -> TextDataset:
+    """TextDataset from a datasets.Dataset. Rows with a missing or blank text or label (see _label_ids) are
+    dropped with one warning giving the counts."""
+    _check_columns(table, {"text_column": text_column, "label_column": label_column}, source)
+    labels, names, kept = _label_ids(table, label_column)
+    texts = table[text_column]
+    no_text = sum(_missing(text) for text in texts)
+    keep = [k for k, i in enumerate(kept) if not _missing(texts[i])]
+    no_label = len(table) - no_text - len(keep)
     if no_text or no_label:
         log.warning("dataset %r: dropped %d of %d rows (%d with an empty %s, %d with a missing %s)", source,
                     no_text + no_label, len(table), no_text, text_column, no_label, label_column)
-    if not texts:
+    if not keep:
         raise ValueError(f"dataset {source!r} has no rows with both a {text_column!r} and a {label_column!r}")
-    if class_label:
-        return TextDataset(texts, np.array(values), list(feature.names))
-    names = {value: _label_name(value) for value in values}
-    if all(isinstance(value, float) for value in values) and all(value.is_integer() for value in values):
-        values = [int(value) for value in values]
-        names = {value: str(value) for value in values}
-    distinct = sorted(set(values))
-    ids = {value: i for i, value in enumerate(distinct)}
-    return TextDataset(texts, np.array([ids[v] for v in values]), [names[v] for v in distinct])
+    return TextDataset([str(texts[kept[k]]) for k in keep], labels[keep], names)
 
 
 def _at_most_one_line(path: Path) -> bool:
@@ -161,11 +202,17 @@ def _read_source(source: str, text_column: str, label_column: str) -> TextDatase
     path = Path(source)
     if path.is_dir():
         return read_label_folders(path)
+    return _from_table(_load_table(source), text_column, label_column, source)
+
+
+def _load_table(source: str):
+    """A local .csv/.json/.jsonl/.parquet file, or a hub dataset id with every split pooled, as a datasets.Dataset."""
     import datasets
 
+    path = Path(source)
     file_format = FILE_FORMATS.get(path.suffix.lower())
     if file_format is not None:
-        return _from_table(_load_file(path, file_format, source), text_column, label_column, source)
+        return _load_file(path, file_format, source)
     try:
         with quiet_datasets():
             splits = datasets.load_dataset(source)
@@ -175,14 +222,14 @@ def _read_source(source: str, text_column: str, label_column: str) -> TextDatase
             f"source={source!r} is not 'bbcnews', a local folder or .csv/.json/.jsonl/.parquet file, "
             f"or a reachable Hugging Face dataset id ({reason})"
         ) from error
-    return _from_table(datasets.concatenate_datasets(list(splits.values())), text_column, label_column, source)
+    return datasets.concatenate_datasets(list(splits.values()))
 
 
-def deduplicate(dataset: TextDataset) -> TextDataset:
-    """Drop exact duplicate texts, keeping the first occurrence."""
+def deduplicate(dataset: TextDataset | RecordDataset) -> TextDataset | RecordDataset:
+    """Drop exact duplicates (same ``contents()``), keeping the first occurrence."""
     first = {}
-    for i, text in enumerate(dataset.texts):
-        first.setdefault(text, i)
+    for i, content in enumerate(dataset.contents()):
+        first.setdefault(content, i)
     return dataset.subset(np.fromiter(first.values(), dtype=np.int64, count=len(first)))
 
 
@@ -215,11 +262,20 @@ def load_text_dataset(
     splits are pooled and re-split). max_examples: keep at most this many deduplicated examples in total
     (a seeded stratified subset) before the split; test gets round(test_fraction * kept) of them.
     """
+    return split_dataset(_read_source(source, text_column, label_column), source=source,
+                         test_fraction=test_fraction, seed=seed, max_examples=max_examples)
+
+
+def split_dataset(dataset: TextDataset | RecordDataset, *, source: str, test_fraction: float, seed: int,
+                  max_examples: int | None = None) -> tuple:
+    """(train, test) of `dataset` (read from `source`, named in errors): exact duplicates removed first, a
+    single-label dataset refused, then a seeded stratified split (see :func:`load_text_dataset` for
+    max_examples)."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if max_examples is not None and max_examples < 2:
         raise ValueError(f"max_examples must be >= 2 (one train and one test example), got {max_examples}")
-    dataset = deduplicate(_read_source(source, text_column, label_column))
+    dataset = deduplicate(dataset)
     present = np.unique(dataset.labels)
     if len(present) < 2:
         only = dataset.label_names[present[0]] if len(present) else "none"
@@ -229,6 +285,42 @@ def load_text_dataset(
     if not 0 < n_test < len(order):
         raise ValueError(f"test_fraction={test_fraction} leaves an empty train or test set of {len(order)} examples")
     return dataset.subset(order[n_test:]), dataset.subset(order[:n_test])
+
+
+def _check_fields(wanted: dict[str, str], available: list[str], renamed: dict[str, str], source: str) -> None:
+    """ValueError naming the first field whose column (wanted: field -> column) is not `available`."""
+    for field, column in wanted.items():
+        if column not in available:
+            argument = "columns" if field in renamed or field == "label" else "template"
+            raise ValueError(f"{argument}: column {column!r} (field {field}) is not in {source!r} "
+                             f"(columns: {', '.join(available)})")
+
+
+def load_record_dataset(source: str, fields: list[str], *, columns: dict[str, str] | None = None,
+                        test_fraction: float = 0.2, seed: int = 0) -> tuple[RecordDataset, RecordDataset]:
+    """(train, test) of `source` with the text `fields` a template needs (deduplicated, stratified split).
+
+    source: "bbcnews" or a folder of <label>/*.txt (one field, ``text``), a local .csv/.json/.jsonl/.parquet
+    file or a hub dataset id. columns: field -> dataset column renames (``label`` names the label column).
+    A field or label column missing from the data is a ValueError naming it and the columns that exist.
+    """
+    columns = dict(columns or {})
+    wanted = {field: columns.get(field, field) for field in [*fields, "label"]}
+    if source == "bbcnews" or Path(source).is_dir():
+        texts = _read_source(source, "text", "label")
+        _check_fields(wanted, ["text", "label"], columns, source)
+        records = RecordDataset({field: texts.texts for field in fields}, texts.labels, texts.label_names)
+    else:
+        table = _load_table(source)
+        _check_fields(wanted, table.column_names, columns, source)
+        labels, names, kept = _label_ids(table, wanted["label"])
+        values = {field: table[wanted[field]] for field in fields}
+        rows = [k for k, i in enumerate(kept) if all(values[field][i] is not None for field in fields)]
+        if not rows:
+            raise ValueError(f"source={source!r} has no labelled rows")
+        records = RecordDataset({field: [str(values[field][kept[k]]) for k in rows] for field in fields},
+                                labels[rows], names)
+    return split_dataset(records, source=source, test_fraction=test_fraction, seed=seed)
 
 
 # -------------------------------------------------------------------------------------------- partition

