@@ -140,9 +140,9 @@ Plan device_plan(int64_t n_out, int64_t n_in) {
 }
 
 // W on the host (Wd float64, contiguous): identical rows are solved once; a row reads only its
-// neighbors' factors unless one support of all agents costs less (sum of (k r)^2 over supports
-// above (N_in r)^2: dense graphs).
-Plan host_plan(const at::Tensor& Wd, int64_t r) {
+// neighbors' factors unless one support of all agents costs less (dense graphs). Cost, in flops
+// up to a constant: QR of each support's stacks (m + n) K^2, SVD of each distinct row's core ~20 K^3.
+Plan host_plan(const at::Tensor& Wd, int64_t r, int64_t m, int64_t n) {
   const int64_t n_out = Wd.size(0), n_in = Wd.size(1);
   const double* w = Wd.data_ptr<double>();
   std::map<std::vector<double>, int64_t> row_ids;
@@ -155,20 +155,24 @@ Plan host_plan(const at::Tensor& Wd, int64_t r) {
   std::map<std::vector<int64_t>, int64_t> support_ids;
   std::vector<std::vector<int64_t>> supports;
   std::vector<int64_t> support_of(distinct.size());
-  int64_t local_cost = 0, max_agents = 0;
+  double local_cost = 0.0;
+  int64_t max_agents = 0;
   for (size_t d = 0; d < distinct.size(); ++d) {
     std::vector<int64_t> agents;
     for (int64_t j = 0; j < n_in; ++j)
       if (w[distinct[d] * n_in + j] != 0.0) agents.push_back(j);
     const auto [it, fresh] = support_ids.emplace(agents, supports.size());
+    const double K = (double)agents.size() * r;
+    local_cost += 20.0 * K * K * K;
     if (fresh) {
-      local_cost += (int64_t)agents.size() * agents.size();
+      local_cost += (double)(m + n) * K * K;
       max_agents = std::max<int64_t>(max_agents, agents.size());
       supports.push_back(agents);
     }
     support_of[d] = it->second;
   }
-  if (supports.size() > 1 && local_cost > n_in * n_in) {
+  const double NR = (double)n_in * r;
+  if (supports.size() > 1 && local_cost > (double)(m + n) * NR * NR + 20.0 * distinct.size() * NR * NR * NR) {
     std::vector<int64_t> every(n_in);
     for (int64_t j = 0; j < n_in; ++j) every[j] = j;
     supports.assign(1, every);
@@ -307,26 +311,26 @@ at::Tensor per_problem_result(const at::Tensor& out, const Bucket& bk, int64_t r
 // float64; the split factors written back through the Householder reflectors.
 // Bs [batch, G, K, m] (B columns as rows), As [batch, G, K, n], d [P, K] float64.
 Solved solve_exact(const at::Tensor& Bs, const at::Tensor& As, const at::Tensor& d, const Bucket& bk,
-                   const Options& o) {
+                   const Options& o, const Backend& backend) {
   const int64_t batch = Bs.size(0), K = Bs.size(2), m = Bs.size(3), n = As.size(3), P = d.size(0);
   const int64_t Kb = std::min(m, K), Ka = std::min(n, K);
-  const auto [hB, tauB] = at::geqrf(Bs.transpose(-1, -2));  // [batch, G, m, K]
-  const auto [hA, tauA] = at::geqrf(As.transpose(-1, -2));  // [batch, G, n, K]
+  const auto [hB, tauB] = backend.geqrf(Bs.transpose(-1, -2));  // [batch, G, m, K]
+  const auto [hA, tauA] = backend.geqrf(As.transpose(-1, -2));  // [batch, G, n, K]
   const at::Tensor RB = per_problem(hB.narrow(-2, 0, Kb).triu().to(at::kDouble), bk);  // [batch, P, Kb, K]
   const at::Tensor RA = per_problem(hA.narrow(-2, 0, Ka).triu().to(at::kDouble), bk);  // [batch, P, Ka, K]
   const at::Tensor core = at::matmul(RB * d.view({1, P, 1, K}), RA.transpose(-1, -2));  // [batch, P, Kb, Ka]
-  const auto [U, Sv, Vh] = at::linalg_svd(core, false);
+  const auto [U, Sv, Vh] = backend.svd(core);
   // Coordinates of the all-ones vector in the orthonormal bases (sign rule).
   const auto ones = [&](int64_t rows) { return at::ones({batch, bk.supports, rows, 1}, Bs.options()); };
-  const at::Tensor sB = per_problem(at::ormqr(hB, tauB, ones(m), true, true).narrow(-2, 0, Kb).squeeze(-1), bk);
-  const at::Tensor sA = per_problem(at::ormqr(hA, tauA, ones(n), true, true).narrow(-2, 0, Ka).squeeze(-1), bk);
+  const at::Tensor sB = per_problem(backend.ormqr(hB, tauB, ones(m), true, true).narrow(-2, 0, Kb).squeeze(-1), bk);
+  const at::Tensor sA = per_problem(backend.ormqr(hA, tauA, ones(n), true, true).narrow(-2, 0, Ka).squeeze(-1), bk);
   const double tol = 16.0 * std::sqrt((double)std::max({m, n, K})) * eps_of(Bs.scalar_type());
   const Coefficients c = split_coefficients(U, Sv, Vh.transpose(-1, -2), sB.to(at::kDouble), sA.to(at::kDouble), o, tol);
   const at::Tensor ct_B = per_support_rhs(c.B.to(Bs.scalar_type()), bk, m);
   const at::Tensor ct_A = per_support_rhs(c.A.to(Bs.scalar_type()), bk, n);
   Solved out;
-  out.B_new = per_problem_result(at::ormqr(hB, tauB, ct_B, true, false), bk, o.rank);  // [batch, P, m, rank]
-  out.A_new = per_problem_result(at::ormqr(hA, tauA, ct_A, true, false), bk, o.rank).transpose(-1, -2);
+  out.B_new = per_problem_result(backend.ormqr(hB, tauB, ct_B, true, false), bk, o.rank);  // [batch, P, m, rank]
+  out.A_new = per_problem_result(backend.ormqr(hA, tauA, ct_A, true, false), bk, o.rank).transpose(-1, -2);
   out.S = c.S;
   out.missing = c.missing;
   return out;
@@ -343,14 +347,14 @@ Solved solve_randomized(const at::Tensor& Bs, const at::Tensor& As, const at::Te
   const at::Tensor dw = d.to(Bs.scalar_type()).view({1, P, K, 1});
   const auto apply = [&](const at::Tensor& X) { return at::matmul(Bp.transpose(-1, -2), dw * at::matmul(Ap, X)); };
   const auto apply_t = [&](const at::Tensor& Y) { return at::matmul(Ap.transpose(-1, -2), dw * at::matmul(Bp, Y)); };
-  const auto orth = [](const at::Tensor& X) { return std::get<0>(at::linalg_qr(X)); };
+  const auto orth = [&](const at::Tensor& X) { return std::get<0>(backend.qr(X)); };
   at::Tensor omega = at::empty({batch, 1, n, L}, Bs.options().dtype(at::kDouble));
   backend.fill_normal(omega, o.seed);
   at::Tensor Y = apply(omega.to(Bs.scalar_type()));  // [batch, P, m, L]
   for (int64_t it = 0; it < o.n_iter; ++it) Y = apply(orth(apply_t(orth(Y))));
   const at::Tensor QY = orth(Y);
-  const auto [QX, RX] = at::linalg_qr(apply_t(QY));  // [batch, P, n, L], [batch, P, L, L]
-  const auto [U, Sv, Vh] = at::linalg_svd(RX.transpose(-1, -2).to(at::kDouble), false);
+  const auto [QX, RX] = backend.qr(apply_t(QY));  // [batch, P, n, L], [batch, P, L, L]
+  const auto [U, Sv, Vh] = backend.svd(RX.transpose(-1, -2).to(at::kDouble));
   const double tol = 16.0 * std::sqrt((double)std::max({m, n, K})) * eps_of(Bs.scalar_type());
   const Coefficients c = split_coefficients(U, Sv, Vh.transpose(-1, -2), QY.sum(-2).to(at::kDouble),
                                             QX.sum(-2).to(at::kDouble), o, tol);
@@ -409,7 +413,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
   o.seed = (uint64_t)seed;
 
   const at::Tensor Wd = W.to(at::kDouble).contiguous();
-  const Plan plan = Wd.is_cpu() ? host_plan(Wd, s.r) : device_plan(s.n_out, s.n_in);
+  const Plan plan = Wd.is_cpu() ? host_plan(Wd, s.r, s.m, s.n) : device_plan(s.n_out, s.n_in);
   TORCH_CHECK_VALUE(plan.max_agents * s.r <= kMaxStackedColumns, "W: a receiving agent stacks k*r = ",
                     plan.max_agents, "*", s.r, " = ", plan.max_agents * s.r, " factor columns (k = nonzero weights ",
                     Wd.is_cpu() ? "in its row" : "allowed by W's shape on the device", "), at most ",
@@ -445,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
     const int64_t L = std::min({rank + oversample, K, s.m, s.n});
     const bool randomized = (o.method == Method::kRandomized ||
                              (o.method == Method::kAuto && K > kAutoExactMaxColumns)) && L < K;
-    const Solved part = randomized ? solve_randomized(Bs, As, d, bk, o, backend) : solve_exact(Bs, As, d, bk, o);
+    const Solved part = randomized ? solve_randomized(Bs, As, d, bk, o, backend) : solve_exact(Bs, As, d, bk, o, backend);
     A_parts.push_back(part.A_new);
     B_parts.push_back(part.B_new);
     S_parts.push_back(part.S);
@@ -503,10 +507,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsvd_impl(const at::Tensor& M, in
   // Range finder with power iterations (Halko, Martinsson & Tropp, Alg. 4.4).
   at::Tensor omega = at::empty({batch, n, l}, Mf.options().dtype(at::kDouble));
   backend.fill_normal(omega, (uint64_t)seed);
-  at::Tensor Qm = std::get<0>(at::linalg_qr(at::bmm(Mf, omega.to(ct))));
+  at::Tensor Qm = std::get<0>(backend.qr(at::bmm(Mf, omega.to(ct))));
   for (int64_t it = 0; it < n_iter; ++it) {
-    const at::Tensor Z = std::get<0>(at::linalg_qr(at::bmm(Mf.transpose(1, 2), Qm)));
-    Qm = std::get<0>(at::linalg_qr(at::bmm(Mf, Z)));
+    const at::Tensor Z = std::get<0>(backend.qr(at::bmm(Mf.transpose(1, 2), Qm)));
+    Qm = std::get<0>(backend.qr(at::bmm(Mf, Z)));
   }
   // M ~= Qm (Qm^T M): the exact truncated SVD of this factorized form is one consensus core.
   const at::Tensor Bsmall = at::bmm(Qm.transpose(1, 2), Mf);  // [batch, l, n]

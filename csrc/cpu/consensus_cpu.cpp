@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../common/completion.h"
 #include "../common/counter_normal.h"
 #include "../consensus.h"
@@ -35,7 +38,78 @@ void fill_normal_cpu(at::Tensor& out, uint64_t seed) {
   });
 }
 
-const Backend kCpuBackend{complete_rows_cpu, fill_normal_cpu};
+// Applies `fn` to slices of a batch of `count` small matrices in parallel (inside the parallel
+// region LAPACK runs single-threaded, which is much faster than threading each small matrix) and
+// concatenates its outputs along dim 0. Slices are fixed by `count` and the thread count alone.
+template <class F>
+std::vector<at::Tensor> map_slices(int64_t count, F fn) {
+  if (count <= 1) return fn(0, count);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t size = (count + threads - 1) / threads, slices = (count + size - 1) / size;
+  std::vector<std::vector<at::Tensor>> parts(slices);
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) parts[c] = fn(c * size, std::min(count, (c + 1) * size) - c * size);
+  });
+  std::vector<at::Tensor> out;
+  for (size_t k = 0; k < parts[0].size(); ++k) {
+    std::vector<at::Tensor> pieces;
+    for (const auto& part : parts) pieces.push_back(part[k]);
+    out.push_back(at::cat(pieces, 0));
+  }
+  return out;
+}
+
+// x [..., tail] -> [count, tail] with count the product of the leading dims.
+at::Tensor flat(const at::Tensor& x, int tail) {
+  std::vector<int64_t> shape{-1};
+  shape.insert(shape.end(), x.sizes().end() - tail, x.sizes().end());
+  return x.reshape(shape);
+}
+
+// out [count, tail] -> lead dims of `like` (all but its last like_tail dims) + tail.
+at::Tensor unflat(const at::Tensor& out, const at::Tensor& like, int like_tail) {
+  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end() - like_tail);
+  shape.insert(shape.end(), out.sizes().begin() + 1, out.sizes().end());
+  return out.reshape(shape);
+}
+
+std::tuple<at::Tensor, at::Tensor> geqrf_cpu(const at::Tensor& X) {
+  const at::Tensor x = flat(X, 2);
+  const auto out = map_slices(x.size(0), [&](int64_t b, int64_t len) {
+    const auto [h, tau] = at::geqrf(x.narrow(0, b, len));
+    return std::vector<at::Tensor>{h, tau};
+  });
+  return {unflat(out[0], X, 2), unflat(out[1], X, 2)};
+}
+
+at::Tensor ormqr_cpu(const at::Tensor& h, const at::Tensor& tau, const at::Tensor& C, bool left, bool transpose) {
+  const at::Tensor hf = flat(h, 2), tf = flat(tau, 1), cf = flat(C, 2);
+  const auto out = map_slices(hf.size(0), [&](int64_t b, int64_t len) {
+    return std::vector<at::Tensor>{
+        at::ormqr(hf.narrow(0, b, len), tf.narrow(0, b, len), cf.narrow(0, b, len), left, transpose)};
+  });
+  return unflat(out[0], C, 2);
+}
+
+std::tuple<at::Tensor, at::Tensor> qr_cpu(const at::Tensor& X) {
+  const at::Tensor x = flat(X, 2);
+  const auto out = map_slices(x.size(0), [&](int64_t b, int64_t len) {
+    const auto [Q, R] = at::linalg_qr(x.narrow(0, b, len));
+    return std::vector<at::Tensor>{Q, R};
+  });
+  return {unflat(out[0], X, 2), unflat(out[1], X, 2)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_cpu(const at::Tensor& X) {
+  const at::Tensor x = flat(X, 2);
+  const auto out = map_slices(x.size(0), [&](int64_t b, int64_t len) {
+    const auto [U, S, Vh] = at::linalg_svd(x.narrow(0, b, len), false);
+    return std::vector<at::Tensor>{U, S, Vh};
+  });
+  return {unflat(out[0], X, 2), unflat(out[1], X, 2), unflat(out[2], X, 2)};
+}
+
+const Backend kCpuBackend{complete_rows_cpu, fill_normal_cpu, geqrf_cpu, ormqr_cpu, qr_cpu, svd_cpu};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_cpu(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,
