@@ -103,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spread", type=float,
                    help="agents' factors = common + spread * own (default: independent per agent)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", help="write the figures to this path")
     p.add_argument("--scaling", nargs="*", type=int, metavar="AGENTS",
                    help="table of (c), (d), (e), (f) for these agent counts (default 8 16 32) on --topology")
@@ -436,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # svd_lowrank draws its test matrix from the global generator
     info = machine_info(device)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))

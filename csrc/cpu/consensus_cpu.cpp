@@ -43,8 +43,8 @@ void fill_normal_cpu(at::Tensor& out, uint64_t seed) {
 // concatenates its outputs along dim 0. Slices are fixed by `count` and the thread count alone.
 template <class F>
 std::vector<at::Tensor> map_slices(int64_t count, F fn) {
-  if (count <= 1) return fn(0, count);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (count <= 1 || threads == 1) return fn(0, count);
   const int64_t size = (count + threads - 1) / threads, slices = (count + size - 1) / size;
   std::vector<std::vector<at::Tensor>> parts(slices);
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
