@@ -319,13 +319,29 @@ Solved solve_exact(const at::Tensor& Bs, const at::Tensor& As, const at::Tensor&
   const at::Tensor RB = per_problem(hB.narrow(-2, 0, Kb).triu().to(at::kDouble), bk);  // [batch, P, Kb, K]
   const at::Tensor RA = per_problem(hA.narrow(-2, 0, Ka).triu().to(at::kDouble), bk);  // [batch, P, Ka, K]
   const at::Tensor core = at::matmul(RB * d.view({1, P, 1, K}), RA.transpose(-1, -2));  // [batch, P, Kb, Ka]
-  const auto [U, Sv, Vh] = backend.svd(core);
+  at::Tensor U, Sv, V;
+  if (Bs.scalar_type() == at::kFloat) {
+    // float32 inputs: the top eigenpairs of core core^T in float64 (several times cheaper than an
+    // SVD); the squared conditioning costs sigma errors up to ~sqrt(K eps64) sigma_1 ~ 1e-7 sigma_1,
+    // below the float32 QR's own error.
+    const auto [lam, Z] = backend.eigh(at::matmul(core, core.transpose(-1, -2)));  // ascending
+    const int64_t q = std::min(o.rank, Kb);
+    U = Z.narrow(-1, Kb - q, q).flip(-1);
+    Sv = lam.narrow(-1, Kb - q, q).flip(-1).clamp_min(0).sqrt();
+    const at::Tensor inv = at::where(Sv > 0, 1.0 / Sv, at::zeros({}, Sv.options()));
+    V = at::matmul(core.transpose(-1, -2), U) * inv.unsqueeze(-2);
+  } else {
+    const auto [Uf, Sf, Vh] = backend.svd(core);
+    U = Uf;
+    Sv = Sf;
+    V = Vh.transpose(-1, -2);
+  }
   // Coordinates of the all-ones vector in the orthonormal bases (sign rule).
   const auto ones = [&](int64_t rows) { return at::ones({batch, bk.supports, rows, 1}, Bs.options()); };
   const at::Tensor sB = per_problem(backend.ormqr(hB, tauB, ones(m), true, true).narrow(-2, 0, Kb).squeeze(-1), bk);
   const at::Tensor sA = per_problem(backend.ormqr(hA, tauA, ones(n), true, true).narrow(-2, 0, Ka).squeeze(-1), bk);
   const double tol = 16.0 * std::sqrt((double)std::max({m, n, K})) * eps_of(Bs.scalar_type());
-  const Coefficients c = split_coefficients(U, Sv, Vh.transpose(-1, -2), sB.to(at::kDouble), sA.to(at::kDouble), o, tol);
+  const Coefficients c = split_coefficients(U, Sv, V, sB.to(at::kDouble), sA.to(at::kDouble), o, tol);
   const at::Tensor ct_B = per_support_rhs(c.B.to(Bs.scalar_type()), bk, m);
   const at::Tensor ct_A = per_support_rhs(c.A.to(Bs.scalar_type()), bk, n);
   Solved out;

@@ -24,12 +24,13 @@ struct Backend {
   // Fills a contiguous float64 tensor with counter_normal(seed, linear index).
   void (*fill_normal)(at::Tensor& out, uint64_t seed);
   // Batched dense factorizations with the semantics of at::geqrf, at::ormqr, at::linalg_qr
-  // (reduced) and at::linalg_svd (thin), over any leading dims. The CPU runs the small matrices
+  // (reduced), at::linalg_svd (thin) and at::linalg_eigh, over any leading dims. The CPU runs the small matrices
   // of a batch in parallel, one thread each.
   std::tuple<at::Tensor, at::Tensor> (*geqrf)(const at::Tensor& X);
   at::Tensor (*ormqr)(const at::Tensor& h, const at::Tensor& tau, const at::Tensor& C, bool left, bool transpose);
   std::tuple<at::Tensor, at::Tensor> (*qr)(const at::Tensor& X);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> (*svd)(const at::Tensor& X);
+  std::tuple<at::Tensor, at::Tensor> (*eigh)(const at::Tensor& H);
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(

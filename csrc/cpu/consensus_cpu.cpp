@@ -109,7 +109,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_cpu(const at::Tensor& X) {
   return {unflat(out[0], X, 2), unflat(out[1], X, 2), unflat(out[2], X, 2)};
 }
 
-const Backend kCpuBackend{complete_rows_cpu, fill_normal_cpu, geqrf_cpu, ormqr_cpu, qr_cpu, svd_cpu};
+std::tuple<at::Tensor, at::Tensor> eigh_cpu(const at::Tensor& H) {
+  const at::Tensor x = flat(H, 2);
+  const auto out = map_slices(x.size(0), [&](int64_t b, int64_t len) {
+    const auto [values, vectors] = at::linalg_eigh(x.narrow(0, b, len));
+    return std::vector<at::Tensor>{values, vectors};
+  });
+  return {unflat(out[0], H, 2), unflat(out[1], H, 2)};
+}
+
+const Backend kCpuBackend{complete_rows_cpu, fill_normal_cpu, geqrf_cpu, ormqr_cpu, qr_cpu, svd_cpu, eigh_cpu};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_cpu(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,
