@@ -74,9 +74,9 @@ void zero_products() {
   const Outputs out = call_op(A, at::zeros({1, 3, 7, 2}, at::kFloat), ring(3).to(at::kFloat), 2, "exact");
   const auto& [A_new, B_new, S] = out;
   check(S.abs().max().item<float>() == 0.0f && B_new.abs().max().item<float>() == 0.0f,
-        std::string("zero products give S = 0 and B = 0");
+        "zero products give S = 0 and B = 0");
   check((A_new.norm(2, -1) - 1.0).abs().max().item<float>() < 1e-5f,
-        std::string("zero products keep unit-norm A rows");
+        "zero products keep unit-norm A rows");
 }
 
 }  // namespace
