@@ -21,7 +21,6 @@ struct BlockTeam {
   double* scratch;  // blockDim.x doubles of shared memory
   __device__ int rank() const { return threadIdx.x; }
   __device__ int size() const { return blockDim.x; }
-  __device__ bool leader() const { return threadIdx.x == 0; }
   __device__ void sync() const { __syncthreads(); }
 };
 

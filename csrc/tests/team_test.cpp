@@ -21,7 +21,6 @@ struct ThreadTeam {
   std::barrier<>* barrier;
   int rank() const { return id; }
   int size() const { return count; }
-  bool leader() const { return id == 0; }
   void sync() const { barrier->arrive_and_wait(); }
 };
 
