@@ -36,7 +36,7 @@ def want_cuda() -> bool:
 
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-fopenmp"]
+    cxx = ["-O3"]
     extra = {"cxx": cxx}
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -47,8 +47,7 @@ def extension():
         builder = cpp_extension.CUDAExtension
     else:
         builder = cpp_extension.CppExtension
-    return builder("decaf_ext._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
-                   py_limited_api=False)
+    return builder("decaf_ext._C", sources, extra_compile_args=extra, py_limited_api=False)
 
 
 setup(

@@ -5,11 +5,19 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <map>
+#include <vector>
+
 namespace decaf {
 namespace {
 
 at::ScalarType compute_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+double eps_of(at::ScalarType compute) {
+  return compute == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-07;
 }
 
 void check_floating(const at::Tensor& t, const char* name) {
@@ -82,41 +90,326 @@ void split_exponents(const std::string& split, double* exp_b, double* exp_a) {
   }
 }
 
-int method_code(const std::string& method) {
-  if (method == "exact") return kExact;
-  if (method == "randomized") return kRandomized;
-  if (method == "auto") return kAuto;
+enum class Method { kExact, kRandomized, kAuto };
+
+Method method_code(const std::string& method) {
+  if (method == "exact") return Method::kExact;
+  if (method == "randomized") return Method::kRandomized;
+  if (method == "auto") return Method::kAuto;
   TORCH_CHECK_VALUE(false, "method must be 'auto', 'exact' or 'randomized' (or 'dense' in Python), got '", method, "'");
-  return kAuto;
+  return Method::kAuto;
 }
+
+// Which problems a call solves: one per distinct row of W, grouped by support (the agents whose
+// factors the row reads) and bucketed by support size, so that each bucket is one batched call.
+struct Bucket {
+  int64_t agents = 0;                 // k: agents in each support of this bucket
+  bool all = false;                   // the only support is every agent (no gather)
+  std::vector<int64_t> cols;          // [supports, k r] stacked columns of each support
+  int64_t supports = 0;
+  std::vector<int64_t> rows;          // [problems] a row of W with this support
+  std::vector<int64_t> group, slot;   // [problems] its support, and its index among that support's rows
+  int64_t slots = 0;                  // most rows of one support
+};
+
+struct Plan {
+  std::vector<Bucket> buckets;
+  std::vector<int64_t> problem_of_row;  // [N_out] problem (buckets concatenated) giving each row
+  bool identity = true;                 // problem_of_row[i] == i
+  int64_t max_agents = 0;               // largest k
+};
+
+// W on the device, never read: every row is its own problem on the support of all agents (zero
+// weights give zero columns of the core), so the call needs no host synchronization.
+Plan device_plan(int64_t n_out, int64_t n_in) {
+  Plan plan;
+  Bucket bk;
+  bk.agents = n_in;
+  bk.all = true;
+  bk.supports = 1;
+  bk.slots = n_out;
+  for (int64_t i = 0; i < n_out; ++i) {
+    bk.rows.push_back(i);
+    bk.group.push_back(0);
+    bk.slot.push_back(i);
+    plan.problem_of_row.push_back(i);
+  }
+  plan.buckets.push_back(bk);
+  plan.max_agents = n_in;
+  return plan;
+}
+
+// W on the host (Wd float64, contiguous): identical rows are solved once; a row reads only its
+// neighbors' factors unless one support of all agents costs less (dense graphs). Cost, in flops
+// up to a constant: QR of each support's stacks (m + n) K^2, SVD of each distinct row's core ~20 K^3.
+Plan host_plan(const at::Tensor& Wd, int64_t r, int64_t m, int64_t n) {
+  const int64_t n_out = Wd.size(0), n_in = Wd.size(1);
+  const double* w = Wd.data_ptr<double>();
+  std::map<std::vector<double>, int64_t> row_ids;
+  std::vector<int64_t> distinct, distinct_of_row(n_out);
+  for (int64_t i = 0; i < n_out; ++i) {
+    const auto [it, fresh] = row_ids.emplace(std::vector<double>(w + i * n_in, w + (i + 1) * n_in), distinct.size());
+    if (fresh) distinct.push_back(i);
+    distinct_of_row[i] = it->second;
+  }
+  std::map<std::vector<int64_t>, int64_t> support_ids;
+  std::vector<std::vector<int64_t>> supports;
+  std::vector<int64_t> support_of(distinct.size());
+  double local_cost = 0.0;
+  int64_t max_agents = 0;
+  for (size_t d = 0; d < distinct.size(); ++d) {
+    std::vector<int64_t> agents;
+    for (int64_t j = 0; j < n_in; ++j)
+      if (w[distinct[d] * n_in + j] != 0.0) agents.push_back(j);
+    const auto [it, fresh] = support_ids.emplace(agents, supports.size());
+    const double K = (double)agents.size() * r;
+    local_cost += 20.0 * K * K * K;
+    if (fresh) {
+      local_cost += (double)(m + n) * K * K;
+      max_agents = std::max<int64_t>(max_agents, agents.size());
+      supports.push_back(agents);
+    }
+    support_of[d] = it->second;
+  }
+  const double NR = (double)n_in * r;
+  if (supports.size() > 1 && local_cost > (double)(m + n) * NR * NR + 20.0 * distinct.size() * NR * NR * NR) {
+    std::vector<int64_t> every(n_in);
+    for (int64_t j = 0; j < n_in; ++j) every[j] = j;
+    supports.assign(1, every);
+    std::fill(support_of.begin(), support_of.end(), 0);
+    max_agents = n_in;
+  }
+  // Buckets by support size; a support's index inside its bucket.
+  std::map<int64_t, Bucket> by_size;
+  std::vector<int64_t> local_index(supports.size());
+  for (size_t g = 0; g < supports.size(); ++g) {
+    Bucket& bk = by_size[(int64_t)supports[g].size()];
+    bk.agents = supports[g].size();
+    bk.all = bk.agents == n_in;
+    local_index[g] = bk.supports++;
+    for (int64_t j : supports[g])
+      for (int64_t t = 0; t < r; ++t) bk.cols.push_back(j * r + t);
+  }
+  std::vector<int64_t> slot_count(supports.size(), 0);
+  for (size_t d = 0; d < distinct.size(); ++d) {
+    const int64_t g = support_of[d];
+    Bucket& bk = by_size[(int64_t)supports[g].size()];
+    bk.rows.push_back(distinct[d]);
+    bk.group.push_back(local_index[g]);
+    bk.slot.push_back(slot_count[g]++);
+    bk.slots = std::max(bk.slots, slot_count[g]);
+  }
+  Plan plan;
+  plan.max_agents = max_agents;
+  std::vector<int64_t> problem_of_distinct(distinct.size());
+  int64_t first = 0;
+  for (auto& [size, bk] : by_size) {
+    for (size_t p = 0; p < bk.rows.size(); ++p) {
+      const int64_t d = distinct_of_row[bk.rows[p]];
+      problem_of_distinct[d] = first + (int64_t)p;
+    }
+    first += bk.rows.size();
+    plan.buckets.push_back(std::move(bk));
+  }
+  for (int64_t i = 0; i < n_out; ++i) {
+    plan.problem_of_row.push_back(problem_of_distinct[distinct_of_row[i]]);
+    plan.identity = plan.identity && plan.problem_of_row[i] == i;
+  }
+  plan.identity = plan.identity && first == n_out;
+  return plan;
+}
+
+at::Tensor index_tensor(const std::vector<int64_t>& v, const at::Device& device) {
+  return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
+// Rows [problems] of x [batch, groups, ...] for the bucket's problems (a view when they coincide).
+at::Tensor per_problem(const at::Tensor& x, const Bucket& bk) {
+  bool same = bk.rows.size() == (size_t)bk.supports;
+  for (size_t p = 0; same && p < bk.group.size(); ++p) same = bk.group[p] == (int64_t)p;
+  if (same) return x;
+  if (bk.supports == 1) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape[1] = (int64_t)bk.rows.size();
+    return x.expand(shape);
+  }
+  return x.index_select(1, index_tensor(bk.group, x.device()));
+}
+
+// The split factors of one bucket's problems, before completion.
+struct Solved {
+  at::Tensor A_new, B_new;  // [batch, P, rank, n], [batch, P, m, rank] (compute dtype)
+  at::Tensor S;             // [batch, P, rank] float64
+  at::Tensor missing;       // int32 [batch, P]: trailing zero-sigma rows of A_new to complete
+};
+
+struct Options {
+  int64_t rank, oversample, n_iter;
+  double exp_b, exp_a;
+  Method method;
+  uint64_t seed;
+};
+
+// From the core's SVD in orthonormal coordinates (U [.., Kb, c], Sv [.., c], V [.., Ka, c],
+// float64) and the coordinates of the all-ones vector on both sides (sB [.., Kb], sA [.., Ka]):
+// the coefficients of the split factors, S and the count of zero directions. Singular values at or
+// below tol_rel * sigma_1 count as zero: their coefficients are zero, to be completed.
+struct Coefficients {
+  at::Tensor B, A, S, missing;  // [.., Kb, rank], [.., Ka, rank], [.., rank], int32 [..]
+};
+
+Coefficients split_coefficients(const at::Tensor& U, const at::Tensor& Sv, const at::Tensor& V,
+                                const at::Tensor& sB, const at::Tensor& sA, const Options& o, double tol_rel) {
+  const int64_t q = std::min<int64_t>(Sv.size(-1), o.rank);
+  const at::Tensor u = U.narrow(-1, 0, q), s = Sv.narrow(-1, 0, q), v = V.narrow(-1, 0, q);
+  const at::Tensor keep = s > s.narrow(-1, 0, 1) * tol_rel;
+  // Sign rule: the left vector's entries sum to a positive number (negligible sum: the right one's).
+  const at::Tensor cu = sB.unsqueeze(-1) * u, cv = sA.unsqueeze(-1) * v;
+  const at::Tensor t1 = cu.sum(-2), t2 = cv.sum(-2);
+  const at::Tensor flip = at::where(t1.abs() > cu.abs().sum(-2) * 1e-10, t1 < 0, t2 < cv.abs().sum(-2) * -1e-10);
+  const at::Tensor sgn = 1.0 - 2.0 * flip.to(at::kDouble);
+  const at::Tensor zero = at::zeros({}, s.options());
+  Coefficients c;
+  c.B = u * at::where(keep, sgn * s.pow(o.exp_b), zero).unsqueeze(-2);
+  c.A = v * at::where(keep, sgn * s.pow(o.exp_a), zero).unsqueeze(-2);
+  c.S = at::where(keep, s, zero);
+  if (q < o.rank) {
+    c.B = at::constant_pad_nd(c.B, {0, o.rank - q});
+    c.A = at::constant_pad_nd(c.A, {0, o.rank - q});
+    c.S = at::constant_pad_nd(c.S, {0, o.rank - q});
+  }
+  c.missing = (o.rank - keep.sum(-1)).to(at::kInt);
+  return c;
+}
+
+// Coefficients [batch, P, K', rank] laid out as the right-hand sides of one Householder
+// application per support: [batch, supports, rows, slots * rank], zero-padded to `rows`.
+at::Tensor per_support_rhs(const at::Tensor& coef, const Bucket& bk, int64_t rows) {
+  const int64_t batch = coef.size(0), P = coef.size(1), Kc = coef.size(2), rank = coef.size(3);
+  at::Tensor buf = at::zeros({batch, bk.supports * bk.slots, Kc, rank}, coef.options());
+  std::vector<int64_t> at_slot(P);
+  for (int64_t p = 0; p < P; ++p) at_slot[p] = bk.group[p] * bk.slots + bk.slot[p];
+  buf.index_copy_(1, index_tensor(at_slot, coef.device()), coef);
+  buf = buf.view({batch, bk.supports, bk.slots, Kc, rank}).permute({0, 1, 3, 2, 4})
+            .reshape({batch, bk.supports, Kc, bk.slots * rank});
+  return at::constant_pad_nd(buf, {0, 0, 0, rows - Kc});
+}
+
+// Inverse of per_support_rhs after the Householder application: [batch, supports, rows, slots *
+// rank] -> [batch, P, rows, rank].
+at::Tensor per_problem_result(const at::Tensor& out, const Bucket& bk, int64_t rank) {
+  const int64_t batch = out.size(0), rows = out.size(2), P = (int64_t)bk.rows.size();
+  const at::Tensor flat = out.view({batch, bk.supports, rows, bk.slots, rank}).permute({0, 1, 3, 2, 4})
+                              .reshape({batch, bk.supports * bk.slots, rows, rank});
+  std::vector<int64_t> at_slot(P);
+  for (int64_t p = 0; p < P; ++p) at_slot[p] = bk.group[p] * bk.slots + bk.slot[p];
+  return flat.index_select(1, index_tensor(at_slot, out.device()));
+}
+
+// Exact: Householder QR of each support's stacked factors, Bs^T = Q_B R_B and As^T = Q_A R_A
+// (compute dtype, backward stable), so M = Q_B (R_B D R_A^T) Q_A^T; the SVD of the small core in
+// float64; the split factors written back through the Householder reflectors.
+// Bs [batch, G, K, m] (B columns as rows), As [batch, G, K, n], d [P, K] float64.
+Solved solve_exact(const at::Tensor& Bs, const at::Tensor& As, const at::Tensor& d, const Bucket& bk,
+                   const Options& o, const Backend& backend) {
+  const int64_t batch = Bs.size(0), K = Bs.size(2), m = Bs.size(3), n = As.size(3), P = d.size(0);
+  const int64_t Kb = std::min(m, K), Ka = std::min(n, K);
+  const auto [hB, tauB] = backend.geqrf(Bs.transpose(-1, -2));  // [batch, G, m, K]
+  const auto [hA, tauA] = backend.geqrf(As.transpose(-1, -2));  // [batch, G, n, K]
+  const at::Tensor RB = per_problem(hB.narrow(-2, 0, Kb).triu().to(at::kDouble), bk);  // [batch, P, Kb, K]
+  const at::Tensor RA = per_problem(hA.narrow(-2, 0, Ka).triu().to(at::kDouble), bk);  // [batch, P, Ka, K]
+  const at::Tensor core = at::matmul(RB * d.view({1, P, 1, K}), RA.transpose(-1, -2));  // [batch, P, Kb, Ka]
+  at::Tensor U, Sv, V;
+  if (Bs.scalar_type() == at::kFloat) {
+    // float32 inputs: the top eigenpairs of core core^T in float64 (several times cheaper than an
+    // SVD); the squared conditioning costs sigma errors up to ~sqrt(K eps64) sigma_1 ~ 1e-7 sigma_1,
+    // below the float32 QR's own error.
+    const auto [lam, Z] = backend.eigh(at::matmul(core, core.transpose(-1, -2)));  // ascending
+    const int64_t q = std::min(o.rank, Kb);
+    U = Z.narrow(-1, Kb - q, q).flip(-1);
+    Sv = lam.narrow(-1, Kb - q, q).flip(-1).clamp_min(0).sqrt();
+    const at::Tensor inv = at::where(Sv > 0, 1.0 / Sv, at::zeros({}, Sv.options()));
+    V = at::matmul(core.transpose(-1, -2), U) * inv.unsqueeze(-2);
+  } else {
+    const auto [Uf, Sf, Vh] = backend.svd(core);
+    U = Uf;
+    Sv = Sf;
+    V = Vh.transpose(-1, -2);
+  }
+  // Coordinates of the all-ones vector in the orthonormal bases (sign rule).
+  const auto ones = [&](int64_t rows) { return at::ones({batch, bk.supports, rows, 1}, Bs.options()); };
+  const at::Tensor sB = per_problem(backend.ormqr(hB, tauB, ones(m), true, true).narrow(-2, 0, Kb).squeeze(-1), bk);
+  const at::Tensor sA = per_problem(backend.ormqr(hA, tauA, ones(n), true, true).narrow(-2, 0, Ka).squeeze(-1), bk);
+  const double tol = 16.0 * std::sqrt((double)std::max({m, n, K})) * eps_of(Bs.scalar_type());
+  const Coefficients c = split_coefficients(U, Sv, V, sB.to(at::kDouble), sA.to(at::kDouble), o, tol);
+  const at::Tensor ct_B = per_support_rhs(c.B.to(Bs.scalar_type()), bk, m);
+  const at::Tensor ct_A = per_support_rhs(c.A.to(Bs.scalar_type()), bk, n);
+  Solved out;
+  out.B_new = per_problem_result(backend.ormqr(hB, tauB, ct_B, true, false), bk, o.rank);  // [batch, P, m, rank]
+  out.A_new = per_problem_result(backend.ormqr(hA, tauA, ct_A, true, false), bk, o.rank).transpose(-1, -2);
+  out.S = c.S;
+  out.missing = c.missing;
+  return out;
+}
+
+// Randomized: range finder with power iterations on the factored M_i = Bs^T D As (Halko,
+// Martinsson & Tropp, Alg. 4.4), never forming M_i: Y = M Omega (m x L) -> Q_Y, then
+// X = M^T Q_Y = Q_X R_X so that Q_Y^T M = R_X^T Q_X^T; SVD of the L x L core R_X^T in float64.
+Solved solve_randomized(const at::Tensor& Bs, const at::Tensor& As, const at::Tensor& d, const Bucket& bk,
+                        const Options& o, const Backend& backend) {
+  const int64_t batch = Bs.size(0), K = Bs.size(2), m = Bs.size(3), n = As.size(3), P = d.size(0);
+  const int64_t L = std::min({o.rank + o.oversample, K, m, n});
+  const at::Tensor Bp = per_problem(Bs, bk), Ap = per_problem(As, bk);  // [batch, P, K, m|n]
+  const at::Tensor dw = d.to(Bs.scalar_type()).view({1, P, K, 1});
+  const auto apply = [&](const at::Tensor& X) { return at::matmul(Bp.transpose(-1, -2), dw * at::matmul(Ap, X)); };
+  const auto apply_t = [&](const at::Tensor& Y) { return at::matmul(Ap.transpose(-1, -2), dw * at::matmul(Bp, Y)); };
+  const auto orth = [&](const at::Tensor& X) { return std::get<0>(backend.qr(X)); };
+  at::Tensor omega = at::empty({batch, 1, n, L}, Bs.options().dtype(at::kDouble));
+  backend.fill_normal(omega, o.seed);
+  at::Tensor Y = apply(omega.to(Bs.scalar_type()));  // [batch, P, m, L]
+  for (int64_t it = 0; it < o.n_iter; ++it) Y = apply(orth(apply_t(orth(Y))));
+  const at::Tensor QY = orth(Y);
+  const auto [QX, RX] = backend.qr(apply_t(QY));  // [batch, P, n, L], [batch, P, L, L]
+  const auto [U, Sv, Vh] = backend.svd(RX.transpose(-1, -2).to(at::kDouble));
+  const double tol = 16.0 * std::sqrt((double)std::max({m, n, K})) * eps_of(Bs.scalar_type());
+  const Coefficients c = split_coefficients(U, Sv, Vh.transpose(-1, -2), QY.sum(-2).to(at::kDouble),
+                                            QX.sum(-2).to(at::kDouble), o, tol);
+  Solved out;
+  out.B_new = at::matmul(QY, c.B.to(Bs.scalar_type()));                          // [batch, P, m, rank]
+  out.A_new = at::matmul(QX, c.A.to(Bs.scalar_type())).transpose(-1, -2);        // [batch, P, rank, n]
+  out.S = c.S;
+  out.missing = c.missing;
+  return out;
+}
+
+// Problem weights d [P, k r] float64: row W[rows[p]] on the bucket's support of problem p,
+// repeated r times per agent.
+at::Tensor problem_weights(const at::Tensor& Wd, const Bucket& bk, int64_t r) {
+  if (bk.all) {
+    const at::Tensor rows = Wd.index_select(0, index_tensor(bk.rows, Wd.device()));
+    return rows.repeat_interleave(r, 1);
+  }
+  const int64_t P = (int64_t)bk.rows.size(), K = bk.agents * r, n_in = Wd.size(1);
+  at::Tensor d = at::empty({P, K}, Wd.options());
+  const double* w = Wd.data_ptr<double>();
+  double* out = d.data_ptr<double>();
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t x = 0; x < K; ++x) out[p * K + x] = w[bk.rows[p] * n_in + bk.cols[bk.group[p] * K + x] / r];
+  return d;
+}
+
+// float32 products on CUDA computed without TF32 whatever the user's global setting (restored on exit).
+struct NoTF32 {
+  bool saved;
+  explicit NoTF32(bool cuda) : saved(cuda && at::globalContext().allowTF32CuBLAS()) {
+    if (saved) at::globalContext().setAllowTF32CuBLAS(false);
+  }
+  ~NoTF32() {
+    if (saved) at::globalContext().setAllowTF32CuBLAS(true);
+  }
+};
 
 }  // namespace
-
-CoreBatchView view_of(CoreBatch& cb) {
-  CoreBatchView v;
-  v.GB = cb.GB.data_ptr<double>();
-  v.GA = cb.GA.data_ptr<double>();
-  v.sB = cb.sB.data_ptr<double>();
-  v.sA = cb.sA.data_ptr<double>();
-  v.W = cb.W.data_ptr<double>();
-  v.coefB = cb.coefB.data_ptr<double>();
-  v.coefA = cb.coefA.data_ptr<double>();
-  v.S = cb.S.data_ptr<double>();
-  v.missing = cb.missing.data_ptr<int>();
-  v.n_out = cb.W.size(0);
-  v.n_in = cb.W.size(1);
-  v.problems = cb.GB.size(0) * v.n_out;
-  v.NR = cb.GB.size(1);
-  v.r = cb.r;
-  v.rank = cb.rank;
-  v.method = cb.method;
-  v.oversample = cb.oversample;
-  v.n_iter = cb.n_iter;
-  v.exp_b = cb.exp_b;
-  v.exp_a = cb.exp_a;
-  v.seed = cb.seed;
-  return v;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,
@@ -127,47 +420,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
                     std::min(s.m, s.n), "], got ", rank);
   TORCH_CHECK_VALUE(oversample >= 0, "oversample must be >= 0, got ", oversample);
   TORCH_CHECK_VALUE(n_iter >= 0, "n_iter must be >= 0, got ", n_iter);
-  TORCH_CHECK_VALUE(s.n_in * s.r <= 4096, "N_in * r must be at most 4096, got ", s.n_in * s.r);
+  Options o;
+  split_exponents(split, &o.exp_b, &o.exp_a);
+  o.method = method_code(method);
+  o.rank = rank;
+  o.oversample = oversample;
+  o.n_iter = n_iter;
+  o.seed = (uint64_t)seed;
 
-  CoreBatch cb;
-  split_exponents(split, &cb.exp_b, &cb.exp_a);
-  cb.method = method_code(method);
-  cb.r = s.r;
-  cb.rank = rank;
-  cb.oversample = (int)oversample;
-  cb.n_iter = (int)n_iter;
-  cb.seed = (uint64_t)seed;
+  const at::Tensor Wd = W.to(at::kDouble).contiguous();
+  const Plan plan = Wd.is_cpu() ? host_plan(Wd, s.r, s.m, s.n) : device_plan(s.n_out, s.n_in);
+  TORCH_CHECK_VALUE(plan.max_agents * s.r <= kMaxStackedColumns, "W: a receiving agent stacks k*r = ",
+                    plan.max_agents, "*", s.r, " = ", plan.max_agents * s.r, " factor columns (k = nonzero weights ",
+                    Wd.is_cpu() ? "in its row" : "allowed by W's shape on the device", "), at most ",
+                    kMaxStackedColumns, " are supported");
+  const NoTF32 no_tf32(A.is_cuda());
 
   const at::ScalarType ct = compute_dtype(A.scalar_type());
   const int64_t NR = s.n_in * s.r;
-  // Factors in the compute dtype, batch dims flattened: A [batch, N_in r, n], B [batch, m, N_in r].
-  const at::Tensor Af = A.to(ct).reshape({s.batch, NR, s.n});
-  const at::Tensor Bf = B.to(ct).reshape({s.batch, s.n_in, s.m, s.r}).permute({0, 2, 1, 3}).reshape({s.batch, s.m, NR});
-  // Read pass: Gram matrices and sums in float64 (the conditioning of the stacks is squared here).
-  const at::Tensor Ad = Af.to(at::kDouble), Bd = Bf.to(at::kDouble);
-  cb.GA = at::bmm(Ad, Ad.transpose(1, 2)).contiguous();
-  cb.GB = at::bmm(Bd.transpose(1, 2), Bd).contiguous();
-  const auto dopts = Af.options().dtype(at::kDouble);
-  cb.sA = at::matmul(Ad, at::ones({s.n, 1}, dopts)).view({s.batch, NR});
-  cb.sB = at::matmul(at::ones({1, s.m}, dopts), Bd).view({s.batch, NR});
-  cb.W = W.to(at::kDouble).contiguous();
-  cb.coefB = at::zeros({s.batch, s.n_out, NR, rank}, dopts);
-  cb.coefA = at::zeros({s.batch, s.n_out, NR, rank}, dopts);
-  cb.S = at::zeros({s.batch, s.n_out, rank}, dopts);
-  cb.missing = at::zeros({s.batch, s.n_out}, dopts.dtype(at::kInt));
-  backend.solve_cores(cb);
-
-  // Write pass: B_new [batch, m, N_out rank] = Bf @ coefB, A_new [batch, N_out rank, n] = coefA^T @ Af.
-  const at::Tensor cB = cb.coefB.permute({0, 2, 1, 3}).reshape({s.batch, NR, s.n_out * rank}).to(ct);
-  const at::Tensor cA = cb.coefA.permute({0, 1, 3, 2}).reshape({s.batch, s.n_out * rank, NR}).to(ct);
-  at::Tensor B_new = at::bmm(Bf, cB).view({s.batch, s.m, s.n_out, rank}).permute({0, 2, 1, 3});
-  at::Tensor A_new = at::bmm(cA, Af).view({s.batch, s.n_out, rank, s.n});
-  backend.complete_identity(A_new, cb.missing);
+  // Factors in the compute dtype, batch dims flattened: A rows [batch, N_in r, n], B columns as
+  // rows [batch, N_in r, m].
+  const at::Tensor Af = A.to(ct).reshape({s.batch, NR, s.n}).contiguous();
+  const at::Tensor Bt = B.to(ct).reshape({s.batch, s.n_in, s.m, s.r}).transpose(-1, -2).reshape({s.batch, NR, s.m});
+  std::vector<at::Tensor> A_parts, B_parts, S_parts, miss_parts;
+  for (const Bucket& bk : plan.buckets) {
+    const int64_t P = (int64_t)bk.rows.size(), K = bk.agents * s.r;
+    if (K == 0) {  // rows of zeros: M_i = 0
+      A_parts.push_back(at::zeros({s.batch, P, rank, s.n}, Af.options()));
+      B_parts.push_back(at::zeros({s.batch, P, s.m, rank}, Af.options()));
+      S_parts.push_back(at::zeros({s.batch, P, rank}, Wd.options()));
+      miss_parts.push_back(at::full({s.batch, P}, rank, Wd.options().dtype(at::kInt)));
+      continue;
+    }
+    at::Tensor Bs, As;
+    if (bk.all) {
+      Bs = Bt.unsqueeze(1);
+      As = Af.unsqueeze(1);
+    } else {
+      const at::Tensor cols = index_tensor(bk.cols, Af.device());
+      Bs = Bt.index_select(1, cols).view({s.batch, bk.supports, K, s.m});
+      As = Af.index_select(1, cols).view({s.batch, bk.supports, K, s.n});
+    }
+    const at::Tensor d = problem_weights(Wd, bk, s.r);
+    const int64_t L = std::min({rank + oversample, K, s.m, s.n});
+    const bool randomized = (o.method == Method::kRandomized ||
+                             (o.method == Method::kAuto && K > kAutoExactMaxColumns)) && L < K;
+    const Solved part = randomized ? solve_randomized(Bs, As, d, bk, o, backend) : solve_exact(Bs, As, d, bk, o, backend);
+    A_parts.push_back(part.A_new);
+    B_parts.push_back(part.B_new);
+    S_parts.push_back(part.S);
+    miss_parts.push_back(part.missing);
+  }
+  at::Tensor A_new = at::cat(A_parts, 1), B_new = at::cat(B_parts, 1), S = at::cat(S_parts, 1);
+  at::Tensor missing = at::cat(miss_parts, 1);
+  if (!plan.identity) {
+    const at::Tensor rows = index_tensor(plan.problem_of_row, Af.device());
+    A_new = A_new.index_select(1, rows);
+    B_new = B_new.index_select(1, rows);
+    S = S.index_select(1, rows);
+    missing = missing.index_select(1, rows);
+  }
+  A_new = A_new.contiguous();
+  missing = missing.contiguous();
+  backend.complete_rows(A_new, missing, Af, Wd);
 
   const auto out_dtype = A.scalar_type();
   return {A_new.to(out_dtype).reshape(with_lead(s, {s.n_out, rank, s.n})),
           B_new.to(out_dtype).contiguous().reshape(with_lead(s, {s.n_out, s.m, rank})),
-          cb.S.to(out_dtype).reshape(with_lead(s, {s.n_out, rank}))};
+          S.to(out_dtype).reshape(with_lead(s, {s.n_out, rank}))};
 }
 
 at::Tensor weighted_product_sum_impl(const at::Tensor& A, const at::Tensor& B, const at::Tensor& W) {
@@ -203,10 +523,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsvd_impl(const at::Tensor& M, in
   // Range finder with power iterations (Halko, Martinsson & Tropp, Alg. 4.4).
   at::Tensor omega = at::empty({batch, n, l}, Mf.options().dtype(at::kDouble));
   backend.fill_normal(omega, (uint64_t)seed);
-  at::Tensor Qm = std::get<0>(at::linalg_qr(at::bmm(Mf, omega.to(ct))));
+  at::Tensor Qm = std::get<0>(backend.qr(at::bmm(Mf, omega.to(ct))));
   for (int64_t it = 0; it < n_iter; ++it) {
-    const at::Tensor Z = std::get<0>(at::linalg_qr(at::bmm(Mf.transpose(1, 2), Qm)));
-    Qm = std::get<0>(at::linalg_qr(at::bmm(Mf, Z)));
+    const at::Tensor Z = std::get<0>(backend.qr(at::bmm(Mf.transpose(1, 2), Qm)));
+    Qm = std::get<0>(backend.qr(at::bmm(Mf, Z)));
   }
   // M ~= Qm (Qm^T M): the exact truncated SVD of this factorized form is one consensus core.
   const at::Tensor Bsmall = at::bmm(Qm.transpose(1, 2), Mf);  // [batch, l, n]

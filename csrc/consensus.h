@@ -8,39 +8,30 @@
 #include <string>
 #include <tuple>
 
-#include "common/consensus_core.h"
-
 namespace decaf {
 
-// Everything the per-agent core solver needs for a whole call (float64 unless noted, one device).
-struct CoreBatch {
-  at::Tensor GB, GA;         // [batch, NR, NR] Gram matrices of B columns / A rows, NR = N_in * r
-  at::Tensor sB, sA;         // [batch, NR] column sums of B, row sums of A
-  at::Tensor W;              // [N_out, N_in]
-  at::Tensor coefB, coefA;   // [batch, N_out, NR, rank] outputs, zero-initialized
-  at::Tensor S;              // [batch, N_out, rank] output
-  at::Tensor missing;        // int32 [batch, N_out] output: A rows left for identity completion
-  int64_t r = 0, rank = 0;
-  int method = 0, oversample = 0, n_iter = 0;
-  double exp_b = 0.5, exp_a = 0.5;
-  uint64_t seed = 0;
-};
-
-// Raw view of a CoreBatch's tensors for the per-problem solvers.
-CoreBatchView view_of(CoreBatch& batch);
+// Largest k * r (neighbors times LoRA rank of one receiving agent) the op accepts.
+constexpr int64_t kMaxStackedColumns = 2048;
+// Above this k * r, method "auto" uses the randomized method.
+constexpr int64_t kAutoExactMaxColumns = 128;
 
 struct Backend {
-  // Runs solve_consensus_core for every (batch entry, receiving agent).
-  void (*solve_cores)(CoreBatch& batch);
-  // Identity completion of rows flagged in `missing` ([batch, N_out]) of A_new
-  // ([batch, N_out, rank, n], contiguous, float or double), in place.
-  void (*complete_identity)(at::Tensor& A_new, const at::Tensor& missing);
+  // Completes the zero-singular-value rows of A_new [batch, N_out, rank, n] (contiguous, float or
+  // double) in place: `missing` int32 [batch, N_out] trailing rows each, candidates from
+  // A_in [batch, N_in * r, n] (A_new's dtype) ordered by W [N_out, N_in] (float64); see
+  // common/completion.h.
+  void (*complete_rows)(at::Tensor& A_new, const at::Tensor& missing, const at::Tensor& A_in, const at::Tensor& W);
   // Fills a contiguous float64 tensor with counter_normal(seed, linear index).
   void (*fill_normal)(at::Tensor& out, uint64_t seed);
+  // Batched dense factorizations with the semantics of at::geqrf, at::ormqr, at::linalg_qr
+  // (reduced), at::linalg_svd (thin) and at::linalg_eigh, over any leading dims. The CPU runs the small matrices
+  // of a batch in parallel, one thread each.
+  std::tuple<at::Tensor, at::Tensor> (*geqrf)(const at::Tensor& X);
+  at::Tensor (*ormqr)(const at::Tensor& h, const at::Tensor& tau, const at::Tensor& C, bool left, bool transpose);
+  std::tuple<at::Tensor, at::Tensor> (*qr)(const at::Tensor& X);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*svd)(const at::Tensor& X);
+  std::tuple<at::Tensor, at::Tensor> (*eigh)(const at::Tensor& H);
 };
-
-// The CPU backend with the GPU's Jacobi eigensolver instead of LAPACK (for the native tests).
-const Backend& cpu_jacobi_backend();
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,

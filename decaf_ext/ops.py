@@ -56,11 +56,13 @@ def consensus_tsvd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int,
            skipped. Rows are used as given (no renormalization): M_i is linear in W[i]. An agent
            holding the factors of its k neighbors uses W of shape [1, k].
         rank: target rank, 1 <= rank <= min(m, n).
-        method: "exact" (orthogonalize the stacked factors through their float64 Gram matrices,
-            eigendecompose the small core), "randomized" (subspace iteration with `oversample`
-            extra columns and `n_iter` power iterations, test matrix from `seed`), "auto"
-            (exact while the stacked B factors have numerical rank <= 128), or "dense" (forms M_i
-            and calls torch.linalg.svd: the reference, no zero-direction completion).
+        method: "exact" (Householder QR of each neighbor set's stacked factors, once per distinct
+            set; SVD of the small core R_B diag(W[i]) R_A^T per distinct row of W), "randomized"
+            (range finder on the factored M_i with `oversample` extra columns and `n_iter` power
+            iterations, test matrix from `seed`), "auto" (exact while a row stacks k*r <= 128
+            factor columns, k = its nonzero weights, else randomized), or "dense" (forms M_i and
+            calls torch.linalg.svd: the reference, no zero-direction completion). k*r above 2048
+            raises ValueError.
         split: "balanced" (B = U sqrt(S), A = sqrt(S) V^T), "left" (B = U S, A = V^T) or
             "right" (B = U, A = S V^T).
         check_values: reject NaN/Inf factors and negative/NaN weights (reads the data).

@@ -257,3 +257,31 @@ def test_randomized_with_rank_deficient_core(device):
         kept = min(rank, 4)
         assert_matches_reference(A, B, W, kept, (out[0][..., :kept, :], out[1][..., :kept], out[2][..., :kept]), 1e-9)
         assert torch.equal(out[2][..., 4:], torch.zeros_like(out[2][..., 4:]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("n_agents", [16, 32])
+def test_cuda_complete_graph_accurate_with_tf32_on(n_agents):
+    """k*r = 128 and 256 on the GPU; a global TF32 setting does not degrade the float32 result."""
+    A, B = factors((2,), n_agents, 8, 300, 280, torch.float32, "cuda", seed=17)
+    W = complete_weights(n_agents).to("cuda", torch.float32)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out = decaf_ext.consensus_tsvd(A, B, W, 8, method="exact")
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert_matches_reference(A, B, W, 8, out, TOL[torch.float32])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_call_without_checks_does_not_synchronize():
+    A, B = factors((2,), 8, 4, 64, 48, torch.float32, "cuda", seed=18)
+    W = ring_weights(8).to("cuda", torch.float32)
+    decaf_ext.consensus_tsvd(A, B, W, 4, check_values=False)  # warm up (library handles, caches)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        decaf_ext.consensus_tsvd(A, B, W, 4, check_values=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

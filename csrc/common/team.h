@@ -1,10 +1,11 @@
 // A "team" is the group of threads that solves one small problem together.
 //
-// The small dense linear algebra in this folder is written once against this interface and runs
-// in two places: on the CPU with a SerialTeam (one thread, no barriers; this is what the CPU
-// tests exercise) and on the GPU with a BlockTeam (one CUDA thread block per problem, defined in
-// csrc/cuda). Work is split with `for (int x = team.rank(); x < n; x += team.size())`; sections
-// run by one thread use `team.leader()` and are followed by `team.sync()`.
+// The per-problem code in this folder is written once against this interface and runs in three
+// places: on the CPU with a SerialTeam (one thread, no barriers), on the GPU with a BlockTeam (one
+// CUDA thread block per problem, csrc/cuda), and in csrc/tests/team_test.cpp with a team of
+// std::threads sharing a std::barrier (also under ThreadSanitizer). Work is split with
+// `for (int x = team.rank(); x < n; x += team.size())`, reductions use team_sum, and
+// `team.sync()` is the barrier.
 #pragma once
 
 #ifdef __CUDACC__
@@ -20,7 +21,6 @@ struct SerialTeam {
   double* scratch;
   DECAF_HD int rank() const { return 0; }
   DECAF_HD int size() const { return 1; }
-  DECAF_HD bool leader() const { return true; }
   DECAF_HD void sync() const {}
 };
 

@@ -1,106 +1,50 @@
-// CUDA backend: one thread block per (batch entry, receiving agent) runs the shared per-agent
-// core (csrc/common) as a BlockTeam, with its workspace in shared memory when it fits (N_in r up
-// to ~64 on A100/H100) and in global memory otherwise. No host synchronization: every size is
-// known from the shapes, and all work is queued on the current stream.
+// CUDA backend: the completion of zero directions (csrc/common/completion.h) with one thread block
+// per (batch entry, receiving agent) as a BlockTeam, the counter-based normal generator, and the
+// batched factorizations through ATen (cuSOLVER / MAGMA). Every size is known from the shapes, W is
+// never read on the host, and all work is queued on the current stream.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
-#include "../common/consensus_core.h"
+#include "../common/completion.h"
+#include "../common/counter_normal.h"
 #include "../consensus.h"
 
 namespace decaf {
 namespace {
 
 struct BlockTeam {
-  double* scratch;
-  DECAF_HD int rank() const {
-#ifdef __CUDA_ARCH__
-    return threadIdx.x;
-#else
-    return 0;
-#endif
-  }
-  DECAF_HD int size() const {
-#ifdef __CUDA_ARCH__
-    return blockDim.x;
-#else
-    return 1;
-#endif
-  }
-  DECAF_HD bool leader() const { return rank() == 0; }
-  DECAF_HD void sync() const {
-#ifdef __CUDA_ARCH__
-    __syncthreads();
-#endif
-  }
+  double* scratch;  // blockDim.x doubles of shared memory
+  __device__ int rank() const { return threadIdx.x; }
+  __device__ int size() const { return blockDim.x; }
+  __device__ void sync() const { __syncthreads(); }
 };
 
 constexpr int kThreads = 128;
 
-__global__ void __launch_bounds__(kThreads) solve_cores_kernel(CoreBatchView v, int64_t first, long n_ws, long n_iws,
-                                                               bool in_shared, double* ws_global, int* iws_global) {
-  extern __shared__ double smem[];
-  const int64_t local = blockIdx.x;
-  const BlockTeam team{smem};
-  double* ws = in_shared ? smem + kThreads : ws_global + local * n_ws;
-  int* iws = in_shared ? reinterpret_cast<int*>(smem + kThreads + n_ws) : iws_global + local * n_iws;
-  solve_consensus_core(team, core_problem(v, first + local), ws, iws, JacobiEigh{});
-}
-
-void solve_cores_cuda(CoreBatch& cb) {
-  const CoreBatchView v = view_of(cb);
-  if (v.problems == 0) return;
-  const long n_ws = core_workspace_doubles((int)v.n_in, (int)v.r, (int)v.rank, v.oversample);
-  const long n_iws = core_workspace_ints((int)v.n_in, (int)v.r);
-
-  int device = 0, max_shared = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t scratch_bytes = kThreads * sizeof(double);
-  const size_t shared_bytes = scratch_bytes + n_ws * sizeof(double) + n_iws * sizeof(int);
-  const bool in_shared = shared_bytes <= (size_t)max_shared;
-  const size_t dyn = in_shared ? shared_bytes : scratch_bytes;
-  if (dyn > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(solve_cores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (in_shared) {
-    solve_cores_kernel<<<(unsigned)v.problems, kThreads, dyn, stream>>>(v, 0, n_ws, n_iws, true, nullptr, nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  // Global workspace, in chunks of problems so that it stays under ~1 GiB.
-  const int64_t per = n_ws * (int64_t)sizeof(double) + n_iws * (int64_t)sizeof(int);
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(v.problems, (int64_t(1) << 30) / per));
-  at::Tensor ws = at::empty({chunk, n_ws}, cb.GB.options());
-  at::Tensor iws = at::empty({chunk, n_iws}, cb.missing.options());
-  for (int64_t first = 0; first < v.problems; first += chunk) {
-    const int64_t count = std::min(chunk, v.problems - first);
-    solve_cores_kernel<<<(unsigned)count, kThreads, dyn, stream>>>(v, first, n_ws, n_iws, false,
-                                                                   ws.data_ptr<double>(), iws.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
 template <class T>
-__global__ void complete_identity_kernel(T* A, const int* missing, int64_t count, int rank, int n) {
-  const int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (p < count && missing[p] > 0) complete_rows_with_identity(A + p * rank * n, rank, n, missing[p]);
+__global__ void __launch_bounds__(kThreads) complete_rows_kernel(CompletionView<T> v) {
+  __shared__ double scratch[kThreads];
+  const BlockTeam team{scratch};
+  for (int64_t p = blockIdx.x; p < v.problems; p += gridDim.x) complete_rows(team, v, p);
 }
 
-void complete_identity_cuda(at::Tensor& A_new, const at::Tensor& missing) {
-  const int64_t count = missing.numel();
-  if (count == 0) return;
-  const int rank = (int)A_new.size(2), n = (int)A_new.size(3);
-  const unsigned blocks = (unsigned)((count + 127) / 128);
+void complete_rows_cuda(at::Tensor& A_new, const at::Tensor& missing, const at::Tensor& A_in, const at::Tensor& W) {
+  const int64_t problems = missing.numel();
+  if (problems == 0) return;
+  const unsigned blocks = (unsigned)std::min<int64_t>(problems, 65535);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(A_new.scalar_type(), "complete_identity_cuda", [&] {
-    complete_identity_kernel<scalar_t><<<blocks, 128, 0, stream>>>(A_new.data_ptr<scalar_t>(),
-                                                                   missing.data_ptr<int>(), count, rank, n);
+  AT_DISPATCH_FLOATING_TYPES(A_new.scalar_type(), "complete_rows_cuda", [&] {
+    const CompletionView<scalar_t> v{A_new.data_ptr<scalar_t>(), missing.data_ptr<int>(),
+                                     A_in.data_ptr<scalar_t>(),  W.data_ptr<double>(),
+                                     problems,                   W.size(0),
+                                     W.size(1),                  A_in.size(1) / W.size(1),
+                                     A_new.size(2),              A_new.size(3)};
+    complete_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(v);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -118,7 +62,19 @@ void fill_normal_cuda(at::Tensor& out, uint64_t seed) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-const Backend kCudaBackend{solve_cores_cuda, complete_identity_cuda, fill_normal_cuda};
+std::tuple<at::Tensor, at::Tensor> geqrf_cuda(const at::Tensor& X) { return at::geqrf(X); }
+
+at::Tensor ormqr_cuda(const at::Tensor& h, const at::Tensor& tau, const at::Tensor& C, bool left, bool transpose) {
+  return at::ormqr(h, tau, C, left, transpose);
+}
+
+std::tuple<at::Tensor, at::Tensor> qr_cuda(const at::Tensor& X) { return at::linalg_qr(X); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_cuda(const at::Tensor& X) { return at::linalg_svd(X, false); }
+
+std::tuple<at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& H) { return at::linalg_eigh(H); }
+
+const Backend kCudaBackend{complete_rows_cuda, fill_normal_cuda, geqrf_cuda, ormqr_cuda, qr_cuda, svd_cuda, eigh_cuda};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_cuda(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,
