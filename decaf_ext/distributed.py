@@ -285,6 +285,9 @@ def run_distributed(config: TrainConfig, *, resume: bool = False, options: Distr
     options = options or DistributedOptions()
     options.validate()
     config.validate()
+    if config.eval_at_start:
+        raise ConfigError("eval_at_start: the round-0 evaluation runs in the simulator only (drop --eval-at-start "
+                          "for --launcher dist)")
     agent, world, local_rank = _process_rank()
     if world != config.agents:
         raise ConfigError(f"agents: the run has {config.agents} agents but {world} processes (WORLD_SIZE); "

@@ -386,6 +386,15 @@ def test_run_distributed_rejects_bad_setups(tiny, tmp_path, monkeypatch, env, ch
     assert argument in str(error.value) and "\n" not in str(error.value)
 
 
+def test_run_distributed_refuses_the_round_zero_evaluation(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(AGENTS))
+    config = dataclasses.replace(tiny_config(tiny, tmp_path / "run"), eval_at_start=True)
+    with pytest.raises(ConfigError, match="^eval_at_start:") as error:
+        run_distributed(config)
+    assert "\n" not in str(error.value) and not (tmp_path / "run").exists()
+
+
 def test_command_line_errors_are_one_line(capsys):
     assert main(["--nproc", "3", "--agents", "4"]) == 2
     assert main(["--nproc", "4", "--agents", "4", "--backend", "mpi"]) == 2
