@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from decaf_ext.compression import MESSAGE_DTYPES
 from decaf_ext.strategies import DECAF_METHODS, DECAF_SPLITS, Strategy, get_strategy, strategy_names, \
     strategy_options
 from decaf_ext.topology import TOPOLOGIES
@@ -57,6 +58,8 @@ class TrainConfig:
     decaf_n_iter: int = _knob(2, "DeCAF randomized method: power iterations")
     decaf_seed: int = _knob(0, "DeCAF randomized method: seed of the test matrix")
     decaf_split: str = _knob("balanced", f"how DeCAF splits U S V^T into B, A: {', '.join(DECAF_SPLITS)}")
+    message_dtype: str = _knob("float32", f"what a message carries: {', '.join(MESSAGE_DTYPES)} (float32: "
+                                          "uncompressed; int8: one float32 scale per row, see docs/strategies.md)")
     comm_order: str = _knob("train_then_mix", "per round: local steps then mixing (train_then_mix) "
                                               "or mixing then local steps (mix_then_train)")
     # task, model and adapters
@@ -113,6 +116,7 @@ class TrainConfig:
         _check_choice("mixing", self.mixing, MIXING_RULES)
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("comm_order", self.comm_order, COMM_ORDERS)
+        _check_choice("message_dtype", self.message_dtype, MESSAGE_DTYPES)
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
         _check_choice("clip_lora_on", self.clip_lora_on, CLIP_ENCODERS)
         from decaf_ext.tasks import TASKS

@@ -90,6 +90,7 @@ def test_plot_draws_every_run_of_a_compare_folder(tiny_paths, tmp_path):
     (["--model", "/no/such/model"], "model"),
     (["--target-modules", "nothing_here"], "target_modules"),
     (["--compare", "decaf,gossip"], "gossip"),
+    (["--message-dtype", "int4"], "message_dtype"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_user_mistakes_give_one_line_and_status_2(tiny_paths, tmp_path, capsys, argv, expected):
