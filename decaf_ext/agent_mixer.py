@@ -90,8 +90,10 @@ class AgentMixer:
             log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
                      self.agent, round_index, missing, float(row[missing].sum()))
         order, W_round = round_inputs(self.strategy, self.agent, row, live, missing)
-        wires = torch.stack([received[j][:self.payload.wire_numel] for j in live]) if live else None
-        heard = dict(zip(live, self.payload.decode(wires.to(self.device)))) if live else {}
+        heard = {}
+        if live:
+            wires = torch.stack([received[j][:self.payload.wire_numel] for j in live]).to(self.device)
+            heard = dict(zip(live, self.payload.decode(wires)))
         data = torch.stack([own if j == self.agent else heard[j] for j in order])
         new_groups, new_extras = self.strategy.communicate(*self.payload.unpack(data, groups, extras), W_round)
         k = order.index(self.agent)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decaf_ext.averager import DecentralizedAverager
 from decaf_ext.compression import MESSAGE_DTYPES, Codec, dequantize, quantize
 from decaf_ext.config import ConfigError
 from decaf_ext.exchange import check_buffer, unfilled
@@ -160,5 +159,3 @@ def test_simulator_mixes_own_factors_exact_and_the_others_as_decoded(tiny_paths,
 def test_unknown_message_dtype_is_one_line(tiny_paths, tmp_path):
     with pytest.raises(ConfigError, match=r"^message_dtype must be one of float32, bfloat16, int8; got 'int4'$"):
         tiny_config(tiny_paths, tmp_path, message_dtype="int4").validate()
-    with pytest.raises(ValueError, match=r"^message_dtype must be one of"):
-        DecentralizedAverager(torch.nn.Linear(2, 2), message_dtype="fp8")

@@ -124,6 +124,9 @@ def test_distributed_run_matches_the_simulator(launched, tmp_path, run):
     simulator.run()
     distributed = read_metrics(config.output_dir)
     assert [r.pop("members") for r in distributed] == [list(range(AGENTS))] * config.rounds
+    if run in COMPRESSED:  # smaller messages than the same run's in float32
+        uncompressed = read_metrics(runs[COMPRESSED[run]["algorithm"]].output_dir)
+        assert 0 < distributed[-1]["bytes_sent"] <= 0.55 * uncompressed[-1]["bytes_sent"]
     for expected, got in zip(without_times(simulator.history), without_times(distributed), strict=True):
         assert got.keys() == expected.keys()
         assert {k: got[k] for k in EXACT} == {k: expected[k] for k in EXACT}
