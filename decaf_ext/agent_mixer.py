@@ -54,23 +54,29 @@ class AgentMixer:
     def communicate(self, view: RoundView, round_index: int, groups: list[FactorGroup], extras: Extras,
                     W: torch.Tensor) -> MixResult | None:
         """Mix this agent's groups / extras (one agent) with the members of `view`; W [N, N] is the round's
-        mixing matrix (only this agent's row is read). None when the strategy sends nothing."""
-        payload_bytes = self.strategy.payload(groups, extras)
-        if payload_bytes == 0:
+        mixing matrix (only this agent's row is read). None when the strategy sends nothing.
+
+        This agent's own factors enter exact; a neighbour's as decoded from its message (the payload's
+        message dtype)."""
+        if self.strategy.payload(groups, extras) == 0:
             return None
+        row = W[self.agent].to(torch.float64).cpu()
         if self.strategy.decentralized:
-            row = W[self.agent].to(torch.float64).cpu()
             neighbours = [j for j in range(len(row)) if j != self.agent and row[j] > 0]
         else:
             neighbours = [j for j in view.agents if j != self.agent]
         peers = [j for j in neighbours if j in view.members]
-        own = self.payload.pack(groups, extras).to(self.buffer_device)
-        sealed = self.faults.outgoing(round_index, own, lambda data: self.guard.seal(data, round_index, self.agent))
+        own = self.payload.pack(groups, extras)
+        sealed = self.faults.outgoing(round_index, own, lambda data: self.guard.seal(
+            self.payload.encode(data).to(self.buffer_device), round_index, self.agent))
 
         def validate(j: int, buffer: torch.Tensor) -> str | None:
             data, reason = self.guard.open(buffer, round_index, j)
+            if reason is None:
+                reason = self.payload.check(data)
             if reason is None and self.guard.norm_bound is not None:
-                theirs, _ = self.payload.unpack(data[None].to(self.device), groups, extras)
+                decoded = self.payload.decode(data[None].to(self.device))
+                theirs, _ = self.payload.unpack(decoded, groups, extras)
                 reason = self.guard.check_norm(theirs, groups)
             return reason
 
@@ -79,22 +85,35 @@ class AgentMixer:
         else:
             received = self.transport.gather(view, sealed, validate)
         live = sorted(received)
-        if self.strategy.decentralized:
-            missing = [j for j in neighbours if j not in received]
-            if missing:
-                log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
-                         self.agent, round_index, missing, float(row[missing].sum()))
-            order = [self.agent, *live]
-            W_round = torch.cat([(row[self.agent] + row[missing].sum()).reshape(1), row[live]])[None]
-        else:  # as the server would: every member in agent order, every row computed, this agent's row kept
-            order = sorted([self.agent, *live])
-            W_round = torch.full((len(order), len(order)), 1.0 / len(order), dtype=torch.float64)
-        buffers = {self.agent: own, **{j: received[j][:self.payload.data_numel] for j in live}}
-        stacked = self.payload.unpack(torch.stack([buffers[j] for j in order]).to(self.device), groups, extras)
-        new_groups, new_extras = self.strategy.communicate(*stacked, W_round)
-        if not self.strategy.decentralized:
-            k = order.index(self.agent)
-            new_groups = [FactorGroup(g.names, g.A[:, k:k + 1], g.B[:, k:k + 1]) for g in new_groups]
-            new_extras = {name: x[k:k + 1] for name, x in new_extras.items()}
-        sent = payload_bytes * (len(peers) if self.strategy.decentralized else 1)
+        missing = [j for j in neighbours if j not in received] if self.strategy.decentralized else []
+        if missing:
+            log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
+                     self.agent, round_index, missing, float(row[missing].sum()))
+        order, W_round = round_inputs(self.strategy, self.agent, row, live, missing)
+        heard = {}
+        if live:
+            wires = torch.stack([received[j][:self.payload.wire_numel] for j in live]).to(self.device)
+            heard = dict(zip(live, self.payload.decode(wires)))
+        data = torch.stack([own if j == self.agent else heard[j] for j in order])
+        new_groups, new_extras = self.strategy.communicate(*self.payload.unpack(data, groups, extras), W_round)
+        k = order.index(self.agent)
+        new_groups = [FactorGroup(g.names, g.A[:, k:k + 1], g.B[:, k:k + 1]) for g in new_groups]
+        new_extras = {name: x[k:k + 1] for name, x in new_extras.items()}
+        sent = self.payload.message_bytes * (len(peers) if self.strategy.decentralized else 1)
         return MixResult(new_groups, new_extras, [self.agent, *live], sent)
+
+
+def round_inputs(strategy: Strategy, agent: int, row: torch.Tensor, heard: list[int], missing: list[int]
+                 ) -> tuple[list[int], torch.Tensor]:
+    """The agents whose factors enter `agent`'s call of the strategy, in input order, and the W of that call.
+
+    row: float64 [N], the agent's row of the round's W; heard: the agents it received from; missing: graph
+    neighbours it did not (their weight stays with its own factors). Decentralized: ([agent, *heard], W [1, k]);
+    a server strategy: (every agent in ascending order, the uniform W [k, k]) as the server would compute it.
+    The agent's own output is row ``order.index(agent)`` of the call.
+    """
+    if strategy.decentralized:
+        own = (row[agent] + row[missing].sum()).reshape(1)
+        return [agent, *heard], torch.cat([own, row[heard]])[None]
+    order = sorted([agent, *heard])
+    return order, torch.full((len(order), len(order)), 1.0 / len(order), dtype=torch.float64)

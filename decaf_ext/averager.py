@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from decaf_ext.agent_mixer import AgentMixer
+from decaf_ext.compression import check_message_dtype
 from decaf_ext.config import first_line
 from decaf_ext.exchange import Transport
 from decaf_ext.faults import Faults
@@ -102,7 +103,8 @@ class DecentralizedAverager:
     averager when several run in one process. optimizer / optimizer_state: "reset" drops the optimizer state of
     the communicated parameters after every round (DeCAF changes the factors' gauge); "keep" leaves it.
     run_key_file / norm_bound: message safety (a shared HMAC key, also from DECAF_RUN_KEY; a bound on a
-    neighbour's LoRA product norm as a multiple of this agent's). dlora_fa shares and freezes A at construction.
+    neighbour's LoRA product norm as a multiple of this agent's). message_dtype: float32 (uncompressed), bfloat16
+    or int8 (per-row scale), see :mod:`decaf_ext.compression`. dlora_fa shares and freezes A at construction.
 
     Example::
 
@@ -124,7 +126,7 @@ class DecentralizedAverager:
                  store: dist.Store | None = None, optimizer: torch.optim.Optimizer | None = None,
                  optimizer_state: str = "keep", round_timeout: float = 60.0, startup_timeout: float = 600.0,
                  backend: str = "gloo", run_key_file: str | None = None, norm_bound: float | None = None,
-                 adapter_name: str = DEFAULT_ADAPTER) -> None:
+                 message_dtype: str = "float32", adapter_name: str = DEFAULT_ADAPTER) -> None:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"period must be an integer >= 1, got {period!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -134,6 +136,7 @@ class DecentralizedAverager:
                              f"got {optimizer_state!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        check_message_dtype(message_dtype)
         self.strategy = get_strategy(algorithm, **(options or {}))
         self.model, self.adapter_name = model, adapter_name
         try:
@@ -153,7 +156,8 @@ class DecentralizedAverager:
         if not self.strategy.trains_A:
             share_and_freeze_A([model], seed, adapter_name=adapter_name)
         guard = MessageGuard(load_run_key(run_key_file), norm_bound)
-        self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, trailer=guard.trailer)
+        self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, trailer=guard.trailer,
+                               message_dtype=message_dtype)
         store = dist.PrefixStore(f"decaf_ext/averager/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
                                  _store_of(process_group, store))
         self.transport = Transport(store, self.agent, n_agents, fingerprint=self.payload.fingerprint,

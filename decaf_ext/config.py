@@ -68,6 +68,8 @@ class TrainConfig:
     decaf_seed: int = _knob(0, "DeCAF randomized method: seed of the test matrix")
     decaf_split: str = _knob("balanced", "how DeCAF splits U S V^T into B, A: consensus_tsvd's split (balanced, "
                                          "left, right)")
+    message_dtype: str = _knob("float32", "what a message carries: float32 (uncompressed), bfloat16 or int8 (one "
+                                          "float32 scale per row, see docs/strategies.md)")
     comm_order: str = _knob("train_then_mix", "per round: local steps then mixing (train_then_mix) "
                                               "or mixing then local steps (mix_then_train)")
     # task, model and adapters
@@ -140,6 +142,9 @@ class TrainConfig:
         for name, choices in registry_names().items():
             _check_choice(name, getattr(self, name), choices)
         _check_choice("comm_order", self.comm_order, COMM_ORDERS)
+        from decaf_ext.compression import MESSAGE_DTYPES
+
+        _check_choice("message_dtype", self.message_dtype, MESSAGE_DTYPES)
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
         _check_choice("clip_lora_on", self.clip_lora_on, CLIP_ENCODERS)
         _check_choice("dtype", self.dtype, DTYPES)

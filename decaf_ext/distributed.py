@@ -87,7 +87,8 @@ class AgentTrainer(Trainer):
         self.samplers = [AgentSampler(np.arange(len(self.parts[agent])), config.batch_size, config.seed, agent)]
         guard = MessageGuard(load_run_key(config.run_key_file), config.norm_bound)
         groups, extras = collect_factors(self.models), collect_extras(self.models)
-        self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, trailer=guard.trailer)
+        self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, trailer=guard.trailer,
+                               message_dtype=config.message_dtype)
         self.transport = Transport(store, agent, config.agents, fingerprint=self.payload.fingerprint,
                                    backend=backend, timeout=options.round_timeout,
                                    startup_timeout=options.startup_timeout)

@@ -40,8 +40,9 @@ Validator = Callable[[int, torch.Tensor], "str | None"]  # (sender agent, receiv
 def check_buffer(buffer: torch.Tensor, numel: int, dtype: torch.dtype) -> str | None:
     """Why a received buffer must not be used (wrong size, wrong dtype, NaN or Inf), or None if it is sound.
 
-    buffer: 1-D [numel] of `dtype`. Receive buffers are filled with NaN before a transfer, so a message that
-    was shorter than announced fails the finiteness check too.
+    buffer: 1-D [numel] of `dtype` (a floating dtype, or uint8 for a byte message whose own check follows).
+    Receive buffers are filled with :func:`unfilled` before a transfer, so a message that was shorter than
+    announced fails the finiteness check (a byte message: its float32 scales read as NaN) too.
     """
     if buffer.dim() != 1 or buffer.numel() != numel:
         return f"size {list(buffer.shape)} instead of [{numel}]"
@@ -50,6 +51,12 @@ def check_buffer(buffer: torch.Tensor, numel: int, dtype: torch.dtype) -> str | 
     if not bool(torch.isfinite(buffer).all()):
         return "NaN or Inf values"
     return None
+
+
+def unfilled(buffer: torch.Tensor) -> torch.Tensor:
+    """A receive buffer like `buffer`: NaN for a floating dtype, 255 for uint8 (bytes 0xFF: every float32 read
+    from them is NaN)."""
+    return torch.full_like(buffer, float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).max)
 
 
 @dataclass(frozen=True)
@@ -268,7 +275,7 @@ class Transport:
         first), so blocking backends cannot deadlock; one failing pair does not cancel the others.
         """
         rank = view.agents.index(self.agent)
-        received = {j: torch.full_like(buffer, float("nan")) for j in peers}
+        received = {j: unfilled(buffer) for j in peers}
         posted = []
         for j in peers:
             peer = view.agents.index(j)

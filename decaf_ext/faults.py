@@ -69,5 +69,5 @@ class Faults:
         buffer = seal(data)
         if self.at("badtag", round_index):
             buffer = buffer.clone()
-            buffer[-1] = (buffer[-1] + 1) % 256
+            buffer[-1] = 255 - buffer[-1]  # another byte value (0..255 in any buffer dtype, uint8 included)
         return buffer

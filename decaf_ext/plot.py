@@ -44,13 +44,16 @@ def run_folders(paths: Sequence[str]) -> list[str]:
 
 
 def load_run(folder: str) -> tuple[str, list[dict]]:
-    """(label, history) of a run folder; the label is '<algorithm> <topology>' from its config.json."""
+    """(label, history) of a run folder; the label is '<algorithm> <topology>' from its config.json, plus the
+    message dtype when it is not float32."""
     with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as handle:
         history = [json.loads(line) for line in handle if line.strip()]
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
             config = json.load(handle)
         label = f"{config['algorithm']} {config['topology']}"
+        if config.get("message_dtype", "float32") != "float32":
+            label += f" {config['message_dtype']}"
     except (OSError, KeyError, ValueError):
         label = os.path.basename(os.path.normpath(folder))
     return label, history

@@ -100,18 +100,23 @@ class Strategy(ABC):
         factors = [t for g in groups for t in ((g.A, g.B) if self.trains_A else (g.B,))]
         return _bytes_per_agent(factors, 1) + _bytes_per_agent(extras.values(), 0)
 
-    def bytes_sent(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor) -> torch.Tensor:
+    def bytes_sent(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor,
+                   message_bytes: int | None = None) -> torch.Tensor:
         """int64 [N_out]: bytes each output agent sends this round.
 
-        Decentralized: payload times the number of agents it mixes with (nonzero entries of its row of W other
-        than its own input). Otherwise: the payload, uploaded once (0 when the payload is empty).
+        Decentralized: the message times the number of agents it mixes with (nonzero entries of its row of W
+        other than its own input). Otherwise: the message, uploaded once. The message is `message_bytes` (its
+        encoded size, see :class:`~decaf_ext.payload.Payload`), by default the payload; 0 when the payload is
+        empty.
         """
         n_in = self.check_agents(groups, extras, W)
         n_out = W.shape[0]
+        payload = self.payload(groups, extras)
+        message = payload if message_bytes is None or payload == 0 else message_bytes
         if not self.decentralized:
-            return torch.full((n_out,), self.payload(groups, extras), dtype=torch.int64)
+            return torch.full((n_out,), message, dtype=torch.int64)
         others = (W != 0) & ~torch.eye(n_out, n_in, dtype=torch.bool, device=W.device)
-        return others.sum(dim=1).cpu().to(torch.int64) * self.payload(groups, extras)
+        return others.sum(dim=1).cpu().to(torch.int64) * message
 
     @staticmethod
     def check_agents(groups: list[FactorGroup], extras: Extras, W: torch.Tensor) -> int:

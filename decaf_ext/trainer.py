@@ -40,6 +40,8 @@ from decaf_ext.export import export_adapter, labelled_base, set_label_names
 from decaf_ext.quiet import quiet_transformers
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, consensus_error, \
     consensus_interference, share_and_freeze_A, write_extras, write_factors
+from decaf_ext.agent_mixer import round_inputs
+from decaf_ext.payload import Payload
 from decaf_ext.strategies import Strategy
 from decaf_ext.tasks import Encoded, get_task
 from decaf_ext.tensorboard_log import TensorBoardLog
@@ -231,6 +233,8 @@ class Trainer:
         if not self.strategy.trains_A:
             share_and_freeze_A(self.models, cfg.seed)
         self.trainable_params = sum(p.numel() for p in self.models[0].parameters() if p.requires_grad)
+        groups, extras = collect_factors(self.models[:1]), collect_extras(self.models[:1])
+        self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, message_dtype=cfg.message_dtype)
 
     # ---------------------------------------------------------------------------------------- training
 
@@ -272,16 +276,40 @@ class Trainer:
         start = self.clock()
         groups, extras = collect_factors(self.models), collect_extras(self.models)
         W = self.schedule.at(round_index)
-        new_groups, new_extras = self.strategy.communicate(groups, extras, W)
+        if self.payload.codec.lossless:
+            new_groups, new_extras = self.strategy.communicate(groups, extras, W)
+        else:
+            new_groups, new_extras = self._communicate_received(groups, extras, W)
         write_factors(self.models, new_groups)
         write_extras(self.models, new_extras)
-        sent = self.strategy.bytes_sent(groups, extras, W)
+        sent = self.strategy.bytes_sent(groups, extras, W, self.payload.message_bytes)
         self.counters["bytes_sent"] += int(sent.sum())
         if self.config.optimizer_state == "reset":
             for optimizer, agent_sent in zip(self.optimizers, sent.tolist()):
                 if agent_sent > 0:
                     optimizer.state.clear()
         self.counters["time_comm"] += self.clock() - start
+
+    def _communicate_received(self, groups: list[FactorGroup], extras: dict[str, torch.Tensor], W: torch.Tensor
+                              ) -> tuple[list[FactorGroup], dict[str, torch.Tensor]]:
+        """The round with lossy messages: each agent's own call of the strategy, as the distributed runtime makes
+        it (:func:`~decaf_ext.agent_mixer.round_inputs`), on its own exact factors and the others' as decoded
+        from their messages. groups A [M, N, r, n], B [M, N, m, r], extras [N, ...] -> the same shapes."""
+        exact = self.payload.pack_each(groups, extras)
+        heard = self.payload.received(exact)
+        own = ([FactorGroup(g.names, g.A[:, :1], g.B[:, :1]) for g in groups], {k: x[:1] for k, x in extras.items()})
+        rows: list[tuple[list[FactorGroup], dict[str, torch.Tensor]]] = []
+        for i, row in enumerate(W.to(torch.float64).cpu()):
+            others = [j for j in range(len(row)) if j != i and (row[j] > 0 or not self.strategy.decentralized)]
+            order, W_round = round_inputs(self.strategy, i, row, others, [])
+            data = torch.stack([exact[j] if j == i else heard[j] for j in order])
+            out_groups, out_extras = self.strategy.communicate(*self.payload.unpack(data, *own), W_round)
+            k = order.index(i)
+            rows.append(([FactorGroup(g.names, g.A[:, k:k + 1], g.B[:, k:k + 1]) for g in out_groups],
+                         {name: x[k:k + 1] for name, x in out_extras.items()}))
+        return ([FactorGroup(g.names, torch.cat([r[0][m].A for r in rows], dim=1),
+                             torch.cat([r[0][m].B for r in rows], dim=1)) for m, g in enumerate(groups)],
+                {name: torch.cat([r[1][name] for r in rows]) for name in extras})
 
     def average_model(self, groups: list[FactorGroup] | None = None,
                       extras: dict[str, torch.Tensor] | None = None) -> nn.Module:

@@ -85,6 +85,13 @@ def test_plot_draws_every_run_of_a_compare_folder(tiny_paths, tmp_path):
         assert list(lines[f"{algorithm} ring (averaged model)"].get_ydata()) == [r["avg_model_acc"] for r in history]
     assert main(["plot", str(tmp_path / "cmp" / "dlora"), "-o", str(tmp_path / "cli.png")]) == 0
     assert (tmp_path / "cli.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # accuracy against bytes: the same run with int8 messages is labelled apart and sends about a quarter
+    assert main(tiny_flags(tiny_paths, tmp_path / "int8", "--compare", "dlora", "--message-dtype", "int8")) == 0
+    figure = plot_runs([str(tmp_path / "cmp" / "dlora"), str(tmp_path / "int8")], str(tmp_path / "bytes.png"),
+                       x="bytes_sent")
+    lines = {line.get_label(): list(line.get_xdata()) for line in figure.axes[0].get_lines()}
+    float32, int8 = lines["dlora ring (agents)"], lines["dlora ring int8 (agents)"]
+    assert 0.25 < int8[-1] / float32[-1] < 0.35
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -99,6 +106,7 @@ def test_plot_draws_every_run_of_a_compare_folder(tiny_paths, tmp_path):
     (["--model", "/no/such/model"], "model"),
     (["--target-modules", "nothing_here"], "target_modules"),
     (["--compare", "decaf,gossip"], "gossip"),
+    (["--message-dtype", "int4"], "message_dtype"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_user_mistakes_give_one_line_and_status_2(tiny_paths, tmp_path, capsys, argv, expected):

@@ -36,6 +36,10 @@ from test_trainer import make_tiny_dataset, make_tiny_model, read_metrics, tiny_
 from user_strategy import NAME as USER_STRATEGY
 
 ALGORITHMS = strategy_names()  # every registered strategy, the test's own included
+# compressed runs against the simulator: name -> options (the simulator decodes what each agent receives)
+COMPRESSED = {"decaf-int8": dict(algorithm="decaf", message_dtype="int8"),
+              "dlora-int8": dict(algorithm="dlora", message_dtype="int8"),
+              "fedavg-bfloat16": dict(algorithm="fedavg", message_dtype="bfloat16")}
 
 AGENTS = 4
 ROUND_TIMEOUT = 3.0
@@ -44,9 +48,9 @@ FAULTY = dict(algorithm="dlora", rounds=7, eval_every=1, checkpoint_every=1)
 # round 3 and comes back 0.5 s after the others left it out; agent 0 stalls 2 s (within the timeout) in round 5,
 # which holds the group until agent 3 has asked to join again.
 FAULTS = f"1:nan@1,2:exit@2,3:stall@3={ROUND_TIMEOUT + 0.5},0:stall@5=2"
-# With a shared run key and a norm bound: agent 1 sends a wrong message tag in round 0, agent 3 its factors x 1000
-# in round 1 (finite, correctly tagged).
-GUARDED = dict(algorithm="decaf", rounds=2, norm_bound=10.0)
+# With a shared run key, a norm bound and int8 messages (uint8 buffers): agent 1 sends a wrong message tag in
+# round 0, agent 3 its factors x 1000 in round 1 (finite, correctly tagged).
+GUARDED = dict(algorithm="decaf", rounds=2, norm_bound=10.0, message_dtype="int8")
 GUARDED_FAULTS = "1:badtag@0,3:scale@1=1000"
 EXACT = ("round", "acc_mean", "acc_std", "macro_f1_mean", "avg_model_acc", "avg_model_macro_f1", "bytes_sent",
          "acc_agents")
@@ -86,7 +90,8 @@ def launched(tiny, tmp_path_factory):
     then the faulty dlora run."""
     root = tmp_path_factory.mktemp("distributed")
     assert USER_STRATEGY in ALGORITHMS
-    runs = {name: tiny_config(tiny, root / name, algorithm=name, lora_dropout=0.1, rounds=3) for name in ALGORITHMS}
+    runs = {name: tiny_config(tiny, root / name, **{"algorithm": name, **COMPRESSED.get(name, {})},
+                              lora_dropout=0.1, rounds=3) for name in (*ALGORITHMS, *COMPRESSED)}
     faulty = tiny_config(tiny, root / "faulty", **FAULTY)
     (root / "key").write_text("a shared secret\n")
     guarded = tiny_config(tiny, root / "guarded", run_key_file=str(root / "key"), **GUARDED)
@@ -110,15 +115,18 @@ def events_of(run_dir: str, agent: int, kind: str) -> list[tuple[int, int | None
 # ------------------------------------------------------------------------------------- multi-process runs
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_distributed_run_matches_the_simulator(launched, tmp_path, algorithm):
+@pytest.mark.parametrize("run", [*ALGORITHMS, *COMPRESSED])
+def test_distributed_run_matches_the_simulator(launched, tmp_path, run):
     runs, _, statuses, _ = launched
     assert statuses[0] == statuses[1] == statuses[3] == 0
-    config = runs[algorithm]
+    config = runs[run]
     simulator = Trainer(dataclasses.replace(config, output_dir=str(tmp_path / "simulated")))
     simulator.run()
     distributed = read_metrics(config.output_dir)
     assert [r.pop("members") for r in distributed] == [list(range(AGENTS))] * config.rounds
+    if run in COMPRESSED:  # smaller messages than the same run's in float32
+        uncompressed = read_metrics(runs[COMPRESSED[run]["algorithm"]].output_dir)
+        assert 0 < distributed[-1]["bytes_sent"] <= 0.55 * uncompressed[-1]["bytes_sent"]
     for expected, got in zip(without_times(simulator.history), without_times(distributed), strict=True):
         assert got.keys() == expected.keys()
         assert {k: got[k] for k in EXACT} == {k: expected[k] for k in EXACT}

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from decaf_ext.distributed import launch
 from decaf_ext.faults import FAULT_ENV
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors
+from decaf_ext.payload import Payload
 from decaf_ext.strategies import get_strategy, strategy_names
 from decaf_ext.topology import make_schedule
 from test_trainer import CLASSES, make_tiny_dataset, make_tiny_model
@@ -33,6 +34,7 @@ DEAD = {"algorithm": "decaf", "faults": "2:exit@1"}  # agent 2 dies when round 1
 # With a run key and a norm bound: agent 1 sends a wrong message tag in round 1, agent 2 its factors x 1000 in
 # round 2 (finite, correctly tagged).
 GUARDED = {"algorithm": "dlora", "faults": "1:badtag@1,2:scale@2=1000", "norm_bound": 10.0}
+COMPRESSED = {"algorithm": "decaf", "message_dtype": "int8"}
 
 
 # ------------------------------------------------------------------------------------------- agent side
@@ -79,7 +81,8 @@ def plain_loop(spec: dict, run: dict, store: dist.Store, out: Path) -> None:
     averager = DecentralizedAverager(model, algorithm=run["algorithm"], topology="ring", period=PERIOD,
                                      process_group=dist.group.WORLD, store=store, optimizer=optimizer,
                                      round_timeout=spec["round_timeout"], norm_bound=run.get("norm_bound"),
-                                     run_key_file=spec["key"] if "norm_bound" in run else None)
+                                     run_key_file=spec["key"] if "norm_bound" in run else None,
+                                     message_dtype=run.get("message_dtype", "float32"))
     generator = torch.Generator().manual_seed(rank)
     for _ in range(STEPS):
         batch = torch.randperm(len(labels), generator=generator)[:8]
@@ -165,10 +168,10 @@ def launch_agents(tiny, out: Path, **spec) -> list[int]:
 @pytest.fixture(scope="module")
 def plain_runs(tiny, tmp_path_factory):
     """One launch: every registered strategy in turn, a dlora run with a run key, a norm bound and faulty messages,
-    then a decaf run in which agent 2 dies."""
+    a decaf run with int8 messages, then a decaf run in which agent 2 dies."""
     assert USER_STRATEGY in ALGORITHMS
     out = tmp_path_factory.mktemp("loop")
-    runs = [{"algorithm": name} for name in ALGORITHMS] + [GUARDED, DEAD]
+    runs = [{"algorithm": name} for name in ALGORITHMS] + [GUARDED, COMPRESSED, DEAD]
     return runs, out, launch_agents(tiny, out, mode="loop", runs=runs)
 
 
@@ -230,6 +233,31 @@ def test_plain_loop_mixes_as_the_strategy(plain_runs, algorithm):
     assert {s["step"] for s in seen} == set(range(PERIOD, STEPS + 1, PERIOD))
 
 
+def test_plain_loop_with_int8_messages(plain_runs):
+    """Every agent's new factors are the strategy's row on its own exact factors and its neighbours' as decoded
+    from their int8 messages; bytes_sent counts the encoded messages."""
+    runs, out, statuses = plain_runs
+    assert statuses[0] == statuses[1] == 0
+    folder = out / f"run{runs.index(COMPRESSED)}"
+    strategy, W = get_strategy("decaf"), make_schedule("ring", AGENTS).at(0)
+    rounds = sorted({int(p.name.split("_")[0][5:]) for p in folder.glob("round*_agent*.pt")})
+    assert len(rounds) == STEPS // PERIOD
+    for t in rounds:
+        saved = {i: torch.load(folder / f"round{t}_agent{i}.pt") for i in range(AGENTS)}
+        for i, record in saved.items():
+            heard = record["stats"]["mixed_with"]
+            assert heard == [i, *sorted(set(range(AGENTS)) - {i})]
+            own = stack([record["before"]])
+            payload = Payload(*own, trains_A=True, message_dtype="int8")
+            data = payload.pack_each(*stack([saved[j]["before"] for j in heard]))
+            data = torch.cat([data[:1], payload.received(data[1:])])
+            expected, _ = strategy.communicate(*payload.unpack(data, *own), W[i, heard][None])
+            for got, want in zip(stack([record["after"]])[0], expected, strict=True):
+                torch.testing.assert_close(got.B @ got.A, want.B @ want.A, rtol=1e-4, atol=1e-6)
+            assert record["stats"]["bytes_sent"] == (AGENTS - 1) * payload.message_bytes < (AGENTS - 1) * (
+                payload.data_numel * 4) / 3
+
+
 def test_a_dead_agent_does_not_hang_the_others(plain_runs):
     runs, out, statuses = plain_runs
     assert statuses[2] == -9 and statuses[0] == statuses[1] == 0  # agent 2 was SIGKILLed in the last run
@@ -288,6 +316,7 @@ def lora_model(tiny):
     ({"topology": "hypercube"}, "topology"),
     ({"run_key_file": "/no/such/key"}, "run_key_file"),
     ({"optimizer_state": "forget"}, "optimizer_state"),
+    ({"message_dtype": "int4"}, "message_dtype"),
 ])
 def test_bad_input_gives_one_line_errors(lora_model, one_agent_env, changes, argument):
     from decaf_ext.averager import DecentralizedAverager
