@@ -26,7 +26,12 @@ import numpy as np
 import torch
 from peft import LoraConfig
 from torch import nn
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+try:  # newer transformers name the Pillow backend (no torchvision needed, no fallback warning at import)
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:
+    from transformers import CLIPImageProcessor
 
 from decaf_ext.config import ConfigError
 from decaf_ext.image_data import ImageDataset, load_image_dataset, shots_per_class
