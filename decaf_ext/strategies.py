@@ -65,6 +65,13 @@ def _own(x: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
     return x.narrow(dim, 0, n_out).clone()
 
 
+def _each_tensor(groups: list[FactorGroup], extras: Extras, rule: Callable[[torch.Tensor, int], torch.Tensor]
+                 ) -> tuple[list[FactorGroup], Extras]:
+    """`rule(x, dim)` applied to every A and B (agent axis 1) and every extra (agent axis 0)."""
+    return ([FactorGroup(list(g.names), rule(g.A, 1), rule(g.B, 1)) for g in groups],
+            {k: rule(x, 0) for k, x in extras.items()})
+
+
 def _bytes_per_agent(tensors: Iterable[torch.Tensor], dim: int) -> int:
     """Bytes of one agent's slice of each tensor (agent axis `dim`), summed."""
     return sum(t.numel() // t.shape[dim] * t.element_size() for t in tensors)
@@ -187,8 +194,7 @@ class Local(Strategy):
                     ) -> tuple[list[FactorGroup], Extras]:
         self.check_agents(groups, extras, W)
         n_out = W.shape[0]
-        return ([FactorGroup(list(g.names), _own(g.A, 1, n_out), _own(g.B, 1, n_out)) for g in groups],
-                {k: _own(x, 0, n_out) for k, x in extras.items()})
+        return _each_tensor(groups, extras, lambda x, dim: _own(x, dim, n_out))
 
     def consensus(self, groups: list[FactorGroup], extras: Extras) -> tuple[list[FactorGroup], Extras]:
         return FedAvg().consensus(groups, extras)
@@ -208,8 +214,7 @@ class FedAvg(Strategy):
                     ) -> tuple[list[FactorGroup], Extras]:
         self.check_agents(groups, extras, W)
         n_out = W.shape[0]
-        return ([FactorGroup(list(g.names), _mean(g.A, 1, n_out), _mean(g.B, 1, n_out)) for g in groups],
-                {k: _mean(x, 0, n_out) for k, x in extras.items()})
+        return _each_tensor(groups, extras, lambda x, dim: _mean(x, dim, n_out))
 
 
 @register_strategy("dlora")
@@ -219,8 +224,7 @@ class DLoRA(Strategy):
     def communicate(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
                     ) -> tuple[list[FactorGroup], Extras]:
         self.check_agents(groups, extras, W)
-        return ([FactorGroup(list(g.names), mix(W, g.A, 1), mix(W, g.B, 1)) for g in groups],
-                {k: mix(W, x, 0) for k, x in extras.items()})
+        return _each_tensor(groups, extras, lambda x, dim: mix(W, x, dim))
 
 
 @register_strategy("decaf")
