@@ -1,4 +1,4 @@
-"""Run an experiment suite, resumably: ``python experiments/run.py SUITE [--seeds 0,1,2] [--device cuda] [--dry-run]``.
+"""Run an experiment suite, resumably: ``python experiments/run.py SUITE [--seeds 0,1,2] [--cells 'decaf-*'] [--device cuda] [--dry-run]``.
 
 Each run trains in a scratch folder ``runs/experiments/<suite>/<run>/`` (checkpointed every evaluation) and, once
 finished, its ``config.json``, ``metrics.jsonl`` and ``summary.json`` are copied to
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import os
 import resource
 import shutil
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--seeds", type=parse_seeds, default=DEFAULT_SEEDS,
                         help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--cells", type=lambda text: tuple(text.split(",")), default=("*",),
+                        help="comma-separated cell names or shell patterns to run (default: every cell)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done; train none")
     args = parser.parse_args(argv)
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(reason)
         return 0
-    runs = suite.runs(args.seeds)
+    runs = [run for run in suite.runs(args.seeds) if any(fnmatch.fnmatchcase(run.name, p) for p in args.cells)]
     todo = [run for run in runs if not is_done(run)]
     print(f"suite {suite.name}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to go", flush=True)
     if args.dry_run:

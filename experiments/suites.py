@@ -28,6 +28,7 @@ SPLITS = ("balanced", "left", "right")
 OPTIMIZER_STATES = ("keep", "reset")
 SPLIT_FIELDS = ("decaf_split", "split")  # the TrainConfig field carrying DeCAF's factor split, whichever exists
 DEFAULT_SEEDS = (0, 1, 2)
+MESSAGE_DTYPES = ("bfloat16", "int8")  # float32 (uncompressed) runs are the algorithms suite's dir0.5 cells
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ def _grid() -> dict[str, Suite]:
               for n in AGENT_COUNTS for a in ("decaf", "dlora")}
     split = {f"decaf-{s}-{o}": {"algorithm": "decaf", "split": s, "optimizer_state": o, **PARTITIONS["dir0.5"]}
              for s in SPLITS for o in OPTIMIZER_STATES}
+    compression = {f"{a}-{d}": {"algorithm": a, "message_dtype": d, **PARTITIONS["dir0.5"]}
+                   for d in MESSAGE_DTYPES for a in ("decaf", "dlora")}
     suites = [
         Suite("algorithms", "algorithms on a 10-agent ring: IID, Dirichlet 0.5, Dirichlet 0.1", algorithms),
         Suite("topologies", "decaf and dlora on six graphs of 8 agents (one-peer exponential needs a power of two), "
@@ -78,6 +81,8 @@ def _grid() -> dict[str, Suite]:
         Suite("agents", "5, 10, 20, 40 agents on a ring sharing the same 600 documents (Dirichlet 0.5)", agents),
         Suite("split", "DeCAF factor split x optimizer state after re-factorization (ring, Dirichlet 0.5)", split,
               needs_field=SPLIT_FIELDS),
+        Suite("compression", "decaf and dlora with bfloat16 and int8 messages (ring, Dirichlet 0.5); the float32 "
+              "runs are the algorithms suite's", compression, needs_field=("message_dtype",)),
         Suite("bytes", "accuracy against bytes sent, per algorithm (reads the algorithms suite)", {},
               source="algorithms"),
     ]
