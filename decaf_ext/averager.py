@@ -22,8 +22,8 @@ from decaf_ext.compression import check_message_dtype
 from decaf_ext.config import first_line
 from decaf_ext.exchange import Transport
 from decaf_ext.faults import Faults
-from decaf_ext.lora import DEFAULT_ADAPTER, collect_extras, collect_factors, product_distance, product_norm, \
-    share_and_freeze_A, write_extras, write_factors
+from decaf_ext.lora import DEFAULT_ADAPTER, RankPadding, collect_extras, collect_factors, product_distance, \
+    product_norm, share_and_freeze_A, write_extras, write_factors
 from decaf_ext.message_guard import MessageGuard, load_run_key
 from decaf_ext.payload import Payload
 from decaf_ext.strategies import get_strategy
@@ -104,7 +104,10 @@ class DecentralizedAverager:
     the communicated parameters after every round (DeCAF changes the factors' gauge); "keep" leaves it.
     run_key_file / norm_bound: message safety (a shared HMAC key, also from DECAF_RUN_KEY; a bound on a
     neighbour's LoRA product norm as a multiple of this agent's). message_dtype: float32 (uncompressed), bfloat16
-    or int8 (per-row scale), see :mod:`decaf_ext.compression`. dlora_fa shares and freezes A at construction.
+    or int8 (per-row scale), see :mod:`decaf_ext.compression`. max_rank: when the agents' LoRA ranks differ, the
+    largest of them, passed by every agent (factors travel zero-padded to it with each agent's alpha / r folded
+    in, see :class:`~decaf_ext.lora.RankPadding`); None when every agent has the same rank. dlora_fa shares and
+    freezes A at construction.
 
     Example::
 
@@ -126,7 +129,8 @@ class DecentralizedAverager:
                  store: dist.Store | None = None, optimizer: torch.optim.Optimizer | None = None,
                  optimizer_state: str = "keep", round_timeout: float = 60.0, startup_timeout: float = 600.0,
                  backend: str = "gloo", run_key_file: str | None = None, norm_bound: float | None = None,
-                 message_dtype: str = "float32", adapter_name: str = DEFAULT_ADAPTER) -> None:
+                 message_dtype: str = "float32", max_rank: int | None = None,
+                 adapter_name: str = DEFAULT_ADAPTER) -> None:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"period must be an integer >= 1, got {period!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -139,6 +143,9 @@ class DecentralizedAverager:
         check_message_dtype(message_dtype)
         self.strategy = get_strategy(algorithm, **(options or {}))
         self.model, self.adapter_name = model, adapter_name
+        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+            raise ValueError(f"max_rank must be an integer >= 1 or None, got {max_rank!r}")
+        self.padding = None if max_rank is None else RankPadding(max_rank, frozen_A=not self.strategy.trains_A)
         try:
             groups, extras = self._collect()
         except ValueError as error:
@@ -154,7 +161,7 @@ class DecentralizedAverager:
             raise ValueError(f"process_group: {n_agents} processes but the topology has "
                              f"{self.schedule.n_agents} agents (one process per agent)")
         if not self.strategy.trains_A:
-            share_and_freeze_A([model], seed, adapter_name=adapter_name)
+            share_and_freeze_A([model], seed, adapter_name=adapter_name, rank=max_rank)
         guard = MessageGuard(load_run_key(run_key_file), norm_bound)
         self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, trailer=guard.trailer,
                                message_dtype=message_dtype)
@@ -176,7 +183,7 @@ class DecentralizedAverager:
     def _collect(self) -> tuple[list, dict[str, torch.Tensor]]:
         """This agent's groups (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...]."""
         models = [self.model]
-        return (collect_factors(models, adapter_name=self.adapter_name),
+        return (collect_factors(models, adapter_name=self.adapter_name, padding=self.padding),
                 collect_extras(models, adapter_name=self.adapter_name))
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> RoundStats | None:
@@ -202,7 +209,7 @@ class DecentralizedAverager:
         mixed = self.mixer.communicate(view, round_index, groups, extras, self.schedule.at(round_index))
         if mixed is None:
             return None
-        write_factors([self.model], mixed.groups, adapter_name=self.adapter_name)
+        write_factors([self.model], mixed.groups, adapter_name=self.adapter_name, padding=self.padding)
         write_extras([self.model], mixed.extras, adapter_name=self.adapter_name)
         self._apply_optimizer_policy(optimizer or self.optimizer)
         norm = float(product_norm(mixed.groups)[0])

@@ -76,7 +76,8 @@ class TrainConfig:
     task: str = _knob("text_classification", "task; --list shows them")
     model: str | None = _knob(None, "pretrained model folder, hub id or the task's alias (none: the task's "
                                     "offline default, all-MiniLM-L6-v2 for text classification)")
-    rank: int = _knob(8, "LoRA rank r")
+    rank: int | str = _knob(8, "LoRA rank r: one rank for every agent, one per agent ('2,4,8,16' with --agents 4) "
+                               "or a rule ('cycle:2,4,8,16': agent i takes entry i mod 4); see docs/strategies.md")
     lora_alpha: float = _knob(16.0, "LoRA alpha (update scale alpha / r)")
     lora_dropout: float = _knob(0.1, "dropout on the LoRA input")
     target_modules: list[str] | None = _knob(None, "comma-separated LoRA target modules (default: the task's)")
@@ -154,7 +155,8 @@ class TrainConfig:
         if self.agents < 2 and strategy.decentralized:
             raise ConfigError(f"agents must be >= 2 for the decentralized algorithm {self.algorithm!r}, "
                               f"got {self.agents}")
-        for name in ("rank", "max_len", "rounds", "local_steps", "batch_size", "eval_every", "eval_batch_size",
+        self.agent_ranks()
+        for name in ("max_len", "rounds", "local_steps", "batch_size", "eval_every", "eval_batch_size",
                      "shards"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -186,6 +188,31 @@ class TrainConfig:
             raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if self.dtype == "float16" and (self.device == "cpu" or (self.device == "auto" and not _cuda_available())):
             raise ConfigError("dtype: float16 cannot train on a CPU (use bfloat16 or float32)")
+
+    def agent_ranks(self) -> list[int]:
+        """The LoRA rank of each of the `agents` agents (ConfigError naming `rank` if the spec is malformed)."""
+        spec = self.rank
+        if isinstance(spec, int):
+            ranks = [spec] * self.agents
+        else:
+            rule, _, values = spec.rpartition(":")
+            try:
+                listed = [int(item) for item in values.split(",")]
+            except ValueError:
+                raise ConfigError(f"rank must be an integer, a comma-separated list or 'cycle:LIST', got {spec!r}"
+                                  ) from None
+            if rule == "cycle":
+                ranks = [listed[i % len(listed)] for i in range(self.agents)]
+            elif rule:
+                raise ConfigError(f"rank: unknown rule {rule!r} (the rule is 'cycle:LIST'), got {spec!r}")
+            elif len(listed) != self.agents:
+                raise ConfigError(f"rank: {len(listed)} ranks listed for {self.agents} agents (one per agent, or "
+                                  f"'cycle:{values}')")
+            else:
+                ranks = listed
+        if min(ranks) < 1:
+            raise ConfigError(f"rank must be >= 1, got {spec!r}")
+        return ranks
 
     def strategy(self) -> Strategy:
         """The configured strategy, with the decaf_* options it takes (the built-in decaf takes all five)."""
@@ -258,6 +285,9 @@ def convert_value(name: str, value: Any) -> Any:
             return None
         raise ConfigError(f"{name} must not be empty")
     try:
+        if set(typing.get_args(base)) == {int, str}:  # an integer when the value is one, else the string
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).strip()
+            return int(text) if text.lstrip("-").isdigit() and not isinstance(value, bool) else text
         if typing.get_origin(base) is list:
             items = value.split(",") if isinstance(value, str) else list(value)
             return [str(item).strip() for item in items if str(item).strip()]

@@ -36,7 +36,7 @@ from decaf_ext.errors import ConfigError
 from decaf_ext.agent_mixer import AgentMixer
 from decaf_ext.exchange import RoundView, Transport
 from decaf_ext.faults import Faults
-from decaf_ext.lora import collect_extras, collect_factors, write_extras, write_factors
+from decaf_ext.lora import collect_extras, write_extras
 from decaf_ext.message_guard import MessageGuard, load_run_key
 from decaf_ext.payload import Payload
 from decaf_ext.tasks import Encoded
@@ -86,7 +86,7 @@ class AgentTrainer(Trainer):
         self.agent_ids = [agent]
         self.samplers = [AgentSampler(np.arange(len(self.parts[agent])), config.batch_size, config.seed, agent)]
         guard = MessageGuard(load_run_key(config.run_key_file), config.norm_bound)
-        groups, extras = collect_factors(self.models), collect_extras(self.models)
+        groups, extras = self.collect(self.models), collect_extras(self.models)
         self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, trailer=guard.trailer,
                                message_dtype=config.message_dtype)
         self.transport = Transport(store, agent, config.agents, fingerprint=self.payload.fingerprint,
@@ -120,10 +120,10 @@ class AgentTrainer(Trainer):
         if view is not None and not self.transport.connect(view):
             view = None
         if view is not None:
-            groups, extras = collect_factors(self.models), collect_extras(self.models)
+            groups, extras = self.collect(self.models), collect_extras(self.models)
             mixed = self.mixer.communicate(view, round_index, groups, extras, self.schedule.at(round_index))
             if mixed is not None:
-                write_factors(self.models, mixed.groups)
+                self.write(self.models, mixed.groups)
                 write_extras(self.models, mixed.extras)
                 self.counters["bytes_sent"] += mixed.bytes_sent
                 if mixed.bytes_sent > 0 and self.config.optimizer_state == "reset":
@@ -138,7 +138,7 @@ class AgentTrainer(Trainer):
         ``members``): one all_gather of [loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, payload]."""
         start = self.clock()
         own = self.evaluate_model(self.models[0])
-        groups, extras = collect_factors(self.models), collect_extras(self.models)
+        groups, extras = self.collect(self.models), collect_extras(self.models)
         numbers = [self.counters["loss_sum"], self.counters["loss_steps"], self.counters["bytes_sent"],
                    own["accuracy"], own["macro_f1"]]
         mine = torch.cat([torch.tensor(numbers, dtype=torch.float64), self.payload.pack(groups, extras).double().cpu()])
@@ -151,7 +151,8 @@ class AgentTrainer(Trainer):
         loss_sum, loss_steps, bytes_sent = gathered[:, :3].sum(dim=0).tolist()
         agents = [{"accuracy": accuracy, "macro_f1": macro_f1} for accuracy, macro_f1 in gathered[:, 3:STATS].tolist()]
         buffers = gathered[:, STATS:].to(self.payload.dtype).to(self.device)
-        all_groups, all_extras = self.payload.unpack(buffers, groups, extras)
+        # names, and the shared A of a strategy that does not send A: the scratch model's (largest rank)
+        all_groups, all_extras = self.payload.unpack(buffers, self.collect([self.scratch]), extras)
         average = self.evaluate_model(self.average_model(all_groups, all_extras))
         self.counters["time_eval"] += self.clock() - start
         record = self.evaluation_record(rounds_done, agents, average, all_groups, loss_sum, loss_steps,

@@ -2,8 +2,10 @@
 
 Each agent holds a peft model (``peft.get_peft_model(model, LoraConfig(...))``). An adapted module carries
 ``lora_A[adapter].weight`` A: [r, n] and ``lora_B[adapter].weight`` B: [m, r]; its update is
-``(alpha / r) * B @ A``. The scaling ``alpha / r`` is the same on every agent (one config), so mixing and
-consensus on ``B @ A`` ignore it: it multiplies every agent's product alike and commutes with the mix.
+``s * B @ A`` with peft's scaling s (alpha / r). When every agent has the same rank, s is the same on every
+agent, so mixing and consensus on ``B @ A`` ignore it: it multiplies every agent's product alike and commutes
+with the mix. Agents with different ranks share one layout through :class:`RankPadding`: factors zero-padded
+to the largest rank, with each agent's own scale folded in.
 
 Modules are visited in ``named_modules`` order. Modules of identical shape (r, n, m) form one
 :class:`FactorGroup`, so a strategy mixes a whole group with one batched call.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -45,15 +47,48 @@ class FactorGroup:
         return self.A.shape[2]
 
 
-def _lora_modules(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Linear, nn.Linear]]:
-    """(module name, lora_A linear, lora_B linear) for every LoRA layer carrying `adapter_name`."""
+@dataclass(frozen=True)
+class RankPadding:
+    """How agents whose LoRA ranks differ share one stacked layout (the runtime passes it to
+    :func:`collect_factors` and :func:`write_factors`; None when every agent has the same rank).
+
+    Collecting zero-pads every agent's factors to `rank` (the largest rank) and folds in the agent's own
+    scale s_i (peft's ``scaling``, alpha / r_i): A_i, B_i -> sqrt(s_i) A_i, sqrt(s_i) B_i, so that B A is the
+    update the agent applies, comparable across ranks. With frozen_A (A shared and not trained, as in
+    dlora_fa) the whole scale goes on B: A_i, s_i B_i. Writing back keeps each agent's leading r_i directions
+    and divides its scale out again. A strategy therefore mixes true updates: DeCAF's M_i = sum_j W_ij s_j B_j A_j
+    truncated to the receiver's rank; DLoRA, DLoRA-FA and FedAvg average the padded factors and truncate.
+    """
+
+    rank: int
+    frozen_A: bool = False
+    scaled: bool = True  # False: padding only, the raw factors (checkpoints: exact round trip)
+
+    def scales(self, scale: float) -> tuple[float, float]:
+        """(factor on A, factor on B) folding an agent's update scale into its stacked factors."""
+        if not self.scaled:
+            return 1.0, 1.0
+        return (1.0, scale) if self.frozen_A else (math.sqrt(scale), math.sqrt(scale))
+
+
+class LoraModule(NamedTuple):
+    """One adapted module of one agent: its name, lora_A and lora_B linears and update scale (alpha / r)."""
+
+    name: str
+    lora_a: nn.Linear
+    lora_b: nn.Linear
+    scale: float
+
+
+def _lora_modules(model: nn.Module, adapter_name: str) -> list[LoraModule]:
+    """Every LoRA layer carrying `adapter_name`, in ``named_modules`` order."""
     found = []
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
             if lora_a.weight.dim() != 2 or lora_b.weight.dim() != 2:
                 raise ValueError(f"models: LoRA module {name!r} has non-matrix factors (only linear LoRA is supported)")
-            found.append((name, lora_a, lora_b))
+            found.append(LoraModule(name, lora_a, lora_b, float(module.scaling[adapter_name])))
     return found
 
 
@@ -66,44 +101,68 @@ def _check_agents_agree(layouts: list[list[tuple]], what: str) -> None:
             raise ValueError(f"models: agent {i} has different {what} than agent 0")
 
 
-def _agent_modules(
-    models: Sequence[nn.Module], adapter_name: str
-) -> list[list[tuple[str, nn.Linear, nn.Linear]]]:
-    """LoRA modules of every agent, checked to have the same names and shapes on every agent."""
+def _agent_modules(models: Sequence[nn.Module], adapter_name: str, padding: RankPadding | None = None
+                   ) -> list[list[LoraModule]]:
+    """LoRA modules of every agent, checked to have the same names and shapes on every agent (with `padding`:
+    the same names and (n, m), every rank at most padding.rank)."""
     per_agent = [_lora_modules(model, adapter_name) for model in models]
-    _check_agents_agree([[(name, a.weight.shape, b.weight.shape) for name, a, b in modules]
-                         for modules in per_agent], "LoRA modules or shapes")
+    if padding is None:
+        layouts = [[(m.name, m.lora_a.weight.shape, m.lora_b.weight.shape) for m in modules] for modules in per_agent]
+    else:
+        layouts = [[(m.name, m.lora_a.weight.shape[1], m.lora_b.weight.shape[0]) for m in modules]
+                   for modules in per_agent]
+        for i, modules in enumerate(per_agent):
+            for m in modules:
+                if m.lora_a.weight.shape[0] > padding.rank:
+                    raise ValueError(f"models: agent {i}'s LoRA module {m.name!r} has rank "
+                                     f"{m.lora_a.weight.shape[0]} > the padded rank {padding.rank}")
+    _check_agents_agree(layouts, "LoRA modules or shapes")
     if not per_agent[0]:
         raise ValueError(f"models: no LoRA layer carries adapter_name={adapter_name!r}")
     return per_agent
 
 
-def collect_factors(models: Sequence[nn.Module], *, adapter_name: str = DEFAULT_ADAPTER) -> list[FactorGroup]:
+def _stacked(module: LoraModule, padding: RankPadding | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One agent's A [r, n] and B [m, r] of `module` as stacked: detached weights, or padded and scaled."""
+    A, B = module.lora_a.weight.detach(), module.lora_b.weight.detach()
+    if padding is None:
+        return A, B
+    a_scale, b_scale = padding.scales(module.scale)
+    r = A.shape[0]
+    padded_A, padded_B = A.new_zeros(padding.rank, A.shape[1]), B.new_zeros(B.shape[0], padding.rank)
+    padded_A[:r], padded_B[:, :r] = A * a_scale, B * b_scale
+    return padded_A, padded_B
+
+
+def collect_factors(models: Sequence[nn.Module], *, adapter_name: str = DEFAULT_ADAPTER,
+                    padding: RankPadding | None = None) -> list[FactorGroup]:
     """Snapshot every agent's LoRA factors, stacked and grouped by shape (r, n, m).
 
     Groups come in order of first appearance; names within a group in ``named_modules`` order.
-    Returns detached copies: A [M, N, r, n], B [M, N, m, r] per group.
+    Returns detached copies: A [M, N, r, n], B [M, N, m, r] per group (r = padding.rank with `padding`).
     """
-    per_agent = _agent_modules(models, adapter_name)
+    per_agent = _agent_modules(models, adapter_name, padding)
     slots: dict[tuple[int, int, int], list[int]] = {}
-    for k, (_, lora_a, lora_b) in enumerate(per_agent[0]):
-        r, n = lora_a.weight.shape
-        slots.setdefault((r, n, lora_b.weight.shape[0]), []).append(k)
+    for k, module in enumerate(per_agent[0]):
+        r, n = module.lora_a.weight.shape
+        slots.setdefault((r if padding is None else padding.rank, n, module.lora_b.weight.shape[0]), []).append(k)
     groups = []
     for indices in slots.values():
-        names = [per_agent[0][k][0] for k in indices]
-        A = torch.stack([torch.stack([modules[k][1].weight.detach() for modules in per_agent]) for k in indices])
-        B = torch.stack([torch.stack([modules[k][2].weight.detach() for modules in per_agent]) for k in indices])
-        groups.append(FactorGroup(names=names, A=A, B=B))
+        stacked = [[_stacked(modules[k], padding) for modules in per_agent] for k in indices]
+        groups.append(FactorGroup(names=[per_agent[0][k].name for k in indices],
+                                  A=torch.stack([torch.stack([A for A, _ in agents]) for agents in stacked]),
+                                  B=torch.stack([torch.stack([B for _, B in agents]) for agents in stacked])))
     return groups
 
 
 @torch.no_grad()
-def write_factors(
-    models: Sequence[nn.Module], groups: list[FactorGroup], *, adapter_name: str = DEFAULT_ADAPTER
-) -> None:
-    """Copy the groups' factors into every agent's LoRA weights in place (dtype/device of the weights kept)."""
-    per_agent = [{name: (a, b) for name, a, b in modules} for modules in _agent_modules(models, adapter_name)]
+def write_factors(models: Sequence[nn.Module], groups: list[FactorGroup], *, adapter_name: str = DEFAULT_ADAPTER,
+                  padding: RankPadding | None = None) -> None:
+    """Copy the groups' factors into every agent's LoRA weights in place (dtype/device of the weights kept).
+
+    With `padding` (as collected): each agent keeps the leading r_i rows of A and columns of B, its scale
+    divided out."""
+    per_agent = [{m.name: m for m in modules} for modules in _agent_modules(models, adapter_name, padding)]
     for group in groups:
         if group.n_agents != len(models):
             raise ValueError(f"groups: {group.n_agents} agents stacked but {len(models)} models given")
@@ -111,16 +170,21 @@ def write_factors(
             for i, modules in enumerate(per_agent):
                 if name not in modules:
                     raise ValueError(f"groups: module {name!r} is not a LoRA module of agent {i}")
-                lora_a, lora_b = modules[name]
-                if group.A.shape[2:] != lora_a.weight.shape or group.B.shape[2:] != lora_b.weight.shape:
+                module = modules[name]
+                A, B = group.A[k, i], group.B[k, i]
+                if padding is not None and group.rank == padding.rank:
+                    r = module.lora_a.weight.shape[0]
+                    a_scale, b_scale = padding.scales(module.scale)
+                    A, B = A[:r] / a_scale, B[:, :r] / b_scale
+                if A.shape != module.lora_a.weight.shape or B.shape != module.lora_b.weight.shape:
                     raise ValueError(f"groups: factor shapes of {name!r} do not match the model's LoRA weights")
-                lora_a.weight.copy_(group.A[k, i])
-                lora_b.weight.copy_(group.B[k, i])
+                module.lora_a.weight.copy_(A)
+                module.lora_b.weight.copy_(B)
 
 
 def _extra_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
     """Trainable parameters of `model` that are not the adapter's LoRA factors, by parameter name."""
-    factor_ids = {id(w) for _, a, b in _lora_modules(model, adapter_name) for w in (a.weight, b.weight)}
+    factor_ids = {id(w) for m in _lora_modules(model, adapter_name) for w in (m.lora_a.weight, m.lora_b.weight)}
     return {
         name: param
         for name, param in model.named_parameters()
@@ -160,20 +224,27 @@ def write_extras(
 
 
 @torch.no_grad()
-def share_and_freeze_A(models: Sequence[nn.Module], seed: int, *, adapter_name: str = DEFAULT_ADAPTER) -> None:
+def share_and_freeze_A(models: Sequence[nn.Module], seed: int, *, adapter_name: str = DEFAULT_ADAPTER,
+                       rank: int | None = None) -> None:
     """Give every agent the same A for every LoRA module and freeze it (requires_grad False).
 
     A is drawn like peft's default LoRA init (Kaiming uniform, a = sqrt(5)) from a generator seeded with
-    `seed`, module by module in ``named_modules`` order. Call it before building the optimizers.
+    `seed`, module by module in ``named_modules`` order, at `rank` rows (default: the largest rank among the
+    models; every agent must draw at the same rank); an agent of rank r_i takes the leading r_i rows. Call it
+    before building the optimizers.
     """
-    per_agent = _agent_modules(models, adapter_name)
+    ranks = [m.lora_a.weight.shape[0] for model in models for m in _lora_modules(model, adapter_name)]
+    rank = rank or max(ranks, default=1)
+    if ranks and max(ranks) > rank:
+        raise ValueError(f"rank: the models hold LoRA rank {max(ranks)} > rank={rank}")
+    per_agent = _agent_modules(models, adapter_name, RankPadding(rank, frozen_A=True))
     generator = torch.Generator().manual_seed(seed)
-    for k, (_, lora_a, _) in enumerate(per_agent[0]):
-        shared = torch.empty(lora_a.weight.shape, dtype=torch.float32)
+    for k, module in enumerate(per_agent[0]):
+        shared = torch.empty(rank, module.lora_a.weight.shape[1], dtype=torch.float32)
         nn.init.kaiming_uniform_(shared, a=math.sqrt(5), generator=generator)
         for modules in per_agent:
-            weight = modules[k][1].weight
-            weight.copy_(shared)
+            weight = modules[k].lora_a.weight
+            weight.copy_(shared[:weight.shape[0]])
             weight.requires_grad_(False)
 
 

@@ -266,18 +266,32 @@ class DeCAF(Strategy):
 
 @register_strategy("dlora_fa")
 class DLoRAFA(Strategy):
-    """DLoRA with A frozen at an init shared by all agents: only B and extras are gossip-averaged."""
+    """DLoRA with A frozen at an init shared by all agents: only B and extras are gossip-averaged.
+
+    With unequal ranks (:class:`~decaf_ext.lora.RankPadding`) an agent's A holds the leading rows of the
+    shared A and zero rows after them; every output agent gets the shared A (each row from the first agent
+    that has it)."""
 
     trains_A = False
 
     def communicate(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
                     ) -> tuple[list[FactorGroup], Extras]:
         self.check_agents(groups, extras, W)
-        for g in groups:
-            if not torch.equal(g.A, g.A[:, :1].expand_as(g.A)):
-                raise ValueError("groups: dlora_fa needs the same A on every agent (call share_and_freeze_A)")
-        return ([FactorGroup(list(g.names), _own(g.A, 1, W.shape[0]), mix(W, g.B, 1)) for g in groups],
+        return ([FactorGroup(list(g.names), _shared_A(g.A, W.shape[0]), mix(W, g.B, 1)) for g in groups],
                 {k: mix(W, x, 0) for k, x in extras.items()})
+
+
+def _shared_A(A: torch.Tensor, n_out: int) -> torch.Tensor:
+    """The one A that agents' A [M, N, r, n] are leading rows of (zero rows after an agent's rank), handed to
+    `n_out` agents; ValueError unless every two agents agree on the rows both hold."""
+    held = (A != 0).any(dim=-1, keepdim=True)  # [M, N, r, 1]
+    low = torch.where(held, A, torch.inf).amin(dim=1)
+    high = torch.where(held, A, -torch.inf).amax(dim=1)
+    if not torch.equal(torch.where(held.any(dim=1), low, 0), torch.where(held.any(dim=1), high, 0)):
+        raise ValueError("groups: dlora_fa needs the same A on every agent (call share_and_freeze_A)")
+    first = held.to(torch.int8).argmax(dim=1, keepdim=True)  # [M, 1, r, 1]: the first agent holding each row
+    shared = A.gather(1, first.expand(-1, -1, -1, A.shape[-1]))
+    return shared.expand(-1, n_out, -1, -1).clone()
 
 
 STRATEGIES: tuple[str, ...] = strategy_names()  # the built-in strategies; strategy_names() includes the user's

@@ -14,6 +14,7 @@ docs/training.md); ``summary.json`` is written last and marks a finished run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -38,7 +39,7 @@ from decaf_ext.data import partition
 from decaf_ext.errors import ConfigError, first_line
 from decaf_ext.export import export_adapter, labelled_base, set_label_names
 from decaf_ext.quiet import quiet_transformers
-from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, consensus_error, \
+from decaf_ext.lora import FactorGroup, RankPadding, collect_extras, collect_factors, consensus_error, \
     consensus_interference, share_and_freeze_A, write_extras, write_factors
 from decaf_ext.agent_mixer import round_inputs
 from decaf_ext.payload import Payload
@@ -207,8 +208,8 @@ class Trainer:
             set_label_names(model.config, self.label_names)
         return model
 
-    def _check_targets(self, targets: list[str]) -> None:
-        """ConfigError unless every target matches a matrix-weight module of rank >= config.rank."""
+    def _check_targets(self, targets: list[str], ranks: list[int]) -> None:
+        """ConfigError unless every target matches a matrix-weight module whose dims are >= every agent's rank."""
         for target in targets:
             matched = [(name, module.weight.shape) for name, module in self._base.named_modules()
                        if (name == target or name.endswith("." + target))
@@ -216,25 +217,55 @@ class Trainer:
             if not matched:
                 raise ConfigError(f"target_modules: {target!r} matches no linear module of the model")
             name, shape = min(matched, key=lambda item: min(item[1]))
-            if self.config.rank > min(shape):
-                raise ConfigError(f"rank: {self.config.rank} exceeds min(in, out) = {min(shape)} "
+            if max(ranks) > min(shape):
+                agent = f" (agent {ranks.index(max(ranks))})" if len(set(ranks)) > 1 else ""
+                raise ConfigError(f"rank: {max(ranks)}{agent} exceeds min(in, out) = {min(shape)} "
                                   f"of target module {name!r}")
 
     def build_models(self) -> None:
-        """N agents and one scratch model (for the averaged adapter), all sharing the frozen base."""
+        """N agents and one scratch model (for the averaged adapter), all sharing the frozen base.
+
+        Agents of equal rank start from one peft template; with unequal ranks (config.agent_ranks()) there is
+        one template per rank over the same frozen base, the scratch model has the largest rank and
+        ``padding`` says how their factors are stacked (:class:`~decaf_ext.lora.RankPadding`)."""
         cfg = self.config
+        ranks = cfg.agent_ranks()
         targets = list(cfg.target_modules or self.task.default_targets(self._base))
-        self._check_targets(targets)
-        with quiet_transformers():  # peft asks transformers a deprecated question (a FutureWarning)
-            template = get_peft_model(self._base.to(self.device),
-                                      self.task.lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets))
+        self._check_targets(targets, ranks)
+        base = self._base.to(self.device)
         del self._base
-        *self.models, self.scratch = [template, *replicate(template, cfg.agents)]
+        distinct = sorted(set(ranks))
+        if len(distinct) > 1:
+            base.requires_grad_(False)  # every copy below shares the frozen weights
+        bases = [*replicate(base, len(distinct) - 1), base]
+        with quiet_transformers():  # peft asks transformers a deprecated question (a FutureWarning)
+            templates = {r: get_peft_model(copy, self.task.lora_config(r, cfg.lora_alpha, cfg.lora_dropout, targets))
+                         for r, copy in zip(distinct, bases)}
+        if len(distinct) == 1:
+            template = templates[distinct[0]]
+            *self.models, self.scratch = [template, *replicate(template, cfg.agents)]
+            self.padding: RankPadding | None = None
+        else:
+            self.models = [replicate(templates[r], 1)[0] for r in ranks]
+            self.scratch = templates[distinct[-1]]
+            self.padding = RankPadding(distinct[-1], frozen_A=not self.strategy.trains_A)
         if not self.strategy.trains_A:
-            share_and_freeze_A(self.models, cfg.seed)
-        self.trainable_params = sum(p.numel() for p in self.models[0].parameters() if p.requires_grad)
-        groups, extras = collect_factors(self.models[:1]), collect_extras(self.models[:1])
+            share_and_freeze_A([*self.models, self.scratch], cfg.seed)
+        counts = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in self.models]
+        self.trainable_params = counts[0] if len(set(counts)) == 1 else counts
+        groups, extras = self.collect(self.models[:1]), collect_extras(self.models[:1])
         self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, message_dtype=cfg.message_dtype)
+
+    def collect(self, models: list[nn.Module], *, raw: bool = False) -> list[FactorGroup]:
+        """collect_factors of `models` in this run's layout (padded and scaled when ranks differ; `raw`: padded
+        only, for checkpoints)."""
+        padding = self.padding if self.padding is None or not raw else dataclasses.replace(self.padding, scaled=False)
+        return collect_factors(models, padding=padding)
+
+    def write(self, models: list[nn.Module], groups: list[FactorGroup], *, raw: bool = False) -> None:
+        """write_factors into `models` from groups in this run's layout (see :meth:`collect`)."""
+        padding = self.padding if self.padding is None or not raw else dataclasses.replace(self.padding, scaled=False)
+        write_factors(models, groups, padding=padding)
 
     # ---------------------------------------------------------------------------------------- training
 
@@ -274,13 +305,13 @@ class Trainer:
     def _communicate(self, round_index: int) -> None:
         """One mixing step of the strategy on every agent's factors and extras (0-based round_index)."""
         start = self.clock()
-        groups, extras = collect_factors(self.models), collect_extras(self.models)
+        groups, extras = self.collect(self.models), collect_extras(self.models)
         W = self.schedule.at(round_index)
         if self.payload.codec.lossless:
             new_groups, new_extras = self.strategy.communicate(groups, extras, W)
         else:
             new_groups, new_extras = self._communicate_received(groups, extras, W)
-        write_factors(self.models, new_groups)
+        self.write(self.models, new_groups)
         write_extras(self.models, new_extras)
         sent = self.strategy.bytes_sent(groups, extras, W, self.payload.message_bytes)
         self.counters["bytes_sent"] += int(sent.sum())
@@ -297,9 +328,10 @@ class Trainer:
         from their messages. groups A [M, N, r, n], B [M, N, m, r], extras [N, ...] -> the same shapes."""
         exact = self.payload.pack_each(groups, extras)
         heard = self.payload.received(exact)
-        own = ([FactorGroup(g.names, g.A[:, :1], g.B[:, :1]) for g in groups], {k: x[:1] for k, x in extras.items()})
         rows: list[tuple[list[FactorGroup], dict[str, torch.Tensor]]] = []
         for i, row in enumerate(W.to(torch.float64).cpu()):
+            own = ([FactorGroup(g.names, g.A[:, i:i + 1], g.B[:, i:i + 1]) for g in groups],
+                   {k: x[i:i + 1] for k, x in extras.items()})
             others = [j for j in range(len(row)) if j != i and (row[j] > 0 or not self.strategy.decentralized)]
             order, W_round = round_inputs(self.strategy, i, row, others, [])
             data = torch.stack([exact[j] if j == i else heard[j] for j in order])
@@ -319,9 +351,9 @@ class Trainer:
         mean_i B_i A_i; dlora, dlora_fa, fedavg, local: the plain agent-mean of A and of B. Extras: the agent-mean.
         """
         if groups is None or extras is None:
-            groups, extras = collect_factors(self.models), collect_extras(self.models)
+            groups, extras = self.collect(self.models), collect_extras(self.models)
         groups, extras = self.strategy.consensus(groups, extras)
-        write_factors([self.scratch], groups)
+        self.write([self.scratch], groups)
         write_extras([self.scratch], extras)
         return self.scratch
 
@@ -358,7 +390,7 @@ class Trainer:
         agents = [self.evaluate_model(model) for model in self.models]
         average = self.evaluate_model(self.average_model())
         self.counters["time_eval"] += self.clock() - start
-        record = self.evaluation_record(rounds_done, agents, average, collect_factors(self.models),
+        record = self.evaluation_record(rounds_done, agents, average, self.collect(self.models),
                                         self.counters["loss_sum"], self.counters["loss_steps"],
                                         self.counters["bytes_sent"])
         self.counters["loss_sum"], self.counters["loss_steps"] = 0.0, 0
@@ -383,7 +415,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------- checkpoints
 
     def write_checkpoint(self, rounds_done: int) -> None:
-        groups, extras = collect_factors(self.models), collect_extras(self.models)
+        groups, extras = self.collect(self.models, raw=True), collect_extras(self.models)
         tensors = {f"factors/{k}/{factor}": getattr(g, factor) for k, g in enumerate(groups) for factor in "AB"}
         tensors.update({f"extras/{name}": x for name, x in extras.items()})
         state = {"samplers": [s.state_dict() for s in self.samplers], "history": self.history,
@@ -400,9 +432,9 @@ class Trainer:
             self.history = []
             return 0
         saved = load_checkpoint(folder)
-        groups = collect_factors(self.models)
-        write_factors(self.models, [FactorGroup(g.names, saved.tensors[f"factors/{k}/A"],
-                                                saved.tensors[f"factors/{k}/B"]) for k, g in enumerate(groups)])
+        groups = self.collect(self.models, raw=True)
+        self.write(self.models, [FactorGroup(g.names, saved.tensors[f"factors/{k}/A"],
+                                             saved.tensors[f"factors/{k}/B"]) for k, g in enumerate(groups)], raw=True)
         write_extras(self.models, {name[len("extras/"):]: x for name, x in saved.tensors.items()
                                    if name.startswith("extras/")})
         for optimizer, state in zip(self.optimizers, saved.optimizers):
