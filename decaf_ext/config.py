@@ -140,6 +140,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the argument) for values that are invalid on their own."""
+        self.agent_ranks()  # before the registries: a malformed rank is refused without importing torch
         for name, choices in registry_names().items():
             _check_choice(name, getattr(self, name), choices)
         _check_choice("comm_order", self.comm_order, COMM_ORDERS)
@@ -155,7 +156,6 @@ class TrainConfig:
         if self.agents < 2 and strategy.decentralized:
             raise ConfigError(f"agents must be >= 2 for the decentralized algorithm {self.algorithm!r}, "
                               f"got {self.agents}")
-        self.agent_ranks()
         for name in ("max_len", "rounds", "local_steps", "batch_size", "eval_every", "eval_batch_size",
                      "shards"):
             if getattr(self, name) < 1:

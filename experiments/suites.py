@@ -28,7 +28,8 @@ SPLITS = ("balanced", "left", "right")
 OPTIMIZER_STATES = ("keep", "reset")
 SPLIT_FIELDS = ("decaf_split", "split")  # the TrainConfig field carrying DeCAF's factor split, whichever exists
 DEFAULT_SEEDS = (0, 1, 2)
-MESSAGE_DTYPES = ("bfloat16", "int8")  # float32 (uncompressed) runs are the algorithms suite's dir0.5 cells
+MESSAGE_DTYPES = ("bfloat16", "int8")
+MIXED_RANKS = "cycle:2,4,8,16"  # agent i has LoRA rank (2, 4, 8, 16)[i mod 4]  # float32 (uncompressed) runs are the algorithms suite's dir0.5 cells
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ def _grid() -> dict[str, Suite]:
              for s in SPLITS for o in OPTIMIZER_STATES}
     compression = {f"{a}-{d}": {"algorithm": a, "message_dtype": d, **PARTITIONS["dir0.5"]}
                    for d in MESSAGE_DTYPES for a in ("decaf", "dlora")}
+    mixed_ranks = {f"{a}-mixed": {"algorithm": a, "rank": MIXED_RANKS, **PARTITIONS["dir0.5"]}
+                   for a in ("decaf", "dlora")}
     suites = [
         Suite("algorithms", "algorithms on a 10-agent ring: IID, Dirichlet 0.5, Dirichlet 0.1", algorithms),
         Suite("topologies", "decaf and dlora on six graphs of 8 agents (one-peer exponential needs a power of two), "
@@ -83,6 +86,8 @@ def _grid() -> dict[str, Suite]:
               needs_field=SPLIT_FIELDS),
         Suite("compression", "decaf and dlora with bfloat16 and int8 messages (ring, Dirichlet 0.5); the float32 "
               "runs are the algorithms suite's", compression, needs_field=("message_dtype",)),
+        Suite("mixed_ranks", "agents cycling through LoRA ranks 2, 4, 8, 16 (ring, Dirichlet 0.5): decaf vs dlora "
+              "with zero-padding; everyone at 2 and at 16 are the rank suite's runs", mixed_ranks),
         Suite("bytes", "accuracy against bytes sent, per algorithm (reads the algorithms suite)", {},
               source="algorithms"),
     ]

@@ -41,6 +41,10 @@ COMPRESSED = {"decaf-int8": dict(algorithm="decaf", message_dtype="int8"),
               "dlora-int8": dict(algorithm="dlora", message_dtype="int8"),
               "fedavg-bfloat16": dict(algorithm="fedavg", message_dtype="bfloat16")}
 
+# agents of unequal LoRA rank against the simulator
+RANKED = {"decaf-ranks": dict(algorithm="decaf", rank="cycle:2,4"),
+          "dlora_fa-ranks": dict(algorithm="dlora_fa", rank="cycle:2,4")}
+
 AGENTS = 4
 ROUND_TIMEOUT = 3.0
 FAULTY = dict(algorithm="dlora", rounds=7, eval_every=1, checkpoint_every=1)
@@ -90,8 +94,9 @@ def launched(tiny, tmp_path_factory):
     then the faulty dlora run."""
     root = tmp_path_factory.mktemp("distributed")
     assert USER_STRATEGY in ALGORITHMS
-    runs = {name: tiny_config(tiny, root / name, **{"algorithm": name, **COMPRESSED.get(name, {})},
-                              lora_dropout=0.1, rounds=3) for name in (*ALGORITHMS, *COMPRESSED)}
+    variants = {**COMPRESSED, **RANKED}
+    runs = {name: tiny_config(tiny, root / name, **{"algorithm": name, **variants.get(name, {})},
+                              lora_dropout=0.1, rounds=3) for name in (*ALGORITHMS, *variants)}
     faulty = tiny_config(tiny, root / "faulty", **FAULTY)
     (root / "key").write_text("a shared secret\n")
     guarded = tiny_config(tiny, root / "guarded", run_key_file=str(root / "key"), **GUARDED)
@@ -115,7 +120,7 @@ def events_of(run_dir: str, agent: int, kind: str) -> list[tuple[int, int | None
 # ------------------------------------------------------------------------------------- multi-process runs
 
 
-@pytest.mark.parametrize("run", [*ALGORITHMS, *COMPRESSED])
+@pytest.mark.parametrize("run", [*ALGORITHMS, *COMPRESSED, *RANKED])
 def test_distributed_run_matches_the_simulator(launched, tmp_path, run):
     runs, _, statuses, _ = launched
     assert statuses[0] == statuses[1] == statuses[3] == 0
@@ -133,7 +138,7 @@ def test_distributed_run_matches_the_simulator(launched, tmp_path, run):
         for key in CLOSE:
             assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
     # each agent checkpointed only its own adapter, equal to the simulator's agent
-    groups, extras = collect_factors(simulator.models), collect_extras(simulator.models)
+    groups, extras = simulator.collect(simulator.models, raw=True), collect_extras(simulator.models)
     for agent in range(AGENTS):
         saved = load_checkpoint(latest_checkpoint(os.path.join(config.output_dir, "agents", f"agent_{agent:02d}")))
         assert saved.round == config.rounds

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from decaf_ext.distributed import launch
 from decaf_ext.faults import FAULT_ENV
-from decaf_ext.lora import FactorGroup, collect_extras, collect_factors
+from decaf_ext.lora import FactorGroup, RankPadding, collect_extras, collect_factors
 from decaf_ext.payload import Payload
 from decaf_ext.strategies import get_strategy, strategy_names
 from decaf_ext.topology import make_schedule
@@ -35,20 +35,21 @@ DEAD = {"algorithm": "decaf", "faults": "2:exit@1"}  # agent 2 dies when round 1
 # round 2 (finite, correctly tagged).
 GUARDED = {"algorithm": "dlora", "faults": "1:badtag@1,2:scale@2=1000", "norm_bound": 10.0}
 COMPRESSED = {"algorithm": "decaf", "message_dtype": "int8"}
+RANKED = {"algorithm": "decaf", "lora_ranks": [2, 4, 8]}  # agent i has LoRA rank lora_ranks[i]
 
 
 # ------------------------------------------------------------------------------------------- agent side
 
 
-def tiny_agent(model_dir: str, data_dir: str, rank: int):
-    """(peft model, [n, 16] token ids, masks, labels) of agent `rank`: LoRA r=4 on query/value + a head; this
-    agent's shard of the tiny dataset (every AGENTS-th text)."""
+def tiny_agent(model_dir: str, data_dir: str, rank: int, lora_rank: int = 4):
+    """(peft model, [n, 16] token ids, masks, labels) of agent `rank`: LoRA r=lora_rank on query/value + a head;
+    this agent's shard of the tiny dataset (every AGENTS-th text)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(rank)  # agents start apart: the mixing has something to do from the first round
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(CLASSES))
-    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0,
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=lora_rank, lora_alpha=8, lora_dropout=0.0,
                                             target_modules=["query", "value"]))
     texts, labels = [], []
     for label, name in enumerate(sorted(CLASSES)):
@@ -60,8 +61,8 @@ def tiny_agent(model_dir: str, data_dir: str, rank: int):
     return model, tokens["input_ids"], tokens["attention_mask"], torch.tensor(labels[rank::AGENTS])
 
 
-def snapshot(model) -> dict:
-    groups, extras = collect_factors([model]), collect_extras([model])
+def snapshot(model, padding: RankPadding | None = None) -> dict:
+    groups, extras = collect_factors([model], padding=padding), collect_extras([model])
     return {"groups": [(g.names, g.A.clone(), g.B.clone()) for g in groups],
             "extras": {k: x.clone() for k, x in extras.items()}}
 
@@ -76,23 +77,25 @@ def plain_loop(spec: dict, run: dict, store: dist.Store, out: Path) -> None:
     from decaf_ext.averager import DecentralizedAverager
 
     rank = dist.get_rank()
-    model, ids, mask, labels = tiny_agent(spec["model"], spec["data"], rank)
+    ranks = run.get("lora_ranks", [4] * AGENTS)
+    model, ids, mask, labels = tiny_agent(spec["model"], spec["data"], rank, ranks[rank])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     averager = DecentralizedAverager(model, algorithm=run["algorithm"], topology="ring", period=PERIOD,
                                      process_group=dist.group.WORLD, store=store, optimizer=optimizer,
                                      round_timeout=spec["round_timeout"], norm_bound=run.get("norm_bound"),
                                      run_key_file=spec["key"] if "norm_bound" in run else None,
-                                     message_dtype=run.get("message_dtype", "float32"))
+                                     message_dtype=run.get("message_dtype", "float32"),
+                                     max_rank=max(ranks) if "lora_ranks" in run else None)
     generator = torch.Generator().manual_seed(rank)
     for _ in range(STEPS):
         batch = torch.randperm(len(labels), generator=generator)[:8]
         model(input_ids=ids[batch], attention_mask=mask[batch], labels=labels[batch]).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        before = snapshot(model)
+        before = snapshot(model, averager.padding)
         stats = averager.step()
         if stats is not None:
-            save_round(out, rank, stats, before, snapshot(model))
+            save_round(out, rank, stats, before, snapshot(model, averager.padding))
     averager.close()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"events_agent{rank}.json").write_text(json.dumps(averager.stats.events))
@@ -168,10 +171,10 @@ def launch_agents(tiny, out: Path, **spec) -> list[int]:
 @pytest.fixture(scope="module")
 def plain_runs(tiny, tmp_path_factory):
     """One launch: every registered strategy in turn, a dlora run with a run key, a norm bound and faulty messages,
-    a decaf run with int8 messages, then a decaf run in which agent 2 dies."""
+    a decaf run with int8 messages, one with LoRA ranks 2, 4, 8, then a decaf run in which agent 2 dies."""
     assert USER_STRATEGY in ALGORITHMS
     out = tmp_path_factory.mktemp("loop")
-    runs = [{"algorithm": name} for name in ALGORITHMS] + [GUARDED, COMPRESSED, DEAD]
+    runs = [{"algorithm": name} for name in ALGORITHMS] + [GUARDED, COMPRESSED, RANKED, DEAD]
     return runs, out, launch_agents(tiny, out, mode="loop", runs=runs)
 
 
@@ -231,6 +234,25 @@ def test_plain_loop_mixes_as_the_strategy(plain_runs, algorithm):
     assert len(seen) == AGENTS * STEPS // PERIOD
     assert all(s["members"] == [0, 1, 2] and s["bytes_sent"] > 0 for s in seen)
     assert {s["step"] for s in seen} == set(range(PERIOD, STEPS + 1, PERIOD))
+
+
+def test_plain_loop_with_unequal_ranks(plain_runs):
+    """Agents of LoRA rank 2, 4 and 8 (max_rank=8): each agent's new update s_i B_i A_i is the leading r_i
+    directions of DeCAF on every agent's padded, scaled factors (RankPadding), computed here."""
+    runs, out, statuses = plain_runs
+    assert statuses[0] == statuses[1] == 0
+    folder = out / f"run{runs.index(RANKED)}"
+    W = make_schedule("ring", AGENTS).at(0)
+    rounds = sorted({int(p.name.split("_")[0][5:]) for p in folder.glob("round*_agent*.pt")})
+    assert len(rounds) == STEPS // PERIOD
+    for t in rounds:
+        saved = [torch.load(folder / f"round{t}_agent{i}.pt") for i in range(AGENTS)]
+        expected, _ = get_strategy("decaf").communicate(*stack([s["before"] for s in saved]), W)
+        for i, (record, r) in enumerate(zip(saved, RANKED["lora_ranks"])):
+            for got, want in zip(stack([record["after"]])[0], expected, strict=True):
+                assert not got.A[:, 0, r:].any() and not got.B[:, 0, :, r:].any()
+                torch.testing.assert_close(got.B @ got.A, want.B[:, i:i + 1, :, :r] @ want.A[:, i:i + 1, :r],
+                                           rtol=1e-4, atol=1e-6)
 
 
 def test_plain_loop_with_int8_messages(plain_runs):
