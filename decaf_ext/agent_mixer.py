@@ -68,38 +68,39 @@ class AgentMixer:
         peers = [j for j in neighbours if j in view.members]
         own = self.payload.pack(groups, extras)
         sealed = self.faults.outgoing(round_index, own, lambda data: self.guard.seal(
-            self.payload.encode(data).to(self.buffer_device), round_index, self.agent))
+            self.payload.encode(data, self.agent).to(self.buffer_device), round_index, self.agent))
 
         def validate(j: int, buffer: torch.Tensor) -> str | None:
-            data, reason = self.guard.open(buffer, round_index, j)
+            data, reason = self.guard.open(buffer[:self.payload.numel_of(j)], round_index, j)
             if reason is None:
-                reason = self.payload.check(data)
+                reason = self.payload.check(data, j)
             if reason is None and self.guard.norm_bound is not None:
-                decoded = self.payload.decode(data[None].to(self.device))
+                decoded = self.payload.decode(data[None].to(self.device), j)
                 theirs, _ = self.payload.unpack(decoded, groups, extras)
                 reason = self.guard.check_norm(theirs, groups)
             return reason
 
         if self.strategy.decentralized:
-            received = self.transport.exchange(view, sealed, peers, validate)
-        else:
-            received = self.transport.gather(view, sealed, validate)
+            received = self.transport.exchange(view, sealed, peers, validate,
+                                               sizes={j: self.payload.numel_of(j) for j in peers})
+        else:  # all_gather moves equal sizes: with unequal ranks every buffer is padded to the largest
+            padded = torch.cat([sealed, sealed.new_zeros(self.payload.numel - sealed.numel())])
+            received = self.transport.gather(view, padded, validate)
         live = sorted(received)
         missing = [j for j in neighbours if j not in received] if self.strategy.decentralized else []
         if missing:
             log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
                      self.agent, round_index, missing, float(row[missing].sum()))
         order, W_round = round_inputs(self.strategy, self.agent, row, live, missing)
-        heard = {}
-        if live:
-            wires = torch.stack([received[j][:self.payload.wire_numel] for j in live]).to(self.device)
-            heard = dict(zip(live, self.payload.decode(wires)))
+        heard = {j: self.payload.decode(received[j][None, :self.payload.wire_numel_of(j)].to(self.device), j)[0]
+                 for j in live}
         data = torch.stack([own if j == self.agent else heard[j] for j in order])
         new_groups, new_extras = self.strategy.communicate(*self.payload.unpack(data, groups, extras), W_round)
         k = order.index(self.agent)
         new_groups = [FactorGroup(g.names, g.A[:, k:k + 1], g.B[:, k:k + 1]) for g in new_groups]
         new_extras = {name: x[k:k + 1] for name, x in new_extras.items()}
-        sent = self.payload.message_bytes * (len(peers) if self.strategy.decentralized else 1)
+        sent = (self.payload.message_bytes_of(self.agent) * len(peers) if self.strategy.decentralized
+                else self.payload.message_bytes)
         return MixResult(new_groups, new_extras, [self.agent, *live], sent)
 
 

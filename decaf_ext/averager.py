@@ -22,8 +22,8 @@ from decaf_ext.compression import check_message_dtype
 from decaf_ext.config import first_line
 from decaf_ext.exchange import Transport
 from decaf_ext.faults import Faults
-from decaf_ext.lora import DEFAULT_ADAPTER, RankPadding, collect_extras, collect_factors, product_distance, \
-    product_norm, share_and_freeze_A, write_extras, write_factors
+from decaf_ext.lora import DEFAULT_ADAPTER, RankPadding, collect_extras, collect_factors, lora_modules, \
+    product_distance, product_norm, share_and_freeze_A, write_extras, write_factors
 from decaf_ext.message_guard import MessageGuard, load_run_key
 from decaf_ext.payload import Payload
 from decaf_ext.strategies import get_strategy
@@ -104,10 +104,10 @@ class DecentralizedAverager:
     the communicated parameters after every round (DeCAF changes the factors' gauge); "keep" leaves it.
     run_key_file / norm_bound: message safety (a shared HMAC key, also from DECAF_RUN_KEY; a bound on a
     neighbour's LoRA product norm as a multiple of this agent's). message_dtype: float32 (uncompressed), bfloat16
-    or int8 (per-row scale), see :mod:`decaf_ext.compression`. max_rank: when the agents' LoRA ranks differ, the
-    largest of them, passed by every agent (factors travel zero-padded to it with each agent's alpha / r folded
-    in, see :class:`~decaf_ext.lora.RankPadding`); None when every agent has the same rank. dlora_fa shares and
-    freezes A at construction.
+    or int8 (per-row scale), see :mod:`decaf_ext.compression`. ranks: every agent's LoRA rank, the same list on
+    every agent, when the ranks differ (each agent sends its own rank's directions; the mix runs on factors
+    zero-padded to the largest with each agent's alpha / r folded in, see :class:`~decaf_ext.lora.RankPadding`);
+    None when every agent has the same rank. dlora_fa shares and freezes A at construction.
 
     Example::
 
@@ -129,7 +129,7 @@ class DecentralizedAverager:
                  store: dist.Store | None = None, optimizer: torch.optim.Optimizer | None = None,
                  optimizer_state: str = "keep", round_timeout: float = 60.0, startup_timeout: float = 600.0,
                  backend: str = "gloo", run_key_file: str | None = None, norm_bound: float | None = None,
-                 message_dtype: str = "float32", max_rank: int | None = None,
+                 message_dtype: str = "float32", ranks: list[int] | None = None,
                  adapter_name: str = DEFAULT_ADAPTER) -> None:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"period must be an integer >= 1, got {period!r}")
@@ -143,15 +143,23 @@ class DecentralizedAverager:
         check_message_dtype(message_dtype)
         self.strategy = get_strategy(algorithm, **(options or {}))
         self.model, self.adapter_name = model, adapter_name
-        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
-            raise ValueError(f"max_rank must be an integer >= 1 or None, got {max_rank!r}")
-        self.padding = None if max_rank is None else RankPadding(max_rank, frozen_A=not self.strategy.trains_A)
+        self.agent, n_agents = _rank_and_size(process_group)
+        self.padding = None
+        if ranks is not None:
+            if not (isinstance(ranks, (list, tuple)) and len(ranks) == n_agents
+                    and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)):
+                raise ValueError(f"ranks must list one LoRA rank >= 1 per agent ({n_agents}), got {ranks!r}")
+            own = {m.lora_a.weight.shape[0] for m in lora_modules(model, adapter_name)}
+            if own and own != {ranks[self.agent]}:
+                raise ValueError(f"ranks: agent {self.agent}'s model has LoRA rank {sorted(own)}, "
+                                 f"ranks[{self.agent}] = {ranks[self.agent]}")
+            if len(set(ranks)) > 1:
+                self.padding = RankPadding(max(ranks), frozen_A=not self.strategy.trains_A)
         try:
             groups, extras = self._collect()
         except ValueError as error:
             raise ValueError(f"model: {first_line(error)} (build it with peft.get_peft_model and a LoraConfig)"
                              ) from None
-        self.agent, n_agents = _rank_and_size(process_group)
         try:
             self.schedule = topology if isinstance(topology, MixingSchedule) else make_schedule(
                 topology, n_agents, rule=mixing, seed=seed, p=topology_p, path=topology_file)
@@ -161,10 +169,10 @@ class DecentralizedAverager:
             raise ValueError(f"process_group: {n_agents} processes but the topology has "
                              f"{self.schedule.n_agents} agents (one process per agent)")
         if not self.strategy.trains_A:
-            share_and_freeze_A([model], seed, adapter_name=adapter_name, rank=max_rank)
+            share_and_freeze_A([model], seed, adapter_name=adapter_name, rank=max(ranks) if ranks else None)
         guard = MessageGuard(load_run_key(run_key_file), norm_bound)
         self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, trailer=guard.trailer,
-                               message_dtype=message_dtype)
+                               message_dtype=message_dtype, ranks=ranks)
         store = dist.PrefixStore(f"decaf_ext/averager/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
                                  _store_of(process_group, store))
         self.transport = Transport(store, self.agent, n_agents, fingerprint=self.payload.fingerprint,

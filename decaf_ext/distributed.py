@@ -88,7 +88,7 @@ class AgentTrainer(Trainer):
         guard = MessageGuard(load_run_key(config.run_key_file), config.norm_bound)
         groups, extras = self.collect(self.models), collect_extras(self.models)
         self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, trailer=guard.trailer,
-                               message_dtype=config.message_dtype)
+                               message_dtype=config.message_dtype, ranks=config.agent_ranks())
         self.transport = Transport(store, agent, config.agents, fingerprint=self.payload.fingerprint,
                                    backend=backend, timeout=options.round_timeout,
                                    startup_timeout=options.startup_timeout)

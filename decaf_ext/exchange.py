@@ -254,10 +254,10 @@ class Transport:
         for work in works:
             work.wait(max(timedelta(seconds=deadline - time.monotonic()), _MIN_WAIT))
 
-    def _accept(self, round_index: int, j: int, tensor: torch.Tensor, reference: torch.Tensor,
+    def _accept(self, round_index: int, j: int, tensor: torch.Tensor, numel: int, dtype: torch.dtype,
                 validate: Validator | None) -> bool:
         """Whether agent j's buffer passes :func:`check_buffer` and `validate`; a rejection is logged."""
-        reason = check_buffer(tensor, reference.numel(), reference.dtype)
+        reason = check_buffer(tensor, numel, dtype)
         if reason is None and validate is not None:
             reason = validate(j, tensor)
         if reason is not None:
@@ -266,8 +266,9 @@ class Transport:
         return reason is None
 
     def exchange(self, view: RoundView, buffer: torch.Tensor, peers: list[int],
-                 validate: Validator | None = None) -> dict[int, torch.Tensor]:
-        """Send `buffer` (1-D) to every agent in `peers` and receive theirs (tag = round).
+                 validate: Validator | None = None, sizes: dict[int, int] | None = None) -> dict[int, torch.Tensor]:
+        """Send `buffer` (1-D) to every agent in `peers` and receive theirs (tag = round), of `sizes[j]` elements
+        from agent j (default: as many as `buffer`).
 
         Returns the buffers that arrived within the round timeout and passed :func:`check_buffer` and
         `validate(agent, buffer) -> reason or None`, by agent; a peer whose transfer failed or whose buffer was
@@ -275,7 +276,8 @@ class Transport:
         first), so blocking backends cannot deadlock; one failing pair does not cancel the others.
         """
         rank = view.agents.index(self.agent)
-        received = {j: unfilled(buffer) for j in peers}
+        sizes = sizes or {j: buffer.numel() for j in peers}
+        received = {j: unfilled(buffer.new_empty(sizes[j])) for j in peers}
         posted = []
         for j in peers:
             peer = view.agents.index(j)
@@ -293,7 +295,7 @@ class Transport:
             except RuntimeError as error:
                 self._failure(view.round, f"exchange with agent {j}", error, agents=[j])
                 continue
-            if self._accept(view.round, j, received[j], buffer, validate):
+            if self._accept(view.round, j, received[j], sizes[j], buffer.dtype, validate):
                 accepted[j] = received[j]
         return accepted
 
@@ -304,7 +306,8 @@ class Transport:
         if gathered is None:
             return {}
         return {j: gathered[k] for k, j in enumerate(view.agents)
-                if j != self.agent and self._accept(view.round, j, gathered[k], buffer, validate)}
+                if j != self.agent and self._accept(view.round, j, gathered[k], buffer.numel(), buffer.dtype,
+                                                    validate)}
 
     def all_gather(self, view: RoundView, buffer: torch.Tensor) -> torch.Tensor | None:
         """Every member's `buffer` [n] stacked as [len(view.members), n] in view.agents order, or None on failure."""

@@ -80,7 +80,7 @@ class LoraModule(NamedTuple):
     scale: float
 
 
-def _lora_modules(model: nn.Module, adapter_name: str) -> list[LoraModule]:
+def lora_modules(model: nn.Module, adapter_name: str) -> list[LoraModule]:
     """Every LoRA layer carrying `adapter_name`, in ``named_modules`` order."""
     found = []
     for name, module in model.named_modules():
@@ -105,7 +105,7 @@ def _agent_modules(models: Sequence[nn.Module], adapter_name: str, padding: Rank
                    ) -> list[list[LoraModule]]:
     """LoRA modules of every agent, checked to have the same names and shapes on every agent (with `padding`:
     the same names and (n, m), every rank at most padding.rank)."""
-    per_agent = [_lora_modules(model, adapter_name) for model in models]
+    per_agent = [lora_modules(model, adapter_name) for model in models]
     if padding is None:
         layouts = [[(m.name, m.lora_a.weight.shape, m.lora_b.weight.shape) for m in modules] for modules in per_agent]
     else:
@@ -184,7 +184,7 @@ def write_factors(models: Sequence[nn.Module], groups: list[FactorGroup], *, ada
 
 def _extra_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
     """Trainable parameters of `model` that are not the adapter's LoRA factors, by parameter name."""
-    factor_ids = {id(w) for m in _lora_modules(model, adapter_name) for w in (m.lora_a.weight, m.lora_b.weight)}
+    factor_ids = {id(w) for m in lora_modules(model, adapter_name) for w in (m.lora_a.weight, m.lora_b.weight)}
     return {
         name: param
         for name, param in model.named_parameters()
@@ -233,7 +233,7 @@ def share_and_freeze_A(models: Sequence[nn.Module], seed: int, *, adapter_name: 
     models; every agent must draw at the same rank); an agent of rank r_i takes the leading r_i rows. Call it
     before building the optimizers.
     """
-    ranks = [m.lora_a.weight.shape[0] for model in models for m in _lora_modules(model, adapter_name)]
+    ranks = [m.lora_a.weight.shape[0] for model in models for m in lora_modules(model, adapter_name)]
     rank = rank or max(ranks, default=1)
     if ranks and max(ranks) > rank:
         raise ValueError(f"rank: the models hold LoRA rank {max(ranks)} > rank={rank}")

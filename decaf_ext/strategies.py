@@ -108,20 +108,21 @@ class Strategy(ABC):
         return _bytes_per_agent(factors, 1) + _bytes_per_agent(extras.values(), 0)
 
     def bytes_sent(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor,
-                   message_bytes: int | None = None) -> torch.Tensor:
+                   message_bytes: int | torch.Tensor | None = None) -> torch.Tensor:
         """int64 [N_out]: bytes each output agent sends this round.
 
         Decentralized: the message times the number of agents it mixes with (nonzero entries of its row of W
         other than its own input). Otherwise: the message, uploaded once. The message is `message_bytes` (its
-        encoded size, see :class:`~decaf_ext.payload.Payload`), by default the payload; 0 when the payload is
-        empty.
+        encoded size, see :class:`~decaf_ext.payload.Payload`: one int, or int64 [N_out] when agents' messages
+        differ), by default the payload; 0 when the payload is empty.
         """
         n_in = self.check_agents(groups, extras, W)
         n_out = W.shape[0]
         payload = self.payload(groups, extras)
-        message = payload if message_bytes is None or payload == 0 else message_bytes
+        message = torch.as_tensor(payload if message_bytes is None or payload == 0 else message_bytes,
+                                  dtype=torch.int64).expand(n_out)
         if not self.decentralized:
-            return torch.full((n_out,), message, dtype=torch.int64)
+            return message.clone()
         others = (W != 0) & ~torch.eye(n_out, n_in, dtype=torch.bool, device=W.device)
         return others.sum(dim=1).cpu().to(torch.int64) * message
 

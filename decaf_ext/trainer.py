@@ -254,7 +254,8 @@ class Trainer:
         counts = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in self.models]
         self.trainable_params = counts[0] if len(set(counts)) == 1 else counts
         groups, extras = self.collect(self.models[:1]), collect_extras(self.models[:1])
-        self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, message_dtype=cfg.message_dtype)
+        self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, message_dtype=cfg.message_dtype,
+                               ranks=ranks)
 
     def collect(self, models: list[nn.Module], *, raw: bool = False) -> list[FactorGroup]:
         """collect_factors of `models` in this run's layout (padded and scaled when ranks differ; `raw`: padded
@@ -313,13 +314,20 @@ class Trainer:
             new_groups, new_extras = self._communicate_received(groups, extras, W)
         self.write(self.models, new_groups)
         write_extras(self.models, new_extras)
-        sent = self.strategy.bytes_sent(groups, extras, W, self.payload.message_bytes)
+        sent = self.strategy.bytes_sent(groups, extras, W, self.message_bytes())
         self.counters["bytes_sent"] += int(sent.sum())
         if self.config.optimizer_state == "reset":
             for optimizer, agent_sent in zip(self.optimizers, sent.tolist()):
                 if agent_sent > 0:
                     optimizer.state.clear()
         self.counters["time_comm"] += self.clock() - start
+
+    def message_bytes(self) -> int | torch.Tensor:
+        """Bytes of one message: an int, or int64 [N] per agent when unequal ranks make messages differ (a server
+        strategy's all_gather pads every message to the largest)."""
+        if self.payload.ranks is None or not self.strategy.decentralized:
+            return self.payload.message_bytes
+        return torch.tensor([self.payload.message_bytes_of(agent) for agent in self.agent_ids])
 
     def _communicate_received(self, groups: list[FactorGroup], extras: dict[str, torch.Tensor], W: torch.Tensor
                               ) -> tuple[list[FactorGroup], dict[str, torch.Tensor]]:

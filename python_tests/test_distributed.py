@@ -43,7 +43,9 @@ COMPRESSED = {"decaf-int8": dict(algorithm="decaf", message_dtype="int8"),
 
 # agents of unequal LoRA rank against the simulator
 RANKED = {"decaf-ranks": dict(algorithm="decaf", rank="cycle:2,4"),
-          "dlora_fa-ranks": dict(algorithm="dlora_fa", rank="cycle:2,4")}
+          "decaf-ranks-int8": dict(algorithm="decaf", rank="cycle:2,4", message_dtype="int8"),
+          "dlora_fa-ranks": dict(algorithm="dlora_fa", rank="cycle:2,4"),
+          "fedavg-ranks": dict(algorithm="fedavg", rank="cycle:2,4")}
 
 AGENTS = 4
 ROUND_TIMEOUT = 3.0

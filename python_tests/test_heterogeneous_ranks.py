@@ -13,7 +13,9 @@ from transformers import AutoModelForSequenceClassification
 
 from decaf_ext.cli import main
 from decaf_ext.config import ConfigError, TrainConfig, convert_value
-from decaf_ext.lora import RankPadding, _lora_modules, collect_factors, share_and_freeze_A, write_factors
+from decaf_ext.lora import RankPadding, collect_extras, collect_factors, lora_modules, share_and_freeze_A, \
+    write_factors
+from decaf_ext.payload import Payload
 from decaf_ext.strategies import STRATEGIES, get_strategy
 from decaf_ext.topology import make_schedule
 from decaf_ext.trainer import Trainer
@@ -37,7 +39,7 @@ def agents(model_dir: str, ranks: list[int], seed: int = 0) -> list[torch.nn.Mod
         torch.manual_seed(seed + i)
         base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
         model = get_peft_model(base, LoraConfig(r=r, lora_alpha=ALPHA, target_modules=["query", "value"]))
-        for module in _lora_modules(model, "default"):
+        for module in lora_modules(model, "default"):
             torch.nn.init.normal_(module.lora_b.weight, std=0.1)
         models.append(model)
     return models
@@ -45,7 +47,7 @@ def agents(model_dir: str, ranks: list[int], seed: int = 0) -> list[torch.nn.Mod
 
 def products(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The update s * B @ A each adapted module applies, float64, by module name."""
-    return {m.name: m.scale * m.lora_b.weight.double() @ m.lora_a.weight.double() for m in _lora_modules(model, "default")}
+    return {m.name: m.scale * m.lora_b.weight.double() @ m.lora_a.weight.double() for m in lora_modules(model, "default")}
 
 
 # ------------------------------------------------------------------------------------------------ the spec
@@ -98,10 +100,10 @@ def test_padding_folds_each_agents_scale_into_padded_factors(tiny):
         for name, product in products(model).items():
             torch.testing.assert_close(product, expected[name], rtol=1e-5, atol=1e-7)  # float32 round trip
     raw = RankPadding(max(RANKS), scaled=False)  # checkpoints: padding only, an exact round trip
-    weights = [[m.lora_a.weight.clone() for m in _lora_modules(model, "default")] for model in models]
+    weights = [[m.lora_a.weight.clone() for m in lora_modules(model, "default")] for model in models]
     write_factors(models, collect_factors(models, padding=raw), padding=raw)
     for model, saved in zip(models, weights):
-        for module, weight in zip(_lora_modules(model, "default"), saved):
+        for module, weight in zip(lora_modules(model, "default"), saved):
             assert torch.equal(module.lora_a.weight, weight)
 
 
@@ -148,9 +150,9 @@ def test_factor_averaging_pads_averages_and_truncates(tiny, algorithm):
 def test_dlora_fa_shares_one_A_across_ranks_and_mixes_scaled_B(tiny):
     models = agents(tiny[0], RANKS)
     share_and_freeze_A(models, seed=3)
-    widest = [m.lora_a.weight.clone() for m in _lora_modules(models[2], "default")]  # the rank-8 agent
+    widest = [m.lora_a.weight.clone() for m in lora_modules(models[2], "default")]  # the rank-8 agent
     for model, r in zip(models, RANKS):
-        for module, shared in zip(_lora_modules(model, "default"), widest):
+        for module, shared in zip(lora_modules(model, "default"), widest):
             assert torch.equal(module.lora_a.weight, shared[:r]) and not module.lora_a.weight.requires_grad
     W = ring(len(RANKS))
     padding = RankPadding(max(RANKS), frozen_A=True)
@@ -160,13 +162,45 @@ def test_dlora_fa_shares_one_A_across_ranks_and_mixes_scaled_B(tiny):
     write_factors(models, [mixed], padding=padding)
     for i, (model, r) in enumerate(zip(models, RANKS)):
         expected_B = torch.einsum("j,kjmr->kmr", W[i], group.B.double())[:, :, :r]
-        for k, module in enumerate(_lora_modules(model, "default")):
+        for k, module in enumerate(lora_modules(model, "default")):
             assert torch.equal(module.lora_a.weight, widest[k][:r])
             torch.testing.assert_close(module.scale * module.lora_b.weight.double(), expected_B[k], rtol=1e-6,
                                        atol=1e-8)
     group.A[:, 1, 0, 0] += 1.0  # agents that disagree on a row both hold are refused
     with pytest.raises(ValueError, match="same A on every agent"):
         get_strategy("dlora_fa").communicate([group], {}, W)
+
+
+# -------------------------------------------------------------------------------------------- messages
+
+
+@pytest.mark.parametrize("message_dtype", ["float32", "int8"])
+def test_each_agent_sends_only_its_own_rank(tiny, message_dtype):
+    models = agents(tiny[0], RANKS)
+    padding = RankPadding(max(RANKS))
+    groups, extras = collect_factors(models, padding=padding), collect_extras(models)
+    one = collect_factors(models[:1], padding=padding), collect_extras(models[:1])
+    payload = Payload(*one, trains_A=True, message_dtype=message_dtype, ranks=RANKS)
+    equal = Payload(*one, trains_A=True, message_dtype=message_dtype)
+    assert payload.fingerprint != equal.fingerprint and payload.message_bytes == equal.message_bytes
+    data = payload.pack_each(groups, extras)
+    sizes = [payload.message_bytes_of(i) for i in range(len(RANKS))]
+    assert sizes[0] < sizes[1] == sizes[3] < sizes[2] == payload.message_bytes
+    per_direction = (sizes[1] - sizes[0]) / 2  # what one more rank direction of A and B costs
+    entries = sum(g.A.shape[0] * (g.A.shape[-1] + g.B.shape[-2]) for g in groups)
+    assert per_direction == entries * (4 if message_dtype == "float32" else 1) + (
+        0 if message_dtype == "float32" else 4 * 2 * sum(g.A.shape[0] for g in groups))
+    heard = payload.received(data)
+    for i, r in enumerate(RANKS):
+        wire = payload.encode(data[i], i)
+        assert wire.numel() == payload.wire_numel_of(i) and wire.numel() * wire.element_size() == sizes[i]
+        assert torch.equal(payload.decode(wire[None], i)[0], heard[i])
+    if message_dtype == "float32":
+        assert torch.equal(heard, data)  # the padding is zero: nothing is lost by not sending it
+    else:
+        torch.testing.assert_close(heard, data, rtol=0, atol=float(data.abs().max()) / 254 + 1e-7)
+    with pytest.raises(ValueError, match="ranks"):
+        Payload(*one, trains_A=True, ranks=[2, 4])  # the largest rank must be the padded one
 
 
 # -------------------------------------------------------------------------------------------- whole runs
@@ -186,6 +220,9 @@ def test_runs_with_unequal_ranks_export_each_agent_at_its_rank(tiny, tmp_path, a
         torch.testing.assert_close(products(loaded)[name], product)
     average = json.loads((adapters / "average" / "adapter_config.json").read_text())
     assert average["r"] == 4
+    sizes = [trainer.payload.message_bytes_of(i) for i in range(4)]
+    per_round = {"local": 0, "fedavg": 4 * max(sizes)}.get(algorithm, 2 * sum(sizes))  # ring: 2 neighbours each
+    assert summary["final"]["bytes_sent"] == per_round * trainer.config.rounds
 
 
 def test_resume_with_unequal_ranks_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
@@ -207,5 +244,5 @@ def test_resume_with_unequal_ranks_matches_an_uninterrupted_run(tiny, tmp_path, 
     resumed.run(resume=True)
     assert without_times(resumed.history) == without_times(straight.history)
     for a, b in zip(resumed.models, straight.models):
-        for x, y in zip(_lora_modules(a, "default"), _lora_modules(b, "default")):
+        for x, y in zip(lora_modules(a, "default"), lora_modules(b, "default")):
             assert torch.equal(x.lora_a.weight, y.lora_a.weight) and torch.equal(x.lora_b.weight, y.lora_b.weight)

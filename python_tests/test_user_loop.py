@@ -85,7 +85,7 @@ def plain_loop(spec: dict, run: dict, store: dist.Store, out: Path) -> None:
                                      round_timeout=spec["round_timeout"], norm_bound=run.get("norm_bound"),
                                      run_key_file=spec["key"] if "norm_bound" in run else None,
                                      message_dtype=run.get("message_dtype", "float32"),
-                                     max_rank=max(ranks) if "lora_ranks" in run else None)
+                                     ranks=run.get("lora_ranks"))
     generator = torch.Generator().manual_seed(rank)
     for _ in range(STEPS):
         batch = torch.randperm(len(labels), generator=generator)[:8]
@@ -237,7 +237,7 @@ def test_plain_loop_mixes_as_the_strategy(plain_runs, algorithm):
 
 
 def test_plain_loop_with_unequal_ranks(plain_runs):
-    """Agents of LoRA rank 2, 4 and 8 (max_rank=8): each agent's new update s_i B_i A_i is the leading r_i
+    """Agents of LoRA rank 2, 4 and 8 (ranks=[2, 4, 8]): each agent's new update s_i B_i A_i is the leading r_i
     directions of DeCAF on every agent's padded, scaled factors (RankPadding), computed here."""
     runs, out, statuses = plain_runs
     assert statuses[0] == statuses[1] == 0
