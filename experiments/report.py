@@ -25,7 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from suites import ALGORITHMS, BASE, PARTITIONS, RANKS, SUITES, TOPOLOGIES, AGENT_COUNTS  # noqa: E402
+from suites import ALGORITHMS, BASE, MESSAGE_DTYPES, MIXED_RANKS, PARTITIONS, RANKS, SUITES, TOPOLOGIES, \
+    AGENT_COUNTS  # noqa: E402
 
 PLOTS = "results_plots"  # folder of the PNGs, next to RESULTS.md
 
@@ -155,6 +156,31 @@ def curve(cell: Cell, key: str, x: str = "round") -> tuple[list[float], list[flo
         xs = [v / agents / 1e6 for v in xs]
     values = [[h[k][key] for h in histories] for k in range(length)]
     return xs, [statistics.fmean(v) for v in values], [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+
+
+def megabytes_per_agent(run: Seeded) -> float:
+    """MB one agent sent over the whole run (mean over agents)."""
+    return run.final["bytes_sent"] / run.config["agents"] / 1e6
+
+
+def plot_points(points: list[tuple[str, Cell]], path: str) -> bool:
+    """Final agents' mean accuracy against MB sent per agent, one point per configuration (mean over seeds,
+    error bars ± std over seeds)."""
+    if not points:
+        return False
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.add_subplot(1, 1, 1)
+    for label, cell in points:
+        spread = cell.spread(final_acc) or 0.0
+        axes.errorbar([cell.mean(megabytes_per_agent)], [cell.mean(final_acc)], yerr=[spread], fmt="o", capsize=3,
+                      label=f"{label} ({len(cell.runs)} seed{'s' * (len(cell.runs) > 1)})")
+    axes.set_xscale("log")
+    axes.set_xlabel("MB sent per agent (whole run, log scale)")
+    axes.set_ylabel("final test acc (agents' mean)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="x-small", ncol=2)
+    save_figure(figure, path)
+    return True
 
 
 def save_figure(figure: Figure, path: str) -> None:
@@ -322,6 +348,43 @@ class Report:
         out.append(table(["partition", "algorithm", "MB sent per agent (whole run)", "final acc (± seeds)"], rows))
         return "\n".join(out)
 
+    def messages(self) -> list[tuple[str, str, Cell | None]]:
+        """(algorithm, message dtype, cell) on the ring with Dirichlet 0.5; float32 from the algorithms suite."""
+        rows = []
+        for a in ("decaf", "dlora"):
+            rows.append((a, "float32", self.suites["algorithms"].get(f"{a}-dir0.5")))
+            rows += [(a, d, self.suites["compression"].get(f"{a}-{d}")) for d in MESSAGE_DTYPES]
+        return rows
+
+    def ranked(self) -> list[tuple[str, str, Cell | None]]:
+        """(algorithm, ranks, cell): mixed ranks, and everyone at the smallest and at the largest (rank suite)."""
+        low, high = MIXED_RANKS.split(":")[1].split(",")[0], MIXED_RANKS.split(",")[-1]
+        rows = []
+        for a in ("decaf", "dlora"):
+            rows += [(a, MIXED_RANKS, self.suites["mixed_ranks"].get(f"{a}-mixed")),
+                     (a, f"all {low}", self.suites["rank"].get(f"{a}-r{low}")),
+                     (a, f"all {high}", self.suites["rank"].get(f"{a}-r{high}"))]
+        return rows
+
+    def beyond(self) -> str:
+        out = ["## 7. Beyond the paper: compressed messages and unequal ranks", "",
+               "Ring of 10 agents, Dirichlet 0.5, the suites' shortened setting. Messages: "
+               f"{SUITES['compression'].claim}. Ranks: {SUITES['mixed_ranks'].claim}; with unequal ranks an agent "
+               "sends only its own rank's directions, and DeCAF truncates the consensus of the scaled products to "
+               "each agent's rank while dlora averages the zero-padded factors (docs/strategies.md).", ""]
+        for title, rows, column in (("Message dtype", self.messages(), "message dtype"),
+                                    ("LoRA ranks", self.ranked(), "ranks")):
+            body = [[a, what, *accuracy_columns(cell)[:2], accuracy_columns(cell)[3],
+                     f"{cell.mean(megabytes_per_agent):.2f}" if cell else ""] for a, what, cell in rows]
+            out += [f"**{title}**", "", table(["algorithm", column, "seeds", "test acc: agents' mean (± std over "
+                                               "seeds)", "averaged model (± std over seeds)",
+                                               "MB sent per agent (whole run)"], body), ""]
+        points = [(f"{a} {what}", cell) for a, what, cell in self.messages() + self.ranked() if cell]
+        if plot_points(points, self.plot_path("beyond_bytes")):
+            out += ["Final accuracy against the bytes each agent sent (mean over seeds, bars ± std over seeds):", "",
+                    self.image("beyond_bytes")]
+        return "\n".join(out)
+
     def claims(self) -> str:
         alg, rank = self.suites["algorithms"], self.suites["rank"]
         out = ["## Claims of the paper, one by one", "",
@@ -363,6 +426,17 @@ class Report:
         bullet("DeCAF scales with the number of agents.",
                [compare(agents.get(f"decaf-n{n}"), agents.get("decaf-n10"), f"decaf {n} agents", "10 agents")
                 for n in AGENT_COUNTS if n != 10] if agents else ["no data yet"])
+        messages = {(a, d): cell for a, d, cell in self.messages()}
+        bullet("Beyond the paper: compressed messages cost no accuracy.",
+               [compare(messages[(a, d)], messages[(a, "float32")], f"{a} {d}", "float32")
+                for a in ("decaf", "dlora") for d in MESSAGE_DTYPES])
+        ranked = {(a, what): cell for a, what, cell in self.ranked()}
+        low, high = [what for a, what, _ in self.ranked() if a == "decaf"][1:]
+        bullet("Beyond the paper: with unequal ranks, DeCAF against DLoRA with zero-padding and against equal ranks.",
+               [compare(ranked[("decaf", MIXED_RANKS)], ranked[("dlora", MIXED_RANKS)], "mixed ranks: decaf",
+                        "dlora")]
+               + [compare(ranked[("decaf", MIXED_RANKS)], ranked[("decaf", what)], "decaf mixed ranks", f"decaf {what}")
+                  for what in (low, high)])
         split = self.suites["split"]
         bullet("Factor split and optimizer-state policy (library defaults: balanced, keep).",
                [compare(split.get(name), split.get("decaf-balanced-keep"), name, "balanced-keep")
@@ -418,7 +492,7 @@ class Report:
                   f"Finished runs: {sum(len(c.runs) for cells in self.suites.values() for c in cells.values())} of "
                   f"{sum(3 * len(suite.cells) for suite in SUITES.values())} defined (3 seeds per cell)."]
         sections = [self.settings(), self.claims(), self.algorithms(), self.topologies(), self.rank(), self.agents(),
-                    self.split(), self.bytes()]
+                    self.split(), self.bytes(), self.beyond()]
         text = "\n\n".join(["\n".join(header), *sections]) + "\n"
         temporary = self.output + ".tmp"
         with open(temporary, "w", encoding="utf-8") as handle:
