@@ -257,16 +257,17 @@ class Trainer:
         self.payload = Payload(groups, extras, trains_A=self.strategy.trains_A, message_dtype=cfg.message_dtype,
                                ranks=ranks)
 
+    def _layout(self, raw: bool) -> RankPadding | None:
+        """This run's RankPadding (None with equal ranks); `raw`: padding only, no scales (checkpoints)."""
+        return dataclasses.replace(self.padding, scaled=False) if raw and self.padding else self.padding
+
     def collect(self, models: list[nn.Module], *, raw: bool = False) -> list[FactorGroup]:
-        """collect_factors of `models` in this run's layout (padded and scaled when ranks differ; `raw`: padded
-        only, for checkpoints)."""
-        padding = self.padding if self.padding is None or not raw else dataclasses.replace(self.padding, scaled=False)
-        return collect_factors(models, padding=padding)
+        """collect_factors of `models` in this run's layout (padded and scaled when ranks differ)."""
+        return collect_factors(models, padding=self._layout(raw))
 
     def write(self, models: list[nn.Module], groups: list[FactorGroup], *, raw: bool = False) -> None:
         """write_factors into `models` from groups in this run's layout (see :meth:`collect`)."""
-        padding = self.padding if self.padding is None or not raw else dataclasses.replace(self.padding, scaled=False)
-        write_factors(models, groups, padding=padding)
+        write_factors(models, groups, padding=self._layout(raw))
 
     # ---------------------------------------------------------------------------------------- training
 
