@@ -185,3 +185,18 @@ def test_consensus_interference_vanishes_with_a_shared_factor_but_not_across_gau
         same.append(FactorGroup(g.names, torch.linalg.solve(R, A0), B0 @ R))
     assert consensus_error(same) < 1e-9
     assert consensus_interference(same) > 0.1
+
+
+@pytest.mark.parametrize("M,N,r,m,n", [(3, 5, 4, 30, 20), (2, 10, 8, 6, 40), (1, 3, 2, 2, 2), (2, 4, 3, 50, 5)])
+def test_metrics_match_their_dense_float64_definitions(M, N, r, m, n):
+    """consensus_error / consensus_interference work on small cores; the definitions on dense products."""
+    g = torch.Generator().manual_seed(M * N + m)
+    groups = [FactorGroup(["x"] * M, torch.randn(M, N, r, n, generator=g), torch.randn(M, N, m, r, generator=g))]
+    A, B = groups[0].A.double(), groups[0].B.double()
+    products = B @ A
+    mean = products.mean(dim=1)
+    error = (torch.linalg.matrix_norm(products - mean[:, None]).mean(dim=1) / torch.linalg.matrix_norm(mean)).sum()
+    interference = (torch.linalg.matrix_norm(mean - B.mean(dim=1) @ A.mean(dim=1))
+                    / torch.linalg.matrix_norm(mean)).sum()
+    assert consensus_error(groups) == pytest.approx(error.item(), rel=1e-10)
+    assert consensus_interference(groups) == pytest.approx(interference.item(), rel=1e-10)
