@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <vector>
 
 namespace decaf {
@@ -352,6 +353,92 @@ Solved solve_exact(const at::Tensor& Bs, const at::Tensor& As, const at::Tensor&
   return out;
 }
 
+// Rows of x [batch, N_in r, c] stacked per support of the bucket: [batch, G, K, c].
+at::Tensor support_rows(const at::Tensor& x, const Bucket& bk) {
+  if (bk.all) return x.unsqueeze(1);
+  const int64_t K = (int64_t)bk.cols.size() / bk.supports;
+  return x.index_select(1, index_tensor(bk.cols, x.device())).view({x.size(0), bk.supports, K, x.size(2)});
+}
+
+// Gram matrices [batch, G, K, K] (float64, computed in the factors' dtype) of each support's
+// stacked rows Xs [batch, G, K, c]: blocks of the all-pairs Gram of X [batch, N_in r, c] when
+// that is fewer flops than one Gram per support (sparse graphs with few agents).
+at::Tensor support_grams(const at::Tensor& X, const at::Tensor& Xs, const Bucket& bk) {
+  const int64_t NR = X.size(1), G = Xs.size(1), K = Xs.size(2);
+  if (bk.all || NR * NR > G * K * K) return at::matmul(Xs, Xs.transpose(-1, -2)).to(at::kDouble);
+  std::vector<int64_t> at_pair;  // [G, K, K] entries of the all-pairs Gram
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t a = 0; a < K; ++a)
+      for (int64_t b = 0; b < K; ++b) at_pair.push_back(bk.cols[g * K + a] * NR + bk.cols[g * K + b]);
+  const at::Tensor all = at::matmul(X, X.transpose(-1, -2)).to(at::kDouble).view({X.size(0), NR * NR});
+  return all.index_select(1, index_tensor(at_pair, X.device())).view({X.size(0), G, K, K});
+}
+
+// Upper factor R [.., K, K] (float64) with R^T R = G for Gram matrices G [.., K, K] (float64),
+// from a Cholesky factorization of G scaled to a unit diagonal. None when some scaled pivot r_kk^2
+// is not above `min_pivot` (the stacked columns are rank-deficient or too ill-conditioned for
+// the precision their Gram was computed in). Reads the values on the host.
+std::optional<at::Tensor> gram_factor(const at::Tensor& G, double min_pivot) {
+  const at::Tensor norms = G.diagonal(0, -2, -1).sqrt();  // [.., K] column norms
+  if (!(norms.min().item<double>() > 0.0)) return std::nullopt;
+  const auto [R, info] = at::linalg_cholesky_ex(G / (norms.unsqueeze(-1) * norms.unsqueeze(-2)), /*upper=*/true);
+  if (info.ne(0).any().item<bool>() || !(R.diagonal(0, -2, -1).square().min().item<double>() > min_pivot))
+    return std::nullopt;
+  return R * norms.unsqueeze(-2);
+}
+
+// Exact, from Gram matrices (CPU): G_B = Bs Bs^T and G_A = As As^T per support in the compute
+// dtype, Cholesky R_B^T R_B = G_B and R_A^T R_A = G_A, so that P = Bs^T = U_P R_B with
+// U_P = P R_B^{-1} orthonormal (likewise Q = As^T = U_Q R_A) and M = U_P (R_B D R_A^T) U_Q^T.
+// float64: SVD of the core R_B D R_A^T. float32: eigenpairs of H = R_B D G_A D R_B^T = core core^T
+// (squared conditioning, as in solve_exact), V from M^T U / sigma. The split factors are P and Q
+// times small coefficient matrices: one GEMM pass over the stacks for the Grams, one for the
+// write-back. None when a Gram is not safely positive definite: solve_exact then runs instead.
+std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, const at::Tensor& Bs, const at::Tensor& As,
+                                 const at::Tensor& d, const Bucket& bk, const Options& o, const Backend& backend) {
+  const int64_t K = Bs.size(2), m = Bs.size(3), n = As.size(3), P = d.size(0);
+  const at::ScalarType ct = Bs.scalar_type();
+  const double min_pivot = (double)K * eps_of(ct);
+  const at::Tensor GA = support_grams(Af, As, bk);  // [batch, G, K, K]
+  const auto RA = gram_factor(GA, min_pivot);
+  if (!RA) return std::nullopt;
+  const auto RB = gram_factor(support_grams(Bt, Bs, bk), min_pivot);
+  if (!RB) return std::nullopt;
+  const at::Tensor RBD = per_problem(*RB, bk) * d.view({1, P, 1, K});  // R_B D [batch, P, K, K]
+  const int64_t q = std::min(o.rank, K);
+  // U [batch, P, K, q]: left singular vectors as coefficients on P's columns; V likewise on Q's.
+  at::Tensor U, Sv, V;
+  if (ct == at::kFloat) {
+    const at::Tensor H = at::matmul(at::matmul(RBD, per_problem(GA, bk)), RBD.transpose(-1, -2));
+    const auto [lam, Z] = backend.eigh(H);  // ascending
+    const at::Tensor X = Z.narrow(-1, K - q, q).flip(-1);
+    Sv = lam.narrow(-1, K - q, q).flip(-1).clamp_min(0).sqrt();
+    const at::Tensor inv = at::where(Sv > 0, 1.0 / Sv, at::zeros({}, Sv.options()));
+    U = at::linalg_solve_triangular(per_problem(*RB, bk), X, /*upper=*/true);
+    V = at::matmul(RBD.transpose(-1, -2), X) * inv.unsqueeze(-2);
+  } else {
+    const at::Tensor RAp = per_problem(*RA, bk);
+    const auto [Uc, Sc, Vh] = backend.svd(at::matmul(RBD, RAp.transpose(-1, -2)));
+    U = at::linalg_solve_triangular(per_problem(*RB, bk), Uc.narrow(-1, 0, q), /*upper=*/true);
+    V = at::linalg_solve_triangular(RAp, Vh.narrow(-2, 0, q).transpose(-1, -2), /*upper=*/true);
+    Sv = Sc.narrow(-1, 0, q);
+  }
+  // Column sums of P and Q: the sums of the singular vectors' entries are sB^T U and sA^T V.
+  const at::Tensor sB = per_problem(support_rows(Bt.sum(-1, true), bk).squeeze(-1).to(at::kDouble), bk);
+  const at::Tensor sA = per_problem(support_rows(Af.sum(-1, true), bk).squeeze(-1).to(at::kDouble), bk);
+  const double tol = 16.0 * std::sqrt((double)std::max({m, n, K})) * eps_of(ct);
+  const Coefficients c = split_coefficients(U, Sv, V, sB, sA, o, tol);
+  Solved out;
+  // [batch, G, slots rank, m|n]: the coefficients as rows times the stacks (a row-major result).
+  const at::Tensor BP = at::matmul(per_support_rhs(c.B.to(ct), bk, K).transpose(-1, -2), Bs);
+  const at::Tensor AQ = at::matmul(per_support_rhs(c.A.to(ct), bk, K).transpose(-1, -2), As);
+  out.B_new = per_problem_result(BP.transpose(-1, -2), bk, o.rank);                      // [batch, P, m, rank]
+  out.A_new = per_problem_result(AQ.transpose(-1, -2), bk, o.rank).transpose(-1, -2);    // [batch, P, rank, n]
+  out.S = c.S;
+  out.missing = c.missing;
+  return out;
+}
+
 // Randomized: range finder with power iterations on the factored M_i = Bs^T D As (Halko,
 // Martinsson & Tropp, Alg. 4.4), never forming M_i: Y = M Omega (m x L) -> Q_Y, then
 // X = M^T Q_Y = Q_X R_X so that Q_Y^T M = R_X^T Q_X^T; SVD of the L x L core R_X^T in float64.
@@ -452,20 +539,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
       miss_parts.push_back(at::full({s.batch, P}, rank, Wd.options().dtype(at::kInt)));
       continue;
     }
-    at::Tensor Bs, As;
-    if (bk.all) {
-      Bs = Bt.unsqueeze(1);
-      As = Af.unsqueeze(1);
-    } else {
-      const at::Tensor cols = index_tensor(bk.cols, Af.device());
-      Bs = Bt.index_select(1, cols).view({s.batch, bk.supports, K, s.m});
-      As = Af.index_select(1, cols).view({s.batch, bk.supports, K, s.n});
-    }
+    const at::Tensor Bs = support_rows(Bt, bk), As = support_rows(Af, bk);  // [batch, G, K, m|n]
     const at::Tensor d = problem_weights(Wd, bk, s.r);
     const int64_t L = std::min({rank + oversample, K, s.m, s.n});
     const bool randomized = (o.method == Method::kRandomized ||
                              (o.method == Method::kAuto && K > kAutoExactMaxColumns)) && L < K;
-    const Solved part = randomized ? solve_randomized(Bs, As, d, bk, o, backend) : solve_exact(Bs, As, d, bk, o, backend);
+    // The Gram path reads its pivots on the host: CPU only (a CUDA call never synchronizes).
+    std::optional<Solved> gram;
+    if (!randomized && Wd.is_cpu()) gram = solve_gram(Bt, Af, Bs, As, d, bk, o, backend);
+    const Solved part = randomized ? solve_randomized(Bs, As, d, bk, o, backend)
+                                   : gram ? *std::move(gram) : solve_exact(Bs, As, d, bk, o, backend);
     A_parts.push_back(part.A_new);
     B_parts.push_back(part.B_new);
     S_parts.push_back(part.S);
