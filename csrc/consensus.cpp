@@ -142,7 +142,7 @@ Plan device_plan(int64_t n_out, int64_t n_in) {
 
 // W on the host (Wd float64, contiguous): identical rows are solved once; a row reads only its
 // neighbors' factors unless one support of all agents costs less (dense graphs). Cost, in flops
-// up to a constant: QR of each support's stacks (m + n) K^2, SVD of each distinct row's core ~20 K^3.
+// up to a constant: Gram or QR of each support's stacks (m + n) K^2, each distinct row's core ~20 K^3.
 Plan host_plan(const at::Tensor& Wd, int64_t r, int64_t m, int64_t n) {
   const int64_t n_out = Wd.size(0), n_in = Wd.size(1);
   const double* w = Wd.data_ptr<double>();
