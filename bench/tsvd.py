@@ -259,8 +259,9 @@ def copy_bandwidth(device: torch.device, warmup: int) -> float:
 def stage_breakdown(fn: Callable[[], object], device: torch.device, calls: int = 3, top: int = 6) -> list[dict]:
     """Where one call's time goes: the ops with the largest self time (device time on CUDA), per call.
 
-    For consensus_tsvd: aten::geqrf / aten::ormqr are the QR of the stacks and the write-back,
-    aten::_linalg_eigh / aten::_linalg_svd the small cores, aten::copy_ the casts and layout copies.
+    For consensus_tsvd on the CPU: aten::bmm is the Gram products and the write-back, aten::index_select
+    the gathered stacks, aten::_linalg_eigh / aten::_linalg_svd the small cores, aten::geqrf /
+    aten::ormqr the Householder path (CUDA; CPU fallback), aten::copy_ the casts and layout copies.
     """
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <vector>
 
 namespace decaf {
@@ -141,7 +142,7 @@ Plan device_plan(int64_t n_out, int64_t n_in) {
 
 // W on the host (Wd float64, contiguous): identical rows are solved once; a row reads only its
 // neighbors' factors unless one support of all agents costs less (dense graphs). Cost, in flops
-// up to a constant: QR of each support's stacks (m + n) K^2, SVD of each distinct row's core ~20 K^3.
+// up to a constant: Gram or QR of each support's stacks (m + n) K^2, each distinct row's core ~20 K^3.
 Plan host_plan(const at::Tensor& Wd, int64_t r, int64_t m, int64_t n) {
   const int64_t n_out = Wd.size(0), n_in = Wd.size(1);
   const double* w = Wd.data_ptr<double>();
@@ -282,13 +283,25 @@ Coefficients split_coefficients(const at::Tensor& U, const at::Tensor& Sv, const
   return c;
 }
 
+// Position of each problem among its bucket's (support, slot) pairs, and whether that is the
+// identity (one problem per support, in support order).
+std::vector<int64_t> slot_positions(const Bucket& bk, bool* identity) {
+  std::vector<int64_t> at_slot(bk.rows.size());
+  *identity = (int64_t)at_slot.size() == bk.supports * bk.slots;
+  for (size_t p = 0; p < at_slot.size(); ++p) {
+    at_slot[p] = bk.group[p] * bk.slots + bk.slot[p];
+    *identity = *identity && at_slot[p] == (int64_t)p;
+  }
+  return at_slot;
+}
+
 // Coefficients [batch, P, K', rank] laid out as the right-hand sides of one Householder
 // application per support: [batch, supports, rows, slots * rank], zero-padded to `rows`.
 at::Tensor per_support_rhs(const at::Tensor& coef, const Bucket& bk, int64_t rows) {
-  const int64_t batch = coef.size(0), P = coef.size(1), Kc = coef.size(2), rank = coef.size(3);
+  const int64_t batch = coef.size(0), Kc = coef.size(2), rank = coef.size(3);
   at::Tensor buf = at::zeros({batch, bk.supports * bk.slots, Kc, rank}, coef.options());
-  std::vector<int64_t> at_slot(P);
-  for (int64_t p = 0; p < P; ++p) at_slot[p] = bk.group[p] * bk.slots + bk.slot[p];
+  bool identity;
+  const std::vector<int64_t> at_slot = slot_positions(bk, &identity);
   buf.index_copy_(1, index_tensor(at_slot, coef.device()), coef);
   buf = buf.view({batch, bk.supports, bk.slots, Kc, rank}).permute({0, 1, 3, 2, 4})
             .reshape({batch, bk.supports, Kc, bk.slots * rank});
@@ -298,12 +311,33 @@ at::Tensor per_support_rhs(const at::Tensor& coef, const Bucket& bk, int64_t row
 // Inverse of per_support_rhs after the Householder application: [batch, supports, rows, slots *
 // rank] -> [batch, P, rows, rank].
 at::Tensor per_problem_result(const at::Tensor& out, const Bucket& bk, int64_t rank) {
-  const int64_t batch = out.size(0), rows = out.size(2), P = (int64_t)bk.rows.size();
+  const int64_t batch = out.size(0), rows = out.size(2);
   const at::Tensor flat = out.view({batch, bk.supports, rows, bk.slots, rank}).permute({0, 1, 3, 2, 4})
                               .reshape({batch, bk.supports * bk.slots, rows, rank});
-  std::vector<int64_t> at_slot(P);
-  for (int64_t p = 0; p < P; ++p) at_slot[p] = bk.group[p] * bk.slots + bk.slot[p];
-  return flat.index_select(1, index_tensor(at_slot, out.device()));
+  bool identity;
+  const std::vector<int64_t> at_slot = slot_positions(bk, &identity);
+  return identity ? flat : flat.index_select(1, index_tensor(at_slot, out.device()));
+}
+
+// Coefficients [batch, P, K, rank] as the rows of one product per support:
+// [batch, G, slots * rank, K], problem p in the rank rows of its slot (unused slots zero).
+at::Tensor per_support_rows(const at::Tensor& coef, const Bucket& bk) {
+  const int64_t batch = coef.size(0), K = coef.size(2), rank = coef.size(3);
+  bool identity;
+  const std::vector<int64_t> at_slot = slot_positions(bk, &identity);
+  const at::Tensor rows = coef.transpose(-1, -2);  // [batch, P, rank, K]
+  if (identity) return rows.reshape({batch, bk.supports, bk.slots * rank, K});
+  at::Tensor buf = at::zeros({batch, bk.supports * bk.slots, rank, K}, coef.options());
+  buf.index_copy_(1, index_tensor(at_slot, coef.device()), rows);
+  return buf.view({batch, bk.supports, bk.slots * rank, K});
+}
+
+// Inverse of per_support_rows after the product: [batch, G, slots * rank, c] -> [batch, P, rank, c].
+at::Tensor per_problem_rows(const at::Tensor& out, const Bucket& bk, int64_t rank) {
+  bool identity;
+  const std::vector<int64_t> at_slot = slot_positions(bk, &identity);
+  const at::Tensor flat = out.view({out.size(0), bk.supports * bk.slots, rank, out.size(-1)});
+  return identity ? flat : flat.index_select(1, index_tensor(at_slot, out.device()));
 }
 
 // Exact: Householder QR of each support's stacked factors, Bs^T = Q_B R_B and As^T = Q_A R_A
@@ -347,6 +381,118 @@ Solved solve_exact(const at::Tensor& Bs, const at::Tensor& As, const at::Tensor&
   Solved out;
   out.B_new = per_problem_result(backend.ormqr(hB, tauB, ct_B, true, false), bk, o.rank);  // [batch, P, m, rank]
   out.A_new = per_problem_result(backend.ormqr(hA, tauA, ct_A, true, false), bk, o.rank).transpose(-1, -2);
+  out.S = c.S;
+  out.missing = c.missing;
+  return out;
+}
+
+// Rows of x [batch, N_in r, c] stacked per support of the bucket: [batch, G, K, c].
+at::Tensor support_rows(const at::Tensor& x, const Bucket& bk) {
+  if (bk.all) return x.unsqueeze(1);
+  const int64_t K = (int64_t)bk.cols.size() / bk.supports;
+  return x.index_select(1, index_tensor(bk.cols, x.device())).view({x.size(0), bk.supports, K, x.size(2)});
+}
+
+// One chunk of modules' stacked factors stays within this many bytes (cache-sized), so that the
+// gathered stacks are read back from cache by the products that use them.
+constexpr int64_t kChunkBytes = 8 << 20;
+
+// f(Xs, begin, len) for the stacked rows Xs [len, G, K, c] of each support (support_rows) of
+// X [batch, N_in r, c], over chunks of modules; the results are concatenated along dim 0.
+template <class F>
+at::Tensor over_stacks(const at::Tensor& X, const Bucket& bk, F f) {
+  const int64_t batch = X.size(0);
+  const int64_t chunk = bk.all ? batch : std::max<int64_t>(1, kChunkBytes / ((int64_t)bk.cols.size() * X.size(2) * X.element_size()));
+  std::vector<at::Tensor> parts;
+  for (int64_t b = 0; b < batch; b += chunk) {
+    const int64_t len = std::min(chunk, batch - b);
+    parts.push_back(f(support_rows(X.narrow(0, b, len), bk), b, len));
+  }
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 0);
+}
+
+// Gram matrices [batch, G, K, K] (float64, computed in X's dtype) of each support's stacked rows of
+// X [batch, N_in r, c]: blocks of the all-pairs Gram when that is fewer flops than one Gram per
+// support (sparse graphs with few agents).
+at::Tensor support_grams(const at::Tensor& X, const Bucket& bk) {
+  const int64_t NR = X.size(1), G = bk.supports, K = (int64_t)bk.cols.size() / G;
+  if (bk.all || NR * NR > G * K * K)
+    return over_stacks(X, bk, [](const at::Tensor& Xs, int64_t, int64_t) {
+      return at::matmul(Xs, Xs.transpose(-1, -2)).to(at::kDouble);
+    });
+  std::vector<int64_t> at_pair;  // [G, K, K] entries of the all-pairs Gram
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t a = 0; a < K; ++a)
+      for (int64_t b = 0; b < K; ++b) at_pair.push_back(bk.cols[g * K + a] * NR + bk.cols[g * K + b]);
+  const at::Tensor all = at::matmul(X, X.transpose(-1, -2)).to(at::kDouble).view({X.size(0), NR * NR});
+  return all.index_select(1, index_tensor(at_pair, X.device())).view({X.size(0), G, K, K});
+}
+
+// Upper factor R [.., K, K] (float64) with R^T R = G for Gram matrices G [.., K, K] (float64),
+// from a Cholesky factorization of G scaled to a unit diagonal. None when some scaled pivot r_kk^2
+// is not above `min_pivot` (the stacked columns are rank-deficient or too ill-conditioned for
+// the precision their Gram was computed in). Reads the values on the host.
+std::optional<at::Tensor> gram_factor(const at::Tensor& G, double min_pivot) {
+  const at::Tensor norms = G.diagonal(0, -2, -1).sqrt();  // [.., K] column norms
+  if (!(norms.min().item<double>() > 0.0)) return std::nullopt;
+  const auto [R, info] = at::linalg_cholesky_ex(G / (norms.unsqueeze(-1) * norms.unsqueeze(-2)), /*upper=*/true);
+  if (info.ne(0).any().item<bool>() || !(R.diagonal(0, -2, -1).square().min().item<double>() > min_pivot))
+    return std::nullopt;
+  return R * norms.unsqueeze(-2);
+}
+
+// Exact, from Gram matrices (CPU): G_B = Bs Bs^T and G_A = As As^T per support in the compute
+// dtype, Cholesky R_B^T R_B = G_B and R_A^T R_A = G_A, so that P = Bs^T = U_P R_B with
+// U_P = P R_B^{-1} orthonormal (likewise Q = As^T = U_Q R_A) and M = U_P (R_B D R_A^T) U_Q^T.
+// float64: SVD of the core R_B D R_A^T. float32: eigenpairs of H = R_B D G_A D R_B^T = core core^T
+// (squared conditioning, as in solve_exact), V from M^T U / sigma. The split factors are P and Q
+// times small coefficient matrices: one GEMM pass over the stacks for the Grams, one for the
+// write-back. None when a Gram is not safely positive definite: solve_exact then runs instead.
+std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, const at::Tensor& d, const Bucket& bk,
+                                 const Options& o, const Backend& backend) {
+  const int64_t K = d.size(1), m = Bt.size(2), n = Af.size(2), P = d.size(0);
+  const at::ScalarType ct = Bt.scalar_type();
+  const double min_pivot = (double)K * eps_of(ct);
+  const at::Tensor GA = support_grams(Af, bk);  // [batch, G, K, K]
+  const auto RA = gram_factor(GA, min_pivot);
+  if (!RA) return std::nullopt;
+  const auto RB = gram_factor(support_grams(Bt, bk), min_pivot);
+  if (!RB) return std::nullopt;
+  const at::Tensor RBD = per_problem(*RB, bk) * d.view({1, P, 1, K});  // R_B D [batch, P, K, K]
+  const int64_t q = std::min(o.rank, K);
+  // U [batch, P, K, q]: left singular vectors as coefficients on P's columns; V likewise on Q's.
+  at::Tensor U, Sv, V;
+  if (ct == at::kFloat) {
+    const at::Tensor H = at::matmul(at::matmul(RBD, per_problem(GA, bk)), RBD.transpose(-1, -2));
+    const auto [lam, Z] = backend.eigh(H);  // ascending
+    const at::Tensor X = Z.narrow(-1, K - q, q).flip(-1);
+    Sv = lam.narrow(-1, K - q, q).flip(-1).clamp_min(0).sqrt();
+    const at::Tensor inv = at::where(Sv > 0, 1.0 / Sv, at::zeros({}, Sv.options()));
+    U = at::linalg_solve_triangular(per_problem(*RB, bk), X, /*upper=*/true);
+    V = at::matmul(RBD.transpose(-1, -2), X) * inv.unsqueeze(-2);
+  } else {
+    const at::Tensor RAp = per_problem(*RA, bk);
+    const auto [Uc, Sc, Vh] = backend.svd(at::matmul(RBD, RAp.transpose(-1, -2)));
+    U = at::linalg_solve_triangular(per_problem(*RB, bk), Uc.narrow(-1, 0, q), /*upper=*/true);
+    V = at::linalg_solve_triangular(RAp, Vh.narrow(-2, 0, q).transpose(-1, -2), /*upper=*/true);
+    Sv = Sc.narrow(-1, 0, q);
+  }
+  // Column sums of P and Q: the sums of the singular vectors' entries are sB^T U and sA^T V.
+  const at::Tensor sB = per_problem(support_rows(Bt.sum(-1, true), bk).squeeze(-1).to(at::kDouble), bk);
+  const at::Tensor sA = per_problem(support_rows(Af.sum(-1, true), bk).squeeze(-1).to(at::kDouble), bk);
+  const double tol = 16.0 * std::sqrt((double)std::max({m, n, K})) * eps_of(ct);
+  const Coefficients c = split_coefficients(U, Sv, V, sB, sA, o, tol);
+  Solved out;
+  // Coefficient rows times the stacks: [batch, G, slots rank, m|n] (row-major results).
+  const auto times_stacks = [&](const at::Tensor& coef, const at::Tensor& X) {
+    const at::Tensor rows = per_support_rows(coef.to(ct), bk);
+    return over_stacks(X, bk, [&](const at::Tensor& Xs, int64_t b, int64_t len) {
+      return at::matmul(rows.narrow(0, b, len), Xs);
+    });
+  };
+  const at::Tensor BP = times_stacks(c.B, Bt), AQ = times_stacks(c.A, Af);
+  out.B_new = per_problem_rows(BP, bk, o.rank).transpose(-1, -2);  // [batch, P, m, rank]
+  out.A_new = per_problem_rows(AQ, bk, o.rank);                    // [batch, P, rank, n]
   out.S = c.S;
   out.missing = c.missing;
   return out;
@@ -452,27 +598,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
       miss_parts.push_back(at::full({s.batch, P}, rank, Wd.options().dtype(at::kInt)));
       continue;
     }
-    at::Tensor Bs, As;
-    if (bk.all) {
-      Bs = Bt.unsqueeze(1);
-      As = Af.unsqueeze(1);
-    } else {
-      const at::Tensor cols = index_tensor(bk.cols, Af.device());
-      Bs = Bt.index_select(1, cols).view({s.batch, bk.supports, K, s.m});
-      As = Af.index_select(1, cols).view({s.batch, bk.supports, K, s.n});
-    }
     const at::Tensor d = problem_weights(Wd, bk, s.r);
     const int64_t L = std::min({rank + oversample, K, s.m, s.n});
     const bool randomized = (o.method == Method::kRandomized ||
                              (o.method == Method::kAuto && K > kAutoExactMaxColumns)) && L < K;
-    const Solved part = randomized ? solve_randomized(Bs, As, d, bk, o, backend) : solve_exact(Bs, As, d, bk, o, backend);
+    // The Gram path reads its pivots on the host: CPU only (a CUDA call never synchronizes).
+    std::optional<Solved> gram;
+    if (!randomized && Wd.is_cpu()) gram = solve_gram(Bt, Af, d, bk, o, backend);
+    const auto stacked = [&](auto solve) {
+      return solve(support_rows(Bt, bk), support_rows(Af, bk), d, bk, o, backend);  // stacks [batch, G, K, m|n]
+    };
+    const Solved part = gram ? *std::move(gram) : randomized ? stacked(solve_randomized) : stacked(solve_exact);
     A_parts.push_back(part.A_new);
     B_parts.push_back(part.B_new);
     S_parts.push_back(part.S);
     miss_parts.push_back(part.missing);
   }
-  at::Tensor A_new = at::cat(A_parts, 1), B_new = at::cat(B_parts, 1), S = at::cat(S_parts, 1);
-  at::Tensor missing = at::cat(miss_parts, 1);
+  const auto join = [](const std::vector<at::Tensor>& parts) { return parts.size() == 1 ? parts[0] : at::cat(parts, 1); };
+  at::Tensor A_new = join(A_parts), B_new = join(B_parts), S = join(S_parts), missing = join(miss_parts);
   if (!plan.identity) {
     const at::Tensor rows = index_tensor(plan.problem_of_row, Af.device());
     A_new = A_new.index_select(1, rows);

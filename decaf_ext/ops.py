@@ -56,8 +56,10 @@ def consensus_tsvd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int,
            skipped. Rows are used as given (no renormalization): M_i is linear in W[i]. An agent
            holding the factors of its k neighbors uses W of shape [1, k].
         rank: target rank, 1 <= rank <= min(m, n).
-        method: "exact" (Householder QR of each neighbor set's stacked factors, once per distinct
-            set; SVD of the small core R_B diag(W[i]) R_A^T per distinct row of W), "randomized"
+        method: "exact" (a factorization R^T R of each neighbor set's stacked factors, once per
+            distinct set: on the CPU a Cholesky factorization of their Gram matrix, falling back to
+            a Householder QR when that Gram is rank-deficient or ill-conditioned, on CUDA the QR;
+            then the SVD of the small core R_B diag(W[i]) R_A^T per distinct row of W), "randomized"
             (range finder on the factored M_i with `oversample` extra columns and `n_iter` power
             iterations, test matrix from `seed`), "auto" (exact while a row stacks k*r <= 128
             factor columns, k = its nonzero weights, else randomized), or "dense" (forms M_i and

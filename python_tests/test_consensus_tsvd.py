@@ -193,6 +193,20 @@ def test_sparse_W_and_noncontiguous_inputs(device):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("topology", ["ring", "complete"])
+@pytest.mark.parametrize("spread", [1e-1, 1e-2, 1e-3, 1e-5, 0.0])
+def test_exact_near_consensus(device, dtype, topology, spread):
+    """Agents near consensus (common factors + spread x own): the stacked neighbor factors go from
+    well-conditioned to rank-deficient (on the CPU: from the Gram path to its Householder fallback)."""
+    A, B = factors((2,), 6, 4, 48, 40, device=device, seed=19)
+    A, B = A[:, :1] + spread * A, B[:, :1] + spread * B
+    W = (ring_weights if topology == "ring" else complete_weights)(6).to(device)
+    out = decaf_ext.consensus_tsvd(A.to(dtype), B.to(dtype), W.to(dtype), 4, method="exact")
+    assert all(torch.isfinite(t).all() for t in out)
+    assert_matches_reference(A.to(dtype).double(), B.to(dtype).double(), W.double(), 4, out, TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_computed_in_float32(device, dtype):
     A, B = factors((2,), 4, 2, 16, 12, device=device, seed=11)

@@ -76,6 +76,14 @@ def test_bad_input_names_the_argument(over, rank, pattern):
     assert "\n" not in str(info.value)
 
 
+def test_too_many_stacked_columns_names_W_and_the_limit():
+    """k * r above 2048 (here one receiving agent with 257 neighbors of rank 8) is a one-line error."""
+    A, B = torch.randn(257, 8, 9), torch.randn(257, 10, 8)
+    with pytest.raises(ValueError, match=r"W: .*k\*r = 257\*8 = 2056.* at most 2048") as info:
+        decaf_ext.consensus_tsvd(A, B, torch.full((1, 257), 1.0 / 257), 2)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(method="svd"), "method must be"),
     (dict(split="middle"), "split must be"),

@@ -1,6 +1,6 @@
 // Native (no Python) checks of the registered operator (CPU backend, through the dispatcher)
 // against float64 dense references, on rings and complete graphs (k*r up to 256), duplicated
-// neighbors, agents near consensus and zero products. Prints "N passed, N failed".
+// neighbors, agents near consensus (exact and randomized) and zero products. Prints "N passed, N failed".
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -91,6 +91,8 @@ int main() {
     compare_with_dense(dense_graph, 5, 4, 30, 30, 12, at::kDouble, "randomized", 1e-9);  // rank(M_i) <= 12 + 8
     compare_with_dense(dense_graph, 5, 4, 30, 30, 6, at::kDouble, "exact", 1e-10, 1);
     compare_with_dense(dense_graph, 16, 8, 60, 50, 8, at::kDouble, "randomized", 1e-9, 2);
+    compare_with_dense(dense_graph, 8, 4, 60, 50, 4, at::kDouble, "exact", 1e-10, 2);
+    compare_with_dense(dense_graph, 8, 4, 60, 50, 4, at::kFloat, "exact", 1e-5, 2);
   }
   zero_products();
   std::printf("%d passed, %d failed\n", passed, failed);
