@@ -130,12 +130,20 @@ def compare(a: Cell | None, b: Cell | None, label_a: str, label_b: str,
     """One sentence: the difference of seed means of a and b against their seed-to-seed spread.
 
     Rule: distinguishable when |mean_a - mean_b| exceeds the sum of the two seed stds (both with >= 2 seeds).
+    The per-seed differences (same seed: same data split, partition and initialization) are listed too.
     """
     if a is None or b is None:
         return f"{label_a} vs {label_b}: no data yet"
     diff = a.mean(pick) - b.mean(pick)
     spreads = (a.spread(pick), b.spread(pick))
     head = f"{label_a} {a.mean(pick):.3f} vs {label_b} {b.mean(pick):.3f} (difference {diff:+.3f}"
+    by_seed = {run.config["seed"]: pick(run) for run in b.runs}
+    paired = [(run.config["seed"], pick(run) - by_seed[run.config["seed"]]) for run in a.runs
+              if run.config["seed"] in by_seed]
+    if paired and (len(paired) < len(a.runs) or len(paired) < len(b.runs)):
+        head += "; on the seeds both have, " + ", ".join(f"s{seed} {d:+.3f}" for seed, d in sorted(paired))
+    elif paired:
+        head += "; per seed " + ", ".join(f"s{seed} {d:+.3f}" for seed, d in sorted(paired))
     if None in spreads:
         return head + f"; {min(len(a.runs), len(b.runs))} seed(s): no seed spread yet, not a finding)"
     spread = spreads[0] + spreads[1]
@@ -427,12 +435,12 @@ class Report:
                [compare(agents.get(f"decaf-n{n}"), agents.get("decaf-n10"), f"decaf {n} agents", "10 agents")
                 for n in AGENT_COUNTS if n != 10] if agents else ["no data yet"])
         messages = {(a, d): cell for a, d, cell in self.messages()}
-        bullet("Beyond the paper: compressed messages cost no accuracy.",
+        bullet("Beyond the paper: do compressed messages cost accuracy?",
                [compare(messages[(a, d)], messages[(a, "float32")], f"{a} {d}", "float32")
                 for a in ("decaf", "dlora") for d in MESSAGE_DTYPES])
         ranked = {(a, what): cell for a, what, cell in self.ranked()}
         low, high = [what for a, what, _ in self.ranked() if a == "decaf"][1:]
-        bullet("Beyond the paper: with unequal ranks, DeCAF against DLoRA with zero-padding and against equal ranks.",
+        bullet("Beyond the paper: unequal ranks, DeCAF against DLoRA with zero-padding and against equal ranks.",
                [compare(ranked[("decaf", MIXED_RANKS)], ranked[("dlora", MIXED_RANKS)], "mixed ranks: decaf",
                         "dlora")]
                + [compare(ranked[("decaf", MIXED_RANKS)], ranked[("decaf", what)], "decaf mixed ranks", f"decaf {what}")
