@@ -36,6 +36,7 @@ from decaf_ext.errors import ConfigError
 from decaf_ext.agent_mixer import AgentMixer
 from decaf_ext.exchange import RoundView, Transport
 from decaf_ext.faults import Faults
+from decaf_ext.export import export_adapter, labelled_base
 from decaf_ext.lora import collect_extras, write_extras
 from decaf_ext.message_guard import MessageGuard, load_run_key
 from decaf_ext.payload import Payload
@@ -223,11 +224,29 @@ class AgentTrainer(Trainer):
             if self.tensorboard is not None:
                 self.tensorboard.close()
 
+    def _labelled_base(self) -> str | None:
+        """<output_dir>/adapters/base, the labelled base model folder the adapters name (as the simulator's, see
+        :mod:`decaf_ext.export`), made by whichever agent comes first; None for a model that is not a local
+        folder."""
+        folder = os.path.join(self.output_dir, "adapters", "base")
+        if os.path.isdir(folder):
+            return os.path.abspath(folder)
+        temporary = f"{folder}.tmp-{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        if labelled_base(self.model_path, self.models[0].get_base_model().config, temporary) is None:
+            return None
+        try:
+            os.rename(temporary, folder)
+        except OSError:  # another agent renamed its identical folder first
+            shutil.rmtree(temporary, ignore_errors=True)
+        return os.path.abspath(folder)
+
     def _export(self, model: torch.nn.Module, name: str) -> None:
-        """peft adapter of `model` into <output_dir>/adapters/<name> (written to a temporary folder, then renamed)."""
+        """peft adapter of `model` into <output_dir>/adapters/<name> (written to a temporary folder, then renamed),
+        naming the labelled base folder."""
         folder = os.path.join(self.output_dir, "adapters", name)
         temporary = f"{folder}.tmp-{os.getpid()}"
-        model.save_pretrained(temporary)
+        export_adapter(model, temporary, self._labelled_base())
         shutil.rmtree(folder, ignore_errors=True)
         os.rename(temporary, folder)
 

@@ -154,6 +154,13 @@ def test_distributed_run_matches_the_simulator(launched, tmp_path, run):
     summary = json.loads(Path(config.output_dir, "summary.json").read_text())
     assert summary["final"] == without_times(read_metrics(config.output_dir))[-1]
     assert Path(config.output_dir, "adapters", "average", "adapter_model.safetensors").is_file()
+    if run == "decaf":  # the adapters name a labelled base folder: they load on their own, with the run's labels
+        from peft import AutoPeftModelForSequenceClassification
+
+        for name in ("agent_01", "average"):
+            loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(Path(config.output_dir, "adapters",
+                                                                                     name)))
+            assert loaded.config.id2label == dict(enumerate(simulator.label_names))
 
 
 def test_survivors_finish_without_a_killed_and_a_stalled_agent(launched):
