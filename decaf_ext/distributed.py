@@ -197,6 +197,10 @@ class AgentTrainer(Trainer):
         try:
             done = self.transport.start(self._open(resume))
             wall = time.perf_counter()
+            if cfg.eval_at_start and done == 0:  # round 0: the members agreed at startup, before any training
+                view = self.transport.current_view()
+                if self.transport.connect(view):
+                    self._evaluate_round(0, view)
             bar = tqdm(total=cfg.rounds, initial=done, unit="round", dynamic_ncols=True,
                        disable=not cfg.progress or self.agent != 0,
                        desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents} (distributed)")
@@ -306,9 +310,6 @@ def run_distributed(config: TrainConfig, *, resume: bool = False, options: Distr
     options = options or DistributedOptions()
     options.validate()
     config.validate()
-    if config.eval_at_start:
-        raise ConfigError("eval_at_start: the round-0 evaluation runs in the simulator only (drop --eval-at-start "
-                          "for --launcher dist)")
     agent, world, local_rank = _process_rank()
     if world != config.agents:
         raise ConfigError(f"agents: the run has {config.agents} agents but {world} processes (WORLD_SIZE); "

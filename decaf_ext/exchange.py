@@ -183,6 +183,10 @@ class Transport:
             self._request_join()
         return latest + 1
 
+    def current_view(self) -> RoundView:
+        """The newest agreed view (after :meth:`start`: the members the run starts or continues with)."""
+        return self._agreed(self.latest)
+
     def agree(self, round_index: int) -> RoundView | None:
         """Post readiness for round `round_index` and return the agreed view (who takes part, which group).
 
