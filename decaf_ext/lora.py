@@ -172,7 +172,7 @@ def write_factors(models: Sequence[nn.Module], groups: list[FactorGroup], *, ada
                     raise ValueError(f"groups: module {name!r} is not a LoRA module of agent {i}")
                 module = modules[name]
                 A, B = group.A[k, i], group.B[k, i]
-                if padding is not None and group.rank == padding.rank:
+                if padding is not None:
                     r = module.lora_a.weight.shape[0]
                     a_scale, b_scale = padding.scales(module.scale)
                     A, B = A[:r] / a_scale, B[:, :r] / b_scale
