@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from suites import ALGORITHMS, BASE, MESSAGE_DTYPES, MIXED_RANKS, PARTITIONS, RANKS, SUITES, TOPOLOGIES, \
+from suites import ALGORITHMS, BASE, BASE_RANK, MESSAGE_DTYPES, MIXED_RANKS, PARTITIONS, RANKS, SUITES, TOPOLOGIES, \
     AGENT_COUNTS  # noqa: E402
 
 PLOTS = "results_plots"  # folder of the PNGs, next to RESULTS.md
@@ -243,6 +243,9 @@ class Report:
         self.plot_dir = os.path.join(os.path.dirname(os.path.abspath(output)), PLOTS)
         os.makedirs(self.plot_dir, exist_ok=True)
         self.suites = {name: load_suite(results, name) for name in SUITES}
+        for a in ("decaf", "dlora"):  # the rank suite's r = BASE_RANK cells are the algorithms suite's dir0.5 runs
+            if f"{a}-dir0.5" in self.suites["algorithms"]:
+                self.suites["rank"][f"{a}-r{BASE_RANK}"] = self.suites["algorithms"][f"{a}-dir0.5"]
 
     def image(self, name: str) -> str:
         return f"![{name}]({PLOTS}/{name}.png)"

@@ -28,8 +28,9 @@ SPLITS = ("balanced", "left", "right")
 OPTIMIZER_STATES = ("keep", "reset")
 SPLIT_FIELDS = ("decaf_split", "split")  # the TrainConfig field carrying DeCAF's factor split, whichever exists
 DEFAULT_SEEDS = (0, 1, 2)
-MESSAGE_DTYPES = ("bfloat16", "int8")
-MIXED_RANKS = "cycle:2,4,8,16"  # agent i has LoRA rank (2, 4, 8, 16)[i mod 4]  # float32 (uncompressed) runs are the algorithms suite's dir0.5 cells
+MESSAGE_DTYPES = ("bfloat16", "int8")  # float32 (uncompressed) runs are the algorithms suite's dir0.5 cells
+MIXED_RANKS = "cycle:2,4,8,16"  # agent i has LoRA rank (2, 4, 8, 16)[i mod 4]
+BASE_RANK = 8  # TrainConfig's default rank: the rank suite's r = 8 runs are the algorithms suite's dir0.5 runs
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _grid() -> dict[str, Suite]:
     topologies = {f"{a}-{t}-{p}": {"algorithm": a, "topology": t, "agents": TOPOLOGY_AGENTS, **PARTITIONS[p]}
                   for p in ("iid", "dir0.1") for t in TOPOLOGIES for a in ("decaf", "dlora")}
     ranks = {f"{a}-r{r}": {"algorithm": a, "rank": r, **PARTITIONS["dir0.5"]}
-             for r in RANKS for a in ("decaf", "dlora")}
+             for r in RANKS if r != BASE_RANK for a in ("decaf", "dlora")}
     agents = {f"{a}-n{n}": {"algorithm": a, "agents": n, **PARTITIONS["dir0.5"]}
               for n in AGENT_COUNTS for a in ("decaf", "dlora")}
     split = {f"decaf-{s}-{o}": {"algorithm": "decaf", "split": s, "optimizer_state": o, **PARTITIONS["dir0.5"]}
