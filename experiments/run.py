@@ -1,4 +1,6 @@
-"""Run an experiment suite, resumably: ``python experiments/run.py SUITE [--seeds 0,1,2] [--cells 'decaf-*'] [--device cuda] [--dry-run]``.
+"""Run an experiment suite, resumably: ``python experiments/run.py SUITE [--seeds 0,1,2] [--device cuda]``.
+
+Also ``--cells 'decaf-*,dlora-iid'`` (only those cells) and ``--dry-run`` (list the runs, train none).
 
 Each run trains in a scratch folder ``runs/experiments/<suite>/<run>/`` (checkpointed every evaluation) and, once
 finished, its ``config.json``, ``metrics.jsonl`` and ``summary.json`` are copied to

@@ -47,7 +47,8 @@ def agents(model_dir: str, ranks: list[int], seed: int = 0) -> list[torch.nn.Mod
 
 def products(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The update s * B @ A each adapted module applies, float64, by module name."""
-    return {m.name: m.scale * m.lora_b.weight.double() @ m.lora_a.weight.double() for m in lora_modules(model, "default")}
+    return {m.name: m.scale * m.lora_b.weight.double() @ m.lora_a.weight.double()
+            for m in lora_modules(model, "default")}
 
 
 # ------------------------------------------------------------------------------------------------ the spec
