@@ -130,7 +130,8 @@ def compare(a: Cell | None, b: Cell | None, label_a: str, label_b: str,
     """One sentence: the difference of seed means of a and b against their seed-to-seed spread.
 
     Rule: distinguishable when |mean_a - mean_b| exceeds the sum of the two seed stds (both with >= 2 seeds).
-    The per-seed differences (same seed: same data split, partition and initialization) are listed too.
+    The per-seed differences (same seed: same data split, partition and initialization) are listed too, with
+    their mean ± std when there are two or more.
     """
     if a is None or b is None:
         return f"{label_a} vs {label_b}: no data yet"
@@ -144,6 +145,9 @@ def compare(a: Cell | None, b: Cell | None, label_a: str, label_b: str,
         head += "; on the seeds both have, " + ", ".join(f"s{seed} {d:+.3f}" for seed, d in sorted(paired))
     elif paired:
         head += "; per seed " + ", ".join(f"s{seed} {d:+.3f}" for seed, d in sorted(paired))
+    if len(paired) > 1:
+        diffs = [d for _, d in paired]
+        head += f" (paired {statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs):.3f})"
     if None in spreads:
         return head + f"; {min(len(a.runs), len(b.runs))} seed(s): no seed spread yet, not a finding)"
     spread = spreads[0] + spreads[1]
