@@ -99,8 +99,8 @@ class AgentMixer:
         k = order.index(self.agent)
         new_groups = [FactorGroup(g.names, g.A[:, k:k + 1], g.B[:, k:k + 1]) for g in new_groups]
         new_extras = {name: x[k:k + 1] for name, x in new_extras.items()}
-        sent = (self.payload.message_bytes_of(self.agent) * len(peers) if self.strategy.decentralized
-                else self.payload.message_bytes)
+        sent = self.payload.sent_bytes_of(self.agent, server=not self.strategy.decentralized) * (
+            len(peers) if self.strategy.decentralized else 1)
         return MixResult(new_groups, new_extras, [self.agent, *live], sent)
 
 

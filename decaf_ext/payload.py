@@ -79,6 +79,11 @@ class Payload:
         """Bytes of agent `agent`'s message on the wire (the trailer not included)."""
         return self._codec(self.rank_of(agent)).bytes
 
+    def sent_bytes_of(self, agent: int, *, server: bool) -> int:
+        """Bytes of the message agent `agent` puts on the wire: its own, or with a server strategy (all_gather
+        moves equal sizes) the largest."""
+        return self.message_bytes if server else self.message_bytes_of(agent)
+
     def wire_numel_of(self, agent: int) -> int:
         """Elements of agent `agent`'s wire data."""
         return self._codec(self.rank_of(agent)).numel

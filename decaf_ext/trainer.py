@@ -326,9 +326,10 @@ class Trainer:
     def message_bytes(self) -> int | torch.Tensor:
         """Bytes of one message: an int, or int64 [N] per agent when unequal ranks make messages differ (a server
         strategy's all_gather pads every message to the largest)."""
-        if self.payload.ranks is None or not self.strategy.decentralized:
+        if self.payload.ranks is None:
             return self.payload.message_bytes
-        return torch.tensor([self.payload.message_bytes_of(agent) for agent in self.agent_ids])
+        return torch.tensor([self.payload.sent_bytes_of(agent, server=not self.strategy.decentralized)
+                             for agent in self.agent_ids])
 
     def _communicate_received(self, groups: list[FactorGroup], extras: dict[str, torch.Tensor], W: torch.Tensor
                               ) -> tuple[list[FactorGroup], dict[str, torch.Tensor]]:
