@@ -8,6 +8,7 @@ CUDA kernels are compiled when nvcc and a CUDA-enabled torch are present. Enviro
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -36,7 +37,11 @@ def want_cuda() -> bool:
 
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3"]
+    # ATen's at::parallel_for is a header template that splits work with `#pragma omp parallel`: without
+    # -fopenmp in this extension's own compile it silently runs every loop on one thread. The OpenMP
+    # runtime is torch's (libgomp.so.1, already loaded with torch).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", *openmp]
     extra = {"cxx": cxx}
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -47,7 +52,7 @@ def extension():
         builder = cpp_extension.CUDAExtension
     else:
         builder = cpp_extension.CppExtension
-    return builder("decaf_ext._C", sources, extra_compile_args=extra, py_limited_api=False)
+    return builder("decaf_ext._C", sources, extra_compile_args=extra, extra_link_args=openmp, py_limited_api=False)
 
 
 setup(

@@ -428,69 +428,52 @@ at::Tensor support_grams(const at::Tensor& X, const Bucket& bk) {
   return all.index_select(1, index_tensor(at_pair, X.device())).view({X.size(0), G, K, K});
 }
 
-// Upper factor R [.., K, K] (float64) with R^T R = G for Gram matrices G [.., K, K] (float64),
-// from a Cholesky factorization of G scaled to a unit diagonal. None when some scaled pivot r_kk^2
-// is not above `min_pivot` (the stacked columns are rank-deficient or too ill-conditioned for
-// the precision their Gram was computed in). Reads the values on the host.
-std::optional<at::Tensor> gram_factor(const at::Tensor& G, double min_pivot) {
-  const at::Tensor norms = G.diagonal(0, -2, -1).sqrt();  // [.., K] column norms
-  if (!(norms.min().item<double>() > 0.0)) return std::nullopt;
-  const auto [R, info] = at::linalg_cholesky_ex(G / (norms.unsqueeze(-1) * norms.unsqueeze(-2)), /*upper=*/true);
-  if (info.ne(0).any().item<bool>() || !(R.diagonal(0, -2, -1).square().min().item<double>() > min_pivot))
-    return std::nullopt;
-  return R * norms.unsqueeze(-2);
+// A gathered element of a stack (a copy through index_select) costs about as much as this many
+// multiply-adds of the float32 GEMMs around it (CPU preset: 2.1 ms to gather 3.5 M elements, 0.4 ms
+// for 150 M multiply-adds).
+constexpr int64_t kGatherCost = 64;
+
+// coef_rows [batch, G, R, K] times each support's stacked rows of X [batch, N_in r, c]:
+// [batch, G, R, c]. Through coefficient rows scattered over all N_in r rows (one GEMM, no gather)
+// when those extra multiply-adds cost less than gathering the stacks (dense graphs, few agents).
+at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const Bucket& bk) {
+  const int64_t batch = X.size(0), NR = X.size(1), c = X.size(2);
+  const int64_t G = bk.supports, R = coef_rows.size(2), K = coef_rows.size(3);
+  if (bk.all) return at::matmul(coef_rows, X.unsqueeze(1));
+  if (R * NR <= R * K + K * kGatherCost) {
+    const at::Tensor cols = index_tensor(bk.cols, X.device()).view({1, G, 1, K}).expand_as(coef_rows);
+    const at::Tensor full = at::zeros({batch, G, R, NR}, coef_rows.options()).scatter_(-1, cols, coef_rows);
+    return at::matmul(full.view({batch, G * R, NR}), X).view({batch, G, R, c});
+  }
+  return over_stacks(X, bk, [&](const at::Tensor& Xs, int64_t b, int64_t len) {
+    return at::matmul(coef_rows.narrow(0, b, len), Xs);
+  });
 }
 
 // Exact, from Gram matrices (CPU): G_B = Bs Bs^T and G_A = As As^T per support in the compute
 // dtype, Cholesky R_B^T R_B = G_B and R_A^T R_A = G_A, so that P = Bs^T = U_P R_B with
 // U_P = P R_B^{-1} orthonormal (likewise Q = As^T = U_Q R_A) and M = U_P (R_B D R_A^T) U_Q^T.
 // float64: SVD of the core R_B D R_A^T. float32: eigenpairs of H = R_B D G_A D R_B^T = core core^T
-// (squared conditioning, as in solve_exact), V from M^T U / sigma. The split factors are P and Q
-// times small coefficient matrices: one GEMM pass over the stacks for the Grams, one for the
-// write-back. None when a Gram is not safely positive definite: solve_exact then runs instead.
+// (squared conditioning, as in solve_exact), V from M^T U / sigma. These small problems run in
+// backend.gram_svd. The split factors are P and Q times small coefficient matrices: one GEMM pass
+// over the stacks for the Grams, one for the write-back. None when a Gram is not safely positive
+// definite: solve_exact then runs instead.
 std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, const at::Tensor& d, const Bucket& bk,
                                  const Options& o, const Backend& backend) {
-  const int64_t K = d.size(1), m = Bt.size(2), n = Af.size(2), P = d.size(0);
+  const int64_t K = d.size(1), m = Bt.size(2), n = Af.size(2);
   const at::ScalarType ct = Bt.scalar_type();
-  const double min_pivot = (double)K * eps_of(ct);
-  const at::Tensor GA = support_grams(Af, bk);  // [batch, G, K, K]
-  const auto RA = gram_factor(GA, min_pivot);
-  if (!RA) return std::nullopt;
-  const auto RB = gram_factor(support_grams(Bt, bk), min_pivot);
-  if (!RB) return std::nullopt;
-  const at::Tensor RBD = per_problem(*RB, bk) * d.view({1, P, 1, K});  // R_B D [batch, P, K, K]
-  const int64_t q = std::min(o.rank, K);
-  // U [batch, P, K, q]: left singular vectors as coefficients on P's columns; V likewise on Q's.
-  at::Tensor U, Sv, V;
-  if (ct == at::kFloat) {
-    const at::Tensor H = at::matmul(at::matmul(RBD, per_problem(GA, bk)), RBD.transpose(-1, -2));
-    const auto [lam, Z] = backend.eigh(H);  // ascending
-    const at::Tensor X = Z.narrow(-1, K - q, q).flip(-1);
-    Sv = lam.narrow(-1, K - q, q).flip(-1).clamp_min(0).sqrt();
-    const at::Tensor inv = at::where(Sv > 0, 1.0 / Sv, at::zeros({}, Sv.options()));
-    U = at::linalg_solve_triangular(per_problem(*RB, bk), X, /*upper=*/true);
-    V = at::matmul(RBD.transpose(-1, -2), X) * inv.unsqueeze(-2);
-  } else {
-    const at::Tensor RAp = per_problem(*RA, bk);
-    const auto [Uc, Sc, Vh] = backend.svd(at::matmul(RBD, RAp.transpose(-1, -2)));
-    U = at::linalg_solve_triangular(per_problem(*RB, bk), Uc.narrow(-1, 0, q), /*upper=*/true);
-    V = at::linalg_solve_triangular(RAp, Vh.narrow(-2, 0, q).transpose(-1, -2), /*upper=*/true);
-    Sv = Sc.narrow(-1, 0, q);
-  }
+  const auto svd = backend.gram_svd(support_grams(Bt, bk), support_grams(Af, bk), d, bk.group,
+                                    std::min(o.rank, K), ct == at::kFloat, (double)K * eps_of(ct));
+  if (!svd) return std::nullopt;
   // Column sums of P and Q: the sums of the singular vectors' entries are sB^T U and sA^T V.
   const at::Tensor sB = per_problem(support_rows(Bt.sum(-1, true), bk).squeeze(-1).to(at::kDouble), bk);
   const at::Tensor sA = per_problem(support_rows(Af.sum(-1, true), bk).squeeze(-1).to(at::kDouble), bk);
   const double tol = 16.0 * std::sqrt((double)std::max({m, n, K})) * eps_of(ct);
-  const Coefficients c = split_coefficients(U, Sv, V, sB, sA, o, tol);
+  const Coefficients c = split_coefficients(svd->U, svd->S, svd->V, sB, sA, o, tol);
   Solved out;
   // Coefficient rows times the stacks: [batch, G, slots rank, m|n] (row-major results).
-  const auto times_stacks = [&](const at::Tensor& coef, const at::Tensor& X) {
-    const at::Tensor rows = per_support_rows(coef.to(ct), bk);
-    return over_stacks(X, bk, [&](const at::Tensor& Xs, int64_t b, int64_t len) {
-      return at::matmul(rows.narrow(0, b, len), Xs);
-    });
-  };
-  const at::Tensor BP = times_stacks(c.B, Bt), AQ = times_stacks(c.A, Af);
+  const at::Tensor BP = times_stacks(per_support_rows(c.B.to(ct), bk), Bt, bk);
+  const at::Tensor AQ = times_stacks(per_support_rows(c.A.to(ct), bk), Af, bk);
   out.B_new = per_problem_rows(BP, bk, o.rank).transpose(-1, -2);  // [batch, P, m, rank]
   out.A_new = per_problem_rows(AQ, bk, o.rank);                    // [batch, P, rank, n]
   out.S = c.S;
@@ -602,9 +585,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
     const int64_t L = std::min({rank + oversample, K, s.m, s.n});
     const bool randomized = (o.method == Method::kRandomized ||
                              (o.method == Method::kAuto && K > kAutoExactMaxColumns)) && L < K;
-    // The Gram path reads its pivots on the host: CPU only (a CUDA call never synchronizes).
+    // The Gram path reads its pivots on the host: only where the backend has one.
     std::optional<Solved> gram;
-    if (!randomized && Wd.is_cpu()) gram = solve_gram(Bt, Af, d, bk, o, backend);
+    if (!randomized && Wd.is_cpu() && backend.gram_svd != nullptr) gram = solve_gram(Bt, Af, d, bk, o, backend);
     const auto stacked = [&](auto solve) {
       return solve(support_rows(Bt, bk), support_rows(Af, bk), d, bk, o, backend);  // stacks [batch, G, K, m|n]
     };

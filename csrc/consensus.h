@@ -5,8 +5,10 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace decaf {
 
@@ -14,6 +16,12 @@ namespace decaf {
 constexpr int64_t kMaxStackedColumns = 2048;
 // Above this k * r, method "auto" uses the randomized method.
 constexpr int64_t kAutoExactMaxColumns = 128;
+
+// The top q singular triplets of each problem's M = Bs^T D As (Bs, As: a support's stacked factor
+// rows) as coefficients on the stacks: M ~= (Bs^T U) diag(S) (As^T V)^T.
+struct GramSvd {
+  at::Tensor U, S, V;  // [batch, P, K, q], [batch, P, q], [batch, P, K, q] float64
+};
 
 struct Backend {
   // Completes the zero-singular-value rows of A_new [batch, N_out, rank, n] (contiguous, float or
@@ -31,6 +39,14 @@ struct Backend {
   std::tuple<at::Tensor, at::Tensor> (*qr)(const at::Tensor& X);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> (*svd)(const at::Tensor& X);
   std::tuple<at::Tensor, at::Tensor> (*eigh)(const at::Tensor& H);
+  // The small problems of the exact Gram path, from the Gram matrices GB, GA [batch, G, K, K] of each
+  // support's stacks (float64), weights d [P, K] (float64) and each problem's support `group`: q
+  // triplets per problem, from the eigenpairs of core core^T when `squared` (float32 inputs) or the
+  // SVD of the core (core = R_B D R_A^T, R^T R = G by Cholesky). None when some Gram's scaled
+  // Cholesky pivot is not above min_pivot or an eigensolve did not converge. Reads values on the
+  // host: nullptr on devices whose calls must not synchronize (the Householder path runs instead).
+  std::optional<GramSvd> (*gram_svd)(const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
+                                     const std::vector<int64_t>& group, int64_t q, bool squared, double min_pivot);
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(

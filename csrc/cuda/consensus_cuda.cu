@@ -74,7 +74,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_cuda(const at::Tensor& X) { r
 
 std::tuple<at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& H) { return at::linalg_eigh(H); }
 
-const Backend kCudaBackend{complete_rows_cuda, fill_normal_cuda, geqrf_cuda, ormqr_cuda, qr_cuda, svd_cuda, eigh_cuda};
+const Backend kCudaBackend{complete_rows_cuda, fill_normal_cuda, geqrf_cuda, ormqr_cuda, qr_cuda, svd_cuda, eigh_cuda,
+                              /*gram_svd=*/nullptr};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_cuda(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,

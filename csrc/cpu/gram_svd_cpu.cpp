@@ -1,0 +1,182 @@
+// The small problems of the exact Gram path on the CPU (see solve_gram in csrc/consensus.cpp), one
+// fused float64 routine per problem instead of a dozen batched ATen calls on tiny matrices:
+//   per support:  scaled Cholesky R^T R = G of the Gram matrices G_B and G_A (pivot check);
+//   per problem:  the top q singular triplets of M = Bs^T D As in coefficients on the stacks, from
+//                 the top eigenpairs of core core^T (float32 inputs, csrc/cpu/top_eigenpairs.h) or
+//                 LAPACK's SVD of the core (float64 inputs).
+// A failed pivot check or an eigensolve that did not converge returns None: the caller then takes
+// the Householder path for the whole bucket.
+// Supports, then problems, are spread over threads with at::parallel_for; each one is solved
+// serially, so the results do not depend on the thread count.
+#include "gram_svd.h"
+
+#include "top_eigenpairs.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/BatchLinearAlgebra.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace decaf {
+namespace {
+
+// Upper R (row-major K x K) with R^T R = G from a Cholesky factorization of G scaled to a unit
+// diagonal (the same rule as gram_factor in csrc/consensus.cpp). False when a column norm is not
+// positive or a scaled pivot r_kk^2 is not above min_pivot.
+bool scaled_cholesky(const double* G, int64_t K, double min_pivot, double* R, double* norms) {
+  for (int64_t a = 0; a < K; ++a) {
+    norms[a] = std::sqrt(G[a * K + a]);
+    if (!(norms[a] > 0.0)) return false;
+  }
+  std::fill(R, R + K * K, 0.0);
+  for (int64_t j = 0; j < K; ++j) {
+    double diag = 1.0;  // scaled G_jj
+    for (int64_t k = 0; k < j; ++k) diag -= R[k * K + j] * R[k * K + j];
+    if (!(diag > min_pivot)) return false;
+    const double pivot = std::sqrt(diag);
+    R[j * K + j] = pivot;
+    for (int64_t c = j + 1; c < K; ++c) {
+      double v = G[j * K + c] / (norms[j] * norms[c]);
+      for (int64_t k = 0; k < j; ++k) v -= R[k * K + j] * R[k * K + c];
+      R[j * K + c] = v / pivot;
+    }
+  }
+  for (int64_t a = 0; a < K; ++a)
+    for (int64_t c = a; c < K; ++c) R[a * K + c] *= norms[c];
+  return true;
+}
+
+// x <- R^{-1} x for upper triangular R (row-major K x K) and x of q columns (row-major K x q).
+void solve_upper(const double* R, int64_t K, int64_t q, double* x) {
+  for (int64_t a = K - 1; a >= 0; --a)
+    for (int64_t l = 0; l < q; ++l) {
+      double v = x[a * q + l];
+      for (int64_t c = a + 1; c < K; ++c) v -= R[a * K + c] * x[c * q + l];
+      x[a * q + l] = v / R[a * K + a];
+    }
+}
+
+// Per-thread workspace of one problem.
+struct Workspace {
+  int64_t K;
+  std::vector<double> RBD, RBDt, T, H, values, work, left, right, top;
+  std::vector<int> iwork;
+  explicit Workspace(int64_t K)
+      : K(K), RBD(K * K), RBDt(K * K, 0.0), T(K * K), H(K * K), values(K), left(K * K), right(K * K), iwork(8 * K) {}
+
+  // SVD of the square H (column-major, destroyed): values descending, left vectors in `left`'s
+  // columns, right vectors in `right`'s rows (both column-major).
+  void svd() {
+    int info = 0;
+    if (work.empty()) {  // workspace query
+      double lwork = 0.0;
+      at::native::lapackSvd<double, double>('S', (int)K, (int)K, H.data(), (int)K, values.data(), left.data(), (int)K,
+                                            right.data(), (int)K, &lwork, -1, nullptr, iwork.data(), &info);
+      work.resize((size_t)lwork);
+    }
+    at::native::lapackSvd<double, double>('S', (int)K, (int)K, H.data(), (int)K, values.data(), left.data(), (int)K,
+                                          right.data(), (int)K, work.data(), (int)work.size(), nullptr, iwork.data(),
+                                          &info);
+    TORCH_CHECK(info == 0, "consensus_tsvd: the SVD of a core failed (info ", info, ")");
+  }
+};
+
+// One problem: U, V [K, q] (row-major) and S [q] for upper RB, RA, Gram GA and weights d. False
+// when the top eigenpair solver did not converge.
+bool solve_problem(const double* RB, const double* RA, const double* GA, const double* d, int64_t q, bool squared,
+                   Workspace& ws, double* U, double* S, double* V) {
+  const int64_t K = ws.K;
+  double* RBD = ws.RBD.data();
+  for (int64_t a = 0; a < K; ++a)
+    for (int64_t c = 0; c < K; ++c) RBD[a * K + c] = RB[a * K + c] * d[c];  // upper
+  double* H = ws.H.data();
+  if (squared) {
+    // H = RBD GA RBD^T = core core^T (symmetric; its eigenvalues are the squared singular values),
+    // as row updates (axpy) that the compiler vectorizes.
+    double* T = ws.T.data();
+    double* RBDt = ws.RBDt.data();
+    std::fill(T, T + K * K, 0.0);
+    std::fill(H, H + K * K, 0.0);
+    for (int64_t a = 0; a < K; ++a)
+      for (int64_t k = a; k < K; ++k) {
+        RBDt[k * K + a] = RBD[a * K + k];
+        const double x = RBD[a * K + k];
+        for (int64_t c = 0; c < K; ++c) T[a * K + c] += x * GA[k * K + c];
+      }
+    for (int64_t a = 0; a < K; ++a)
+      for (int64_t k = 0; k < K; ++k) {
+        const double x = T[a * K + k];
+        for (int64_t c = 0; c <= k; ++c) H[a * K + c] += x * RBDt[k * K + c];
+      }
+    for (int64_t a = 0; a < K; ++a)
+      for (int64_t c = 0; c < a; ++c) H[a * K + c] = H[c * K + a] = 0.5 * (H[a * K + c] + H[c * K + a]);
+    if (!top_eigenpairs(H, K, q, S, U, ws.top)) return false;
+    for (int64_t l = 0; l < q; ++l) S[l] = std::sqrt(std::max(S[l], 0.0));
+    // V = RBD^T X / sigma (before X becomes U), then U = RB^{-1} X.
+    for (int64_t c = 0; c < K; ++c)
+      for (int64_t l = 0; l < q; ++l) {
+        double v = 0.0;
+        for (int64_t a = 0; a <= c; ++a) v += RBD[a * K + c] * U[a * q + l];
+        V[c * q + l] = S[l] > 0.0 ? v / S[l] : 0.0;
+      }
+    solve_upper(RB, K, q, U);
+  } else {
+    // core = RBD RA^T, column-major for LAPACK.
+    for (int64_t a = 0; a < K; ++a)
+      for (int64_t c = 0; c < K; ++c) {
+        double v = 0.0;
+        for (int64_t k = std::max(a, c); k < K; ++k) v += RBD[a * K + k] * RA[c * K + k];
+        H[c * K + a] = v;
+      }
+    ws.svd();
+    for (int64_t l = 0; l < q; ++l) {
+      S[l] = ws.values[l];
+      for (int64_t a = 0; a < K; ++a) {
+        U[a * q + l] = ws.left[l * K + a];
+        V[a * q + l] = ws.right[a * K + l];
+      }
+    }
+    solve_upper(RB, K, q, U);
+    solve_upper(RA, K, q, V);
+  }
+  return true;
+}
+
+}  // namespace
+
+std::optional<GramSvd> gram_svd_cpu(const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
+                                    const std::vector<int64_t>& group, int64_t q, bool squared, double min_pivot) {
+  const int64_t batch = GB.size(0), G = GB.size(1), K = GB.size(2), P = d.size(0);
+  const at::Tensor gb = GB.contiguous(), ga = GA.contiguous(), dc = d.contiguous();
+  at::Tensor RB = at::empty({batch, G, K, K}, gb.options()), RA = at::empty_like(RB);
+  std::vector<char> ok(batch * G, 0);
+  at::parallel_for(0, batch * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> norms(K);
+    for (int64_t x = begin; x < end; ++x)
+      ok[x] = scaled_cholesky(ga.data_ptr<double>() + x * K * K, K, min_pivot, RA.data_ptr<double>() + x * K * K,
+                              norms.data()) &&
+              scaled_cholesky(gb.data_ptr<double>() + x * K * K, K, min_pivot, RB.data_ptr<double>() + x * K * K,
+                              norms.data());
+  });
+  if (std::find(ok.begin(), ok.end(), 0) != ok.end()) return std::nullopt;
+  GramSvd out;
+  out.U = at::empty({batch, P, K, q}, gb.options());
+  out.V = at::empty({batch, P, K, q}, gb.options());
+  out.S = at::empty({batch, P, q}, gb.options());
+  std::vector<char> solved(batch * P, 0);
+  at::parallel_for(0, batch * P, 1, [&](int64_t begin, int64_t end) {
+    Workspace ws(K);
+    for (int64_t x = begin; x < end; ++x) {
+      const int64_t b = x / P, p = x % P, sup = (b * G + group[p]) * K * K;
+      solved[x] = solve_problem(RB.data_ptr<double>() + sup, RA.data_ptr<double>() + sup, ga.data_ptr<double>() + sup,
+                    dc.data_ptr<double>() + p * K, q, squared, ws, out.U.data_ptr<double>() + x * K * q,
+                    out.S.data_ptr<double>() + x * q, out.V.data_ptr<double>() + x * K * q);
+    }
+  });
+  if (std::find(solved.begin(), solved.end(), 0) != solved.end()) return std::nullopt;
+  return out;
+}
+
+}  // namespace decaf

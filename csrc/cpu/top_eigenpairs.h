@@ -1,0 +1,19 @@
+// The largest eigenpairs of a small symmetric matrix, without computing the others: Householder
+// tridiagonalization, bisection (Sturm counts) for the wanted eigenvalues, inverse iteration for
+// their eigenvectors (reorthogonalized against the ones found before), back-transformation. For
+// K = 24 and q = 8 it costs about half of LAPACK's full dsyevd, and it runs on any thread.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace decaf {
+
+// The q largest eigenvalues `values` [q] (descending) of the symmetric K x K matrix H (row-major,
+// destroyed) and orthonormal eigenvectors X [K, q] (row-major, one per column). Eigenvalues are
+// accurate to ~K eps ||H|| and every pair has a residual ||H x - lambda x|| below 64 K eps ||H||
+// on the tridiagonal form; false when inverse iteration did not reach that (the caller then uses a
+// full eigensolver). `scratch` is resized as needed and may be reused across calls.
+bool top_eigenpairs(double* H, int64_t K, int64_t q, double* values, double* X, std::vector<double>& scratch);
+
+}  // namespace decaf
