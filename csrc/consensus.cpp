@@ -389,13 +389,17 @@ Solved solve_exact(const at::Tensor& Bs, const at::Tensor& As, const at::Tensor&
 // Rows of x [batch, N_in r, c] stacked per support of the bucket: [batch, G, K, c].
 at::Tensor support_rows(const at::Tensor& x, const Bucket& bk) {
   if (bk.all) return x.unsqueeze(1);
-  const int64_t K = (int64_t)bk.cols.size() / bk.supports;
-  return x.index_select(1, index_tensor(bk.cols, x.device())).view({x.size(0), bk.supports, K, x.size(2)});
+  const int64_t batch = x.size(0), NR = x.size(1), K = (int64_t)bk.cols.size() / bk.supports;
+  // Whole rows of the flattened [batch N_in r, c] (ATen's row-copy path; selecting along dim 1 is
+  // several times slower).
+  const at::Tensor cols = index_tensor(bk.cols, x.device());
+  const at::Tensor rows = (at::arange(batch, cols.options()).unsqueeze(1) * NR + cols.unsqueeze(0)).view({-1});
+  return x.reshape({batch * NR, x.size(2)}).index_select(0, rows).view({batch, bk.supports, K, x.size(2)});
 }
 
 // One chunk of modules' stacked factors stays within this many bytes (cache-sized), so that the
 // gathered stacks are read back from cache by the products that use them.
-constexpr int64_t kChunkBytes = 8 << 20;
+constexpr int64_t kChunkBytes = 1 << 20;
 
 // f(Xs, begin, len) for the stacked rows Xs [len, G, K, c] of each support (support_rows) of
 // X [batch, N_in r, c], over chunks of modules; the results are concatenated along dim 0.
@@ -411,12 +415,17 @@ at::Tensor over_stacks(const at::Tensor& X, const Bucket& bk, F f) {
   return parts.size() == 1 ? parts[0] : at::cat(parts, 0);
 }
 
+// A gathered element of a stack (support_rows) costs about as much as this many multiply-adds of the
+// float32 GEMMs around it (CPU preset: 0.12 ms to gather 1.8 M elements, 0.42 ms for 38 M
+// multiply-adds in one batched GEMM).
+constexpr int64_t kGatherCost = 16;
+
 // Gram matrices [batch, G, K, K] (float64, computed in X's dtype) of each support's stacked rows of
-// X [batch, N_in r, c]: blocks of the all-pairs Gram when that is fewer flops than one Gram per
-// support (sparse graphs with few agents).
+// X [batch, N_in r, c]: blocks of the all-pairs Gram when that costs less than gathering the stacks
+// and one Gram per support (sparse graphs with few agents).
 at::Tensor support_grams(const at::Tensor& X, const Bucket& bk) {
   const int64_t NR = X.size(1), G = bk.supports, K = (int64_t)bk.cols.size() / G;
-  if (bk.all || NR * NR > G * K * K)
+  if (bk.all || NR * NR > G * K * (K + kGatherCost))
     return over_stacks(X, bk, [](const at::Tensor& Xs, int64_t, int64_t) {
       return at::matmul(Xs, Xs.transpose(-1, -2)).to(at::kDouble);
     });
@@ -424,14 +433,10 @@ at::Tensor support_grams(const at::Tensor& X, const Bucket& bk) {
   for (int64_t g = 0; g < G; ++g)
     for (int64_t a = 0; a < K; ++a)
       for (int64_t b = 0; b < K; ++b) at_pair.push_back(bk.cols[g * K + a] * NR + bk.cols[g * K + b]);
-  const at::Tensor all = at::matmul(X, X.transpose(-1, -2)).to(at::kDouble).view({X.size(0), NR * NR});
-  return all.index_select(1, index_tensor(at_pair, X.device())).view({X.size(0), G, K, K});
+  const at::Tensor all = at::matmul(X, X.transpose(-1, -2)).view({X.size(0), NR * NR});
+  const at::Tensor pairs = index_tensor(at_pair, X.device()).unsqueeze(0).expand({X.size(0), G * K * K});
+  return at::gather(all, 1, pairs).to(at::kDouble).view({X.size(0), G, K, K});
 }
-
-// A gathered element of a stack (a copy through index_select) costs about as much as this many
-// multiply-adds of the float32 GEMMs around it (CPU preset: 2.1 ms to gather 3.5 M elements, 0.4 ms
-// for 150 M multiply-adds).
-constexpr int64_t kGatherCost = 64;
 
 // coef_rows [batch, G, R, K] times each support's stacked rows of X [batch, N_in r, c]:
 // [batch, G, R, c]. Through coefficient rows scattered over all N_in r rows (one GEMM, no gather)

@@ -1,10 +1,11 @@
 """Typed Python entry points of the compiled operators (torch.ops.decaf_ext.*) and their fake
 kernels for torch.compile. Structural argument errors are raised by the C++ side as ValueError;
-the value checks here (finite factors, nonnegative finite weights) read the data, so they
-synchronize with a GPU: pass ``check_values=False`` for a sync-free call.
+the value checks here (finite factors, nonnegative finite weights) read the data and synchronize
+with a GPU once per call: pass ``check_values=False`` for a sync-free call.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -24,19 +25,31 @@ def _dense_weights(W: torch.Tensor) -> torch.Tensor:
     return W.to_dense() if W.layout != torch.strided else W
 
 
-def _check_finite(**tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+def _check_values(W: torch.Tensor | None = None, **tensors: torch.Tensor) -> None:
+    """Rejects NaN/Inf in the floating point `tensors` and NaN, Inf or negative entries of W.
+
+    Every check is reduced on the tensors' device and read back in ONE host transfer (one
+    synchronization on a GPU). A tensor's float64 sum is finite unless it holds NaN/Inf (or its
+    values overflow float64 when summed, which an exact second pass then tells apart).
+    """
+    named = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    stats = [t.sum(dtype=torch.float64) for t in named.values()]
+    if W is not None and W.is_floating_point():
+        stats += [W.isnan().any(), W.isinf().any(), (W < 0).any()]
+    if not stats:
+        return
+    device = stats[0].device
+    values = torch.stack([v.to(device=device, dtype=torch.float64) for v in stats]).tolist()
+    for (name, t), total in zip(named.items(), values):
+        if not math.isfinite(total) and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf")
-
-
-def _check_weights(W: torch.Tensor) -> None:
-    if W.is_floating_point():
-        if bool(torch.isnan(W).any()):
+    if len(values) > len(named):
+        has_nan, has_inf, negative = values[len(named):]
+        if has_nan:
             raise ValueError("W contains NaN")
-        if not bool(torch.isfinite(W).all()):
+        if has_inf:
             raise ValueError("W contains Inf")
-        if bool((W < 0).any()):
+        if negative:
             raise ValueError("W must be nonnegative (mixing weights), got a negative entry")
 
 
@@ -78,8 +91,7 @@ def consensus_tsvd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int,
     """
     W = _dense_weights(W)
     if check_values:
-        _check_finite(A=A, B=B)
-        _check_weights(W)
+        _check_values(W, A=A, B=B)
     if split not in ("balanced", "left", "right"):
         raise ValueError(f"split must be 'balanced', 'left' or 'right', got {split!r}")
     if method == "dense":
@@ -97,8 +109,7 @@ def weighted_product_sum(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *,
     """
     W = _dense_weights(W)
     if check_values:
-        _check_finite(A=A, B=B)
-        _check_weights(W)
+        _check_values(W, A=A, B=B)
     return torch.ops.decaf_ext.weighted_product_sum.default(A, B, W)
 
 
@@ -111,7 +122,7 @@ def tsvd(M: torch.Tensor, rank: int, *, oversample: int = 10, n_iter: int = 2, s
     S [..., rank] (descending), Vh [..., rank, n]; columns of U beyond the numerical rank are zero.
     """
     if check_values:
-        _check_finite(M=M)
+        _check_values(M=M)
     return torch.ops.decaf_ext.tsvd.default(M, int(rank), int(oversample), int(n_iter), int(seed))
 
 

@@ -299,3 +299,17 @@ def test_cuda_call_without_checks_does_not_synchronize():
         decaf_ext.consensus_tsvd(A, B, W, 4, check_values=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_value_checks_synchronize_once():
+    A, B = factors((2,), 8, 4, 64, 48, torch.float32, "cuda", seed=19)
+    W = ring_weights(8).to("cuda", torch.float32)
+    decaf_ext.consensus_tsvd(A, B, W, 4)  # warm up
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning, match="synchroniz") as record:
+            decaf_ext.consensus_tsvd(A, B, W, 4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len([w for w in record if "synchroniz" in str(w.message)]) == 1

@@ -68,12 +68,26 @@ def _args(**over):
     (dict(W=torch.full((4, 4), float("nan"))), 2, "W contains NaN"),
     (dict(A=torch.full((4, 2, 6), float("inf"))), 2, "A contains NaN or Inf"),
     (dict(B=torch.full((4, 5, 2), float("nan"))), 2, "B contains NaN or Inf"),
+    (dict(W=ring_weights(4).float().index_put((torch.tensor(1), torch.tensor(2)), torch.tensor(float("inf")))),
+     2, "W contains Inf"),
 ])
 def test_bad_input_names_the_argument(over, rank, pattern):
     args = _args(**over)
     with pytest.raises(ValueError, match=pattern) as info:
         decaf_ext.consensus_tsvd(args["A"], args["B"], args["W"], rank)
     assert "\n" not in str(info.value)
+
+
+def test_value_checks_find_one_bad_entry_and_accept_sums_that_overflow():
+    """One NaN among finite factors is found; finite float64 factors whose sum overflows are accepted."""
+    args = _args()
+    B = args["B"].clone()
+    B[2, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="B contains NaN or Inf"):
+        decaf_ext.consensus_tsvd(args["A"], B, args["W"], 2)
+    huge = torch.full((4, 2, 6), 1e308, dtype=torch.float64)
+    assert not torch.isfinite(huge.sum())
+    decaf_ext.ops._check_values(args["W"], A=huge)  # finite entries: no error
 
 
 def test_too_many_stacked_columns_names_W_and_the_limit():

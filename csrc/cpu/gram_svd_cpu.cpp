@@ -31,16 +31,18 @@ bool scaled_cholesky(const double* G, int64_t K, double min_pivot, double* R, do
     if (!(norms[a] > 0.0)) return false;
   }
   std::fill(R, R + K * K, 0.0);
+  for (int64_t a = 0; a < K; ++a)
+    for (int64_t c = a; c < K; ++c) R[a * K + c] = G[a * K + c] / (norms[a] * norms[c]);
+  // Right-looking, by rows: row j of R is final once divided by its pivot; the rows below are
+  // updated with it (contiguous row updates, vectorized).
   for (int64_t j = 0; j < K; ++j) {
-    double diag = 1.0;  // scaled G_jj
-    for (int64_t k = 0; k < j; ++k) diag -= R[k * K + j] * R[k * K + j];
+    const double diag = R[j * K + j];
     if (!(diag > min_pivot)) return false;
     const double pivot = std::sqrt(diag);
-    R[j * K + j] = pivot;
-    for (int64_t c = j + 1; c < K; ++c) {
-      double v = G[j * K + c] / (norms[j] * norms[c]);
-      for (int64_t k = 0; k < j; ++k) v -= R[k * K + j] * R[k * K + c];
-      R[j * K + c] = v / pivot;
+    for (int64_t c = j; c < K; ++c) R[j * K + c] /= pivot;
+    for (int64_t i = j + 1; i < K; ++i) {
+      const double f = R[j * K + i];
+      for (int64_t c = i; c < K; ++c) R[i * K + c] -= f * R[j * K + c];
     }
   }
   for (int64_t a = 0; a < K; ++a)
@@ -61,10 +63,9 @@ void solve_upper(const double* R, int64_t K, int64_t q, double* x) {
 // Per-thread workspace of one problem.
 struct Workspace {
   int64_t K;
-  std::vector<double> RBD, RBDt, T, H, values, work, left, right, top;
+  std::vector<double> H, values, work, left, right, top;
   std::vector<int> iwork;
-  explicit Workspace(int64_t K)
-      : K(K), RBD(K * K), RBDt(K * K, 0.0), T(K * K), H(K * K), values(K), left(K * K), right(K * K), iwork(8 * K) {}
+  explicit Workspace(int64_t K) : K(K), H(K * K), values(K), left(K * K), right(K * K), iwork(8 * K) {}
 
   // SVD of the square H (column-major, destroyed): values descending, left vectors in `left`'s
   // columns, right vectors in `right`'s rows (both column-major).
@@ -83,59 +84,34 @@ struct Workspace {
   }
 };
 
-// One problem: U, V [K, q] (row-major) and S [q] for upper RB, RA, Gram GA and weights d. False
-// when the top eigenpair solver did not converge.
-bool solve_problem(const double* RB, const double* RA, const double* GA, const double* d, int64_t q, bool squared,
+// One problem from its matrix H [K, K] (row-major, destroyed): H = RBD GA RBD^T when `squared`,
+// else the core RBD RA^T, with RBD = RB diag(d). U, V [K, q] (row-major) and S [q]. False when the
+// top eigenpair solver did not converge.
+bool solve_problem(const double* RB, const double* RA, const double* d, double* H, int64_t q, bool squared,
                    Workspace& ws, double* U, double* S, double* V) {
   const int64_t K = ws.K;
-  double* RBD = ws.RBD.data();
-  for (int64_t a = 0; a < K; ++a)
-    for (int64_t c = 0; c < K; ++c) RBD[a * K + c] = RB[a * K + c] * d[c];  // upper
-  double* H = ws.H.data();
   if (squared) {
-    // H = RBD GA RBD^T = core core^T (symmetric; its eigenvalues are the squared singular values),
-    // as row updates (axpy) that the compiler vectorizes.
-    double* T = ws.T.data();
-    double* RBDt = ws.RBDt.data();
-    std::fill(T, T + K * K, 0.0);
-    std::fill(H, H + K * K, 0.0);
-    for (int64_t a = 0; a < K; ++a)
-      for (int64_t k = a; k < K; ++k) {
-        RBDt[k * K + a] = RBD[a * K + k];
-        const double x = RBD[a * K + k];
-        for (int64_t c = 0; c < K; ++c) T[a * K + c] += x * GA[k * K + c];
-      }
-    for (int64_t a = 0; a < K; ++a)
-      for (int64_t k = 0; k < K; ++k) {
-        const double x = T[a * K + k];
-        for (int64_t c = 0; c <= k; ++c) H[a * K + c] += x * RBDt[k * K + c];
-      }
-    for (int64_t a = 0; a < K; ++a)
+    for (int64_t a = 0; a < K; ++a)  // symmetric up to rounding: make it exactly so
       for (int64_t c = 0; c < a; ++c) H[a * K + c] = H[c * K + a] = 0.5 * (H[a * K + c] + H[c * K + a]);
     if (!top_eigenpairs(H, K, q, S, U, ws.top)) return false;
     for (int64_t l = 0; l < q; ++l) S[l] = std::sqrt(std::max(S[l], 0.0));
-    // V = RBD^T X / sigma (before X becomes U), then U = RB^{-1} X.
+    // V = (RB D)^T X / sigma (before X becomes U), then U = RB^{-1} X.
     for (int64_t c = 0; c < K; ++c)
       for (int64_t l = 0; l < q; ++l) {
         double v = 0.0;
-        for (int64_t a = 0; a <= c; ++a) v += RBD[a * K + c] * U[a * q + l];
-        V[c * q + l] = S[l] > 0.0 ? v / S[l] : 0.0;
+        for (int64_t a = 0; a <= c; ++a) v += RB[a * K + c] * U[a * q + l];
+        V[c * q + l] = S[l] > 0.0 ? d[c] * v / S[l] : 0.0;
       }
     solve_upper(RB, K, q, U);
   } else {
-    // core = RBD RA^T, column-major for LAPACK.
-    for (int64_t a = 0; a < K; ++a)
-      for (int64_t c = 0; c < K; ++c) {
-        double v = 0.0;
-        for (int64_t k = std::max(a, c); k < K; ++k) v += RBD[a * K + k] * RA[c * K + k];
-        H[c * K + a] = v;
-      }
+    // The row-major core read as column-major is core^T = V S U^T: its left vectors are V.
+    std::copy(H, H + K * K, ws.H.data());
     ws.svd();
     for (int64_t l = 0; l < q; ++l) {
       S[l] = ws.values[l];
       for (int64_t a = 0; a < K; ++a) {
-        U[a * q + l] = ws.left[l * K + a];
-        V[a * q + l] = ws.right[a * K + l];
+        V[a * q + l] = ws.left[l * K + a];
+        U[a * q + l] = ws.right[a * K + l];
       }
     }
     solve_upper(RB, K, q, U);
@@ -161,6 +137,12 @@ std::optional<GramSvd> gram_svd_cpu(const at::Tensor& GB, const at::Tensor& GA, 
                               norms.data());
   });
   if (std::find(ok.begin(), ok.end(), 0) != ok.end()) return std::nullopt;
+  // Each problem's K x K matrix, by batched GEMMs (BLAS; large K is where the time goes).
+  const at::Tensor on_rows = at::tensor(group, at::TensorOptions().dtype(at::kLong));
+  const at::Tensor RBD = RB.index_select(1, on_rows) * dc.view({1, P, 1, K});  // [batch, P, K, K]
+  at::Tensor H = squared ? at::matmul(at::matmul(RBD, ga.index_select(1, on_rows)), RBD.transpose(-1, -2))
+                         : at::matmul(RBD, RA.index_select(1, on_rows).transpose(-1, -2));
+  H = H.contiguous();
   GramSvd out;
   out.U = at::empty({batch, P, K, q}, gb.options());
   out.V = at::empty({batch, P, K, q}, gb.options());
@@ -170,9 +152,9 @@ std::optional<GramSvd> gram_svd_cpu(const at::Tensor& GB, const at::Tensor& GA, 
     Workspace ws(K);
     for (int64_t x = begin; x < end; ++x) {
       const int64_t b = x / P, p = x % P, sup = (b * G + group[p]) * K * K;
-      solved[x] = solve_problem(RB.data_ptr<double>() + sup, RA.data_ptr<double>() + sup, ga.data_ptr<double>() + sup,
-                    dc.data_ptr<double>() + p * K, q, squared, ws, out.U.data_ptr<double>() + x * K * q,
-                    out.S.data_ptr<double>() + x * q, out.V.data_ptr<double>() + x * K * q);
+      solved[x] = solve_problem(RB.data_ptr<double>() + sup, RA.data_ptr<double>() + sup, dc.data_ptr<double>() + p * K,
+                                H.data_ptr<double>() + x * K * K, q, squared, ws, out.U.data_ptr<double>() + x * K * q,
+                                out.S.data_ptr<double>() + x * q, out.V.data_ptr<double>() + x * K * q);
     }
   });
   if (std::find(solved.begin(), solved.end(), 0) != solved.end()) return std::nullopt;
