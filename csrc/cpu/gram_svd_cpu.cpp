@@ -138,10 +138,13 @@ std::optional<GramSvd> gram_svd_cpu(const at::Tensor& GB, const at::Tensor& GA, 
   });
   if (std::find(ok.begin(), ok.end(), 0) != ok.end()) return std::nullopt;
   // Each problem's K x K matrix, by batched GEMMs (BLAS; large K is where the time goes).
+  bool own_support = P == G;  // problem p on support p (sparse graphs): no selection needed
+  for (int64_t p = 0; own_support && p < P; ++p) own_support = group[p] == p;
   const at::Tensor on_rows = at::tensor(group, at::TensorOptions().dtype(at::kLong));
-  const at::Tensor RBD = RB.index_select(1, on_rows) * dc.view({1, P, 1, K});  // [batch, P, K, K]
-  at::Tensor H = squared ? at::matmul(at::matmul(RBD, ga.index_select(1, on_rows)), RBD.transpose(-1, -2))
-                         : at::matmul(RBD, RA.index_select(1, on_rows).transpose(-1, -2));
+  const auto per_problem = [&](const at::Tensor& x) { return own_support ? x : x.index_select(1, on_rows); };
+  const at::Tensor RBD = per_problem(RB) * dc.view({1, P, 1, K});  // [batch, P, K, K]
+  at::Tensor H = squared ? at::matmul(at::matmul(RBD, per_problem(ga)), RBD.transpose(-1, -2))
+                         : at::matmul(RBD, per_problem(RA).transpose(-1, -2));
   H = H.contiguous();
   GramSvd out;
   out.U = at::empty({batch, P, K, q}, gb.options());
