@@ -238,6 +238,14 @@ def effective_gap(config: dict[str, Any]) -> float:
     return schedule.effective_spectral_gap
 
 
+def planned_config(suite: str, cell: str) -> dict[str, Any]:
+    """The full TrainConfig of a cell's seed-0 run, for the columns that do not need the run itself."""
+    from decaf_ext.config import TrainConfig
+
+    run = next(r for r in SUITES[suite].runs((0,)) if r.name == cell)
+    return TrainConfig.from_dict(run.overrides).to_dict()
+
+
 class Report:
     """Builds RESULTS.md section by section; plots go to <output folder>/results_plots/."""
 
@@ -296,11 +304,13 @@ class Report:
             for t in TOPOLOGIES:
                 for a in ("decaf", "dlora"):
                     cell = cells.get(f"{a}-{t}-{p}")
-                    gap = f"{statistics.fmean(effective_gap(r.config) for r in cell.runs):.3f}" if cell else ""
+                    configs = [r.config for r in cell.runs] if cell else [planned_config("topologies", f"{a}-{t}-{p}")]
+                    gap = f"{statistics.fmean(effective_gap(c) for c in configs):.3f}"
                     rows.append([p, t, a, gap, *accuracy_columns(cell)])
         out.append(table(["partition", "topology", "algorithm", "spectral gap (per round)", *ACC_HEADER], rows))
         out += ["", "Spectral gap = 1 − |λ₂(W)|; for one_peer_exponential the per-round gap of the product over "
-                "one period (each single W is disconnected); erdos_renyi graphs are drawn with the run's seed."]
+                "one period (each single W is disconnected); erdos_renyi graphs are drawn with the run's seed (seed 0 for a "
+                "cell not run yet)."]
         return "\n".join(out)
 
     def rank(self) -> str:
