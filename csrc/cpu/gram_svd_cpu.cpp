@@ -1,6 +1,7 @@
-// The small problems of the exact Gram path on the CPU (see solve_gram in csrc/consensus.cpp), one
-// fused float64 routine per problem instead of a dozen batched ATen calls on tiny matrices:
+// The small problems of the exact Gram path on the CPU (see solve_gram in csrc/consensus.cpp), in
+// float64, mostly as plain loops run per problem instead of a dozen batched ATen calls on tiny matrices:
 //   per support:  scaled Cholesky R^T R = G of the Gram matrices G_B and G_A (pivot check);
+//   all problems: each one's K x K matrix (core core^T or the core) by batched GEMMs;
 //   per problem:  the top q singular triplets of M = Bs^T D As in coefficients on the stacks, from
 //                 the top eigenpairs of core core^T (float32 inputs, csrc/cpu/top_eigenpairs.h) or
 //                 LAPACK's SVD of the core (float64 inputs).
