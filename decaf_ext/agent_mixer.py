@@ -70,13 +70,15 @@ class AgentMixer:
         sealed = self.faults.outgoing(round_index, own, lambda data: self.guard.seal(
             self.payload.encode(data, self.agent).to(self.buffer_device), round_index, self.agent))
 
+        decoded: dict[int, torch.Tensor] = {}  # messages decoded for the norm check, reused for mixing
+
         def validate(j: int, buffer: torch.Tensor) -> str | None:
             data, reason = self.guard.open(buffer[:self.payload.numel_of(j)], round_index, j)
             if reason is None:
                 reason = self.payload.check(data, j)
             if reason is None and self.guard.norm_bound is not None:
-                decoded = self.payload.decode(data[None].to(self.device), j)
-                theirs, _ = self.payload.unpack(decoded, groups, extras)
+                decoded[j] = self.payload.decode(data[None].to(self.device), j)[0]
+                theirs, _ = self.payload.unpack(decoded[j][None], groups, extras)
                 reason = self.guard.check_norm(theirs, groups)
             return reason
 
@@ -92,7 +94,8 @@ class AgentMixer:
             log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
                      self.agent, round_index, missing, float(row[missing].sum()))
         order, W_round = round_inputs(self.strategy, self.agent, row, live, missing)
-        heard = {j: self.payload.decode(received[j][None, :self.payload.wire_numel_of(j)].to(self.device), j)[0]
+        heard = {j: decoded[j] if j in decoded else
+                 self.payload.decode(received[j][None, :self.payload.wire_numel_of(j)].to(self.device), j)[0]
                  for j in live}
         data = torch.stack([own if j == self.agent else heard[j] for j in order])
         new_groups, new_extras = self.strategy.communicate(*self.payload.unpack(data, groups, extras), W_round)
