@@ -468,7 +468,8 @@ std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, con
   const int64_t K = d.size(1), m = Bt.size(2), n = Af.size(2);
   const at::ScalarType ct = Bt.scalar_type();
   const auto svd = backend.gram_svd(support_grams(Bt, bk), support_grams(Af, bk), d, bk.group,
-                                    std::min(o.rank, K), ct == at::kFloat, (double)K * eps_of(ct));
+                                    [&](const at::Tensor& x) { return per_problem(x, bk); }, std::min(o.rank, K),
+                                    ct == at::kFloat, (double)K * eps_of(ct));
   if (!svd) return std::nullopt;
   // Column sums of P and Q: the sums of the singular vectors' entries are sB^T U and sA^T V.
   const at::Tensor sB = per_problem(support_rows(Bt.sum(-1, true), bk).squeeze(-1).to(at::kDouble), bk);

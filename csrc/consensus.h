@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -23,6 +24,9 @@ struct GramSvd {
   at::Tensor U, S, V;  // [batch, P, K, q], [batch, P, q], [batch, P, K, q] float64
 };
 
+// x [batch, G, ...] (one entry per support) -> [batch, P, ...] (one per problem), a view where possible.
+using PerProblem = std::function<at::Tensor(const at::Tensor&)>;
+
 struct Backend {
   // Completes the zero-singular-value rows of A_new [batch, N_out, rank, n] (contiguous, float or
   // double) in place: `missing` int32 [batch, N_out] trailing rows each, candidates from
@@ -40,13 +44,15 @@ struct Backend {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> (*svd)(const at::Tensor& X);
   std::tuple<at::Tensor, at::Tensor> (*eigh)(const at::Tensor& H);
   // The small problems of the exact Gram path, from the Gram matrices GB, GA [batch, G, K, K] of each
-  // support's stacks (float64), weights d [P, K] (float64) and each problem's support `group`: q
+  // support's stacks (float64), weights d [P, K] (float64), each problem's support `group` and the
+  // selection of per-support tensors for the problems (`per_problem`, the caller's rule): q
   // triplets per problem, from the eigenpairs of core core^T when `squared` (float32 inputs) or the
   // SVD of the core (core = R_B D R_A^T, R^T R = G by Cholesky). None when some Gram's scaled
   // Cholesky pivot is not above min_pivot or an eigensolve did not converge. Reads values on the
   // host: nullptr on devices whose calls must not synchronize (the Householder path runs instead).
   std::optional<GramSvd> (*gram_svd)(const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
-                                     const std::vector<int64_t>& group, int64_t q, bool squared, double min_pivot);
+                                     const std::vector<int64_t>& group, const PerProblem& per_problem, int64_t q,
+                                     bool squared, double min_pivot);
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(

@@ -6,6 +6,7 @@
 namespace decaf {
 
 std::optional<GramSvd> gram_svd_cpu(const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
-                                    const std::vector<int64_t>& group, int64_t q, bool squared, double min_pivot);
+                                    const std::vector<int64_t>& group, const PerProblem& per_problem, int64_t q,
+                                    bool squared, double min_pivot);
 
 }  // namespace decaf

@@ -64,21 +64,21 @@ void solve_upper(const double* R, int64_t K, int64_t q, double* x) {
 // Per-thread workspace of one problem.
 struct Workspace {
   int64_t K;
-  std::vector<double> H, values, work, left, right, top;
+  std::vector<double> values, work, left, right, top;
   std::vector<int> iwork;
-  explicit Workspace(int64_t K) : K(K), H(K * K), values(K), left(K * K), right(K * K), iwork(8 * K) {}
+  explicit Workspace(int64_t K) : K(K), values(K), left(K * K), right(K * K), iwork(8 * K) {}
 
-  // SVD of the square H (column-major, destroyed): values descending, left vectors in `left`'s
-  // columns, right vectors in `right`'s rows (both column-major).
-  void svd() {
+  // SVD of the square H [K, K] (column-major, destroyed): values descending, left vectors in
+  // `left`'s columns, right vectors in `right`'s rows (both column-major).
+  void svd(double* H) {
     int info = 0;
     if (work.empty()) {  // workspace query
       double lwork = 0.0;
-      at::native::lapackSvd<double, double>('S', (int)K, (int)K, H.data(), (int)K, values.data(), left.data(), (int)K,
+      at::native::lapackSvd<double, double>('S', (int)K, (int)K, H, (int)K, values.data(), left.data(), (int)K,
                                             right.data(), (int)K, &lwork, -1, nullptr, iwork.data(), &info);
       work.resize((size_t)lwork);
     }
-    at::native::lapackSvd<double, double>('S', (int)K, (int)K, H.data(), (int)K, values.data(), left.data(), (int)K,
+    at::native::lapackSvd<double, double>('S', (int)K, (int)K, H, (int)K, values.data(), left.data(), (int)K,
                                           right.data(), (int)K, work.data(), (int)work.size(), nullptr, iwork.data(),
                                           &info);
     TORCH_CHECK(info == 0, "consensus_tsvd: the SVD of a core failed (info ", info, ")");
@@ -106,8 +106,7 @@ bool solve_problem(const double* RB, const double* RA, const double* d, double* 
     solve_upper(RB, K, q, U);
   } else {
     // The row-major core read as column-major is core^T = V S U^T: its left vectors are V.
-    std::copy(H, H + K * K, ws.H.data());
-    ws.svd();
+    ws.svd(H);
     for (int64_t l = 0; l < q; ++l) {
       S[l] = ws.values[l];
       for (int64_t a = 0; a < K; ++a) {
@@ -124,7 +123,8 @@ bool solve_problem(const double* RB, const double* RA, const double* d, double* 
 }  // namespace
 
 std::optional<GramSvd> gram_svd_cpu(const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
-                                    const std::vector<int64_t>& group, int64_t q, bool squared, double min_pivot) {
+                                    const std::vector<int64_t>& group, const PerProblem& per_problem, int64_t q,
+                                    bool squared, double min_pivot) {
   const int64_t batch = GB.size(0), G = GB.size(1), K = GB.size(2), P = d.size(0);
   const at::Tensor gb = GB.contiguous(), ga = GA.contiguous(), dc = d.contiguous();
   at::Tensor RB = at::empty({batch, G, K, K}, gb.options()), RA = at::empty_like(RB);
@@ -139,10 +139,6 @@ std::optional<GramSvd> gram_svd_cpu(const at::Tensor& GB, const at::Tensor& GA, 
   });
   if (std::find(ok.begin(), ok.end(), 0) != ok.end()) return std::nullopt;
   // Each problem's K x K matrix, by batched GEMMs (BLAS; large K is where the time goes).
-  bool own_support = P == G;  // problem p on support p (sparse graphs): no selection needed
-  for (int64_t p = 0; own_support && p < P; ++p) own_support = group[p] == p;
-  const at::Tensor on_rows = at::tensor(group, at::TensorOptions().dtype(at::kLong));
-  const auto per_problem = [&](const at::Tensor& x) { return own_support ? x : x.index_select(1, on_rows); };
   const at::Tensor RBD = per_problem(RB) * dc.view({1, P, 1, K});  // [batch, P, K, K]
   at::Tensor H = squared ? at::matmul(at::matmul(RBD, per_problem(ga)), RBD.transpose(-1, -2))
                          : at::matmul(RBD, per_problem(RA).transpose(-1, -2));
