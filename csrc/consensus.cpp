@@ -455,19 +455,21 @@ at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const 
   });
 }
 
-// Exact, from Gram matrices (CPU): G_B = Bs Bs^T and G_A = As As^T per support in the compute
+// Exact, from Gram matrices: G_B = Bs Bs^T and G_A = As As^T per support in the compute
 // dtype, Cholesky R_B^T R_B = G_B and R_A^T R_A = G_A, so that P = Bs^T = U_P R_B with
 // U_P = P R_B^{-1} orthonormal (likewise Q = As^T = U_Q R_A) and M = U_P (R_B D R_A^T) U_Q^T.
 // float64: SVD of the core R_B D R_A^T. float32: eigenpairs of H = R_B D G_A D R_B^T = core core^T
 // (squared conditioning, as in solve_exact), V from M^T U / sigma. These small problems run in
-// backend.gram_svd. The split factors are P and Q times small coefficient matrices: one GEMM pass
-// over the stacks for the Grams, one for the write-back. None when a Gram is not safely positive
-// definite: solve_exact then runs instead.
+// backend.gram_svd (CPU: as above; CUDA: from eigendecompositions of the Grams instead of Cholesky,
+// csrc/gram_svd_batched.cpp). The split factors are P and Q times small coefficient matrices: one GEMM
+// pass over the stacks for the Grams, one for the write-back. None when backend.gram_svd declines
+// (a Gram not safely positive definite on the CPU): solve_exact then runs instead.
 std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, const at::Tensor& d, const Bucket& bk,
                                  const Options& o, const Backend& backend) {
   const int64_t K = d.size(1), m = Bt.size(2), n = Af.size(2);
   const at::ScalarType ct = Bt.scalar_type();
-  const auto svd = backend.gram_svd(support_grams(Bt, bk), support_grams(Af, bk), d, bk.group,
+  const auto gram_of = [&](const at::Tensor& X) { return support_grams(backend.float64_grams ? X.to(at::kDouble) : X, bk); };
+  const auto svd = backend.gram_svd(gram_of(Bt), gram_of(Af), d, bk.group,
                                     [&](const at::Tensor& x) { return per_problem(x, bk); }, std::min(o.rank, K),
                                     ct == at::kFloat, (double)K * eps_of(ct));
   if (!svd) return std::nullopt;
@@ -591,9 +593,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
     const int64_t L = std::min({rank + oversample, K, s.m, s.n});
     const bool randomized = (o.method == Method::kRandomized ||
                              (o.method == Method::kAuto && K > kAutoExactMaxColumns)) && L < K;
-    // The Gram path reads its pivots on the host: only where the backend has one.
+    // The Gram path, where the backend has one (it may decline: None, the Householder path runs).
     std::optional<Solved> gram;
-    if (!randomized && Wd.is_cpu() && backend.gram_svd != nullptr) gram = solve_gram(Bt, Af, d, bk, o, backend);
+    if (!randomized && backend.gram_svd != nullptr) gram = solve_gram(Bt, Af, d, bk, o, backend);
     const auto stacked = [&](auto solve) {
       return solve(support_rows(Bt, bk), support_rows(Af, bk), d, bk, o, backend);  // stacks [batch, G, K, m|n]
     };

@@ -47,12 +47,16 @@ struct Backend {
   // support's stacks (float64), weights d [P, K] (float64), each problem's support `group` and the
   // selection of per-support tensors for the problems (`per_problem`, the caller's rule): q
   // triplets per problem, from the eigenpairs of core core^T when `squared` (float32 inputs) or the
-  // SVD of the core (core = R_B D R_A^T, R^T R = G by Cholesky). None when some Gram's scaled
-  // Cholesky pivot is not above min_pivot or an eigensolve did not converge. Reads values on the
-  // host: nullptr on devices whose calls must not synchronize (the Householder path runs instead).
+  // SVD of the core (core = R_B D R_A^T, R^T R = G by Cholesky). None sends the bucket to the
+  // Householder path: the CPU's (csrc/cpu/gram_svd_cpu.cpp) when some Gram's scaled Cholesky pivot is
+  // not above min_pivot or an eigensolve did not converge; the batched one of csrc/gram_svd_batched.cpp
+  // (CUDA; no value read on the host) for float64 inputs. nullptr: always Householder.
   std::optional<GramSvd> (*gram_svd)(const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
                                      const std::vector<int64_t>& group, const PerProblem& per_problem, int64_t q,
                                      bool squared, double min_pivot);
+  // gram_svd's Gram matrices are formed from float64 copies of the factors (a gram_svd without a
+  // pivot check needs zero and repeated columns to give Grams singular to float64 rounding).
+  bool float64_grams;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(

@@ -11,6 +11,7 @@
 #include "../common/completion.h"
 #include "../common/counter_normal.h"
 #include "../consensus.h"
+#include "cpu_backend.h"
 #include "gram_svd.h"
 
 namespace decaf {
@@ -119,8 +120,12 @@ std::tuple<at::Tensor, at::Tensor> eigh_cpu(const at::Tensor& H) {
   return {unflat(out[0], H, 2), unflat(out[1], H, 2)};
 }
 
+}  // namespace
+
 const Backend kCpuBackend{complete_rows_cpu, fill_normal_cpu, geqrf_cpu, ormqr_cpu, qr_cpu, svd_cpu, eigh_cpu,
-                             gram_svd_cpu};
+                          gram_svd_cpu, /*float64_grams=*/false};
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_cpu(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,

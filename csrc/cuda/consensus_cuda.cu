@@ -13,6 +13,7 @@
 #include "../common/completion.h"
 #include "../common/counter_normal.h"
 #include "../consensus.h"
+#include "../gram_svd_batched.h"
 
 namespace decaf {
 namespace {
@@ -75,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_cuda(const at::Tensor& X) { r
 std::tuple<at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& H) { return at::linalg_eigh(H); }
 
 const Backend kCudaBackend{complete_rows_cuda, fill_normal_cuda, geqrf_cuda, ormqr_cuda, qr_cuda, svd_cuda, eigh_cuda,
-                              /*gram_svd=*/nullptr};
+                              gram_svd_batched, /*float64_grams=*/true};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_cuda(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,

@@ -1,7 +1,8 @@
 // Native (no Python) checks of the registered operator (CPU backend, through the dispatcher)
 // against float64 dense references, on rings and complete graphs (k*r up to 256), duplicated
 // neighbors, agents near consensus (exact and randomized) and zero products; and the CPU's top
-// eigenpair solver against at::linalg_eigh on spectra from spread out to repeated. Prints "N passed, N failed".
+// eigenpair solver against at::linalg_eigh on spectra from spread out to repeated; the float32 cases
+// again with the CUDA backend's batched Gram path run on the CPU. Prints "N passed, N failed".
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -10,13 +11,20 @@
 #include <tuple>
 #include <vector>
 
+#include "../cpu/cpu_backend.h"
 #include "../cpu/top_eigenpairs.h"
+#include "../gram_svd_batched.h"
 
 namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// Set: calls run consensus_tsvd_impl with this backend instead of the registered operator.
+const decaf::Backend* swapped_backend = nullptr;
+
 Outputs call_op(const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank, const std::string& method) {
+  if (swapped_backend != nullptr)
+    return decaf::consensus_tsvd_impl(A, B, W, rank, method, "balanced", 10, 2, 0, *swapped_backend);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("decaf_ext::consensus_tsvd", "")
                        .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
@@ -63,8 +71,8 @@ void compare_with_dense(bool dense_graph, int64_t n_agents, int64_t r, int64_t m
   const double p_err = ((P - best).norm() / best.norm()).item<double>();
   const bool finite = at::isfinite(A_new).all().item<bool>() && at::isfinite(B_new).all().item<bool>();
   char name[200];
-  std::snprintf(name, sizeof(name), "%s %s N=%lld r=%lld m=%lld n=%lld rank=%lld %s%s (S err %.2e, product err %.2e)",
-                dense_graph ? "complete" : "ring", method.c_str(), (long long)n_agents, (long long)r, (long long)m, (long long)n,
+  std::snprintf(name, sizeof(name), "%s%s %s N=%lld r=%lld m=%lld n=%lld rank=%lld %s%s (S err %.2e, product err %.2e)",
+                swapped_backend ? "[batched Gram path] " : "", dense_graph ? "complete" : "ring", method.c_str(), (long long)n_agents, (long long)r, (long long)m, (long long)n,
                 (long long)rank, c10::toString(dtype), shared == 1 ? " duplicated" : shared == 2 ? " near consensus" : "",
                 s_err, p_err);
   check(finite && s_err <= tol && p_err <= 10 * tol, name);
@@ -76,9 +84,9 @@ void zero_products() {
   const Outputs out = call_op(A, at::zeros({1, 3, 7, 2}, at::kFloat), ring(3).to(at::kFloat), 2, "exact");
   const auto& [A_new, B_new, S] = out;
   check(S.abs().max().item<float>() == 0.0f && B_new.abs().max().item<float>() == 0.0f,
-        "zero products give S = 0 and B = 0");
+        std::string(swapped_backend ? "[batched Gram path] " : "") + "zero products give S = 0 and B = 0");
   check((A_new.norm(2, -1) - 1.0).abs().max().item<float>() < 1e-5f,
-        "zero products keep unit-norm A rows");
+        std::string(swapped_backend ? "[batched Gram path] " : "") + "zero products keep unit-norm A rows");
 }
 
 // top_eigenpairs on Q diag(spectrum) Q^T (Q random orthogonal) against at::linalg_eigh: values within
@@ -144,6 +152,24 @@ int main() {
     compare_with_dense(dense_graph, 8, 4, 60, 50, 4, at::kFloat, "exact", 1e-5, 2);
   }
   zero_products();
+  // The CUDA backend's Gram path (csrc/gram_svd_batched.cpp) on the CPU: float32 cases, sparse and dense
+  // buckets, duplicated neighbors, agents near consensus, zero products.
+  decaf::Backend batched_backend = decaf::kCpuBackend;
+  batched_backend.gram_svd = decaf::gram_svd_batched;
+  batched_backend.float64_grams = true;
+  swapped_backend = &batched_backend;
+  for (bool dense_graph : {false, true}) {
+    compare_with_dense(dense_graph, 6, 8, 40, 64, 8, at::kFloat, "exact", 1e-5);
+    compare_with_dense(dense_graph, 16, 8, 200, 160, 8, at::kFloat, "exact", 1e-5);  // complete: k*r = 128
+    compare_with_dense(dense_graph, 32, 8, 300, 280, 8, at::kFloat, "exact", 1e-5);  // complete: k*r = 256
+    compare_with_dense(dense_graph, 5, 4, 30, 30, 6, at::kFloat, "exact", 1e-5, 1);
+    compare_with_dense(dense_graph, 8, 4, 60, 50, 4, at::kFloat, "exact", 1e-5, 2);
+    compare_with_dense(dense_graph, 16, 4, 60, 50, 6, at::kFloat, "exact", 1e-5, 1);    // complete: k*r = 64
+    compare_with_dense(dense_graph, 16, 8, 200, 160, 8, at::kFloat, "exact", 1e-5, 2);  // complete: k*r = 128
+    compare_with_dense(dense_graph, 4, 3, 20, 17, 3, at::kDouble, "exact", 1e-10);  // declined: Householder
+  }
+  zero_products();
+  swapped_backend = nullptr;
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
