@@ -38,8 +38,8 @@ PRESETS: dict[str, dict] = {
                        device="cpu", repeats=3, dense_repeats=1, dense_modules=1, dense_agents=1, chunk=None),
     "complete32": dict(agents=32, modules=12, m=768, n=768, r=8, rank=8, topology=["complete"], dtype="float32",
                        device="cpu", repeats=3, dense_repeats=1, dense_modules=1, dense_agents=1, chunk=None),
-    "gpu": dict(agents=16, modules=64, m=4096, n=4096, r=8, rank=8, topology=["ring", "complete"],
-                dtype="float32", device="cuda", repeats=20, dense_repeats=3, dense_modules=1, dense_agents=2,
+    "gpu": dict(agents=16, modules=16, m=4096, n=4096, r=8, rank=8, topology=["ring", "complete"],
+                dtype="float32", device="cuda", repeats=10, dense_repeats=1, dense_modules=1, dense_agents=1,
                 chunk=4),
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,

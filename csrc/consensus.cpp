@@ -469,7 +469,7 @@ std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, con
   const int64_t K = d.size(1), m = Bt.size(2), n = Af.size(2);
   const at::ScalarType ct = Bt.scalar_type();
   const auto gram_of = [&](const at::Tensor& X) { return support_grams(backend.float64_grams ? X.to(at::kDouble) : X, bk); };
-  const auto svd = backend.gram_svd(gram_of(Bt), gram_of(Af), d, bk.group,
+  const auto svd = backend.gram_svd(backend, gram_of(Bt), gram_of(Af), d, bk.group,
                                     [&](const at::Tensor& x) { return per_problem(x, bk); }, std::min(o.rank, K),
                                     ct == at::kFloat, (double)K * eps_of(ct));
   if (!svd) return std::nullopt;
@@ -523,7 +523,10 @@ Solved solve_randomized(const at::Tensor& Bs, const at::Tensor& As, const at::Te
 // repeated r times per agent.
 at::Tensor problem_weights(const at::Tensor& Wd, const Bucket& bk, int64_t r) {
   if (bk.all) {
-    const at::Tensor rows = Wd.index_select(0, index_tensor(bk.rows, Wd.device()));
+    bool every_row = (int64_t)bk.rows.size() == Wd.size(0);
+    for (size_t p = 0; every_row && p < bk.rows.size(); ++p) every_row = bk.rows[p] == (int64_t)p;
+    // Every row in order (the device plan): no index tensor to copy to the device.
+    const at::Tensor rows = every_row ? Wd : Wd.index_select(0, index_tensor(bk.rows, Wd.device()));
     return rows.repeat_interleave(r, 1);
   }
   const int64_t P = (int64_t)bk.rows.size(), K = bk.agents * r, n_in = Wd.size(1);

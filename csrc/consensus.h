@@ -51,9 +51,9 @@ struct Backend {
   // Householder path: the CPU's (csrc/cpu/gram_svd_cpu.cpp) when some Gram's scaled Cholesky pivot is
   // not above min_pivot or an eigensolve did not converge; the batched one of csrc/gram_svd_batched.cpp
   // (CUDA; no value read on the host) for float64 inputs. nullptr: always Householder.
-  std::optional<GramSvd> (*gram_svd)(const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
-                                     const std::vector<int64_t>& group, const PerProblem& per_problem, int64_t q,
-                                     bool squared, double min_pivot);
+  std::optional<GramSvd> (*gram_svd)(const Backend& backend, const at::Tensor& GB, const at::Tensor& GA,
+                                     const at::Tensor& d, const std::vector<int64_t>& group,
+                                     const PerProblem& per_problem, int64_t q, bool squared, double min_pivot);
   // gram_svd's Gram matrices are formed from float64 copies of the factors (a gram_svd without a
   // pivot check needs zero and repeated columns to give Grams singular to float64 rounding).
   bool float64_grams;

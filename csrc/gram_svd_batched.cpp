@@ -1,5 +1,6 @@
 // The small problems of the exact Gram path (see solve_gram in csrc/consensus.cpp) as batched ATen
-// calls that never read a value on the host, for devices where the per-problem loops of
+// calls and the backend's batched eigh (CUDA: a Jacobi kernel up to 32 x 32, common/small_eigh.h), none
+// of which reads a value on the host, for devices where the per-problem loops of
 // csrc/cpu/gram_svd_cpu.cpp do not fit (CUDA). Grams G = P^T P (P = Bs^T or As^T) arrive in float64,
 // formed from float64 copies of the factors (Backend::float64_grams), so that zero and repeated
 // columns give Grams singular to float64 rounding.
@@ -9,8 +10,9 @@
 //                 (zero columns: s = 0, left out);
 //   per problem:  M = P D Q^T = U_B C U_A^T with the K x K core C = R_B diag(s_B d s_A) R_A^T; its top q
 //                 singular triplets from the eigenpairs of C C^T (one batched eigh, K <= kDirectMax) or
-//                 by subspace iteration on C with kSubspaceColumns columns (larger K, where ATen's eigh
-//                 loops over the batch), then Rayleigh-Ritz; coefficients on the stacks
+//                 by subspace iteration on C with kSubspaceColumns columns (larger K: batched
+//                 eigensolvers of larger matrices loop over the batch), then Rayleigh-Ritz on the
+//                 kSubspaceColumns-dimensional subspace; coefficients on the stacks
 //                 U = diag(1/s_B) R_B^{-1} Y, V = diag(1/s_A) R_A^{-1} X.
 // The jitter perturbs singular values by about sqrt(kJitter K eps64) ~ 1e-7 of the support's scale:
 // directions of repeated or zero columns come out as (near-)zero singular values, which the caller
@@ -27,7 +29,8 @@ namespace decaf {
 namespace {
 
 constexpr double kJitter = 4.0;
-// ATen's batched eigh is one cuSOLVER batched Jacobi call up to 32 x 32 and a loop over the batch above.
+// Batched eigh is one call up to 32 x 32 (CUDA: common/small_eigh.h; ATen's cuSOLVER batched Jacobi
+// likewise) and a loop over the batch above (on an H200, 1024 matrices of 128 x 128: 1.6 s).
 constexpr int64_t kDirectMax = 32;
 constexpr int64_t kSubspaceColumns = 32;
 constexpr int kSubspaceIterations = 32;
@@ -48,9 +51,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_cholesky(const at::Tensor&
 // Orthonormal columns spanning X [..., K, L] (columns numerically dependent on the others come out
 // zero): X E diag(lam^{-1/2}) from the eigenpairs of X^T X, twice (the second pass restores
 // orthogonality lost to the squared conditioning of the first).
-at::Tensor orthonormal(at::Tensor X) {
+at::Tensor orthonormal(const Backend& backend, at::Tensor X) {
   for (int pass = 0; pass < 2; ++pass) {
-    const auto [lam, E] = at::linalg_eigh(at::matmul(X.transpose(-1, -2), X));
+    const auto [lam, E] = backend.eigh(at::matmul(X.transpose(-1, -2), X));
     const at::Tensor top = lam.narrow(-1, lam.size(-1) - 1, 1).clamp_min(0);
     const at::Tensor keep = lam > top * (1e3 * (double)X.size(-2) * std::numeric_limits<double>::epsilon());
     const at::Tensor scale = at::where(keep, at::where(keep, lam, 1.0).rsqrt(), 0.0);
@@ -78,26 +81,26 @@ at::Tensor start_columns(int64_t K, int64_t L, const at::TensorOptions& options)
 }
 
 // Top q singular triplets (Y [.., K, q], sigma [.., q], X [.., K, q]) of C [.., K, K].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> top_triplets(const at::Tensor& C, int64_t q) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> top_triplets(const Backend& backend, const at::Tensor& C, int64_t q) {
   const int64_t K = C.size(-1);
   at::Tensor Y, lam;
   if (K <= kDirectMax) {
-    const auto [values, vectors] = at::linalg_eigh(at::matmul(C, C.transpose(-1, -2)));  // ascending
+    const auto [values, vectors] = backend.eigh(at::matmul(C, C.transpose(-1, -2)));  // ascending
     Y = vectors.narrow(-1, K - q, q).flip(-1);
     lam = values.narrow(-1, K - q, q).flip(-1);
   } else {
     // Subspace iteration on C C^T from C^T-side columns (Cholesky orthonormalization: no host read),
     // then Rayleigh-Ritz on an eigh-orthonormalized final basis.
     const int64_t L = std::min(K, std::max(kSubspaceColumns, 2 * q));
-    at::Tensor X = orthonormal(at::matmul(C.transpose(-1, -2), start_columns(K, L, C.options())));
+    at::Tensor X = orthonormal(backend, at::matmul(C.transpose(-1, -2), start_columns(K, L, C.options())));
     at::Tensor Z;
     for (int it = 0; it < kSubspaceIterations; ++it) {
       Z = cholesky_orthonormal(at::matmul(C, X));
       X = cholesky_orthonormal(at::matmul(C.transpose(-1, -2), Z));
     }
-    Z = orthonormal(at::matmul(C, X));
+    Z = orthonormal(backend, at::matmul(C, X));
     const at::Tensor T = at::matmul(Z.transpose(-1, -2), C);  // [.., L, K]: C ~= Z T on the subspace
-    const auto [values, vectors] = at::linalg_eigh(at::matmul(T, T.transpose(-1, -2)));
+    const auto [values, vectors] = backend.eigh(at::matmul(T, T.transpose(-1, -2)));
     Y = at::matmul(Z, vectors.narrow(-1, L - q, q).flip(-1));
     lam = values.narrow(-1, L - q, q).flip(-1);
   }
@@ -108,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_triplets(const at::Tensor& C,
 
 }  // namespace
 
-std::optional<GramSvd> gram_svd_batched(const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
+std::optional<GramSvd> gram_svd_batched(const Backend& backend, const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
                                         const std::vector<int64_t>& /*group*/, const PerProblem& per_problem,
                                         int64_t q, bool squared, double /*min_pivot*/) {
   if (!squared) return std::nullopt;
@@ -118,7 +121,7 @@ std::optional<GramSvd> gram_svd_batched(const at::Tensor& GB, const at::Tensor& 
   const at::Tensor RBp = per_problem(RB), RAp = per_problem(RA);
   const at::Tensor weights = per_problem(sB) * d.view({1, P, K}) * per_problem(sA);  // [batch, P, K]
   const at::Tensor C = at::matmul(RBp * weights.unsqueeze(-2), RAp.transpose(-1, -2));
-  auto [Y, sigma, X] = top_triplets(C, q);
+  auto [Y, sigma, X] = top_triplets(backend, C, q);
   GramSvd out;
   out.U = at::linalg_solve_triangular(RBp, Y, /*upper=*/true) * per_problem(invB).unsqueeze(-1);
   out.V = at::linalg_solve_triangular(RAp, X, /*upper=*/true) * per_problem(invA).unsqueeze(-1);

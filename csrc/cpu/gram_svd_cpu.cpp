@@ -122,7 +122,7 @@ bool solve_problem(const double* RB, const double* RA, const double* d, double* 
 
 }  // namespace
 
-std::optional<GramSvd> gram_svd_cpu(const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
+std::optional<GramSvd> gram_svd_cpu(const Backend& /*backend*/, const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
                                     const std::vector<int64_t>& group, const PerProblem& per_problem, int64_t q,
                                     bool squared, double min_pivot) {
   const int64_t batch = GB.size(0), G = GB.size(1), K = GB.size(2), P = d.size(0);

@@ -1,5 +1,7 @@
 // CUDA backend: the completion of zero directions (csrc/common/completion.h) with one thread block
-// per (batch entry, receiving agent) as a BlockTeam, the counter-based normal generator, and the
+// per (batch entry, receiving agent) as a BlockTeam, the counter-based normal generator, the
+// eigendecomposition of small float64 matrices (csrc/common/small_eigh.h, one block per matrix), the
+// exact Gram path's small problems as batched ATen calls (csrc/gram_svd_batched.cpp), and the other
 // batched factorizations through ATen (cuSOLVER / MAGMA). Every size is known from the shapes, W is
 // never read on the host, and all work is queued on the current stream.
 #include <ATen/Dispatch.h>
@@ -12,6 +14,7 @@
 
 #include "../common/completion.h"
 #include "../common/counter_normal.h"
+#include "../common/small_eigh.h"
 #include "../consensus.h"
 #include "../gram_svd_batched.h"
 
@@ -73,7 +76,33 @@ std::tuple<at::Tensor, at::Tensor> qr_cuda(const at::Tensor& X) { return at::lin
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_cuda(const at::Tensor& X) { return at::linalg_svd(X, false); }
 
-std::tuple<at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& H) { return at::linalg_eigh(H); }
+constexpr int kEighThreads = 64;
+
+__global__ void __launch_bounds__(kEighThreads)
+    small_eigh_kernel(const double* H, int64_t count, int n, double* values, double* vectors) {
+  extern __shared__ double shared[];  // small_eigh_workspace(n) + kEighThreads doubles
+  const BlockTeam team{shared + small_eigh_workspace(n)};
+  for (int64_t p = blockIdx.x; p < count; p += gridDim.x)
+    small_eigh(team, H + p * n * n, n, shared, values + p * n, vectors + p * n * n);
+}
+
+// at::linalg_eigh's semantics. float64 matrices up to kSmallEighMax: one thread block per matrix
+// (common/small_eigh.h), nothing read on the host; others: ATen (which checks its status on the host).
+std::tuple<at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& H) {
+  const int64_t n = H.size(-1);
+  if (H.scalar_type() != at::kDouble || n > kSmallEighMax || n == 0) return at::linalg_eigh(H);
+  const at::Tensor h = H.contiguous();
+  const int64_t count = h.numel() / (n * n);
+  at::Tensor values = at::empty(h.sizes().slice(0, h.dim() - 1), h.options());
+  at::Tensor vectors = at::empty_like(h);
+  if (count == 0) return {values, vectors};
+  const size_t shared = (size_t)(small_eigh_workspace((int)n) + kEighThreads) * sizeof(double);
+  const unsigned blocks = (unsigned)std::min<int64_t>(count, 65535);
+  small_eigh_kernel<<<blocks, kEighThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
+      h.data_ptr<double>(), count, (int)n, values.data_ptr<double>(), vectors.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {values, vectors};
+}
 
 const Backend kCudaBackend{complete_rows_cuda, fill_normal_cuda, geqrf_cuda, ormqr_cuda, qr_cuda, svd_cuda, eigh_cuda,
                               gram_svd_batched, /*float64_grams=*/true};

@@ -1,6 +1,6 @@
-// The block-level algorithm of the CUDA backend (common/completion.h) run on the CPU by a team of
-// real threads sharing a std::barrier, as a thread block would, and compared with the one-thread
-// team. No libtorch: this program is also built with ThreadSanitizer (CMake build type TSan).
+// The block-level algorithms of the CUDA backend (common/completion.h, common/small_eigh.h) run on
+// the CPU by a team of real threads sharing a std::barrier, as a thread block would, and compared
+// with the one-thread team. No libtorch: this program is also built with ThreadSanitizer (CMake build type TSan).
 // Cases include k*r = 128 and 256 candidate rows per problem, most of them rejected (duplicated
 // neighbors), so every candidate is visited. Prints "N passed, N failed".
 #include <barrier>
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../common/completion.h"
+#include "../common/small_eigh.h"
 
 namespace {
 
@@ -115,9 +116,103 @@ void compare(const Case& c, int threads) {
   check(diff < 1e-12 && orth < 1e-12, name);
 }
 
+// small_eigh on `count` symmetric n x n matrices H (row-major, one after the other) with a team of
+// `threads` threads (0: SerialTeam); returns values [count, n] followed by vectors [count, n, n].
+std::vector<double> run_eigh(const std::vector<double>& H, int n, int count, int threads) {
+  std::vector<double> out((size_t)count * n * (n + 1));
+  const auto solve = [&](const auto& team, double* work) {
+    for (int p = 0; p < count; ++p)
+      decaf::small_eigh(team, H.data() + (size_t)p * n * n, n, work, out.data() + (size_t)p * n,
+                        out.data() + (size_t)count * n + (size_t)p * n * n);
+  };
+  std::vector<double> work(decaf::small_eigh_workspace(n));
+  if (threads == 0) {
+    double scratch = 0.0;
+    solve(decaf::SerialTeam{&scratch}, work.data());
+    return out;
+  }
+  std::vector<double> scratch(threads);
+  std::barrier<> barrier(threads);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] { solve(ThreadTeam{scratch.data(), t, threads, &barrier}, work.data()); });
+  for (auto& th : pool) th.join();
+  return out;
+}
+
+// Symmetric matrices Q diag(spectrum) Q^T (Q from Gram-Schmidt on normal columns; kind: 0 spread,
+// 1 clustered (three values), 2 zero matrix, 3 already diagonal), solved by teams of 1 and `threads`
+// threads: the same bits, eigenvalues ascending, orthonormal vectors, residuals within 64 n eps ||H||.
+void compare_eigh(int n, int kind, int threads) {
+  const int count = 3;
+  std::mt19937_64 gen(n * 10 + kind);
+  std::normal_distribution<double> normal;
+  std::vector<double> H((size_t)count * n * n, 0.0);
+  for (int p = 0; p < count; ++p) {
+    std::vector<double> Q((size_t)n * n), lam(n);
+    for (int k = 0; k < n; ++k) lam[k] = kind == 0 ? normal(gen) * (1 + k) : kind == 1 ? (double)(k % 3) : kind == 2 ? 0.0 : k - 0.5 * n;
+    for (int k = 0; k < n; ++k) {  // column k of Q
+      for (int e = 0; e < n; ++e) Q[e * n + k] = kind == 3 ? (e == k ? 1.0 : 0.0) : normal(gen);
+      for (int pass = 0; pass < 2 && kind != 3; ++pass)
+        for (int u = 0; u < k; ++u) {
+          double dot = 0.0;
+          for (int e = 0; e < n; ++e) dot += Q[e * n + k] * Q[e * n + u];
+          for (int e = 0; e < n; ++e) Q[e * n + k] -= dot * Q[e * n + u];
+        }
+      double norm = 0.0;
+      for (int e = 0; e < n; ++e) norm += Q[e * n + k] * Q[e * n + k];
+      for (int e = 0; e < n; ++e) Q[e * n + k] /= std::sqrt(norm);
+    }
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) {
+        double x = 0.0;
+        for (int k = 0; k < n; ++k) x += Q[i * n + k] * lam[k] * Q[j * n + k];
+        H[(size_t)p * n * n + i * n + j] = x;
+      }
+    for (int i = 0; i < n; ++i)  // exactly symmetric
+      for (int j = 0; j < i; ++j) H[(size_t)p * n * n + i * n + j] = H[(size_t)p * n * n + j * n + i];
+  }
+  const std::vector<double> serial = run_eigh(H, n, count, 0), team = run_eigh(H, n, count, threads);
+  bool same = true, ascending = true;
+  for (size_t x = 0; x < serial.size(); ++x) same = same && serial[x] == team[x];
+  double orth = 0.0, resid = 0.0;
+  for (int p = 0; p < count; ++p) {
+    const double* h = H.data() + (size_t)p * n * n;
+    const double* values = team.data() + (size_t)p * n;
+    const double* vectors = team.data() + (size_t)count * n + (size_t)p * n * n;
+    double norm = 1e-300;
+    for (int e = 0; e < n * n; ++e) norm += h[e] * h[e];
+    norm = std::sqrt(norm);
+    for (int k = 0; k < n; ++k) {
+      if (k > 0) ascending = ascending && values[k - 1] <= values[k];
+      for (int l = 0; l <= k; ++l) {
+        double dot = 0.0;
+        for (int e = 0; e < n; ++e) dot += vectors[e * n + k] * vectors[e * n + l];
+        orth = std::fmax(orth, std::fabs(dot - (k == l ? 1.0 : 0.0)));
+      }
+      double r2 = 0.0;
+      for (int i = 0; i < n; ++i) {
+        double x = -values[k] * vectors[i * n + k];
+        for (int j = 0; j < n; ++j) x += h[i * n + j] * vectors[j * n + k];
+        r2 += x * x;
+      }
+      resid = std::fmax(resid, std::sqrt(r2) / norm);
+    }
+  }
+  const double eps = 2.220446049250313e-16;
+  char name[200];
+  std::snprintf(name, sizeof(name), "small_eigh %d threads vs 1: n=%d %s (same bits %d, orthogonality %.1e, residual %.1e)",
+                threads, n, kind == 0 ? "spread" : kind == 1 ? "clustered" : kind == 2 ? "zero" : "diagonal", (int)same,
+                orth, resid);
+  check(same && ascending && orth <= 64 * n * eps && resid <= 64 * n * eps, name);
+}
+
 }  // namespace
 
 int main() {
+  for (int threads : {2, 7})
+    for (int n : {1, 2, 3, 7, 24, 32})
+      for (int kind : {0, 1, 2, 3}) compare_eigh(n, kind, threads);
   for (int threads : {2, 7}) {
     compare({6, 6, 4, 4, 40, 6}, threads);        // own rows suffice
     compare({4, 16, 8, 12, 150, 1}, threads);     // k*r = 128, one distinct agent: 8 rows, then unit vectors

@@ -1,0 +1,116 @@
+// Eigendecomposition of one small symmetric matrix (n <= kSmallEighMax, float64) by cyclic Jacobi,
+// written once against a Team (team.h): one CUDA thread block per matrix in the CUDA backend's eigh
+// (where ATen's batched eigh reads its status on the host), several std::threads in the native
+// tests. Same output as at::linalg_eigh: eigenvalues ascending, eigenvectors as columns (each up to
+// sign).
+//
+// Each sweep visits every pair (p, q) once in n' - 1 rounds of n'/2 disjoint pairs (round-robin
+// tournament, n' = n rounded up to even; pairs with the padding index are skipped). The rotations of
+// one round commute, so the team applies them together: all rows, then all columns of A and V.
+// Sweeps stop when the off-diagonal Frobenius norm is at most eps64 times the whole norm (Jacobi
+// converges quadratically: 6-10 sweeps for n = 32), or after kSmallEighSweeps.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "team.h"
+
+namespace decaf {
+
+constexpr int kSmallEighMax = 32;
+constexpr int kSmallEighSweeps = 30;
+
+// Doubles of workspace small_eigh needs for an n x n matrix: A and V (n * n each), and one
+// rotation (c, s) per pair of a round.
+DECAF_HD inline int64_t small_eigh_workspace(int n) { return 2 * (int64_t)n * n + 2 * ((n + 1) / 2); }
+
+// Pair `i` of round `round` among n_even players: (p, q), p the fixed player for i = 0.
+DECAF_HD inline void tournament_pair(int n_even, int round, int i, int* p, int* q) {
+  const int m = n_even - 1;
+  *p = i == 0 ? m : (round + i) % m;
+  *q = (round - i + m) % m;
+}
+
+// H [n, n] (row-major, read only) -> values [n] ascending, vectors [n, n] (row-major; column k is the
+// eigenvector of values[k]). `work` holds small_eigh_workspace(n) doubles private to the team.
+template <class Team>
+DECAF_HD void small_eigh(const Team& team, const double* H, int n, double* work, double* values, double* vectors) {
+  double* a = work;
+  double* v = a + n * n;
+  double* rot = v + n * n;
+  const int n_even = n + (n & 1), pairs = n_even / 2;
+  for (int e = team.rank(); e < n * n; e += team.size()) {
+    a[e] = H[e];
+    v[e] = (e / n == e % n) ? 1.0 : 0.0;
+  }
+  team.sync();
+  for (int sweep = 0; sweep < kSmallEighSweeps; ++sweep) {
+    double off = 0.0, all = 0.0;
+    for (int e = team.rank(); e < n * n; e += team.size()) {
+      const double x = a[e] * a[e];
+      all += x;
+      if (e / n != e % n) off += x;
+    }
+    off = team_sum(team, off);
+    all = team_sum(team, all);
+    if (!(off > 4.93e-32 * all)) break;  // eps64^2; also stops on an all-zero matrix
+    for (int round = 0; round < n_even - 1; ++round) {
+      for (int i = team.rank(); i < pairs; i += team.size()) {
+        int p, q;
+        tournament_pair(n_even, round, i, &p, &q);
+        double c = 1.0, s = 0.0;
+        if (p < n && q < n && a[p * n + q] != 0.0) {
+          // The rotation that zeroes a[p][q] in J^T A J (Golub & Van Loan, sym.schur2).
+          const double tau = (a[q * n + q] - a[p * n + p]) / (2.0 * a[p * n + q]);
+          const double t = (tau >= 0.0 ? 1.0 : -1.0) / (fabs(tau) + sqrt(1.0 + tau * tau));
+          c = 1.0 / sqrt(1.0 + t * t);
+          s = t * c;
+        }
+        rot[2 * i] = c;
+        rot[2 * i + 1] = s;
+      }
+      team.sync();
+      // Rows p and q of A <- J^T A.
+      for (int x = team.rank(); x < pairs * n; x += team.size()) {
+        const int i = x / n, col = x % n;
+        int p, q;
+        tournament_pair(n_even, round, i, &p, &q);
+        if (p >= n || q >= n) continue;
+        const double c = rot[2 * i], s = rot[2 * i + 1], ap = a[p * n + col], aq = a[q * n + col];
+        a[p * n + col] = c * ap - s * aq;
+        a[q * n + col] = s * ap + c * aq;
+      }
+      team.sync();
+      // Columns p and q of A <- A J and of V <- V J.
+      for (int x = team.rank(); x < pairs * n; x += team.size()) {
+        const int i = x / n, row = x % n;
+        int p, q;
+        tournament_pair(n_even, round, i, &p, &q);
+        if (p >= n || q >= n) continue;
+        const double c = rot[2 * i], s = rot[2 * i + 1];
+        const double ap = a[row * n + p], aq = a[row * n + q], vp = v[row * n + p], vq = v[row * n + q];
+        a[row * n + p] = c * ap - s * aq;
+        a[row * n + q] = s * ap + c * aq;
+        v[row * n + p] = c * vp - s * vq;
+        v[row * n + q] = s * vp + c * vq;
+      }
+      team.sync();
+    }
+  }
+  // Ascending order: the position of diagonal entry k is the count of entries before it (ties by
+  // index; NaN after everything, so that every position is written).
+  for (int k = team.rank(); k < n; k += team.size()) {
+    const double d = isnan(a[k * n + k]) ? INFINITY : a[k * n + k];
+    int at = 0;
+    for (int j = 0; j < n; ++j) {
+      const double e = isnan(a[j * n + j]) ? INFINITY : a[j * n + j];
+      at += (e < d || (e == d && j < k)) ? 1 : 0;
+    }
+    values[at] = a[k * n + k];
+    for (int row = 0; row < n; ++row) vectors[row * n + at] = v[row * n + k];
+  }
+  team.sync();
+}
+
+}  // namespace decaf
