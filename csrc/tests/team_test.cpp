@@ -144,7 +144,7 @@ std::vector<double> run_eigh(const std::vector<double>& H, int n, int count, int
 // 1 clustered (three values), 2 zero matrix, 3 already diagonal), solved by teams of 1 and `threads`
 // threads: the same bits, eigenvalues ascending, orthonormal vectors, residuals within 64 n eps ||H||.
 void compare_eigh(int n, int kind, int threads) {
-  const int count = 3;
+  const int count = 2;
   std::mt19937_64 gen(n * 10 + kind);
   std::normal_distribution<double> normal;
   std::vector<double> H((size_t)count * n * n, 0.0);
@@ -211,7 +211,7 @@ void compare_eigh(int n, int kind, int threads) {
 
 int main() {
   for (int threads : {2, 7})
-    for (int n : {1, 2, 3, 7, 24, 32})
+    for (int n : {1, 2, 3, 7, 32})
       for (int kind : {0, 1, 2, 3}) compare_eigh(n, kind, threads);
   for (int threads : {2, 7}) {
     compare({6, 6, 4, 4, 40, 6}, threads);        // own rows suffice
