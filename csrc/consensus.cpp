@@ -595,7 +595,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
     const at::Tensor d = problem_weights(Wd, bk, s.r);
     const int64_t L = std::min({rank + oversample, K, s.m, s.n});
     const bool randomized = (o.method == Method::kRandomized ||
-                             (o.method == Method::kAuto && K > kAutoExactMaxColumns)) && L < K;
+                             (o.method == Method::kAuto && K > backend.auto_exact_max_columns)) && L < K;
     // The Gram path, where the backend has one (it may decline: None, the Householder path runs).
     std::optional<Solved> gram;
     if (!randomized && backend.gram_svd != nullptr) gram = solve_gram(Bt, Af, d, bk, o, backend);

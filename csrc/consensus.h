@@ -15,8 +15,6 @@ namespace decaf {
 
 // Largest k * r (neighbors times LoRA rank of one receiving agent) the op accepts.
 constexpr int64_t kMaxStackedColumns = 2048;
-// Above this k * r, method "auto" uses the randomized method.
-constexpr int64_t kAutoExactMaxColumns = 128;
 
 // The top q singular triplets of each problem's M = Bs^T D As (Bs, As: a support's stacked factor
 // rows) as coefficients on the stacks: M ~= (Bs^T U) diag(S) (As^T V)^T.
@@ -57,6 +55,9 @@ struct Backend {
   // gram_svd's Gram matrices are formed from float64 copies of the factors (a gram_svd without a
   // pivot check needs zero and repeated columns to give Grams singular to float64 rounding).
   bool float64_grams;
+  // Above this k * r, method "auto" uses the randomized method (CPU: 128, where randomized starts to
+  // pay off; CUDA: 256, randomized measured 7-15x slower than exact at k * r = 64 and 128 on an H200).
+  int64_t auto_exact_max_columns;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
