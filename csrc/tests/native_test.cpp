@@ -71,9 +71,10 @@ void compare_with_dense(bool dense_graph, int64_t n_agents, int64_t r, int64_t m
   at::manual_seed(n_agents * 100 + r);
   at::Tensor A = at::randn({2, n_agents, r, n}, at::kDouble);
   at::Tensor B = at::randn({2, n_agents, m, r}, at::kDouble);
-  // shared = 1: duplicated neighbors (M_i = B_0 A_0); 2: agents near consensus (decaying spectrum).
+  // shared = 1: duplicated neighbors (M_i = B_0 A_0); 2: agents near consensus (decaying spectrum);
+  // 3: closer still (differences of 1e-6, a few float32 ulps of the factors' scale above rounding).
   if (shared > 0) {
-    const double spread = shared == 1 ? 0.0 : 1e-3;
+    const double spread = shared == 1 ? 0.0 : shared == 2 ? 1e-3 : 1e-6;
     A = A.narrow(1, 0, 1).expand({2, n_agents, r, n}) + spread * A;
     B = B.narrow(1, 0, 1).expand({2, n_agents, m, r}) + spread * B;
   }
@@ -91,7 +92,7 @@ void compare_with_dense(bool dense_graph, int64_t n_agents, int64_t r, int64_t m
   char name[200];
   std::snprintf(name, sizeof(name), "%s%s %s N=%lld r=%lld m=%lld n=%lld rank=%lld %s%s (S err %.2e, product err %.2e)",
                 swapped_backend ? "[batched Gram path] " : "", dense_graph ? "complete" : "ring", method.c_str(), (long long)n_agents, (long long)r, (long long)m, (long long)n,
-                (long long)rank, c10::toString(dtype), shared == 1 ? " duplicated" : shared == 2 ? " near consensus" : "",
+                (long long)rank, c10::toString(dtype), shared == 1 ? " duplicated" : shared == 2 ? " near consensus" : shared == 3 ? " nearer consensus" : "",
                 s_err, p_err);
   check(finite && s_err <= tol && p_err <= 10 * tol, name);
 }
@@ -168,6 +169,7 @@ int main() {
     compare_with_dense(dense_graph, 16, 8, 60, 50, 8, at::kDouble, "randomized", 1e-9, 2);
     compare_with_dense(dense_graph, 8, 4, 60, 50, 4, at::kDouble, "exact", 1e-10, 2);
     compare_with_dense(dense_graph, 8, 4, 60, 50, 4, at::kFloat, "exact", 1e-5, 2);
+    compare_with_dense(dense_graph, 8, 4, 60, 50, 4, at::kFloat, "exact", 1e-5, 3);
   }
   zero_products();
   // The CUDA backend's Gram path (csrc/gram_svd_batched.cpp) and eigh (common/small_eigh.h) on the CPU:
@@ -185,6 +187,8 @@ int main() {
     compare_with_dense(dense_graph, 8, 4, 60, 50, 4, at::kFloat, "exact", 1e-5, 2);
     compare_with_dense(dense_graph, 16, 4, 60, 50, 6, at::kFloat, "exact", 1e-5, 1);    // complete: k*r = 64
     compare_with_dense(dense_graph, 16, 8, 200, 160, 8, at::kFloat, "exact", 1e-5, 2);  // complete: k*r = 128
+    compare_with_dense(dense_graph, 8, 4, 60, 50, 4, at::kFloat, "exact", 1e-5, 3);
+    compare_with_dense(dense_graph, 16, 8, 200, 160, 8, at::kFloat, "exact", 1e-5, 3);
     compare_with_dense(dense_graph, 4, 3, 20, 17, 3, at::kDouble, "exact", 1e-10);  // declined: Householder
   }
   zero_products();
