@@ -261,7 +261,10 @@ def stage_breakdown(fn: Callable[[], object], device: torch.device, calls: int =
 
     For consensus_tsvd on the CPU: aten::bmm is the Gram products and the write-back, aten::index_select
     the gathered stacks, aten::_linalg_eigh / aten::_linalg_svd the small cores, aten::geqrf /
-    aten::ormqr the Householder path (CUDA; CPU fallback), aten::copy_ the casts and layout copies.
+    aten::ormqr the Householder path (CPU fallback), aten::copy_ the casts and layout copies. On CUDA
+    (device time, kernel names): GEMMs, the Cholesky and triangular-solve kernels and small_eigh_kernel of
+    the batched Gram path. The first row, "device busy", is the device time of all kernels per call:
+    far below the call's wall time means the call is bound by launches and host work, not by the GPU.
     """
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -275,7 +278,10 @@ def stage_breakdown(fn: Callable[[], object], device: torch.device, calls: int =
     self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     total = sum(self_us(e) for e in events) or 1.0
     ranked = sorted(events, key=self_us, reverse=True)[:top]
-    return [{"name": e.key, "ms_per_call": self_us(e) / 1e3 / calls, "share": self_us(e) / total} for e in ranked]
+    rows = [{"name": e.key, "ms_per_call": self_us(e) / 1e3 / calls, "share": self_us(e) / total} for e in ranked]
+    if cuda:
+        rows.insert(0, {"name": "device busy", "ms_per_call": total / 1e3 / calls, "share": 1.0})
+    return rows
 
 
 def relative_errors(ref: Factors, got: Factors) -> tuple[float, float]:

@@ -52,7 +52,7 @@ write_results() {
       return
     fi
     echo
-    echo "## bench/tsvd.py --preset gpu --no-stages"
+    echo "## bench/tsvd.py --preset gpu"
     echo
     fenced bench 80
     echo
@@ -88,7 +88,7 @@ TIMEOUT_FLAG=()
 "$PY" -c 'import pytest_timeout' 2>/dev/null && TIMEOUT_FLAG=(--timeout=120)
 step tests "${LIMIT_TESTS:-80}" "$PY" -m pytest -q -rf -k cuda "${TIMEOUT_FLAG[@]}" python_tests/test_consensus_tsvd.py \
   python_tests/test_ops.py python_tests/test_strategies.py
-step bench "${LIMIT_BENCH:-80}" "$PY" bench/tsvd.py --preset gpu --no-stages --json "$LOG/bench_gpu.json"
+step bench "${LIMIT_BENCH:-80}" "$PY" bench/tsvd.py --preset gpu --json "$LOG/bench_gpu.json"
 step scaling "${LIMIT_SCALING:-40}" "$PY" bench/tsvd.py --preset gpu --scaling 8 16 32 --modules 16 --json "$LOG/scaling_gpu.json"
 step train "${LIMIT_TRAIN:-40}" "$PY" -c 'import sys; from decaf_ext.cli import main; sys.exit(main())' --device cuda --task clip \
   --model tiny-clip --dataset digits --rounds 2 --output-dir "$LOG/train"
