@@ -35,8 +35,8 @@ constexpr int64_t kDirectMax = 32;
 constexpr int64_t kSubspaceColumns = 32;
 constexpr int kSubspaceIterations = 32;
 
-// (R, 1/s) of the Gram matrices G [batch, G, K, K]: upper R [batch, G, K, K], R^T R = scaled G + jitter,
-// and 1/s [batch, G, K] (0 for zero columns), with s the column norms.
+// (R, s, 1/s) of the Gram matrices G [batch, G, K, K]: upper R [batch, G, K, K] with R^T R = the
+// unit-diagonal scaled G + jitter, the column norms s [batch, G, K] and 1/s (0 for zero columns).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_cholesky(const at::Tensor& G) {
   const int64_t K = G.size(-1);
   const at::Tensor s = G.diagonal(0, -2, -1).clamp_min(0).sqrt();
@@ -111,9 +111,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_triplets(const Backend& backe
 
 }  // namespace
 
-std::optional<GramSvd> gram_svd_batched(const Backend& backend, const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
-                                        const std::vector<int64_t>& /*group*/, const PerProblem& per_problem,
-                                        int64_t q, bool squared, double /*min_pivot*/) {
+std::optional<GramSvd> gram_svd_batched(const Backend& backend, const at::Tensor& GB, const at::Tensor& GA,
+                                        const at::Tensor& d, const std::vector<int64_t>& /*group*/,
+                                        const PerProblem& per_problem, int64_t q, bool squared,
+                                        double /*min_pivot*/) {
   if (!squared) return std::nullopt;
   const int64_t K = GB.size(-1), P = d.size(0);
   const auto [RB, sB, invB] = scaled_cholesky(GB);

@@ -122,9 +122,9 @@ bool solve_problem(const double* RB, const double* RA, const double* d, double* 
 
 }  // namespace
 
-std::optional<GramSvd> gram_svd_cpu(const Backend& /*backend*/, const at::Tensor& GB, const at::Tensor& GA, const at::Tensor& d,
-                                    const std::vector<int64_t>& group, const PerProblem& per_problem, int64_t q,
-                                    bool squared, double min_pivot) {
+std::optional<GramSvd> gram_svd_cpu(const Backend& /*backend*/, const at::Tensor& GB, const at::Tensor& GA,
+                                    const at::Tensor& d, const std::vector<int64_t>& group,
+                                    const PerProblem& per_problem, int64_t q, bool squared, double min_pivot) {
   const int64_t batch = GB.size(0), G = GB.size(1), K = GB.size(2), P = d.size(0);
   const at::Tensor gb = GB.contiguous(), ga = GA.contiguous(), dc = d.contiguous();
   at::Tensor RB = at::empty({batch, G, K, K}, gb.options()), RA = at::empty_like(RB);
