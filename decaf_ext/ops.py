@@ -71,13 +71,15 @@ def consensus_tsvd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int,
         rank: target rank, 1 <= rank <= min(m, n).
         method: "exact" (a factorization R^T R of each neighbor set's stacked factors, once per
             distinct set: on the CPU a Cholesky factorization of their Gram matrix, falling back to
-            a Householder QR when that Gram is rank-deficient or ill-conditioned, on CUDA the QR;
-            then the SVD of the small core R_B diag(W[i]) R_A^T per distinct row of W), "randomized"
-            (range finder on the factored M_i with `oversample` extra columns and `n_iter` power
-            iterations, test matrix from `seed`), "auto" (exact while a row stacks k*r <= 128
-            factor columns, k = its nonzero weights, else randomized), or "dense" (forms M_i and
-            calls torch.linalg.svd: the reference, no zero-direction completion). k*r above 2048
-            raises ValueError.
+            a Householder QR when that Gram is rank-deficient or ill-conditioned; on CUDA a jittered
+            Cholesky factorization of the float64 Gram (float32 inputs) or the QR (float64); then the
+            top singular triplets of the small core R_B diag(W[i]) R_A^T per distinct row of W),
+            "randomized" (range finder on the factored M_i with `oversample` extra columns and
+            `n_iter` power iterations, test matrix from `seed`), "auto" (exact while a row stacks
+            k*r <= 128 factor columns on the CPU, 256 on CUDA, k = its nonzero weights (on CUDA all
+            agents: W is not read), else randomized), or "dense" (forms M_i and calls
+            torch.linalg.svd: the reference, no zero-direction completion). k*r above 2048 raises
+            ValueError.
         split: "balanced" (B = U sqrt(S), A = sqrt(S) V^T), "left" (B = U S, A = V^T) or
             "right" (B = U, A = S V^T).
         check_values: reject NaN/Inf factors and negative/NaN weights (reads the data).
