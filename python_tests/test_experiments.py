@@ -1,5 +1,6 @@
 """The experiment tooling on the committed results: the report builds, and run.py lists and skips finished runs."""
 import os
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,13 @@ def test_report_builds_from_the_committed_results(tmp_path):
     topology_rows = [r for r in rows if r.count("|") == 9]
     assert len(topology_rows) == 24 and all(r.split("|")[4].strip() for r in topology_rows)
     assert (tmp_path / "results_plots" / "algorithms_acc.png").stat().st_size > 0
+    # The report's count of finished runs is run.py's (a cell read from another suite is not counted twice).
+    reported = int(re.search(r"Finished runs: (\d+) of", text).group(1))
+    listed = 0
+    for suite in ("algorithms", "topologies", "rank", "agents", "split", "compression", "mixed_ranks"):
+        dry = _run(os.path.join(EXPERIMENTS, "run.py"), suite, "--dry-run")
+        listed += int(re.search(r"runs, (\d+) done", dry.stdout).group(1))
+    assert reported == listed
 
 
 def test_run_dry_run_counts_finished_runs():
