@@ -32,6 +32,13 @@ DECAF_HD inline void tournament_pair(int n_even, int round, int i, int* p, int* 
   *q = (round - i + m) % m;
 }
 
+// (x, y) <- (c x - s y, s x + c y): one plane rotation of a pair of entries.
+DECAF_HD inline void rotate(double* x, double* y, double c, double s) {
+  const double a = *x, b = *y;
+  *x = c * a - s * b;
+  *y = s * a + c * b;
+}
+
 // H [n, n] (row-major, read only) -> values [n] ascending, vectors [n, n] (row-major; column k is the
 // eigenvector of values[k]). `work` holds small_eigh_workspace(n) doubles private to the team.
 template <class Team>
@@ -77,9 +84,7 @@ DECAF_HD void small_eigh(const Team& team, const double* H, int n, double* work,
         int p, q;
         tournament_pair(n_even, round, i, &p, &q);
         if (p >= n || q >= n) continue;
-        const double c = rot[2 * i], s = rot[2 * i + 1], ap = a[p * n + col], aq = a[q * n + col];
-        a[p * n + col] = c * ap - s * aq;
-        a[q * n + col] = s * ap + c * aq;
+        rotate(&a[p * n + col], &a[q * n + col], rot[2 * i], rot[2 * i + 1]);
       }
       team.sync();
       // Columns p and q of A <- A J and of V <- V J.
@@ -88,12 +93,8 @@ DECAF_HD void small_eigh(const Team& team, const double* H, int n, double* work,
         int p, q;
         tournament_pair(n_even, round, i, &p, &q);
         if (p >= n || q >= n) continue;
-        const double c = rot[2 * i], s = rot[2 * i + 1];
-        const double ap = a[row * n + p], aq = a[row * n + q], vp = v[row * n + p], vq = v[row * n + q];
-        a[row * n + p] = c * ap - s * aq;
-        a[row * n + q] = s * ap + c * aq;
-        v[row * n + p] = c * vp - s * vq;
-        v[row * n + q] = s * vp + c * vq;
+        rotate(&a[row * n + p], &a[row * n + q], rot[2 * i], rot[2 * i + 1]);
+        rotate(&v[row * n + p], &v[row * n + q], rot[2 * i], rot[2 * i + 1]);
       }
       team.sync();
     }
