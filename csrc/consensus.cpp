@@ -460,15 +460,17 @@ at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const 
 // U_P = P R_B^{-1} orthonormal (likewise Q = As^T = U_Q R_A) and M = U_P (R_B D R_A^T) U_Q^T.
 // float64: SVD of the core R_B D R_A^T. float32: eigenpairs of H = R_B D G_A D R_B^T = core core^T
 // (squared conditioning, as in solve_exact), V from M^T U / sigma. These small problems run in
-// backend.gram_svd (CPU: as above; CUDA: from eigendecompositions of the Grams instead of Cholesky,
-// csrc/gram_svd_batched.cpp). The split factors are P and Q times small coefficient matrices: one GEMM
+// backend.gram_svd (CPU: as above; CUDA: a jittered Cholesky factorization of float64 Grams and
+// batched small eigensolves, csrc/gram_svd_batched.cpp). The split factors are P and Q times small coefficient matrices: one GEMM
 // pass over the stacks for the Grams, one for the write-back. None when backend.gram_svd declines
 // (a Gram not safely positive definite on the CPU): solve_exact then runs instead.
 std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, const at::Tensor& d, const Bucket& bk,
                                  const Options& o, const Backend& backend) {
   const int64_t K = d.size(1), m = Bt.size(2), n = Af.size(2);
   const at::ScalarType ct = Bt.scalar_type();
-  const auto gram_of = [&](const at::Tensor& X) { return support_grams(backend.float64_grams ? X.to(at::kDouble) : X, bk); };
+  const auto gram_of = [&](const at::Tensor& X) {
+    return support_grams(backend.float64_grams ? X.to(at::kDouble) : X, bk);
+  };
   const auto svd = backend.gram_svd(backend, gram_of(Bt), gram_of(Af), d, bk.group,
                                     [&](const at::Tensor& x) { return per_problem(x, bk); }, std::min(o.rank, K),
                                     ct == at::kFloat, (double)K * eps_of(ct));

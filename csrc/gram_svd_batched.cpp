@@ -35,12 +35,15 @@ constexpr int64_t kDirectMax = 32;
 constexpr int64_t kSubspaceColumns = 32;
 constexpr int kSubspaceIterations = 32;
 
+// 1/x where x > 0, else 0.
+at::Tensor reciprocal_or_zero(const at::Tensor& x) { return at::where(x > 0, 1.0 / at::where(x > 0, x, 1.0), 0.0); }
+
 // (R, s, 1/s) of the Gram matrices G [batch, G, K, K]: upper R [batch, G, K, K] with R^T R = the
 // unit-diagonal scaled G + jitter, the column norms s [batch, G, K] and 1/s (0 for zero columns).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_cholesky(const at::Tensor& G) {
   const int64_t K = G.size(-1);
   const at::Tensor s = G.diagonal(0, -2, -1).clamp_min(0).sqrt();
-  const at::Tensor inv = at::where(s > 0, 1.0 / at::where(s > 0, s, 1.0), 0.0);
+  const at::Tensor inv = reciprocal_or_zero(s);
   const at::Tensor eye = at::eye(K, G.options());
   const double jitter = kJitter * (double)K * std::numeric_limits<double>::epsilon();
   const at::Tensor Gs = G * inv.unsqueeze(-1) * inv.unsqueeze(-2) + jitter * eye;
@@ -105,8 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_triplets(const Backend& backe
     lam = values.narrow(-1, L - q, q).flip(-1);
   }
   const at::Tensor sigma = lam.clamp_min(0).sqrt();
-  const at::Tensor inv = at::where(sigma > 0, 1.0 / at::where(sigma > 0, sigma, 1.0), 0.0);
-  return {Y, sigma, at::matmul(C.transpose(-1, -2), Y) * inv.unsqueeze(-2)};
+  return {Y, sigma, at::matmul(C.transpose(-1, -2), Y) * reciprocal_or_zero(sigma).unsqueeze(-2)};
 }
 
 }  // namespace

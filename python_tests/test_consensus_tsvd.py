@@ -252,7 +252,7 @@ def test_never_nan_on_extreme_scales(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     """Same factors (same sign rule) on both devices, each as accurate as float32 allows; the two take
-    different routes to them (the CPU's Cholesky Gram path, CUDA's batched eigendecompositions), so
+    different routes to them (the CPU's Cholesky Gram path, CUDA's batched jittered-Cholesky path), so
     entries agree to float32 accuracy on O(1) factors, not bitwise."""
     A, B = factors((3,), 8, 4, 96, 80, torch.float32, seed=15)
     W = ring_weights(8).float()
