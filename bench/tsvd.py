@@ -346,6 +346,10 @@ def run_topology(topology: str, A: torch.Tensor, B: torch.Tensor, args: argparse
     times, _ = time_call(lambda: consensus(A, B, W, args.rank, "exact", args, check_values=True),
                          repeats=args.repeats, **run)
     record("c_checked", "    exact, check_values=True", times)
+    if device.type == "cuda":  # W on the CPU is read to plan: sparse supports, identical rows once
+        W_cpu = W.cpu()
+        times, _ = time_call(lambda: consensus(A, B, W_cpu, args.rank, "exact", args), repeats=args.repeats, **run)
+        record("c_cpu_w", "    exact, W on the CPU", times, note="check_values=False")
     A_stack = A.reshape(args.modules, args.agents * args.r, args.n)
     B_stack = B.mT.reshape(args.modules, args.agents * args.r, args.m).contiguous()
     times, _ = time_call(lambda: gram_floor(A_stack, B_stack), repeats=args.repeats, **run)
@@ -407,9 +411,10 @@ def print_result(res: TopologyResult, args: argparse.Namespace) -> None:
 def scaling_table(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """(c), (d), (e), (f) medians for each agent count x topology, printed as a Markdown table."""
     rows = []
-    print("\n| agents | topology | k r | exact (c) ms | randomized (d) ms | all-pairs Gram (e) ms | "
-          "neighbor Gram (f) ms | (c)/(e) | (c)/(f) | (c)/(d) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    cpu_w = device.type == "cuda"  # one more column: exact with W on the CPU (the host plan)
+    print("\n| agents | topology | k r | exact (c) ms | " + ("exact, W on the CPU ms | " if cpu_w else "") +
+          "randomized (d) ms | all-pairs Gram (e) ms | neighbor Gram (f) ms | (c)/(e) | (c)/(f) | (c)/(d) |")
+    print("|---" * (11 if cpu_w else 10) + "|")
     for agents in args.scaling or [8, 16, 32]:
         sub = argparse.Namespace(**{**vars(args), "agents": agents})
         A, B = make_factors(sub, device)
@@ -419,17 +424,23 @@ def scaling_table(args: argparse.Namespace, device: torch.device) -> list[dict]:
             W = mixing_matrix(build_graph(topology, agents)).to(device, svd_dtype(A.dtype))
             stacks = neighbor_stacks(A, B, W)
             med = {}
-            for key, fn in (("c", lambda: consensus(A, B, W, args.rank, "exact", args)),
-                            ("d", lambda: consensus(A, B, W, args.rank, "randomized", args)),
-                            ("e", lambda: gram_floor(A_stack, B_stack)),
-                            ("f", lambda: neighbor_gram_floor(stacks))):
+            W_cpu = W.cpu()
+            calls = {"c": lambda: consensus(A, B, W, args.rank, "exact", args),
+                     "c_cpu_w": lambda: consensus(A, B, W_cpu, args.rank, "exact", args),
+                     "d": lambda: consensus(A, B, W, args.rank, "randomized", args),
+                     "e": lambda: gram_floor(A_stack, B_stack),
+                     "f": lambda: neighbor_gram_floor(stacks)}
+            if not cpu_w:
+                del calls["c_cpu_w"]
+            for key, fn in calls.items():
                 times, _ = time_call(fn, device, args.repeats, args.warmup)
                 med[key] = statistics.median(times) * 1e3
             kr = int((W != 0).sum(1).max()) * args.r
             rows.append({"agents": agents, "topology": topology, "kr": kr, **{f"{k}_ms": v for k, v in med.items()}})
-            print(f"| {agents} | {topology} | {kr} | {med['c']:.1f} | {med['d']:.1f} | {med['e']:.2f} | "
-                  f"{med['f']:.2f} | {med['c'] / med['e']:.1f} | {med['c'] / med['f']:.1f} | "
-                  f"{med['c'] / med['d']:.1f} |")
+            print(f"| {agents} | {topology} | {kr} | {med['c']:.1f} | " +
+                  (f"{med['c_cpu_w']:.1f} | " if cpu_w else "") +
+                  f"{med['d']:.1f} | {med['e']:.2f} | {med['f']:.2f} | {med['c'] / med['e']:.1f} | "
+                  f"{med['c'] / med['f']:.1f} | {med['c'] / med['d']:.1f} |")
     by = {(r["agents"], r["topology"]): r["c_ms"] for r in rows}
     for topology in args.topology:
         counts = sorted(a for a, t in by if t == topology)

@@ -41,7 +41,8 @@ Shapes check_factors(const at::Tensor& A, const at::Tensor& B, const at::Tensor&
   TORCH_CHECK_VALUE(A.scalar_type() == B.scalar_type(), "B must have the dtype of A (", A.scalar_type(),
                     "), got ", B.scalar_type());
   TORCH_CHECK_VALUE(A.device() == B.device(), "B must be on the device of A (", A.device(), "), got ", B.device());
-  TORCH_CHECK_VALUE(W.device() == A.device(), "W must be on the device of A (", A.device(), "), got ", W.device());
+  TORCH_CHECK_VALUE(W.device() == A.device() || W.is_cpu(), "W must be on the CPU or on the device of A (",
+                    A.device(), "), got ", W.device());
   TORCH_CHECK_VALUE(W.dim() == 2, "W must have shape [N_out, N_in], got ", W.sizes());
   const int64_t d = A.dim();
   Shapes s;
@@ -120,7 +121,7 @@ struct Plan {
   int64_t max_agents = 0;               // largest k
 };
 
-// W on the device, never read: every row is its own problem on the support of all agents (zero
+// W on the factors' GPU, never read on the host: every row is its own problem on the support of all agents (zero
 // weights give zero columns of the core), so the call needs no host synchronization.
 Plan device_plan(int64_t n_out, int64_t n_in) {
   Plan plan;
@@ -140,7 +141,7 @@ Plan device_plan(int64_t n_out, int64_t n_in) {
   return plan;
 }
 
-// W on the host (Wd float64, contiguous): identical rows are solved once; a row reads only its
+// W on the CPU (Wd float64, contiguous; the factors on any device): identical rows are solved once; a row reads only its
 // neighbors' factors unless one support of all agents costs less (dense graphs). Cost, in flops
 // up to a constant: Gram or QR of each support's stacks (m + n) K^2, each distinct row's core ~20 K^3.
 Plan host_plan(const at::Tensor& Wd, int64_t r, int64_t m, int64_t n) {
@@ -220,8 +221,15 @@ Plan host_plan(const at::Tensor& Wd, int64_t r, int64_t m, int64_t n) {
   return plan;
 }
 
+// t on `device`: a host tensor goes through pinned memory as an asynchronous copy (no host
+// synchronization; the caching host allocator keeps the pinned block until the copy has run).
+at::Tensor on_device(const at::Tensor& t, const at::Device& device) {
+  if (t.device() == device) return t;
+  return (t.is_cpu() && device.is_cuda() ? t.pin_memory() : t).to(device, /*non_blocking=*/true);
+}
+
 at::Tensor index_tensor(const std::vector<int64_t>& v, const at::Device& device) {
-  return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(device);
+  return on_device(at::tensor(v, at::TensorOptions().dtype(at::kLong)), device);
 }
 
 // Rows [problems] of x [batch, groups, ...] for the bucket's problems (a view when they coincide).
@@ -574,7 +582,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
   const Plan plan = Wd.is_cpu() ? host_plan(Wd, s.r, s.m, s.n) : device_plan(s.n_out, s.n_in);
   TORCH_CHECK_VALUE(plan.max_agents * s.r <= kMaxStackedColumns, "W: a receiving agent stacks k*r = ",
                     plan.max_agents, "*", s.r, " = ", plan.max_agents * s.r, " factor columns (k = nonzero weights ",
-                    Wd.is_cpu() ? "in its row" : "allowed by W's shape on the device", "), at most ",
+                    Wd.is_cpu() ? "in its row" : "allowed by W's shape: W on a GPU is not read", "), at most ",
                     kMaxStackedColumns, " are supported");
   const NoTF32 no_tf32(A.is_cuda());
 
@@ -594,7 +602,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
       miss_parts.push_back(at::full({s.batch, P}, rank, Wd.options().dtype(at::kInt)));
       continue;
     }
-    const at::Tensor d = problem_weights(Wd, bk, s.r);
+    const at::Tensor d = on_device(problem_weights(Wd, bk, s.r), Af.device());
     const int64_t L = std::min({rank + oversample, K, s.m, s.n});
     const bool randomized = (o.method == Method::kRandomized ||
                              (o.method == Method::kAuto && K > backend.auto_exact_max_columns)) && L < K;
@@ -621,7 +629,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
   }
   A_new = A_new.contiguous();
   missing = missing.contiguous();
-  backend.complete_rows(A_new, missing, Af, Wd);
+  backend.complete_rows(A_new, missing, Af, on_device(Wd, Af.device()));
 
   const auto out_dtype = A.scalar_type();
   return {A_new.to(out_dtype).reshape(with_lead(s, {s.n_out, rank, s.n})),
@@ -636,7 +644,7 @@ at::Tensor weighted_product_sum_impl(const at::Tensor& A, const at::Tensor& B, c
   const at::Tensor Af = A.to(ct).reshape({s.batch, 1, NR, s.n});
   const at::Tensor Bf = B.to(ct).reshape({s.batch, s.n_in, s.m, s.r}).permute({0, 2, 1, 3}).reshape({s.batch, 1, s.m, NR});
   // Column (j, t) of Bf scaled by W[i, j] for every output agent i: [1, N_out, 1, NR].
-  const at::Tensor scale = W.to(ct).repeat_interleave(s.r, 1).view({1, s.n_out, 1, NR});
+  const at::Tensor scale = on_device(W.to(ct), A.device()).repeat_interleave(s.r, 1).view({1, s.n_out, 1, NR});
   const at::Tensor M = at::matmul(Bf * scale, Af);  // [batch, N_out, m, n]
   return M.to(A.scalar_type()).reshape(with_lead(s, {s.n_out, s.m, s.n}));
 }

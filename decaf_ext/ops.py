@@ -65,9 +65,12 @@ def consensus_tsvd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int,
     Args:
         A: [..., N_in, r, n] LoRA A factors of the sending agents.
         B: [..., N_in, m, r] LoRA B factors (same leading dims, dtype and device as A).
-        W: [N_out, N_in] nonnegative mixing weights, dense or sparse (CSR/COO). Zero entries are
-           skipped. Rows are used as given (no renormalization): M_i is linear in W[i]. An agent
-           holding the factors of its k neighbors uses W of shape [1, k].
+        W: [N_out, N_in] nonnegative mixing weights, dense or sparse (CSR/COO), on the CPU or on
+           the device of A. Rows are used as given (no renormalization): M_i is linear in W[i]. An
+           agent holding the factors of its k neighbors uses W of shape [1, k]. W on the CPU (also
+           with factors on a GPU) is read to plan the call: zero entries are skipped (a row stacks
+           the factors of its k nonzero weights) and identical rows are solved once. W on a GPU is
+           not read on the host (no synchronization): every row stacks all N_in agents' factors.
         rank: target rank, 1 <= rank <= min(m, n).
         method: "exact" (a factorization R^T R of each neighbor set's stacked factors, once per
             distinct set: on the CPU a Cholesky factorization of their Gram matrix, falling back to
@@ -76,8 +79,8 @@ def consensus_tsvd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int,
             top singular triplets of the small core R_B diag(W[i]) R_A^T per distinct row of W),
             "randomized" (range finder on the factored M_i with `oversample` extra columns and
             `n_iter` power iterations, test matrix from `seed`), "auto" (exact while a row stacks
-            k*r <= 128 factor columns on the CPU, 256 on CUDA, k = its nonzero weights (on CUDA all
-            agents: W is not read), else randomized), or "dense" (forms M_i and calls
+            k*r <= 128 factor columns on the CPU, 256 on CUDA, k = its nonzero weights (k = N_in for
+            W on a GPU), else randomized), or "dense" (forms M_i and calls
             torch.linalg.svd: the reference, no zero-direction completion). k*r above 2048 raises
             ValueError.
         split: "balanced" (B = U sqrt(S), A = sqrt(S) V^T), "left" (B = U S, A = V^T) or

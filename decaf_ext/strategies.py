@@ -259,7 +259,7 @@ class DeCAF(Strategy):
         self.check_agents(groups, extras, W)
         new_groups = []
         for g in groups:
-            A, B, _ = consensus_tsvd(g.A, g.B, W.to(g.A), rank=g.rank, method=self.method, split=self.split,
+            A, B, _ = consensus_tsvd(g.A, g.B, W.to(dtype=g.A.dtype), rank=g.rank, method=self.method, split=self.split,
                                      oversample=self.oversample, n_iter=self.n_iter, seed=self.seed)
             new_groups.append(FactorGroup(list(g.names), A, B))
         return new_groups, {k: mix(W, x, 0) for k, x in extras.items()}

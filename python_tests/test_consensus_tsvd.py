@@ -295,11 +295,28 @@ def test_cuda_complete_graph_accurate_with_tf32_on(n_agents):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graph", ["ring", "complete"])
+def test_cuda_factors_with_weights_on_the_cpu(graph):
+    """W on the CPU is read to plan the call (a ring row stacks 3 agents, not all 32); the result
+    matches the call with W on the GPU."""
+    A, B = factors((2,), 32, 4, 96, 80, torch.float32, "cuda", seed=20)
+    W = (ring_weights if graph == "ring" else complete_weights)(32).float()
+    out = decaf_ext.consensus_tsvd(A, B, W, 4, method="exact")
+    assert all(t.is_cuda for t in out)
+    assert_matches_reference(A, B, W, 4, out, TOL[torch.float32])
+    for x, y in zip(out, decaf_ext.consensus_tsvd(A, B, W.cuda(), 4, method="exact")):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("weights_on", ["cuda", "cpu"])
 @pytest.mark.parametrize("n_agents", [8, 16])
-def test_cuda_call_without_checks_does_not_synchronize(n_agents):
-    """k*r = 32 (one batched eigh of the cores) and 64 (subspace iteration)."""
+def test_cuda_call_without_checks_does_not_synchronize(n_agents, weights_on):
+    """k*r = 32 (one batched eigh of the cores) and 64 (subspace iteration) with W on the GPU; with W
+    on the CPU a ring row stacks k*r = 12 and the plan's index and weight tensors travel through
+    pinned memory asynchronously."""
     A, B = factors((2,), n_agents, 4, 64, 48, torch.float32, "cuda", seed=18)
-    W = ring_weights(n_agents).to("cuda", torch.float32)
+    W = ring_weights(n_agents).to(weights_on, torch.float32)
     decaf_ext.consensus_tsvd(A, B, W, 4, check_values=False)  # warm up (library handles, caches)
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -123,8 +123,10 @@ def test_bad_input_other_ops():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_mismatch():
     args = _args()
-    with pytest.raises(ValueError, match="W must be on the device of A"):
-        decaf_ext.consensus_tsvd(args["A"].cuda(), args["B"].cuda(), args["W"], 2)
+    with pytest.raises(ValueError, match="B must be on the device of A"):
+        decaf_ext.consensus_tsvd(args["A"].cuda(), args["B"], args["W"], 2)
+    with pytest.raises(ValueError, match="W must be on the CPU or on the device of A"):
+        decaf_ext.consensus_tsvd(args["A"], args["B"], args["W"].cuda(), 2)
 
 
 def test_opcheck(device):

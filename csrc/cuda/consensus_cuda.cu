@@ -2,8 +2,9 @@
 // per (batch entry, receiving agent) as a BlockTeam, the counter-based normal generator, the
 // eigendecomposition of small float64 matrices (csrc/common/small_eigh.h, one block per matrix), the
 // exact Gram path's small problems as batched ATen calls (csrc/gram_svd_batched.cpp), and the other
-// batched factorizations through ATen (cuSOLVER / MAGMA). Every size is known from the shapes, W is
-// never read on the host, and all work is queued on the current stream.
+// batched factorizations through ATen (cuSOLVER / MAGMA). Every size is known from the shapes, W on
+// the GPU is never read on the host (W on the CPU is, to plan), and all work is queued on the current
+// stream.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
