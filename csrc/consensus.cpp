@@ -228,6 +228,12 @@ at::Tensor on_device(const at::Tensor& t, const at::Device& device) {
   return (t.is_cpu() && device.is_cuda() ? t.pin_memory() : t).to(device, /*non_blocking=*/true);
 }
 
+// x [rows, N] -> [rows, N * r], each column repeated r times (a copy of an expanded view:
+// repeat_interleave may read its output size on the host).
+at::Tensor repeat_columns(const at::Tensor& x, int64_t r) {
+  return x.unsqueeze(-1).expand({x.size(0), x.size(1), r}).reshape({x.size(0), x.size(1) * r});
+}
+
 at::Tensor index_tensor(const std::vector<int64_t>& v, const at::Device& device) {
   return on_device(at::tensor(v, at::TensorOptions().dtype(at::kLong)), device);
 }
@@ -537,7 +543,7 @@ at::Tensor problem_weights(const at::Tensor& Wd, const Bucket& bk, int64_t r) {
     for (size_t p = 0; every_row && p < bk.rows.size(); ++p) every_row = bk.rows[p] == (int64_t)p;
     // Every row in order (the device plan): no index tensor to copy to the device.
     const at::Tensor rows = every_row ? Wd : Wd.index_select(0, index_tensor(bk.rows, Wd.device()));
-    return rows.repeat_interleave(r, 1);
+    return repeat_columns(rows, r);
   }
   const int64_t P = (int64_t)bk.rows.size(), K = bk.agents * r, n_in = Wd.size(1);
   at::Tensor d = at::empty({P, K}, Wd.options());
@@ -644,7 +650,7 @@ at::Tensor weighted_product_sum_impl(const at::Tensor& A, const at::Tensor& B, c
   const at::Tensor Af = A.to(ct).reshape({s.batch, 1, NR, s.n});
   const at::Tensor Bf = B.to(ct).reshape({s.batch, s.n_in, s.m, s.r}).permute({0, 2, 1, 3}).reshape({s.batch, 1, s.m, NR});
   // Column (j, t) of Bf scaled by W[i, j] for every output agent i: [1, N_out, 1, NR].
-  const at::Tensor scale = on_device(W.to(ct), A.device()).repeat_interleave(s.r, 1).view({1, s.n_out, 1, NR});
+  const at::Tensor scale = repeat_columns(on_device(W.to(ct), A.device()), s.r).view({1, s.n_out, 1, NR});
   const at::Tensor M = at::matmul(Bf * scale, Af);  // [batch, N_out, m, n]
   return M.to(A.scalar_type()).reshape(with_lead(s, {s.n_out, s.m, s.n}));
 }
