@@ -410,6 +410,26 @@ class Report:
                     self.image("beyond_bytes")]
         return "\n".join(out)
 
+    def clip(self) -> str:
+        cells = self.suites["clip"]
+        out = ["## 8. The CLIP task (a pipeline check, not the paper's vision result)", "",
+               SUITES["clip"].claim + ". No pretrained CLIP ships offline, so accuracy here says how the algorithms "
+               "train a small vision-language model from scratch on 10 classes of 8x8 digits (chance 0.10), "
+               "not what they do to ViT-B/16's features.", ""]
+        if (missing := self.not_run("clip")) is not None:
+            return "\n".join(out + [missing])
+        rows = [[a, *accuracy_columns(cells.get(f"{a}-dir0.5")),
+                 f"{cells[f'{a}-dir0.5'].mean(bytes_per_round):,.0f}" if f"{a}-dir0.5" in cells else ""]
+                for a in ALGORITHMS]
+        out.append(table(["algorithm", *ACC_HEADER, "bytes / agent / round"], rows))
+        out += ["", *(f"- {compare(cells.get(f'decaf-dir0.5'), cells.get(f'{b}-dir0.5'), 'decaf', b)}"
+                      for b in ALGORITHMS if b != "decaf")]
+        panels = [("dir0.5", [(f"{a}-dir0.5", a) for a in ALGORITHMS])]
+        if plot_panels(cells, panels, "acc_mean", "test acc (agents' mean)", self.plot_path("clip_acc")):
+            out += ["", "Agents' mean test accuracy per round (mean over seeds, band ± std over seeds):", "",
+                    self.image("clip_acc")]
+        return "\n".join(out)
+
     def claims(self) -> str:
         alg, rank = self.suites["algorithms"], self.suites["rank"]
         out = ["## Claims of the paper, one by one", "",
@@ -521,7 +541,7 @@ class Report:
                   f"Finished runs: {len(self.own_runs())} of "
                   f"{sum(3 * len(suite.cells) for suite in SUITES.values())} defined (3 seeds per cell)."]
         sections = [self.settings(), self.claims(), self.algorithms(), self.topologies(), self.rank(), self.agents(),
-                    self.split(), self.bytes(), self.beyond()]
+                    self.split(), self.bytes(), self.beyond(), self.clip()]
         text = "\n\n".join(["\n".join(header), *sections]) + "\n"
         temporary = self.output + ".tmp"
         with open(temporary, "w", encoding="utf-8") as handle:

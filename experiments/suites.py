@@ -31,6 +31,10 @@ DEFAULT_SEEDS = (0, 1, 2)
 MESSAGE_DTYPES = ("bfloat16", "int8")  # float32 (uncompressed) runs are the algorithms suite's dir0.5 cells
 MIXED_RANKS = "cycle:2,4,8,16"  # agent i has LoRA rank (2, 4, 8, 16)[i mod 4]
 BASE_RANK = 8  # TrainConfig's default rank: the rank suite's r = 8 runs are the algorithms suite's dir0.5 runs
+# The CLIP task offline: a small randomly initialized CLIP on scikit-learn digits (600 training / 200 held-out
+# images from BASE), the README's CLIP example settings (rank 4, lr 3e-3, 10 local steps, 20 rounds).
+CLIP_TASK: dict[str, Any] = {"task": "clip", "model": "tiny-clip", "dataset": "digits", "rank": 4, "lr": 3e-3,
+                             "local_steps": 10, "rounds": 20}
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ def _grid() -> dict[str, Suite]:
                    for d in MESSAGE_DTYPES for a in ("decaf", "dlora")}
     mixed_ranks = {f"{a}-mixed": {"algorithm": a, "rank": MIXED_RANKS, **PARTITIONS["dir0.5"]}
                    for a in ("decaf", "dlora")}
+    clip = {f"{a}-dir0.5": {"algorithm": a, **CLIP_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
     suites = [
         Suite("algorithms", "algorithms on a 10-agent ring: IID, Dirichlet 0.5, Dirichlet 0.1", algorithms),
         Suite("topologies", "decaf and dlora on six graphs of 8 agents (one-peer exponential needs a power of two), "
@@ -91,6 +96,9 @@ def _grid() -> dict[str, Suite]:
               "with zero-padding; everyone at 2 and at 16 are the rank suite's runs", mixed_ranks),
         Suite("bytes", "accuracy against bytes sent, per algorithm (reads the algorithms suite)", {},
               source="algorithms"),
+        Suite("clip", "the algorithms on a 10-agent ring, Dirichlet 0.5, with the CLIP task: a small randomly "
+              "initialized CLIP (`tiny-clip`) on scikit-learn digits, which checks the pipeline, not a pretrained "
+              "CLIP's accuracy", clip),
     ]
     return {suite.name: suite for suite in suites}
 
