@@ -312,7 +312,8 @@ def ratio(num: Timing | None, den: Timing | None) -> float | None:
 
 def run_topology(topology: str, A: torch.Tensor, B: torch.Tensor, args: argparse.Namespace,
                  device: torch.device, bandwidth: float, bandwidth_note: str) -> TopologyResult:
-    """Times (a)-(e) on one topology, then their accuracy against (a), ratios and targets."""
+    """Times (c)-(f) first, then the slower (d), (b) and (a), each printed when measured (a run cut off by a
+    time limit keeps what it measured); then their accuracy against (a), ratios and targets."""
     res = TopologyResult(topology)
     W = mixing_matrix(build_graph(topology, args.agents)).to(device, svd_dtype(A.dtype))
     run = dict(device=device, warmup=args.warmup)
@@ -320,29 +321,14 @@ def run_topology(topology: str, A: torch.Tensor, B: torch.Tensor, args: argparse
 
     def record(key: str, label: str, times: list[float], scale: float = 1.0, note: str = "") -> None:
         res.timings[key] = Timing(label, statistics.median(times) * scale, times, scale, note)
+        print(f"  [{topology}] {label.strip()}: {res.timings[key].median_s * 1e3:.3f} ms", flush=True)
 
-    dm, da = args.dense_modules, args.dense_agents
-    if not args.skip_dense:
-        Ad, Bd, Wd = A[:dm], B[:dm], W[:da]
-        scale = (args.modules / dm) * (args.agents / da)
-        times, out = time_call(lambda: dense_svd(Ad, Bd, Wd, args.rank, args.chunk), repeats=args.dense_repeats,
-                               warmup_fn=lambda: dense_svd(Ad[:1], Bd[:1], Wd[:1], args.rank, 1), **run)
-        note = f"{args.dense_repeats} repeats; warmup on 1 matrix"
-        if scale != 1.0:
-            note += f"; EXTRAPOLATED x{scale:g} from {dm} module(s) x {da} agent(s)"
-        record("a", "(a) dense M + linalg.svd", times, scale, note)
-        outputs["a"] = concat(out)
-    q = min(args.rank + args.oversample, args.m, args.n)
-    times, out = time_call(lambda: lowrank_svd(A, B, W, args.rank, args.chunk, args.oversample, args.n_iter),
-                           repeats=args.dense_repeats, **run)
-    record("b", f"(b) dense M + svd_lowrank q={q}", times, note=f"{args.dense_repeats} repeats")
-    outputs["b"] = concat(out)
-    for key, method in (("c", "exact"), ("d", "randomized")):
+    def consensus_row(key: str, method: str) -> None:
         times, out = time_call(lambda: consensus(A, B, W, args.rank, method, args), repeats=args.repeats, **run)
         record(key, f"({key}) consensus_tsvd {method}", times, note="check_values=False")
         outputs[key] = out
-        if args.stages:
-            res.stages[key] = stage_breakdown(lambda: consensus(A, B, W, args.rank, method, args), device)
+
+    consensus_row("c", "exact")
     times, _ = time_call(lambda: consensus(A, B, W, args.rank, "exact", args, check_values=True),
                          repeats=args.repeats, **run)
     record("c_checked", "    exact, check_values=True", times)
@@ -360,6 +346,28 @@ def run_topology(topology: str, A: torch.Tensor, B: torch.Tensor, args: argparse
     factor_bytes = (A.numel() + B.numel()) * A.element_size()
     record("bw", "    bandwidth floor", [factor_bytes / bandwidth],
            note=f"{factor_bytes / 1e6:.1f} MB read once at {bandwidth / 1e9:.1f} GB/s ({bandwidth_note})")
+    consensus_row("d", "randomized")
+    q = min(args.rank + args.oversample, args.m, args.n)
+    times, out = time_call(lambda: lowrank_svd(A, B, W, args.rank, args.chunk, args.oversample, args.n_iter),
+                           repeats=args.dense_repeats, **run)
+    record("b", f"(b) dense M + svd_lowrank q={q}", times, note=f"{args.dense_repeats} repeats")
+    outputs["b"] = concat(out)
+    dm, da = args.dense_modules, args.dense_agents
+    if not args.skip_dense:
+        Ad, Bd, Wd = A[:dm], B[:dm], W[:da]
+        scale = (args.modules / dm) * (args.agents / da)
+        times, out = time_call(lambda: dense_svd(Ad, Bd, Wd, args.rank, args.chunk), repeats=args.dense_repeats,
+                               warmup_fn=lambda: dense_svd(Ad[:1], Bd[:1], Wd[:1], args.rank, 1), **run)
+        note = f"{args.dense_repeats} repeats; warmup on 1 matrix"
+        if scale != 1.0:
+            note += f"; EXTRAPOLATED x{scale:g} from {dm} module(s) x {da} agent(s)"
+        record("a", "(a) dense M + linalg.svd", times, scale, note)
+        outputs["a"] = concat(out)
+    if args.stages:
+        for key, method in (("c", "exact"), ("d", "randomized")):
+            res.stages[key] = stage_breakdown(lambda: consensus(A, B, W, args.rank, method, args), device)
+    res.timings = {key: res.timings[key] for key in ("a", "b", "c", "d", "c_checked", "c_cpu_w", "e", "f", "bw")
+                   if key in res.timings}  # the printed table's order
 
     if "a" in outputs:
         ref = subset(outputs["a"], dm, da)
@@ -427,9 +435,9 @@ def scaling_table(args: argparse.Namespace, device: torch.device) -> list[dict]:
             W_cpu = W.cpu()
             calls = {"c": lambda: consensus(A, B, W, args.rank, "exact", args),
                      "c_cpu_w": lambda: consensus(A, B, W_cpu, args.rank, "exact", args),
-                     "d": lambda: consensus(A, B, W, args.rank, "randomized", args),
                      "e": lambda: gram_floor(A_stack, B_stack),
-                     "f": lambda: neighbor_gram_floor(stacks)}
+                     "f": lambda: neighbor_gram_floor(stacks),
+                     "d": lambda: consensus(A, B, W, args.rank, "randomized", args)}
             if not cpu_w:
                 del calls["c_cpu_w"]
             for key, fn in calls.items():
