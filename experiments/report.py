@@ -125,16 +125,25 @@ ACC_HEADER = ["seeds", "test acc: agents' mean (± std over seeds)", "std over a
               "averaged model (± std over seeds)"]
 
 
-def compare(a: Cell | None, b: Cell | None, label_a: str, label_b: str,
-            pick: Callable[[Seeded], float] = final_acc) -> str:
-    """One sentence: the difference of seed means of a and b against their seed-to-seed spread.
+@dataclass
+class Contrast:
+    """Cell a against cell b: the sentence `compare` prints, the difference of seed means (None without data)
+    and whether it exceeds the seed spread (None without two seeds in both cells)."""
+    text: str
+    diff: float | None = None
+    distinguishable: bool | None = None
+
+
+def contrast(a: Cell | None, b: Cell | None, label_a: str, label_b: str,
+             pick: Callable[[Seeded], float] = final_acc) -> Contrast:
+    """The difference of seed means of a and b against their seed-to-seed spread.
 
     Rule: distinguishable when |mean_a - mean_b| exceeds the sum of the two seed stds (both with >= 2 seeds).
     The per-seed differences (same seed: same data split, partition and initialization) are listed too, with
     their mean ± std when there are two or more.
     """
     if a is None or b is None:
-        return f"{label_a} vs {label_b}: no data yet"
+        return Contrast(f"{label_a} vs {label_b}: no data yet")
     diff = a.mean(pick) - b.mean(pick)
     spreads = (a.spread(pick), b.spread(pick))
     head = f"{label_a} {a.mean(pick):.3f} vs {label_b} {b.mean(pick):.3f} (difference {diff:+.3f}"
@@ -149,13 +158,37 @@ def compare(a: Cell | None, b: Cell | None, label_a: str, label_b: str,
         diffs = [d for _, d in paired]
         head += f" (paired {statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs):.3f})"
     if None in spreads:
-        return head + f"; {min(len(a.runs), len(b.runs))} seed(s): no seed spread yet, not a finding)"
+        return Contrast(head + f"; {min(len(a.runs), len(b.runs))} seed(s): no seed spread yet, not a finding)", diff)
     spread = spreads[0] + spreads[1]
-    verdict = "distinguishable" if abs(diff) > spread else "not distinguishable"
-    return head + f", seed spread {spread:.3f} over {min(len(a.runs), len(b.runs))}+ seeds: {verdict})"
+    verdict = abs(diff) > spread
+    return Contrast(head + f", seed spread {spread:.3f} over {min(len(a.runs), len(b.runs))}+ seeds: "
+                    f"{'distinguishable' if verdict else 'not distinguishable'})", diff, verdict)
 
 
-# ----------------------------------------------------------------------------------------------- plots
+def compare(a: Cell | None, b: Cell | None, label_a: str, label_b: str,
+            pick: Callable[[Seeded], float] = final_acc) -> str:
+    """One sentence: see `contrast`."""
+    return contrast(a, b, label_a, label_b, pick).text
+
+
+def verdict(expect: str, contrasts: list[Contrast]) -> str:
+    """The claim against its contrasts, plainly: in how many settings the data agree (a distinguishable
+    difference in the claimed direction; for "not behind" also no distinguishable difference), contradict
+    (a distinguishable difference the other way) or cannot tell (not distinguishable, or one seed)."""
+    judged = [c for c in contrasts if c.diff is not None]
+    if not judged:
+        return "Verdict: no data yet."
+    agree = contradict = 0
+    for c in judged:
+        if c.distinguishable and (c.diff < 0 if expect == "behind" else c.diff > 0):
+            agree += 1
+        elif c.distinguishable:
+            contradict += 1
+        elif expect == "not behind" and c.distinguishable is not None:
+            agree += 1
+    undecided = len(judged) - agree - contradict
+    return (f"Verdict: the data agree in {agree} of {len(judged)} setting(s), contradict in {contradict}, cannot "
+            f"tell in {undecided}.")
 
 
 def curve(cell: Cell, key: str, x: str = "round") -> tuple[list[float], list[float], list[float]]:
@@ -435,57 +468,71 @@ class Report:
         out = ["## Claims of the paper, one by one", "",
                "A difference of seed means is called distinguishable only when it exceeds the sum of the two "
                "cells' standard deviations over seeds (both cells with at least two seeds); otherwise it is "
-               "not distinguishable, and with a single seed it is not a finding.", ""]
+               "not distinguishable, and with a single seed it is not a finding. Each claim ends with a verdict "
+               "over its settings: the data *agree* where the difference is distinguishable and in the claimed "
+               "direction (for claims that one thing is not behind another — rivals, works across, costs nothing — "
+               "also where the difference is within the spread), *contradict* where it is distinguishable the "
+               "other way, and *cannot tell* otherwise (within the spread, or one seed).", ""]
 
-        def bullet(title: str, lines: list[str]) -> None:
+        def bullet(title: str, contrasts: list[Contrast], expect: str | None, notes: list[str] = ()) -> None:
             out.append(f"- **{title}**")
-            out.extend(f"  - {line}" for line in lines)
+            out.extend(f"  - {c.text}" for c in contrasts)
+            out.extend(f"  - {note}" for note in notes)
+            if expect is not None:
+                out.append(f"  - {verdict(expect, contrasts)}")
 
         bullet("DeCAF outperforms local training (IID and non-IID).",
-               [compare(alg.get(f"decaf-{p}"), alg.get(f"local-{p}"), f"{p}: decaf", "local") for p in PARTITIONS])
+               [contrast(alg.get(f"decaf-{p}"), alg.get(f"local-{p}"), f"{p}: decaf", "local") for p in PARTITIONS],
+               "ahead")
         bullet("DeCAF rivals FedAvg.",
-               [compare(alg.get(f"decaf-{p}"), alg.get(f"fedavg-{p}"), f"{p}: decaf", "fedavg") for p in PARTITIONS])
+               [contrast(alg.get(f"decaf-{p}"), alg.get(f"fedavg-{p}"), f"{p}: decaf", "fedavg") for p in PARTITIONS],
+               "not behind")
         bullet("DeCAF removes the consensus interference that costs DLoRA accuracy.",
-               [compare(alg.get(f"decaf-{p}"), alg.get(f"dlora-{p}"), f"{p}: decaf", "dlora") for p in PARTITIONS]
-               + [compare(alg.get(f"decaf-{p}"), alg.get(f"dlora-{p}"), f"{p}: averaged model decaf", "dlora",
-                          final_avg) for p in PARTITIONS])
-        if rank:
-            lines = [compare(rank.get(f"decaf-r{r}"), rank.get(f"dlora-r{r}"), f"r={r}: decaf", "dlora")
-                     for r in RANKS]
-        else:
-            lines = ["no data yet (rank suite not run)"]
-        bullet("The DeCAF–DLoRA gap shrinks as the rank grows.", lines)
-        lines = []
-        for p in PARTITIONS:
-            fa, dl = alg.get(f"dlora_fa-{p}"), alg.get(f"dlora-{p}")
-            lines.append(compare(fa, dl, f"{p}: dlora_fa", "dlora"))
-            if fa and dl:
-                lines.append(f"{p}: dlora_fa sends {fa.mean(bytes_per_round) / dl.mean(bytes_per_round):.3f} of "
-                             "dlora's bytes per agent per round")
-        bullet("DLoRA-FA trades some accuracy for half the communication.", lines)
+               [contrast(alg.get(f"decaf-{p}"), alg.get(f"dlora-{p}"), f"{p}: decaf", "dlora") for p in PARTITIONS]
+               + [contrast(alg.get(f"decaf-{p}"), alg.get(f"dlora-{p}"), f"{p}: averaged model decaf", "dlora",
+                           final_avg) for p in PARTITIONS], "ahead")
+        gaps = [contrast(rank.get(f"decaf-r{r}"), rank.get(f"dlora-r{r}"), f"r={r}: decaf", "dlora") for r in RANKS]
+        known = [(r, c) for r, c in zip(RANKS, gaps) if c.diff is not None]
+        notes = []
+        if len(known) > 1:
+            (r0, first), (r1, last) = known[0], known[-1]
+            shrinks = last.diff < first.diff
+            notes.append(f"Verdict: the gap is {first.diff:+.3f} at r={r0} and {last.diff:+.3f} at r={r1}, so it "
+                         f"{'shrinks' if shrinks else 'does not shrink'} as the rank grows"
+                         + ("" if any(c.distinguishable for _, c in known) else
+                            "; every gap is within the seed spread, so no trend is distinguishable") + ".")
+        bullet("The DeCAF–DLoRA gap shrinks as the rank grows.", gaps, None, notes)
+        fa_vs = [contrast(alg.get(f"dlora_fa-{p}"), alg.get(f"dlora-{p}"), f"{p}: dlora_fa", "dlora")
+                 for p in PARTITIONS]
+        sent = [f"{p}: dlora_fa sends {alg[f'dlora_fa-{p}'].mean(bytes_per_round) / alg[f'dlora-{p}'].mean(bytes_per_round):.3f}"
+                " of dlora's bytes per agent per round" for p in PARTITIONS if f"dlora_fa-{p}" in alg and f"dlora-{p}" in alg]
+        bullet("DLoRA-FA trades some accuracy for half the communication.", fa_vs, "behind", sent)
         topo = self.suites["topologies"]
         bullet("DeCAF works across ring, bipartite and complete topologies.",
-               [compare(topo.get(f"decaf-{t}-{p}"), topo.get(f"decaf-ring-{p}"), f"{p}: decaf {t}", "ring")
-                for p in ("iid", "dir0.1") for t in TOPOLOGIES if t != "ring"] if topo else ["no data yet"])
+               [contrast(topo.get(f"decaf-{t}-{p}"), topo.get(f"decaf-ring-{p}"), f"{p}: decaf {t}", "ring")
+                for p in ("iid", "dir0.1") for t in TOPOLOGIES if t != "ring"], "not behind")
         agents = self.suites["agents"]
-        bullet("DeCAF scales with the number of agents.",
-               [compare(agents.get(f"decaf-n{n}"), agents.get("decaf-n10"), f"decaf {n} agents", "10 agents")
-                for n in AGENT_COUNTS if n != 10] if agents else ["no data yet"])
+        bullet("DeCAF scales with the number of agents (the same 600 documents shared by more agents).",
+               [contrast(agents.get(f"decaf-n{n}"), agents.get("decaf-n10"), f"decaf {n} agents", "10 agents")
+                for n in AGENT_COUNTS if n != 10], "not behind")
+        bullet("DeCAF stays ahead of DLoRA at every agent count.",
+               [contrast(agents.get(f"decaf-n{n}"), agents.get(f"dlora-n{n}"), f"{n} agents: decaf", "dlora")
+                for n in AGENT_COUNTS], "ahead")
         messages = {(a, d): cell for a, d, cell in self.messages()}
-        bullet("Beyond the paper: do compressed messages cost accuracy?",
-               [compare(messages[(a, d)], messages[(a, "float32")], f"{a} {d}", "float32")
-                for a in ("decaf", "dlora") for d in MESSAGE_DTYPES])
+        bullet("Beyond the paper: compressed messages cost no accuracy.",
+               [contrast(messages[(a, d)], messages[(a, "float32")], f"{a} {d}", "float32")
+                for a in ("decaf", "dlora") for d in MESSAGE_DTYPES], "not behind")
         ranked = {(a, what): cell for a, what, cell in self.ranked()}
         low, high = [what for a, what, _ in self.ranked() if a == "decaf"][1:]
-        bullet("Beyond the paper: unequal ranks, DeCAF against DLoRA with zero-padding and against equal ranks.",
-               [compare(ranked[("decaf", MIXED_RANKS)], ranked[("dlora", MIXED_RANKS)], "mixed ranks: decaf",
-                        "dlora")]
-               + [compare(ranked[("decaf", MIXED_RANKS)], ranked[("decaf", what)], "decaf mixed ranks", f"decaf {what}")
-                  for what in (low, high)])
+        bullet("Beyond the paper: with unequal ranks DeCAF beats DLoRA with zero-padding.",
+               [contrast(ranked[("decaf", MIXED_RANKS)], ranked[("dlora", MIXED_RANKS)], "mixed ranks: decaf",
+                         "dlora")], "ahead",
+               [compare(ranked[("decaf", MIXED_RANKS)], ranked[("decaf", what)], "decaf mixed ranks", f"decaf {what}")
+                for what in (low, high)])
         split = self.suites["split"]
-        bullet("Factor split and optimizer-state policy (library defaults: balanced, keep).",
-               [compare(split.get(name), split.get("decaf-balanced-keep"), name, "balanced-keep")
-                for name in SUITES["split"].cells if name != "decaf-balanced-keep"] if split else ["no data yet"])
+        bullet("Factor split and optimizer-state policy: the library defaults (balanced, keep) train best.",
+               [contrast(split.get("decaf-balanced-keep"), split.get(name), "balanced-keep", name)
+                for name in SUITES["split"].cells if name != "decaf-balanced-keep"], "not behind")
         return "\n".join(out)
 
     def own_runs(self) -> list[tuple[str, Seeded]]:

@@ -29,7 +29,7 @@ def test_report_builds_from_the_committed_results(tmp_path):
     # The report's count of finished runs is run.py's (a cell read from another suite is not counted twice).
     reported = int(re.search(r"Finished runs: (\d+) of", text).group(1))
     listed = 0
-    for suite in ("algorithms", "topologies", "rank", "agents", "split", "compression", "mixed_ranks"):
+    for suite in ("algorithms", "topologies", "rank", "agents", "split", "compression", "mixed_ranks", "clip"):
         dry = _run(os.path.join(EXPERIMENTS, "run.py"), suite, "--dry-run")
         listed += int(re.search(r"runs, (\d+) done", dry.stdout).group(1))
     assert reported == listed
@@ -41,3 +41,37 @@ def test_run_dry_run_counts_finished_runs():
     assert "suite algorithms: 15 runs, 15 done, 0 to go" in done.stdout
     bad = _run(os.path.join(EXPERIMENTS, "run.py"), "nonsense")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def _report():
+    """experiments/report.py as a module."""
+    if EXPERIMENTS not in sys.path:
+        sys.path.insert(0, EXPERIMENTS)
+    import report
+    return report
+
+
+def _cell(name, accuracies):
+    report = _report()
+    return report.Cell(name, [report.Seeded({"seed": seed}, [{"acc_mean": acc}], {})
+                              for seed, acc in enumerate(accuracies)])
+
+
+def test_verdict_counts_settings_by_the_seed_spread_rule():
+    report = _report()
+    ahead = report.contrast(_cell("a", [0.90, 0.91, 0.92]), _cell("b", [0.80, 0.81, 0.82]), "a", "b")
+    close = report.contrast(_cell("a", [0.80, 0.85, 0.90]), _cell("b", [0.82, 0.84, 0.86]), "a", "b")
+    behind = report.contrast(_cell("a", [0.70, 0.71, 0.72]), _cell("b", [0.80, 0.81, 0.82]), "a", "b")
+    one_seed = report.contrast(_cell("a", [0.9]), _cell("b", [0.8]), "a", "b")
+    assert (ahead.distinguishable, close.distinguishable, behind.distinguishable, one_seed.distinguishable) == \
+        (True, False, True, None)
+    assert "distinguishable)" in ahead.text and "not a finding" in one_seed.text
+    settings = [ahead, close, behind, one_seed]
+    assert report.verdict("ahead", settings) == \
+        "Verdict: the data agree in 1 of 4 setting(s), contradict in 1, cannot tell in 2."
+    assert report.verdict("not behind", settings) == \
+        "Verdict: the data agree in 2 of 4 setting(s), contradict in 1, cannot tell in 1."
+    assert report.verdict("behind", settings) == \
+        "Verdict: the data agree in 1 of 4 setting(s), contradict in 1, cannot tell in 2."
+    assert report.verdict("ahead", [report.contrast(None, None, "a", "b")]) == "Verdict: no data yet."
+
