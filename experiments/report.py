@@ -446,7 +446,7 @@ class Report:
     def clip(self) -> str:
         cells = self.suites["clip"]
         out = ["## 8. The CLIP task (a pipeline check, not the paper's vision result)", "",
-               SUITES["clip"].claim + ". No pretrained CLIP ships offline, so accuracy here says how the algorithms "
+               f"Setting: {SUITES['clip'].claim}. No pretrained CLIP ships offline, so accuracy here says how the algorithms "
                "train a small vision-language model from scratch on 10 classes of 8x8 digits (chance 0.10), "
                "not what they do to ViT-B/16's features.", ""]
         if (missing := self.not_run("clip")) is not None:
