@@ -433,14 +433,12 @@ def scaling_table(args: argparse.Namespace, device: torch.device) -> list[dict]:
             stacks = neighbor_stacks(A, B, W)
             med = {}
             W_cpu = W.cpu()
-            calls = {"c": lambda: consensus(A, B, W, args.rank, "exact", args),
-                     "c_cpu_w": lambda: consensus(A, B, W_cpu, args.rank, "exact", args),
-                     "e": lambda: gram_floor(A_stack, B_stack),
-                     "f": lambda: neighbor_gram_floor(stacks),
-                     "d": lambda: consensus(A, B, W, args.rank, "randomized", args)}
-            if not cpu_w:
-                del calls["c_cpu_w"]
-            for key, fn in calls.items():
+            calls = [("c", lambda: consensus(A, B, W, args.rank, "exact", args))]
+            if cpu_w:
+                calls.append(("c_cpu_w", lambda: consensus(A, B, W_cpu, args.rank, "exact", args)))
+            calls += [("e", lambda: gram_floor(A_stack, B_stack)), ("f", lambda: neighbor_gram_floor(stacks)),
+                      ("d", lambda: consensus(A, B, W, args.rank, "randomized", args))]
+            for key, fn in calls:
                 times, _ = time_call(fn, device, args.repeats, args.warmup)
                 med[key] = statistics.median(times) * 1e3
             kr = int((W != 0).sum(1).max()) * args.r

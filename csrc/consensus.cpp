@@ -121,8 +121,8 @@ struct Plan {
   int64_t max_agents = 0;               // largest k
 };
 
-// W on the factors' GPU, never read on the host: every row is its own problem on the support of all agents (zero
-// weights give zero columns of the core), so the call needs no host synchronization.
+// W on the factors' GPU, never read on the host: every row is its own problem on the support of all
+// agents (zero weights give zero columns of the core), so the call needs no host synchronization.
 Plan device_plan(int64_t n_out, int64_t n_in) {
   Plan plan;
   Bucket bk;
@@ -141,9 +141,10 @@ Plan device_plan(int64_t n_out, int64_t n_in) {
   return plan;
 }
 
-// W on the CPU (Wd float64, contiguous; the factors on any device): identical rows are solved once; a row reads only its
-// neighbors' factors unless one support of all agents costs less (dense graphs). Cost, in flops
-// up to a constant: Gram or QR of each support's stacks (m + n) K^2, each distinct row's core ~20 K^3.
+// W on the CPU (Wd float64, contiguous; the factors on any device): identical rows are solved once; a
+// row reads only its neighbors' factors unless one support of all agents costs less (dense graphs).
+// Cost, in flops up to a constant: Gram or QR of each support's stacks (m + n) K^2, each distinct row's
+// core ~20 K^3.
 Plan host_plan(const at::Tensor& Wd, int64_t r, int64_t m, int64_t n) {
   const int64_t n_out = Wd.size(0), n_in = Wd.size(1);
   const double* w = Wd.data_ptr<double>();
@@ -475,8 +476,8 @@ at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const 
 // float64: SVD of the core R_B D R_A^T. float32: eigenpairs of H = R_B D G_A D R_B^T = core core^T
 // (squared conditioning, as in solve_exact), V from M^T U / sigma. These small problems run in
 // backend.gram_svd (CPU: as above; CUDA: a jittered Cholesky factorization of float64 Grams and
-// batched small eigensolves, csrc/gram_svd_batched.cpp). The split factors are P and Q times small coefficient matrices: one GEMM
-// pass over the stacks for the Grams, one for the write-back. None when backend.gram_svd declines
+// batched small eigensolves, csrc/gram_svd_batched.cpp). The split factors are P and Q times small
+// coefficient matrices: one GEMM pass over the stacks for the Grams, one for the write-back. None when backend.gram_svd declines
 // (a Gram not safely positive definite on the CPU): solve_exact then runs instead.
 std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, const at::Tensor& d, const Bucket& bk,
                                  const Options& o, const Backend& backend) {

@@ -446,8 +446,8 @@ class Report:
     def clip(self) -> str:
         cells = self.suites["clip"]
         out = ["## 8. The CLIP task (a pipeline check, not the paper's vision result)", "",
-               f"Setting: {SUITES['clip'].claim}. No pretrained CLIP ships offline, so accuracy here says how the algorithms "
-               "train a small vision-language model from scratch on 10 classes of 8x8 digits (chance 0.10), "
+               f"Setting: {SUITES['clip'].claim}. No pretrained CLIP ships offline, so accuracy here says how the "
+               "algorithms train a small vision-language model from scratch on 10 classes of 8x8 digits (chance 0.10), "
                "not what they do to ViT-B/16's features.", ""]
         if (missing := self.not_run("clip")) is not None:
             return "\n".join(out + [missing])
@@ -455,7 +455,7 @@ class Report:
                  f"{cells[f'{a}-dir0.5'].mean(bytes_per_round):,.0f}" if f"{a}-dir0.5" in cells else ""]
                 for a in ALGORITHMS]
         out.append(table(["algorithm", *ACC_HEADER, "bytes / agent / round"], rows))
-        out += ["", *(f"- {compare(cells.get(f'decaf-dir0.5'), cells.get(f'{b}-dir0.5'), 'decaf', b)}"
+        out += ["", *(f"- {compare(cells.get('decaf-dir0.5'), cells.get(f'{b}-dir0.5'), 'decaf', b)}"
                       for b in ALGORITHMS if b != "decaf")]
         panels = [("dir0.5", [(f"{a}-dir0.5", a) for a in ALGORITHMS])]
         if plot_panels(cells, panels, "acc_mean", "test acc (agents' mean)", self.plot_path("clip_acc")):
@@ -504,8 +504,12 @@ class Report:
         bullet("The DeCAF–DLoRA gap shrinks as the rank grows.", gaps, None, notes)
         fa_vs = [contrast(alg.get(f"dlora_fa-{p}"), alg.get(f"dlora-{p}"), f"{p}: dlora_fa", "dlora")
                  for p in PARTITIONS]
-        sent = [f"{p}: dlora_fa sends {alg[f'dlora_fa-{p}'].mean(bytes_per_round) / alg[f'dlora-{p}'].mean(bytes_per_round):.3f}"
-                " of dlora's bytes per agent per round" for p in PARTITIONS if f"dlora_fa-{p}" in alg and f"dlora-{p}" in alg]
+        sent = []
+        for p in PARTITIONS:
+            fa, dl = alg.get(f"dlora_fa-{p}"), alg.get(f"dlora-{p}")
+            if fa and dl:
+                sent.append(f"{p}: dlora_fa sends {fa.mean(bytes_per_round) / dl.mean(bytes_per_round):.3f} of "
+                            "dlora's bytes per agent per round")
         bullet("DLoRA-FA trades some accuracy for half the communication.", fa_vs, "behind", sent)
         topo = self.suites["topologies"]
         bullet("DeCAF works across ring, bipartite and complete topologies.",
