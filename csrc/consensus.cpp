@@ -347,11 +347,16 @@ at::Tensor per_support_rows(const at::Tensor& coef, const Bucket& bk) {
   return buf.view({batch, bk.supports, bk.slots * rank, K});
 }
 
-// Inverse of per_support_rows after the product: [batch, G, slots * rank, c] -> [batch, P, rank, c].
-at::Tensor per_problem_rows(const at::Tensor& out, const Bucket& bk, int64_t rank) {
+// Inverse of per_support_rows after the product: [batch, G, slots * rank, c] -> [batch, P, rank, c],
+// or [batch, G, c, slots * rank] -> [batch, P, c, rank] when `columns`.
+at::Tensor per_problem_rows(const at::Tensor& out, const Bucket& bk, int64_t rank, bool columns) {
   bool identity;
   const std::vector<int64_t> at_slot = slot_positions(bk, &identity);
-  const at::Tensor flat = out.view({out.size(0), bk.supports * bk.slots, rank, out.size(-1)});
+  const int64_t batch = out.size(0), P = bk.supports * bk.slots;
+  const at::Tensor flat =
+      columns ? out.view({batch, bk.supports, out.size(2), bk.slots, rank}).transpose(2, 3)
+                    .reshape({batch, P, out.size(2), rank})
+              : out.view({batch, P, rank, out.size(-1)});
   return identity ? flat : flat.index_select(1, index_tensor(at_slot, out.device()));
 }
 
@@ -454,19 +459,25 @@ at::Tensor support_grams(const at::Tensor& X, const Bucket& bk) {
 }
 
 // coef_rows [batch, G, R, K] times each support's stacked rows of X [batch, N_in r, c]:
-// [batch, G, R, c]. Through coefficient rows scattered over all N_in r rows (one GEMM, no gather)
-// when those extra multiply-adds cost less than gathering the stacks (dense graphs, few agents).
-at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const Bucket& bk) {
+// [batch, G, R, c], or its transpose [batch, G, c, R] when `columns` (computed as X^T times the
+// coefficients, so that B's columns come out in B's own layout). Through coefficient rows scattered
+// over all N_in r rows (one GEMM, no gather) when those extra multiply-adds cost less than gathering
+// the stacks (dense graphs, few agents).
+at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const Bucket& bk, bool columns) {
   const int64_t batch = X.size(0), NR = X.size(1), c = X.size(2);
   const int64_t G = bk.supports, R = coef_rows.size(2), K = coef_rows.size(3);
-  if (bk.all) return at::matmul(coef_rows, X.unsqueeze(1));
+  const auto times = [columns](const at::Tensor& coef, const at::Tensor& Xs) {
+    return columns ? at::matmul(Xs.transpose(-1, -2), coef.transpose(-1, -2)) : at::matmul(coef, Xs);
+  };
+  if (bk.all) return times(coef_rows, X.unsqueeze(1));  // one support: G = 1
   if (R * NR <= R * K + K * kGatherCost) {
     const at::Tensor cols = index_tensor(bk.cols, X.device()).view({1, G, 1, K}).expand_as(coef_rows);
     const at::Tensor full = at::zeros({batch, G, R, NR}, coef_rows.options()).scatter_(-1, cols, coef_rows);
-    return at::matmul(full.view({batch, G * R, NR}), X).view({batch, G, R, c});
+    const at::Tensor out = times(full.view({batch, G * R, NR}), X);  // [batch, G R, c] or [batch, c, G R]
+    return columns ? out.view({batch, c, G, R}).transpose(1, 2) : out.view({batch, G, R, c});
   }
   return over_stacks(X, bk, [&](const at::Tensor& Xs, int64_t b, int64_t len) {
-    return at::matmul(coef_rows.narrow(0, b, len), Xs);
+    return times(coef_rows.narrow(0, b, len), Xs);
   });
 }
 
@@ -496,11 +507,11 @@ std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, con
   const double tol = 16.0 * std::sqrt((double)std::max({m, n, K})) * eps_of(ct);
   const Coefficients c = split_coefficients(svd->U, svd->S, svd->V, sB, sA, o, tol);
   Solved out;
-  // Coefficient rows times the stacks: [batch, G, slots rank, m|n] (row-major results).
-  const at::Tensor BP = times_stacks(per_support_rows(c.B.to(ct), bk), Bt, bk);
-  const at::Tensor AQ = times_stacks(per_support_rows(c.A.to(ct), bk), Af, bk);
-  out.B_new = per_problem_rows(BP, bk, o.rank).transpose(-1, -2);  // [batch, P, m, rank]
-  out.A_new = per_problem_rows(AQ, bk, o.rank);                    // [batch, P, rank, n]
+  // Coefficient rows times the stacks: B's as columns [batch, G, m, slots rank], A's as rows [batch, G, slots rank, n].
+  const at::Tensor BP = times_stacks(per_support_rows(c.B.to(ct), bk), Bt, bk, /*columns=*/true);
+  const at::Tensor AQ = times_stacks(per_support_rows(c.A.to(ct), bk), Af, bk, /*columns=*/false);
+  out.B_new = per_problem_rows(BP, bk, o.rank, /*columns=*/true);   // [batch, P, m, rank]
+  out.A_new = per_problem_rows(AQ, bk, o.rank, /*columns=*/false);  // [batch, P, rank, n]
   out.S = c.S;
   out.missing = c.missing;
   return out;
