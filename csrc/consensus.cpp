@@ -459,26 +459,25 @@ at::Tensor support_grams(const at::Tensor& X, const Bucket& bk) {
 }
 
 // coef_rows [batch, G, R, K] times each support's stacked rows of X [batch, N_in r, c]:
-// [batch, G, R, c], or its transpose [batch, G, c, R] when `columns` (computed as X^T times the
-// coefficients, so that B's columns come out in B's own layout). Through coefficient rows scattered
-// over all N_in r rows (one GEMM, no gather) when those extra multiply-adds cost less than gathering
-// the stacks (dense graphs, few agents).
+// [batch, G, R, c], or its transpose [batch, G, c, R] (a view) when `columns`. Through coefficient
+// rows scattered over all N_in r rows (one GEMM, no gather) when those extra multiply-adds cost less
+// than gathering the stacks (dense graphs, few agents); that GEMM's G R output columns are wide, so
+// for `columns` it is computed as X^T times the coefficients, leaving B's columns in B's own layout.
 at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const Bucket& bk, bool columns) {
   const int64_t batch = X.size(0), NR = X.size(1), c = X.size(2);
   const int64_t G = bk.supports, R = coef_rows.size(2), K = coef_rows.size(3);
-  const auto times = [columns](const at::Tensor& coef, const at::Tensor& Xs) {
-    return columns ? at::matmul(Xs.transpose(-1, -2), coef.transpose(-1, -2)) : at::matmul(coef, Xs);
-  };
-  if (bk.all) return times(coef_rows, X.unsqueeze(1));  // one support: G = 1
+  const auto oriented = [columns](const at::Tensor& rows) { return columns ? rows.transpose(-1, -2) : rows; };
+  if (bk.all) return oriented(at::matmul(coef_rows, X.unsqueeze(1)));
   if (R * NR <= R * K + K * kGatherCost) {
     const at::Tensor cols = index_tensor(bk.cols, X.device()).view({1, G, 1, K}).expand_as(coef_rows);
     const at::Tensor full = at::zeros({batch, G, R, NR}, coef_rows.options()).scatter_(-1, cols, coef_rows);
-    const at::Tensor out = times(full.view({batch, G * R, NR}), X);  // [batch, G R, c] or [batch, c, G R]
-    return columns ? out.view({batch, c, G, R}).transpose(1, 2) : out.view({batch, G, R, c});
+    if (columns) return at::matmul(X.transpose(1, 2), full.view({batch, G * R, NR}).transpose(1, 2))
+                            .view({batch, c, G, R}).transpose(1, 2);
+    return at::matmul(full.view({batch, G * R, NR}), X).view({batch, G, R, c});
   }
-  return over_stacks(X, bk, [&](const at::Tensor& Xs, int64_t b, int64_t len) {
-    return times(coef_rows.narrow(0, b, len), Xs);
-  });
+  return oriented(over_stacks(X, bk, [&](const at::Tensor& Xs, int64_t b, int64_t len) {
+    return at::matmul(coef_rows.narrow(0, b, len), Xs);
+  }));
 }
 
 // Exact, from Gram matrices: G_B = Bs Bs^T and G_A = As As^T per support in the compute
