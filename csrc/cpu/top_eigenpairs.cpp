@@ -54,22 +54,29 @@ void tridiagonalize(double* H, int64_t K, double* diag, double* off, double* tau
   if (K >= 2) off[K - 2] = H[(K - 2) * K + K - 1];
 }
 
-// For each of the shifts x [n]: the number of eigenvalues of T below it (Sturm sequences; pivots
-// below pivmin count as -pivmin). The n recurrences run in lockstep, so that their divisions
-// overlap instead of waiting on each other.
-void counts_below(const double* diag, const double* off2, int64_t K, const double* x, int64_t n, double pivmin,
-                  double* t, double* count) {
+// For each of the points x [n]: the number of eigenvalues of T below it (Sturm count: the negative
+// pivots t_i of T - x I = L D L^T, pivots below pivmin in magnitude counted as -pivmin) and
+// S = d/dx log|det(T - x I)| = sum_i t_i'/t_i (Newton's step for det is -1/S). One division per
+// pivot; the n recurrences run in lockstep, so that their divisions overlap.
+void counts_and_slopes(const double* diag, const double* off2, int64_t K, const double* x, int64_t n,
+                       double pivmin, double* t, double* dt, double* count, double* S) {
   for (int64_t s = 0; s < n; ++s) {
-    t[s] = diag[0] - x[s];
-    t[s] = std::abs(t[s]) < pivmin ? -pivmin : t[s];
+    const double v = diag[0] - x[s];
+    t[s] = std::abs(v) < pivmin ? -pivmin : v;
+    dt[s] = -1.0;
+    S[s] = 0.0;
     count[s] = t[s] < 0.0 ? 1.0 : 0.0;
   }
   for (int64_t i = 1; i < K; ++i)
     for (int64_t s = 0; s < n; ++s) {
-      const double v = diag[i] - x[s] - off2[i - 1] / t[s];
+      const double r = 1.0 / t[s], qv = off2[i - 1] * r;
+      S[s] += dt[s] * r;
+      dt[s] = qv * r * dt[s] - 1.0;
+      const double v = diag[i] - x[s] - qv;
       t[s] = std::abs(v) < pivmin ? -pivmin : v;
       count[s] += t[s] < 0.0 ? 1.0 : 0.0;
     }
+  for (int64_t s = 0; s < n; ++s) S[s] += dt[s] / t[s];
 }
 
 // LU factorization with partial pivoting of T - shift I (LAPACK dgttrf), pivots below `floor` in
@@ -132,7 +139,7 @@ double dot(const double* x, const double* y, int64_t K) {
 }  // namespace
 
 bool top_eigenpairs(double* H, int64_t K, int64_t q, double* values, double* X, std::vector<double>& scratch) {
-  scratch.resize((size_t)(10 * K + q * K + 5 * q));
+  scratch.resize((size_t)(10 * K + q * K + 10 * q));
   double* diag = scratch.data();
   double* off = diag + K;
   double* off2 = off + K;
@@ -160,28 +167,59 @@ bool top_eigenpairs(double* H, int64_t K, int64_t q, double* values, double* X, 
   const double slack = 2.0 * K * kEps + 2.0 * pivmin;
   const double res_tol = 64.0 * K * kEps;
 
-  // Bisection for the eigenvalues of ascending index K-1-l, all l at once:
-  // count_below(lo[l]) <= K-1-l < count_below(hi[l]).
+  // The eigenvalues of ascending index e = K-1-l, all l at once, by safeguarded Newton steps on
+  // det(T - x I): each evaluated point narrows the bracket, whose Sturm counts keep
+  // clo[l] <= e < chi[l]; once the bracket holds that one eigenvalue alone, a Newton step that stays
+  // inside it replaces the midpoint. A search unfinished after 96 rounds returns false.
   double* lo = Z + q * K;
   double* hi = lo + q;
-  double* mid = hi + q;
-  double* t = mid + q;
+  double* at = hi + q;  // current point of each search
+  double* t = at + q;
   double* count = t + q;
+  double* dt = count + q;
+  double* S = dt + q;
+  double* clo = S + q;
+  double* chi = clo + q;
+  double* done = chi + q;
   for (int64_t l = 0; l < q; ++l) {
-    lo[l] = -1.0 - slack;
+    lo[l] = -1.0 - slack;  // |eigenvalues of T / ||T||| <= 1
     hi[l] = 1.0 + slack;
+    clo[l] = 0.0;
+    chi[l] = (double)K;
+    at[l] = 0.5 * (lo[l] + hi[l]);
+    done[l] = 0.0;
   }
-  for (int iter = 0; iter < 64; ++iter) {
-    for (int64_t l = 0; l < q; ++l) mid[l] = 0.5 * (lo[l] + hi[l]);
-    counts_below(diag, off2, K, mid, q, pivmin, t, count);
-    bool narrow = true;
+  for (int iter = 0; iter < 96; ++iter) {
+    counts_and_slopes(diag, off2, K, at, q, pivmin, t, dt, count, S);
+    bool all_done = true;
     for (int64_t l = 0; l < q; ++l) {
-      (count[l] <= (double)(K - 1 - l) ? lo[l] : hi[l]) = mid[l];
-      narrow = narrow && hi[l] - lo[l] <= 2.0 * kEps;
+      if (done[l] != 0.0) continue;
+      const double e = (double)(K - 1 - l);
+      if (count[l] <= e) {
+        lo[l] = at[l];
+        clo[l] = count[l];
+      } else {
+        hi[l] = at[l];
+        chi[l] = count[l];
+      }
+      const double step = -1.0 / S[l], next = at[l] + step;
+      const bool alone = chi[l] - clo[l] == 1.0;
+      if (alone && std::abs(step) <= 4.0 * kEps && next >= lo[l] && next <= hi[l]) {
+        at[l] = next;
+        done[l] = 1.0;
+      } else if (hi[l] - lo[l] <= 2.0 * kEps) {
+        at[l] = 0.5 * (lo[l] + hi[l]);
+        done[l] = 1.0;
+      } else {
+        at[l] = alone && next > lo[l] && next < hi[l] ? next : 0.5 * (lo[l] + hi[l]);
+        all_done = false;
+      }
     }
-    if (narrow) break;
+    if (all_done) break;
   }
-  for (int64_t l = 0; l < q; ++l) values[l] = 0.5 * (lo[l] + hi[l]);
+  for (int64_t l = 0; l < q; ++l)
+    if (done[l] == 0.0) return false;
+  for (int64_t l = 0; l < q; ++l) values[l] = at[l];
   for (int64_t l = 0; l < q; ++l) {
     const double lambda = values[l];
     values[l] = lambda * norm;
@@ -213,19 +251,23 @@ bool top_eigenpairs(double* H, int64_t K, int64_t q, double* values, double* X, 
     }
     if (!converged) return false;
   }
-  // X = Q Z^T: reflectors applied in reverse order.
-  for (int64_t l = 0; l < q; ++l) {
-    double* x = Z + l * K;
-    for (int64_t k = K - 3; k >= 0; --k) {
-      if (tau[k] == 0.0) continue;
-      const double* v = H + k * K + k + 1;  // v[0] = 1
-      double s = x[k + 1];
-      for (int64_t i = 1; i < K - 1 - k; ++i) s += v[i] * x[k + 1 + i];
-      s *= tau[k];
-      x[k + 1] -= s;
-      for (int64_t i = 1; i < K - 1 - k; ++i) x[k + 1 + i] -= s * v[i];
-    }
-    for (int64_t i = 0; i < K; ++i) X[i * q + l] = x[i];
+  // X = Q Z^T: Z^T into X [K, q], then the reflectors in reverse order, each applied to the q
+  // columns at once (s [q] = tau X^T v, X -= v s^T: loops over the q columns vectorize).
+  for (int64_t l = 0; l < q; ++l)
+    for (int64_t i = 0; i < K; ++i) X[i * q + l] = Z[l * K + i];
+  double* s = w;  // [q] (w is free after the tridiagonalization; q <= K)
+  for (int64_t k = K - 3; k >= 0; --k) {
+    if (tau[k] == 0.0) continue;
+    const double* v = H + k * K + k + 1;  // v[0] = 1
+    double* rows = X + (k + 1) * q;       // rows k+1.. of X
+    const int64_t n2 = K - 1 - k;
+    for (int64_t l = 0; l < q; ++l) s[l] = rows[l];
+    for (int64_t i = 1; i < n2; ++i)
+      for (int64_t l = 0; l < q; ++l) s[l] += v[i] * rows[i * q + l];
+    for (int64_t l = 0; l < q; ++l) s[l] *= tau[k];
+    for (int64_t l = 0; l < q; ++l) rows[l] -= s[l];
+    for (int64_t i = 1; i < n2; ++i)
+      for (int64_t l = 0; l < q; ++l) rows[i * q + l] -= s[l] * v[i];
   }
   return true;
 }

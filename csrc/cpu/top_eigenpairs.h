@@ -1,7 +1,8 @@
 // The largest eigenpairs of a small symmetric matrix, without computing the others: Householder
-// tridiagonalization, bisection (Sturm counts) for the wanted eigenvalues, inverse iteration for
-// their eigenvectors (reorthogonalized against the ones found before), back-transformation. For
-// K = 24 and q = 8 it costs about half of LAPACK's full dsyevd, and it runs on any thread.
+// tridiagonalization, the wanted eigenvalues by bisection on Sturm counts turned into Newton steps
+// on det(T - x I) once a bracket holds one eigenvalue, inverse iteration for their eigenvectors
+// (reorthogonalized against the ones found before), back-transformation. For K = 24 and q = 8 it
+// costs about a third of LAPACK's full dsyevd, and it runs on any thread.
 #pragma once
 
 #include <cstdint>
