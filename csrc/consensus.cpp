@@ -459,11 +459,14 @@ at::Tensor support_grams(const at::Tensor& X, const Bucket& bk) {
 }
 
 // coef_rows [batch, G, R, K] times each support's stacked rows of X [batch, N_in r, c]:
-// [batch, G, R, c], or its transpose [batch, G, c, R] (a view) when `columns`. Through coefficient
-// rows scattered over all N_in r rows (one GEMM, no gather) when those extra multiply-adds cost less
-// than gathering the stacks (dense graphs, few agents); that GEMM's G R output columns are wide, so
-// for `columns` it is computed as X^T times the coefficients, leaving B's columns in B's own layout.
-at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const Bucket& bk, bool columns) {
+// [batch, G, R, c], or its transpose [batch, G, c, R] (possibly a view) when `columns`. A sparse
+// bucket goes to the backend's kernel where it has one (CPU). Otherwise, through coefficient rows
+// scattered over all N_in r rows (one GEMM, no gather) when those extra multiply-adds cost less than
+// gathering the stacks (dense graphs, few agents); that GEMM's G R output columns are wide, so for
+// `columns` it is computed as X^T times the coefficients, leaving B's columns in B's own layout.
+at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const Bucket& bk, bool columns,
+                        const Backend& backend) {
+  if (!bk.all && backend.times_stacks != nullptr) return backend.times_stacks(coef_rows, X, bk.cols, columns);
   const int64_t batch = X.size(0), NR = X.size(1), c = X.size(2);
   const int64_t G = bk.supports, R = coef_rows.size(2), K = coef_rows.size(3);
   const auto oriented = [columns](const at::Tensor& rows) { return columns ? rows.transpose(-1, -2) : rows; };
@@ -507,8 +510,8 @@ std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, con
   const Coefficients c = split_coefficients(svd->U, svd->S, svd->V, sB, sA, o, tol);
   Solved out;
   // Coefficient rows times the stacks: B's as columns [batch, G, m, slots rank], A's as rows [batch, G, slots rank, n].
-  const at::Tensor BP = times_stacks(per_support_rows(c.B.to(ct), bk), Bt, bk, /*columns=*/true);
-  const at::Tensor AQ = times_stacks(per_support_rows(c.A.to(ct), bk), Af, bk, /*columns=*/false);
+  const at::Tensor BP = times_stacks(per_support_rows(c.B.to(ct), bk), Bt, bk, /*columns=*/true, backend);
+  const at::Tensor AQ = times_stacks(per_support_rows(c.A.to(ct), bk), Af, bk, /*columns=*/false, backend);
   out.B_new = per_problem_rows(BP, bk, o.rank, /*columns=*/true);   // [batch, P, m, rank]
   out.A_new = per_problem_rows(AQ, bk, o.rank, /*columns=*/false);  // [batch, P, rank, n]
   out.S = c.S;

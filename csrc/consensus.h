@@ -52,6 +52,13 @@ struct Backend {
   std::optional<GramSvd> (*gram_svd)(const Backend& backend, const at::Tensor& GB, const at::Tensor& GA,
                                      const at::Tensor& d, const std::vector<int64_t>& group,
                                      const PerProblem& per_problem, int64_t q, bool squared, double min_pivot);
+  // The write-back product of the Gram path on a sparse bucket: coef_rows [batch, G, R, K] times the
+  // stacked rows X[:, cols[g K + k]] (k < K) of X [batch, N_in r, c] for each support g:
+  // [batch, G, R, c], or [batch, G, c, R] when `columns`. CPU: a kernel reading the rows in place
+  // (csrc/cpu/times_stacks_cpu.cpp). nullptr: ATen GEMMs on gathered stacks, or on coefficients
+  // scattered over all N_in r rows.
+  at::Tensor (*times_stacks)(const at::Tensor& coef_rows, const at::Tensor& X, const std::vector<int64_t>& cols,
+                             bool columns);
   // gram_svd's Gram matrices are formed from float64 copies of the factors (a gram_svd without a
   // pivot check needs zero and repeated columns to give Grams singular to float64 rounding).
   bool float64_grams;
