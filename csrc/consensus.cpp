@@ -442,9 +442,12 @@ constexpr int64_t kGatherCost = 16;
 
 // Gram matrices [batch, G, K, K] (float64, computed in X's dtype) of each support's stacked rows of
 // X [batch, N_in r, c]: blocks of the all-pairs Gram when that costs less than gathering the stacks
-// and one Gram per support (sparse graphs with few agents).
-at::Tensor support_grams(const at::Tensor& X, const Bucket& bk) {
+// and one Gram per support (sparse graphs with few agents); otherwise the backend's kernel on the
+// rows in place where it has one (CPU), else one GEMM per gathered stack.
+at::Tensor support_grams(const at::Tensor& X, const Bucket& bk, const Backend& backend) {
   const int64_t NR = X.size(1), G = bk.supports, K = (int64_t)bk.cols.size() / G;
+  if (!bk.all && NR * NR > G * K * (K + kGatherCost) && backend.support_grams != nullptr)
+    return backend.support_grams(X, bk.cols, G);
   if (bk.all || NR * NR > G * K * (K + kGatherCost))
     return over_stacks(X, bk, [](const at::Tensor& Xs, int64_t, int64_t) {
       return at::matmul(Xs, Xs.transpose(-1, -2)).to(at::kDouble);
@@ -497,7 +500,7 @@ std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, con
   const int64_t K = d.size(1), m = Bt.size(2), n = Af.size(2);
   const at::ScalarType ct = Bt.scalar_type();
   const auto gram_of = [&](const at::Tensor& X) {
-    return support_grams(backend.float64_grams ? X.to(at::kDouble) : X, bk);
+    return support_grams(backend.float64_grams ? X.to(at::kDouble) : X, bk, backend);
   };
   const auto svd = backend.gram_svd(backend, gram_of(Bt), gram_of(Af), d, bk.group,
                                     [&](const at::Tensor& x) { return per_problem(x, bk); }, std::min(o.rank, K),

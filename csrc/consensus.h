@@ -52,10 +52,15 @@ struct Backend {
   std::optional<GramSvd> (*gram_svd)(const Backend& backend, const at::Tensor& GB, const at::Tensor& GA,
                                      const at::Tensor& d, const std::vector<int64_t>& group,
                                      const PerProblem& per_problem, int64_t q, bool squared, double min_pivot);
+  // The Gram matrices [batch, G, K, K] (float64, products in X's dtype) of each support's stacked
+  // rows X[:, cols[g K + k]] (k < K) of X [batch, N_in r, c], for a sparse bucket whose supports would
+  // otherwise be gathered. CPU: a kernel reading the rows in place (csrc/cpu/stacked_rows_cpu.cpp).
+  // nullptr: ATen GEMMs on stacks gathered per chunk of modules.
+  at::Tensor (*support_grams)(const at::Tensor& X, const std::vector<int64_t>& cols, int64_t G);
   // The write-back product of the Gram path on a sparse bucket: coef_rows [batch, G, R, K] times the
   // stacked rows X[:, cols[g K + k]] (k < K) of X [batch, N_in r, c] for each support g:
   // [batch, G, R, c], or [batch, G, c, R] when `columns`. CPU: a kernel reading the rows in place
-  // (csrc/cpu/times_stacks_cpu.cpp). nullptr: ATen GEMMs on gathered stacks, or on coefficients
+  // (csrc/cpu/stacked_rows_cpu.cpp). nullptr: ATen GEMMs on gathered stacks, or on coefficients
   // scattered over all N_in r rows.
   at::Tensor (*times_stacks)(const at::Tensor& coef_rows, const at::Tensor& X, const std::vector<int64_t>& cols,
                              bool columns);

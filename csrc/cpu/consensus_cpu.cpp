@@ -13,7 +13,7 @@
 #include "../consensus.h"
 #include "cpu_backend.h"
 #include "gram_svd.h"
-#include "times_stacks_cpu.h"
+#include "stacked_rows_cpu.h"
 
 namespace decaf {
 namespace {
@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> eigh_cpu(const at::Tensor& H) {
 }  // namespace
 
 const Backend kCpuBackend{complete_rows_cpu, fill_normal_cpu, geqrf_cpu, ormqr_cpu, qr_cpu, svd_cpu, eigh_cpu,
-                          gram_svd_cpu, times_stacks_cpu, /*float64_grams=*/false, /*auto_exact_max_columns=*/128};
+                          gram_svd_cpu, support_grams_cpu, times_stacks_cpu, /*float64_grams=*/false, /*auto_exact_max_columns=*/128};
 
 namespace {
 

@@ -177,7 +177,8 @@ int main() {
   // float32 cases, sparse and dense buckets, duplicated neighbors, agents near consensus, zero products.
   decaf::Backend batched_backend = decaf::kCpuBackend;
   batched_backend.gram_svd = decaf::gram_svd_batched;
-  batched_backend.times_stacks = nullptr;  // the ATen write-back, as on CUDA
+  batched_backend.support_grams = nullptr;  // the ATen Grams and write-back, as on CUDA
+  batched_backend.times_stacks = nullptr;
   batched_backend.float64_grams = true;
   batched_backend.eigh = small_eigh_serial;
   swapped_backend = &batched_backend;
