@@ -28,6 +28,11 @@ from typing import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+try:
+    import resource  # page-fault counts (Unix)
+except ImportError:
+    resource = None
+
 import decaf_ext
 from decaf_ext.topology import build_graph, mixing_matrix
 
@@ -136,6 +141,9 @@ def machine_info(device: torch.device) -> dict:
         info["cpu"] = names[0] if names else info["cpu"]
     if hasattr(os, "getloadavg"):
         info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    allocator = {k: os.environ[k] for k in ("GLIBC_TUNABLES", "LD_PRELOAD") if os.environ.get(k)}
+    if allocator:  # the host allocator decides how often fresh outputs page-fault
+        info["allocator_env"] = allocator
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -147,20 +155,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 without the resource module)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
-              warmup_fn: Callable[[], object] | None = None) -> tuple[list[float], object]:
+              warmup_fn: Callable[[], object] | None = None,
+              faults: list[float] | None = None) -> tuple[list[float], object]:
     """Wall times (s) of `repeats` calls of fn after `warmup` calls of warmup_fn (default fn);
-    returns the times and the last result."""
+    returns the times and the last result, and appends the minor page faults per timed call to
+    `faults` when given."""
     for _ in range(warmup):
         (warmup_fn or fn)()
     synchronize(device)
     times, out = [], None
+    faults_before = minor_faults()
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
         out = fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
+    if faults is not None:
+        faults.append((minor_faults() - faults_before) / max(repeats, 1))
     return times, out
 
 
@@ -324,8 +342,11 @@ def run_topology(topology: str, A: torch.Tensor, B: torch.Tensor, args: argparse
         print(f"  [{topology}] {label.strip()}: {res.timings[key].median_s * 1e3:.3f} ms", flush=True)
 
     def consensus_row(key: str, method: str) -> None:
-        times, out = time_call(lambda: consensus(A, B, W, args.rank, method, args), repeats=args.repeats, **run)
-        record(key, f"({key}) consensus_tsvd {method}", times, note="check_values=False")
+        faults: list[float] = []
+        times, out = time_call(lambda: consensus(A, B, W, args.rank, method, args), repeats=args.repeats,
+                               faults=faults, **run)
+        record(key, f"({key}) consensus_tsvd {method}", times,
+               note=f"check_values=False; {faults[0]:.0f} page faults per call")
         outputs[key] = out
 
     consensus_row("c", "exact")

@@ -45,6 +45,7 @@ def assert_matches_reference(A, B, W, rank, out, tol):
 @pytest.mark.parametrize("n_agents,r,m,n,rank", [
     (1, 1, 7, 5, 1), (2, 3, 9, 14, 2), (4, 8, 40, 24, 8), (6, 16, 20, 33, 5),
     (8, 2, 64, 48, 3), (16, 4, 24, 40, 12), (16, 1, 50, 30, 1), (5, 16, 128, 96, 16),
+    (32, 3, 37, 41, 3),  # ring: per-support Grams and write-back on rows in place, partial tiles
 ])
 def test_matches_dense_reference(device, method, dtype, topology, n_agents, r, m, n, rank):
     A, B = factors((3,), n_agents, r, m, n, dtype, device)
