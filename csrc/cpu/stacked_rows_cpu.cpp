@@ -118,6 +118,22 @@ DECAF_VECTOR_CLONES void rows_times_cloned(const double* C, int64_t R, int64_t K
   rows_times(C, R, K, rows, c, out, rs, cs);
 }
 
+// f(p, rows) for every (module, support) p = b G + g of X [batch, N_in r, c], in parallel, with
+// rows [K] pointing at the support's stacked rows X[b, cols[g K + k]].
+template <class T, class F>
+void for_each_support(const T* X, int64_t batch, int64_t NR, int64_t c, const std::vector<int64_t>& cols, int64_t G,
+                      F f) {
+  const int64_t K = (int64_t)cols.size() / G;
+  at::parallel_for(0, batch * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> rows(K);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b = p / G, g = p % G;
+      for (int64_t k = 0; k < K; ++k) rows[k] = X + (b * NR + cols[g * K + k]) * c;
+      f(p, rows.data());
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor support_grams_cpu(const at::Tensor& X, const std::vector<int64_t>& cols, int64_t G) {
@@ -125,15 +141,9 @@ at::Tensor support_grams_cpu(const at::Tensor& X, const std::vector<int64_t>& co
   const at::Tensor x = X.contiguous();
   at::Tensor out = at::empty({batch, G, K, K}, X.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "support_grams_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
     double* op = out.data_ptr<double>();
-    at::parallel_for(0, batch * G, 1, [&](int64_t begin, int64_t end) {
-      std::vector<const scalar_t*> rows(K);
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t b = p / G, g = p % G;
-        for (int64_t k = 0; k < K; ++k) rows[k] = xp + (b * NR + cols[g * K + k]) * c;
-        gram_rows_cloned(rows.data(), K, c, op + p * K * K);
-      }
+    for_each_support(x.data_ptr<scalar_t>(), batch, NR, c, cols, G, [&](int64_t p, const scalar_t* const* rows) {
+      gram_rows_cloned(rows, K, c, op + p * K * K);
     });
   });
   return out;
@@ -145,18 +155,12 @@ at::Tensor times_stacks_cpu(const at::Tensor& coef_rows, const at::Tensor& X, co
   const int64_t G = coef_rows.size(1), R = coef_rows.size(2), K = coef_rows.size(3);
   const at::Tensor coef = coef_rows.contiguous(), x = X.contiguous();
   at::Tensor out = columns ? at::empty({batch, G, c, R}, X.options()) : at::empty({batch, G, R, c}, X.options());
+  const int64_t rs = columns ? 1 : c, cs = columns ? R : 1;  // strides of out's rows and columns
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "times_stacks_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* cp = coef.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * G, 1, [&](int64_t begin, int64_t end) {
-      std::vector<const scalar_t*> rows(K);
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t b = p / G, g = p % G;
-        for (int64_t k = 0; k < K; ++k) rows[k] = xp + (b * NR + cols[g * K + k]) * c;
-        const int64_t rs = columns ? 1 : c, cs = columns ? R : 1;
-        rows_times_cloned(cp + p * R * K, R, K, rows.data(), c, op + p * R * c, rs, cs);
-      }
+    for_each_support(x.data_ptr<scalar_t>(), batch, NR, c, cols, G, [&](int64_t p, const scalar_t* const* rows) {
+      rows_times_cloned(cp + p * R * K, R, K, rows, c, op + p * R * c, rs, cs);
     });
   });
   return out;
