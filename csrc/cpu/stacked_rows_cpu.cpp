@@ -13,7 +13,8 @@
 #include <algorithm>
 #include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// DECAF_NO_CLONES: one build for the compiler's -march (how the clones are tested one by one).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(DECAF_NO_CLONES)
 #define DECAF_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DECAF_VECTOR_CLONES

@@ -1,0 +1,67 @@
+// The CPU's in-place Gram and write-back kernels (csrc/cpu/stacked_rows_cpu.cpp) built for one x86-64
+// level (-march, with DECAF_NO_CLONES), so that each of the clones the library picks from at load time
+// is checked on any machine that can run it, against float64 ATen products of gathered stacks:
+// float32 and float64, full and partial tiles, row lengths with and without a vector tail.
+// Prints "N passed, N failed", or SKIP where this CPU lacks the level's instructions.
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <tuple>
+#include <vector>
+
+#include "../cpu/stacked_rows_cpu.h"
+
+namespace {
+
+bool cpu_runs_this_build() {
+#if defined(__AVX512F__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#elif defined(__AVX2__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return true;
+#endif
+}
+
+double relative_error(const at::Tensor& x, const at::Tensor& ref) {
+  return ((x.to(at::kDouble) - ref).abs().max() / ref.abs().max()).item<double>();
+}
+
+}  // namespace
+
+int main() {
+  if (!cpu_runs_this_build()) {
+    std::printf("SKIP: this CPU lacks the instructions of this build's -march\n");
+    return 0;
+  }
+  at::manual_seed(0);
+  int passed = 0, failed = 0;
+  const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>> shapes{
+      // agents N, rank r, row length c, supports G, stacked rows K
+      {8, 8, 768, 8, 24}, {5, 3, 37, 5, 9}, {7, 2, 16, 3, 14}, {4, 1, 5, 2, 3}, {6, 4, 33, 6, 8}};
+  for (const at::ScalarType dtype : {at::kFloat, at::kDouble})
+    for (const auto& [N, r, c, G, K] : shapes) {
+      const int64_t batch = 3, NR = N * r;
+      const at::Tensor X = at::randn({batch, NR, c}, at::TensorOptions().dtype(dtype));
+      std::vector<int64_t> cols;  // any rows, repeats included
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t k = 0; k < K; ++k) cols.push_back((g * 5 + k * 7) % NR);
+      const at::Tensor stacks = X.index_select(1, at::tensor(cols)).view({batch, G, K, c}).to(at::kDouble);
+      const double tol = dtype == at::kFloat ? 1e-5 : 1e-12;
+      const double gram = relative_error(decaf::support_grams_cpu(X, cols, G), at::matmul(stacks, stacks.transpose(-1, -2)));
+      double product = 0.0;
+      for (const int64_t R : {8, 5, 1}) {
+        const at::Tensor coef = at::randn({batch, G, R, K}, X.options());
+        const at::Tensor ref = at::matmul(coef.to(at::kDouble), stacks);
+        product = std::max({product, relative_error(decaf::times_stacks_cpu(coef, X, cols, false), ref),
+                            relative_error(decaf::times_stacks_cpu(coef, X, cols, true), ref.transpose(-1, -2))});
+      }
+      const bool ok = gram <= tol && product <= tol;
+      (ok ? passed : failed)++;
+      std::printf("%s %s N=%ld r=%ld c=%ld G=%ld K=%ld (Gram error %.1e, write-back error %.1e)\n", ok ? "PASS" : "FAIL",
+                  dtype == at::kFloat ? "float32" : "float64", (long)N, (long)r, (long)c, (long)G, (long)K, gram,
+                  product);
+    }
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
