@@ -2,23 +2,17 @@
 // stacked_rows_cpu.h), each support's output computed in register tiles: the K stacked rows are
 // read through pointers into X, so a sparse graph costs multiply-adds only for its neighbors' rows.
 // The Gram takes the upper triangle of tiles (dot products over c, kept in kLanes partial sums);
-// the write-back stores B's columns transposed straight from the tile. On x86-64 with GCC the
-// kernels are compiled for AVX-512, AVX2 and the baseline, the best one chosen when the library
-// loads (target_clones).
+// the write-back stores B's columns transposed straight from the tile. The kernels are compiled for
+// AVX-512, AVX2 and the baseline (vector_clones.h).
 #include "stacked_rows_cpu.h"
+
+#include "vector_clones.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
-
-// DECAF_NO_CLONES: one build for the compiler's -march (how the clones are tested one by one).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(DECAF_NO_CLONES)
-#define DECAF_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DECAF_VECTOR_CLONES
-#endif
 
 namespace decaf {
 namespace {
