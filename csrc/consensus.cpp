@@ -446,9 +446,9 @@ constexpr int64_t kGatherCost = 16;
 // rows in place where it has one (CPU), else one GEMM per gathered stack.
 at::Tensor support_grams(const at::Tensor& X, const Bucket& bk, const Backend& backend) {
   const int64_t NR = X.size(1), G = bk.supports, K = (int64_t)bk.cols.size() / G;
-  if (!bk.all && NR * NR > G * K * (K + kGatherCost) && backend.support_grams != nullptr)
-    return backend.support_grams(X, bk.cols, G);
-  if (bk.all || NR * NR > G * K * (K + kGatherCost))
+  const bool per_support = bk.all || NR * NR > G * K * (K + kGatherCost);
+  if (per_support && !bk.all && backend.support_grams != nullptr) return backend.support_grams(X, bk.cols, G);
+  if (per_support)
     return over_stacks(X, bk, [](const at::Tensor& Xs, int64_t, int64_t) {
       return at::matmul(Xs, Xs.transpose(-1, -2)).to(at::kDouble);
     });
