@@ -58,27 +58,51 @@ DECAF_VECTOR_CLONES void tridiagonalize(double* H, int64_t K, double* diag, doub
 
 // For each of the points x [n]: the number of eigenvalues of T below it (Sturm count: the negative
 // pivots t_i of T - x I = L D L^T, pivots below pivmin in magnitude counted as -pivmin) and
-// S = d/dx log|det(T - x I)| = sum_i t_i'/t_i (Newton's step for det is -1/S). One division per
-// pivot; the n recurrences run in lockstep, so that their divisions overlap.
-void counts_and_slopes(const double* diag, const double* off2, int64_t K, const double* x, int64_t n,
-                       double pivmin, double* t, double* dt, double* count, double* S) {
-  for (int64_t s = 0; s < n; ++s) {
-    const double v = diag[0] - x[s];
-    t[s] = std::abs(v) < pivmin ? -pivmin : v;
-    dt[s] = -1.0;
-    S[s] = 0.0;
-    count[s] = t[s] < 0.0 ? 1.0 : 0.0;
-  }
-  for (int64_t i = 1; i < K; ++i)
-    for (int64_t s = 0; s < n; ++s) {
-      const double r = 1.0 / t[s], qv = off2[i - 1] * r;
-      S[s] += dt[s] * r;
-      dt[s] = qv * r * dt[s] - 1.0;
-      const double v = diag[i] - x[s] - qv;
+// S = d/dx log|det(T - x I)| = sum_i t_i'/t_i (Newton's step for det is -1/S). One division per pivot. The points go in blocks of kW recurrences run
+// in lockstep in local arrays (registers), so that their divisions overlap; a short last block repeats
+// its last point.
+template <int64_t kW>
+void counts_and_slopes_in_blocks(const double* diag, const double* off2, int64_t K, const double* x, int64_t n,
+                                 double pivmin, double* count_out, double* S_out) {
+  for (int64_t s0 = 0; s0 < n; s0 += kW) {
+    double xs[kW], t[kW], dt[kW], S[kW], count[kW];
+#pragma GCC unroll 8
+    for (int64_t s = 0; s < kW; ++s) {
+      xs[s] = x[std::min(s0 + s, n - 1)];
+      const double v = diag[0] - xs[s];
       t[s] = std::abs(v) < pivmin ? -pivmin : v;
-      count[s] += t[s] < 0.0 ? 1.0 : 0.0;
+      dt[s] = -1.0;
+      S[s] = 0.0;
+      count[s] = t[s] < 0.0 ? 1.0 : 0.0;
     }
-  for (int64_t s = 0; s < n; ++s) S[s] += dt[s] / t[s];
+    for (int64_t i = 1; i < K; ++i) {
+      const double d = diag[i], e2 = off2[i - 1];
+#pragma GCC unroll 8
+      for (int64_t s = 0; s < kW; ++s) {
+        const double r = 1.0 / t[s], qv = e2 * r;
+        S[s] += dt[s] * r;
+        dt[s] = qv * r * dt[s] - 1.0;
+        const double v = d - xs[s] - qv;
+        t[s] = std::abs(v) < pivmin ? -pivmin : v;
+        count[s] += t[s] < 0.0 ? 1.0 : 0.0;
+      }
+    }
+    for (int64_t s = 0; s < kW && s0 + s < n; ++s) {
+      S_out[s0 + s] = S[s] + dt[s] / t[s];
+      count_out[s0 + s] = count[s];
+    }
+  }
+}
+
+// counts_and_slopes_in_blocks with blocks no wider than the points need (2, 4 or 8).
+void counts_and_slopes(const double* diag, const double* off2, int64_t K, const double* x, int64_t n, double pivmin,
+                       double* count, double* S) {
+  if (n <= 2)
+    counts_and_slopes_in_blocks<2>(diag, off2, K, x, n, pivmin, count, S);
+  else if (n <= 4)
+    counts_and_slopes_in_blocks<4>(diag, off2, K, x, n, pivmin, count, S);
+  else
+    counts_and_slopes_in_blocks<8>(diag, off2, K, x, n, pivmin, count, S);
 }
 
 // LU factorization with partial pivoting of T - shift I (LAPACK dgttrf), pivots below `floor` in
@@ -141,7 +165,7 @@ double dot(const double* x, const double* y, int64_t K) {
 }  // namespace
 
 bool top_eigenpairs(double* H, int64_t K, int64_t q, double* values, double* X, std::vector<double>& scratch) {
-  scratch.resize((size_t)(10 * K + q * K + 10 * q));
+  scratch.resize((size_t)(10 * K + q * K + 8 * q));
   double* diag = scratch.data();
   double* off = diag + K;
   double* off2 = off + K;
@@ -176,10 +200,8 @@ bool top_eigenpairs(double* H, int64_t K, int64_t q, double* values, double* X, 
   double* lo = Z + q * K;
   double* hi = lo + q;
   double* at = hi + q;  // current point of each search
-  double* t = at + q;
-  double* count = t + q;
-  double* dt = count + q;
-  double* S = dt + q;
+  double* count = at + q;
+  double* S = count + q;
   double* clo = S + q;
   double* chi = clo + q;
   double* done = chi + q;
@@ -192,7 +214,7 @@ bool top_eigenpairs(double* H, int64_t K, int64_t q, double* values, double* X, 
     done[l] = 0.0;
   }
   for (int iter = 0; iter < 96; ++iter) {
-    counts_and_slopes(diag, off2, K, at, q, pivmin, t, dt, count, S);
+    counts_and_slopes(diag, off2, K, at, q, pivmin, count, S);
     bool all_done = true;
     for (int64_t l = 0; l < q; ++l) {
       if (done[l] != 0.0) continue;
