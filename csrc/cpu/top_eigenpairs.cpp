@@ -58,9 +58,9 @@ DECAF_VECTOR_CLONES void tridiagonalize(double* H, int64_t K, double* diag, doub
 
 // For each of the points x [n]: the number of eigenvalues of T below it (Sturm count: the negative
 // pivots t_i of T - x I = L D L^T, pivots below pivmin in magnitude counted as -pivmin) and
-// S = d/dx log|det(T - x I)| = sum_i t_i'/t_i (Newton's step for det is -1/S). One division per pivot. The points go in blocks of kW recurrences run
-// in lockstep in local arrays (registers), so that their divisions overlap; a short last block repeats
-// its last point.
+// S = d/dx log|det(T - x I)| = sum_i t_i'/t_i (Newton's step for det is -1/S). One division per
+// pivot. The points go in blocks of kW recurrences run in lockstep in local arrays (registers), so
+// that their divisions overlap; a short last block repeats its last point.
 template <int64_t kW>
 void counts_and_slopes_in_blocks(const double* diag, const double* off2, int64_t K, const double* x, int64_t n,
                                  double pivmin, double* count_out, double* S_out) {
