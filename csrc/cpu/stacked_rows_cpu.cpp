@@ -20,16 +20,36 @@ namespace {
 constexpr int64_t kTileRows = 4, kTileCols = 32;  // write-back tile
 constexpr int64_t kGramTile = 4, kLanes = 16;       // Gram tile of kGramTile x kGramTile dot products
 
-// kLanes values of T as one GCC vector (split into registers of the clone's width).
+// kLanes values of T as one GCC/Clang vector (split into registers of the clone's width); elsewhere
+// (or with DECAF_PLAIN_LANES) a plain array with the same operations.
+#if defined(__GNUC__) && !defined(DECAF_PLAIN_LANES)
 template <class T>
 struct Lanes {
   typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
 };
+#else
+template <class T>
+struct Lanes {
+  struct type {
+    T v[kLanes];
+    T operator[](int64_t i) const { return v[i]; }
+    type& operator+=(const type& o) {
+      for (int64_t i = 0; i < kLanes; ++i) v[i] += o.v[i];
+      return *this;
+    }
+    friend type operator*(const type& a, const type& b) {
+      type p;
+      for (int64_t i = 0; i < kLanes; ++i) p.v[i] = a.v[i] * b.v[i];
+      return p;
+    }
+  };
+};
+#endif
 
 // G[i K + j] = G[j K + i] = sum_x rows[i][x] rows[j][x] (float64) for i, j < K, each row of length c,
 // the products accumulated in T. Inlined into each target clone below.
 template <class T>
-__attribute__((always_inline)) inline void gram_rows(const T* const* rows, int64_t K, int64_t c, double* G) {
+DECAF_ALWAYS_INLINE void gram_rows(const T* const* rows, int64_t K, int64_t c, double* G) {
   using V = typename Lanes<T>::type;
   const int64_t c_vec = c - c % kLanes;
   for (int64_t i0 = 0; i0 < K; i0 += kGramTile)
@@ -65,8 +85,8 @@ __attribute__((always_inline)) inline void gram_rows(const T* const* rows, int64
 // out[r * rs + j * cs] = sum_k C[r K + k] rows[k][j] for r < R, j < c: C [R, K] row-major, each of
 // the K rows of length c. Inlined into each target clone below.
 template <class T>
-__attribute__((always_inline)) inline void rows_times(const T* C, int64_t R, int64_t K, const T* const* rows,
-                                                      int64_t c, T* out, int64_t rs, int64_t cs) {
+DECAF_ALWAYS_INLINE void rows_times(const T* C, int64_t R, int64_t K, const T* const* rows, int64_t c, T* out,
+                                    int64_t rs, int64_t cs) {
   for (int64_t j0 = 0; j0 < c; j0 += kTileCols) {
     const int64_t w = std::min(kTileCols, c - j0);
     for (int64_t r0 = 0; r0 < R; r0 += kTileRows) {

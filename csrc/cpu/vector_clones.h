@@ -9,3 +9,10 @@
 #else
 #define DECAF_VECTOR_CLONES
 #endif
+
+// Forces inlining into each clone (GCC and Clang; elsewhere a plain inline).
+#if defined(__GNUC__)
+#define DECAF_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define DECAF_ALWAYS_INLINE inline
+#endif
