@@ -13,8 +13,8 @@
 
 #include "../common/small_eigh.h"
 #include "../cpu/cpu_backend.h"
-#include "../cpu/top_eigenpairs.h"
 #include "../gram_svd_batched.h"
+#include "top_eigenpairs_cases.h"
 
 namespace {
 
@@ -109,56 +109,10 @@ void zero_products() {
         std::string(swapped_backend ? "[batched Gram path] " : "") + "zero products keep unit-norm A rows");
 }
 
-// top_eigenpairs on Q diag(spectrum) Q^T (Q random orthogonal) against at::linalg_eigh: values within
-// K eps ||H||, orthonormal vectors, and residuals ||H x - lambda x|| within 64 K eps ||H||.
-void top_eigenpairs_case(const std::string& what, const at::Tensor& spectrum, int64_t q) {
-  const int64_t K = spectrum.size(0);
-  at::manual_seed(K * 7 + q);
-  const at::Tensor Q = std::get<0>(at::linalg_qr(at::randn({K, K}, at::kDouble)));
-  const at::Tensor H = at::matmul(Q * spectrum.unsqueeze(0), Q.t());
-  const double norm = H.abs().sum(1).max().item<double>() + 1e-300;
-  at::Tensor work = H.clone().contiguous(), values = at::empty({q}, at::kDouble), X = at::empty({K, q}, at::kDouble);
-  std::vector<double> scratch;
-  const bool ok = decaf::top_eigenpairs(work.data_ptr<double>(), K, q, values.data_ptr<double>(),
-                                        X.data_ptr<double>(), scratch);
-  const at::Tensor ref = std::get<0>(at::linalg_eigh(H)).flip(0).narrow(0, 0, q);
-  const double eps = 2.220446049250313e-16;
-  const double v_err = ok ? (values - ref).abs().max().item<double>() / norm : 1.0;
-  const double o_err = ok ? (at::matmul(X.t(), X) - at::eye(q, at::kDouble)).abs().max().item<double>() : 1.0;
-  const double r_err = ok ? (at::matmul(H, X) - X * values.unsqueeze(0)).norm(2, 0).max().item<double>() / norm : 1.0;
-  char name[200];
-  std::snprintf(name, sizeof(name), "top_eigenpairs %s K=%lld q=%lld (value err %.1e, orthogonality %.1e, residual %.1e)",
-                what.c_str(), (long long)K, (long long)q, v_err, o_err, r_err);
-  check(ok && v_err <= K * eps && o_err <= 64 * K * eps && r_err <= 64 * K * eps, name);
-}
-
-void top_eigenpairs_cases() {
-  const auto opts = at::TensorOptions().dtype(at::kDouble);
-  for (int64_t K : {1, 2, 3, 24, 128}) {
-    const int64_t q = std::min<int64_t>(K, 8);
-    top_eigenpairs_case("spread", at::linspace(1.0, 2.0 * K, K, opts), q);
-    top_eigenpairs_case("decaying", at::pow(at::full({K}, 0.5, opts), at::arange(K, opts)), q);
-    top_eigenpairs_case("all equal", at::ones({K}, opts), q);
-    top_eigenpairs_case("zero", at::zeros({K}, opts), q);
-  }
-  // Clusters across the cut at q, a low-rank PSD matrix (a core core^T), and extreme scales.
-  at::Tensor clustered = at::ones({24}, opts);
-  clustered.narrow(0, 0, 12).fill_(3.0);
-  clustered.narrow(0, 6, 1).fill_(3.0 + 1e-12);
-  top_eigenpairs_case("clusters", clustered, 8);
-  at::Tensor low_rank = at::zeros({24}, opts);
-  low_rank.narrow(0, 0, 5).copy_(at::linspace(1.0, 5.0, 5, opts));
-  top_eigenpairs_case("rank 5 of 24", low_rank, 8);
-  top_eigenpairs_case("signed", at::linspace(-3.0, 2.0, 24, opts), 8);
-  top_eigenpairs_case("scale 1e-150", at::linspace(1.0, 24.0, 24, opts) * 1e-150, 8);
-  top_eigenpairs_case("scale 1e150", at::linspace(1.0, 24.0, 24, opts) * 1e150, 8);
-  top_eigenpairs_case("all of them", at::linspace(1.0, 24.0, 24, opts), 24);
-}
-
 }  // namespace
 
 int main() {
-  top_eigenpairs_cases();
+  decaf::top_eigenpairs_cases(check);
   for (bool dense_graph : {false, true}) {
     compare_with_dense(dense_graph, 4, 3, 20, 17, 3, at::kDouble, "exact", 1e-10);
     compare_with_dense(dense_graph, 6, 8, 40, 64, 8, at::kFloat, "exact", 1e-5);
