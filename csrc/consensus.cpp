@@ -493,8 +493,9 @@ at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const 
 // (squared conditioning, as in solve_exact), V from M^T U / sigma. These small problems run in
 // backend.gram_svd (CPU: as above; CUDA: a jittered Cholesky factorization of float64 Grams and
 // batched small eigensolves, csrc/gram_svd_batched.cpp). The split factors are P and Q times small
-// coefficient matrices: one GEMM pass over the stacks for the Grams, one for the write-back. None when backend.gram_svd declines
-// (a Gram not safely positive definite on the CPU): solve_exact then runs instead.
+// coefficient matrices: one pass over the stacks for the Grams, one for the write-back. None when
+// backend.gram_svd declines (a Gram not safely positive definite on the CPU): solve_exact then runs
+// instead.
 std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, const at::Tensor& d, const Bucket& bk,
                                  const Options& o, const Backend& backend) {
   const int64_t K = d.size(1), m = Bt.size(2), n = Af.size(2);
@@ -512,7 +513,8 @@ std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, con
   const double tol = 16.0 * std::sqrt((double)std::max({m, n, K})) * eps_of(ct);
   const Coefficients c = split_coefficients(svd->U, svd->S, svd->V, sB, sA, o, tol);
   Solved out;
-  // Coefficient rows times the stacks: B's as columns [batch, G, m, slots rank], A's as rows [batch, G, slots rank, n].
+  // Coefficient rows times the stacks: B's as columns [batch, G, m, slots rank], A's as rows
+  // [batch, G, slots rank, n].
   const at::Tensor BP = times_stacks(per_support_rows(c.B.to(ct), bk), Bt, bk, /*columns=*/true, backend);
   const at::Tensor AQ = times_stacks(per_support_rows(c.A.to(ct), bk), Af, bk, /*columns=*/false, backend);
   out.B_new = per_problem_rows(BP, bk, o.rank, /*columns=*/true);   // [batch, P, m, rank]

@@ -90,7 +90,10 @@ void compare_with_dense(bool dense_graph, int64_t n_agents, int64_t r, int64_t m
   const double p_err = ((P - best).norm() / best.norm()).item<double>();
   const bool finite = at::isfinite(A_new).all().item<bool>() && at::isfinite(B_new).all().item<bool>();
   char name[200];
-  const char* sharing = shared == 1 ? " duplicated" : shared == 2 ? " near consensus" : shared == 3 ? " nearer consensus" : "";
+  const char* sharing = shared == 1   ? " duplicated"
+                        : shared == 2 ? " near consensus"
+                        : shared == 3 ? " nearer consensus"
+                                      : "";
   std::snprintf(name, sizeof(name), "%s%s %s N=%lld r=%lld m=%lld n=%lld rank=%lld %s%s (S err %.2e, product err %.2e)",
                 swapped_backend ? "[batched Gram path] " : "", dense_graph ? "complete" : "ring", method.c_str(),
                 (long long)n_agents, (long long)r, (long long)m, (long long)n, (long long)rank, c10::toString(dtype),
