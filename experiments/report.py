@@ -160,9 +160,9 @@ def contrast(a: Cell | None, b: Cell | None, label_a: str, label_b: str,
     if None in spreads:
         return Contrast(head + f"; {min(len(a.runs), len(b.runs))} seed(s): no seed spread yet, not a finding)", diff)
     spread = spreads[0] + spreads[1]
-    verdict = abs(diff) > spread
+    distinguishable = abs(diff) > spread
     return Contrast(head + f", seed spread {spread:.3f} over {min(len(a.runs), len(b.runs))}+ seeds: "
-                    f"{'distinguishable' if verdict else 'not distinguishable'})", diff, verdict)
+                    f"{'distinguishable' if distinguishable else 'not distinguishable'})", diff, distinguishable)
 
 
 def compare(a: Cell | None, b: Cell | None, label_a: str, label_b: str,
