@@ -441,14 +441,15 @@ at::Tensor over_stacks(const at::Tensor& X, const Bucket& bk, F f) {
 constexpr int64_t kGatherCost = 16;
 
 // Gram matrices [batch, G, K, K] (float64, computed in X's dtype) of each support's stacked rows of
-// X [batch, N_in r, c]: blocks of the all-pairs Gram when that costs less than gathering the stacks
-// and one Gram per support (sparse graphs with few agents); otherwise the backend's kernel on the
-// rows in place where it has one (CPU), else one GEMM per gathered stack.
+// X [batch, N_in r, c], by whichever computes fewer dot products: blocks of the all-pairs Gram (NR^2,
+// plus gathering the blocks), or one Gram per support. Per support, the backend's kernel reads the
+// rows in place and computes the upper triangle, about G K (K + 1) / 2 (CPU); without a kernel, one
+// GEMM per gathered stack costs G K (K + kGatherCost) (CUDA).
 at::Tensor support_grams(const at::Tensor& X, const Bucket& bk, const Backend& backend) {
   const int64_t NR = X.size(1), G = bk.supports, K = (int64_t)bk.cols.size() / G;
-  const bool per_support = bk.all || NR * NR > G * K * (K + kGatherCost);
-  if (per_support && !bk.all && backend.support_grams != nullptr) return backend.support_grams(X, bk.cols, G);
-  if (per_support)
+  if (!bk.all && backend.support_grams != nullptr && G * K * (K + 1) / 2 <= NR * NR)
+    return backend.support_grams(X, bk.cols, G);
+  if (bk.all || NR * NR > G * K * (K + kGatherCost))
     return over_stacks(X, bk, [](const at::Tensor& Xs, int64_t, int64_t) {
       return at::matmul(Xs, Xs.transpose(-1, -2)).to(at::kDouble);
     });

@@ -53,9 +53,9 @@ struct Backend {
                                      const at::Tensor& d, const std::vector<int64_t>& group,
                                      const PerProblem& per_problem, int64_t q, bool squared, double min_pivot);
   // The Gram matrices [batch, G, K, K] (float64, products in X's dtype) of each support's stacked
-  // rows X[:, cols[g K + k]] (k < K) of X [batch, N_in r, c], for a sparse bucket whose supports would
-  // otherwise be gathered. CPU: a kernel reading the rows in place (csrc/cpu/stacked_rows_cpu.cpp).
-  // nullptr: ATen GEMMs on stacks gathered per chunk of modules.
+  // rows X[:, cols[g K + k]] (k < K) of X [batch, N_in r, c], for a sparse bucket whose Grams take
+  // fewer dot products than the all-pairs Gram. CPU: a kernel reading the rows in place
+  // (csrc/cpu/stacked_rows_cpu.cpp). nullptr: ATen GEMMs on stacks gathered per chunk of modules.
   at::Tensor (*support_grams)(const at::Tensor& X, const std::vector<int64_t>& cols, int64_t G);
   // The write-back product of the Gram path on a sparse bucket: coef_rows [batch, G, R, K] times the
   // stacked rows X[:, cols[g K + k]] (k < K) of X [batch, N_in r, c] for each support g:

@@ -1,8 +1,8 @@
 // The Gram and write-back passes of the CPU backend over stacked rows read in place (see
 // stacked_rows_cpu.h), each support's output computed in register tiles: the K stacked rows are
 // read through pointers into X, so a sparse graph costs multiply-adds only for its neighbors' rows.
-// The Gram takes the upper triangle of tiles (dot products over c, kept in kLanes partial sums);
-// the write-back stores B's columns transposed straight from the tile. The kernels are compiled for
+// The Gram takes the upper triangle of tiles (dot products over c, kept in kLanes partial sums), each
+// distinct pair of tiles once for all supports that share it; the write-back stores B's columns transposed straight from the tile. The kernels are compiled for
 // AVX-512, AVX2 and the baseline (vector_clones.h).
 #include "stacked_rows_cpu.h"
 
@@ -12,7 +12,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <map>
 
 namespace decaf {
 namespace {
@@ -46,39 +48,28 @@ struct Lanes {
 };
 #endif
 
-// G[i K + j] = G[j K + i] = sum_x rows[i][x] rows[j][x] (float64) for i, j < K, each row of length c,
-// the products accumulated in T. Inlined into each target clone below.
+// out[a kGramTile + b] = sum_x ri[a][x] rj[b][x] (float64; a, b < kGramTile) for two tiles of rows of
+// length c, the products accumulated in T. Inlined into each target clone below.
 template <class T>
-DECAF_ALWAYS_INLINE void gram_rows(const T* const* rows, int64_t K, int64_t c, double* G) {
+DECAF_ALWAYS_INLINE void gram_block(const T* const* ri, const T* const* rj, int64_t c, double* out) {
   using V = typename Lanes<T>::type;
   const int64_t c_vec = c - c % kLanes;
-  for (int64_t i0 = 0; i0 < K; i0 += kGramTile)
-    for (int64_t j0 = i0; j0 < K; j0 += kGramTile) {
-      const int64_t hi = std::min(kGramTile, K - i0), hj = std::min(kGramTile, K - j0);
-      V acc[kGramTile][kGramTile] = {};
-      // Rows past K (a partial tile) repeat the last one; their sums are not stored.
-      const T* ri[kGramTile];
-      const T* rj[kGramTile];
-      for (int64_t a = 0; a < kGramTile; ++a) {
-        ri[a] = rows[i0 + std::min(a, hi - 1)];
-        rj[a] = rows[j0 + std::min(a, hj - 1)];
-      }
-      for (int64_t x0 = 0; x0 < c_vec; x0 += kLanes) {
-        V xi[kGramTile], xj[kGramTile];
-        for (int64_t a = 0; a < kGramTile; ++a) {
-          std::memcpy(&xi[a], ri[a] + x0, sizeof(V));
-          std::memcpy(&xj[a], rj[a] + x0, sizeof(V));
-        }
-        for (int64_t a = 0; a < kGramTile; ++a)
-          for (int64_t b = 0; b < kGramTile; ++b) acc[a][b] += xi[a] * xj[b];
-      }
-      for (int64_t a = 0; a < hi; ++a)
-        for (int64_t b = 0; b < hj; ++b) {
-          T sum = 0;
-          for (int64_t v = 0; v < kLanes; ++v) sum += acc[a][b][v];
-          for (int64_t x = c_vec; x < c; ++x) sum += rows[i0 + a][x] * rows[j0 + b][x];
-          G[(i0 + a) * K + j0 + b] = G[(j0 + b) * K + i0 + a] = (double)sum;
-        }
+  V acc[kGramTile][kGramTile] = {};
+  for (int64_t x0 = 0; x0 < c_vec; x0 += kLanes) {
+    V xi[kGramTile], xj[kGramTile];
+    for (int64_t a = 0; a < kGramTile; ++a) {
+      std::memcpy(&xi[a], ri[a] + x0, sizeof(V));
+      std::memcpy(&xj[a], rj[a] + x0, sizeof(V));
+    }
+    for (int64_t a = 0; a < kGramTile; ++a)
+      for (int64_t b = 0; b < kGramTile; ++b) acc[a][b] += xi[a] * xj[b];
+  }
+  for (int64_t a = 0; a < kGramTile; ++a)
+    for (int64_t b = 0; b < kGramTile; ++b) {
+      T sum = 0;
+      for (int64_t v = 0; v < kLanes; ++v) sum += acc[a][b][v];
+      for (int64_t x = c_vec; x < c; ++x) sum += ri[a][x] * rj[b][x];
+      out[a * kGramTile + b] = (double)sum;
     }
 }
 
@@ -115,12 +106,13 @@ DECAF_ALWAYS_INLINE void rows_times(const T* C, int64_t R, int64_t K, const T* c
   }
 }
 
-DECAF_VECTOR_CLONES void gram_rows_cloned(const float* const* rows, int64_t K, int64_t c, double* G) {
-  gram_rows(rows, K, c, G);
+DECAF_VECTOR_CLONES void gram_block_cloned(const float* const* ri, const float* const* rj, int64_t c, double* out) {
+  gram_block(ri, rj, c, out);
 }
 
-DECAF_VECTOR_CLONES void gram_rows_cloned(const double* const* rows, int64_t K, int64_t c, double* G) {
-  gram_rows(rows, K, c, G);
+DECAF_VECTOR_CLONES void gram_block_cloned(const double* const* ri, const double* const* rj, int64_t c,
+                                           double* out) {
+  gram_block(ri, rj, c, out);
 }
 
 DECAF_VECTOR_CLONES void rows_times_cloned(const float* C, int64_t R, int64_t K, const float* const* rows, int64_t c,
@@ -149,17 +141,81 @@ void for_each_support(const T* X, int64_t batch, int64_t NR, int64_t c, const st
   });
 }
 
+// The Gram matrices as blocks of dot products between tiles (runs of kGramTile stacked rows of a
+// support; a partial last run repeats its last row). Supports that overlap (a ring's agent is in k of
+// them) share tiles, so each distinct pair of tiles is computed once per module and copied into every
+// support's Gram that holds it.
+struct GramBlocks {
+  int64_t tiles_per_support;
+  std::vector<std::array<int64_t, kGramTile>> tiles;  // rows of X of each distinct tile
+  std::vector<std::array<int64_t, 2>> pairs;          // distinct tile pairs (first <= second)
+  std::vector<int64_t> at;  // [G, T, T] for tiles i <= j of a support: 2 pair + 1 if the pair is (j, i)
+};
+
+GramBlocks plan_gram_blocks(const std::vector<int64_t>& cols, int64_t G) {
+  const int64_t K = (int64_t)cols.size() / G, T = (K + kGramTile - 1) / kGramTile;
+  GramBlocks plan{T, {}, {}, std::vector<int64_t>(G * T * T, -1)};
+  std::map<std::array<int64_t, kGramTile>, int64_t> tile_index;
+  std::map<std::array<int64_t, 2>, int64_t> pair_index;
+  std::vector<int64_t> ids(T);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t t = 0; t < T; ++t) {
+      std::array<int64_t, kGramTile> rows;
+      for (int64_t a = 0; a < kGramTile; ++a) rows[a] = cols[g * K + std::min(t * kGramTile + a, K - 1)];
+      ids[t] = tile_index.emplace(rows, (int64_t)plan.tiles.size()).first->second;
+      if (ids[t] == (int64_t)plan.tiles.size()) plan.tiles.push_back(rows);
+    }
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j = i; j < T; ++j) {
+        const std::array<int64_t, 2> key{std::min(ids[i], ids[j]), std::max(ids[i], ids[j])};
+        const int64_t pair = pair_index.emplace(key, (int64_t)plan.pairs.size()).first->second;
+        if (pair == (int64_t)plan.pairs.size()) plan.pairs.push_back(key);
+        plan.at[(g * T + i) * T + j] = 2 * pair + (ids[i] > ids[j] ? 1 : 0);
+      }
+  }
+  return plan;
+}
+
 }  // namespace
 
 at::Tensor support_grams_cpu(const at::Tensor& X, const std::vector<int64_t>& cols, int64_t G) {
   const int64_t batch = X.size(0), NR = X.size(1), c = X.size(2), K = (int64_t)cols.size() / G;
   const at::Tensor x = X.contiguous();
-  at::Tensor out = at::empty({batch, G, K, K}, X.options().dtype(at::kDouble));
+  const GramBlocks plan = plan_gram_blocks(cols, G);
+  const int64_t T = plan.tiles_per_support, pairs = (int64_t)plan.pairs.size();
+  constexpr int64_t kBlock = kGramTile * kGramTile;
+  std::vector<double> blocks(batch * pairs * kBlock);  // [batch, pairs, kGramTile, kGramTile]
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "support_grams_cpu", [&] {
-    double* op = out.data_ptr<double>();
-    for_each_support(x.data_ptr<scalar_t>(), batch, NR, c, cols, G, [&](int64_t p, const scalar_t* const* rows) {
-      gram_rows_cloned(rows, K, c, op + p * K * K);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * pairs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t b = q / pairs;
+        const scalar_t* rows[2][kGramTile];
+        for (int64_t side = 0; side < 2; ++side)
+          for (int64_t a = 0; a < kGramTile; ++a)
+            rows[side][a] = xp + (b * NR + plan.tiles[plan.pairs[q % pairs][side]][a]) * c;
+        gram_block_cloned(rows[0], rows[1], c, blocks.data() + q * kBlock);
+      }
     });
+  });
+  at::Tensor out = at::empty({batch, G, K, K}, X.options().dtype(at::kDouble));
+  double* op = out.data_ptr<double>();
+  at::parallel_for(0, batch * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b = p / G, g = p % G;
+      double* Gp = op + p * K * K;
+      for (int64_t i = 0; i < T; ++i)
+        for (int64_t j = i; j < T; ++j) {
+          const int64_t code = plan.at[(g * T + i) * T + j];
+          const double* block = blocks.data() + (b * pairs + code / 2) * kBlock;
+          const bool swapped = code % 2 == 1;
+          for (int64_t a = 0; a < std::min(kGramTile, K - i * kGramTile); ++a)
+            for (int64_t e = 0; e < std::min(kGramTile, K - j * kGramTile); ++e) {
+              const int64_t row = i * kGramTile + a, col = j * kGramTile + e;
+              Gp[row * K + col] = Gp[col * K + row] = swapped ? block[e * kGramTile + a] : block[a * kGramTile + e];
+            }
+        }
+    }
   });
   return out;
 }

@@ -41,16 +41,20 @@ int main() {
   }
   at::manual_seed(0);
   int passed = 0, failed = 0;
-  const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>> shapes{
-      // agents N, rank r, row length c, supports G, stacked rows K
-      {8, 8, 768, 8, 24}, {5, 3, 37, 5, 9}, {7, 2, 16, 3, 14}, {4, 1, 5, 2, 3}, {6, 4, 33, 6, 8}};
+  const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, bool>> shapes{
+      // agents N, rank r, row length c, supports G, stacked rows K, ring supports (else any rows)
+      {8, 8, 768, 8, 24, true}, {5, 3, 37, 5, 9, true},   {8, 8, 768, 8, 24, false}, {5, 3, 37, 5, 9, false},
+      {7, 2, 16, 3, 14, false}, {4, 1, 5, 2, 3, false}, {6, 4, 33, 6, 8, false}};
   for (const at::ScalarType dtype : {at::kFloat, at::kDouble})
-    for (const auto& [N, r, c, G, K] : shapes) {
+    for (const auto& [N, r, c, G, K, ring] : shapes) {
       const int64_t batch = 3, NR = N * r;
       const at::Tensor X = at::randn({batch, NR, c}, at::TensorOptions().dtype(dtype));
-      std::vector<int64_t> cols;  // any rows, repeats included
+      // Ring: support g holds the rows of agents g, g + 1 and g - 1 in that order (overlapping
+      // supports share tiles of the Gram, in either orientation). Else any rows, repeats included.
+      std::vector<int64_t> cols;
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t k = 0; k < K; ++k) cols.push_back((g * 5 + k * 7) % NR);
+        for (int64_t k = 0; k < K; ++k)
+          cols.push_back(ring ? ((g + (k / r == 2 ? N - 1 : k / r)) % N) * r + k % r : (g * 5 + k * 7) % NR);
       const at::Tensor stacks = X.index_select(1, at::tensor(cols)).view({batch, G, K, c}).to(at::kDouble);
       const double tol = dtype == at::kFloat ? 1e-5 : 1e-12;
       const at::Tensor gram_ref = at::matmul(stacks, stacks.transpose(-1, -2));
@@ -64,9 +68,9 @@ int main() {
       }
       const bool ok = gram <= tol && product <= tol;
       (ok ? passed : failed)++;
-      std::printf("%s %s N=%ld r=%ld c=%ld G=%ld K=%ld (Gram error %.1e, write-back error %.1e)\n",
+      std::printf("%s %s N=%ld r=%ld c=%ld G=%ld K=%ld%s (Gram error %.1e, write-back error %.1e)\n",
                   ok ? "PASS" : "FAIL", dtype == at::kFloat ? "float32" : "float64", (long)N, (long)r, (long)c,
-                  (long)G, (long)K, gram, product);
+                  (long)G, (long)K, ring ? " ring" : "", gram, product);
     }
   decaf::top_eigenpairs_cases([&](bool ok, const std::string& name) {
     std::printf("%s %s\n", ok ? "PASS" : "FAIL", name.c_str());
