@@ -106,7 +106,8 @@ void counts_and_slopes(const double* diag, const double* off2, int64_t K, const 
 }
 
 // LU factorization with partial pivoting of T - shift I (LAPACK dgttrf), pivots below `floor` in
-// magnitude raised to it, and solves with it (dgtts2).
+// magnitude raised to it, and solves with it (dgtts2). After factor(), d holds the reciprocals of the
+// pivots, so that the back substitution multiplies (no division in its dependency chain).
 struct ShiftedLU {
   int64_t K;
   double *dl, *d, *du, *du2, *swap;
@@ -136,8 +137,7 @@ struct ShiftedLU {
         }
       }
     }
-    for (int64_t i = 0; i < K; ++i)
-      if (std::abs(d[i]) < floor) d[i] = d[i] < 0.0 ? -floor : floor;
+    for (int64_t i = 0; i < K; ++i) d[i] = 1.0 / (std::abs(d[i]) < floor ? (d[i] < 0.0 ? -floor : floor) : d[i]);
   }
 
   void solve(double* b) const {
@@ -150,9 +150,9 @@ struct ShiftedLU {
         b[i + 1] -= dl[i] * b[i];
       }
     }
-    b[K - 1] /= d[K - 1];
-    if (K >= 2) b[K - 2] = (b[K - 2] - du[K - 2] * b[K - 1]) / d[K - 2];
-    for (int64_t i = K - 3; i >= 0; --i) b[i] = (b[i] - du[i] * b[i + 1] - du2[i] * b[i + 2]) / d[i];
+    b[K - 1] *= d[K - 1];
+    if (K >= 2) b[K - 2] = (b[K - 2] - du[K - 2] * b[K - 1]) * d[K - 2];
+    for (int64_t i = K - 3; i >= 0; --i) b[i] = (b[i] - du[i] * b[i + 1] - du2[i] * b[i + 2]) * d[i];
   }
 };
 
