@@ -417,16 +417,13 @@ at::Tensor support_rows(const at::Tensor& x, const Bucket& bk) {
   return x.reshape({batch * NR, x.size(2)}).index_select(0, rows).view({batch, bk.supports, K, x.size(2)});
 }
 
-// One chunk of modules' stacked factors stays within this many bytes (cache-sized), so that the
-// gathered stacks are read back from cache by the products that use them.
-constexpr int64_t kChunkBytes = 1 << 20;
-
 // f(Xs, begin, len) for the stacked rows Xs [len, G, K, c] of each support (support_rows) of
-// X [batch, N_in r, c], over chunks of modules; the results are concatenated along dim 0.
+// X [batch, N_in r, c], over chunks of modules of at most backend.stack_chunk_bytes of stacks; the
+// results are concatenated along dim 0.
 template <class F>
-at::Tensor over_stacks(const at::Tensor& X, const Bucket& bk, F f) {
-  const int64_t batch = X.size(0);
-  const int64_t chunk = bk.all ? batch : std::max<int64_t>(1, kChunkBytes / ((int64_t)bk.cols.size() * X.size(2) * X.element_size()));
+at::Tensor over_stacks(const at::Tensor& X, const Bucket& bk, const Backend& backend, F f) {
+  const int64_t batch = X.size(0), module_bytes = (int64_t)bk.cols.size() * X.size(2) * X.element_size();
+  const int64_t chunk = bk.all ? batch : std::max<int64_t>(1, backend.stack_chunk_bytes / module_bytes);
   std::vector<at::Tensor> parts;
   for (int64_t b = 0; b < batch; b += chunk) {
     const int64_t len = std::min(chunk, batch - b);
@@ -450,7 +447,7 @@ at::Tensor support_grams(const at::Tensor& X, const Bucket& bk, const Backend& b
   if (!bk.all && backend.support_grams != nullptr && G * K * (K + 1) / 2 <= NR * NR)
     return backend.support_grams(X, bk.cols, G);
   if (bk.all || NR * NR > G * K * (K + kGatherCost))
-    return over_stacks(X, bk, [](const at::Tensor& Xs, int64_t, int64_t) {
+    return over_stacks(X, bk, backend, [](const at::Tensor& Xs, int64_t, int64_t) {
       return at::matmul(Xs, Xs.transpose(-1, -2)).to(at::kDouble);
     });
   std::vector<int64_t> at_pair;  // [G, K, K] entries of the all-pairs Gram
@@ -482,7 +479,7 @@ at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const 
                             .view({batch, c, G, R}).transpose(1, 2);
     return at::matmul(full.view({batch, G * R, NR}), X).view({batch, G, R, c});
   }
-  return oriented(over_stacks(X, bk, [&](const at::Tensor& Xs, int64_t b, int64_t len) {
+  return oriented(over_stacks(X, bk, backend, [&](const at::Tensor& Xs, int64_t b, int64_t len) {
     return at::matmul(coef_rows.narrow(0, b, len), Xs);
   }));
 }

@@ -70,6 +70,10 @@ struct Backend {
   // Above this k * r, method "auto" uses the randomized method (CPU: 128, where randomized starts to
   // pay off; CUDA: 256, randomized measured 7-15x slower than exact at k * r = 64 and 128 on an H200).
   int64_t auto_exact_max_columns;
+  // Where support_grams or times_stacks is nullptr, the stacks are gathered for chunks of modules of at
+  // most this many bytes (CPU: 1 MiB, cache-sized, so that the products read them back from cache;
+  // CUDA: 256 MiB, a bound on memory, since every chunk costs a gather and a GEMM launch per pass).
+  int64_t stack_chunk_bytes;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(

@@ -125,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> eigh_cpu(const at::Tensor& H) {
 
 const Backend kCpuBackend{complete_rows_cpu, fill_normal_cpu, geqrf_cpu, ormqr_cpu, qr_cpu, svd_cpu, eigh_cpu,
                           gram_svd_cpu, support_grams_cpu, times_stacks_cpu, /*float64_grams=*/false,
-                          /*auto_exact_max_columns=*/128};
+                          /*auto_exact_max_columns=*/128, /*stack_chunk_bytes=*/1 << 20};
 
 namespace {
 

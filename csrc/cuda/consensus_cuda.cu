@@ -107,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& H) {
 
 const Backend kCudaBackend{complete_rows_cuda, fill_normal_cuda, geqrf_cuda, ormqr_cuda, qr_cuda, svd_cuda, eigh_cuda,
                               gram_svd_batched, /*support_grams=*/nullptr, /*times_stacks=*/nullptr,
-                              /*float64_grams=*/true, /*auto_exact_max_columns=*/256};
+                              /*float64_grams=*/true, /*auto_exact_max_columns=*/256,
+                              /*stack_chunk_bytes=*/int64_t{256} << 20};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_cuda(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,

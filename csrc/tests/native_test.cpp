@@ -137,6 +137,7 @@ int main() {
   batched_backend.support_grams = nullptr;  // the ATen Grams and write-back, as on CUDA
   batched_backend.times_stacks = nullptr;
   batched_backend.float64_grams = true;
+  batched_backend.stack_chunk_bytes = 1;  // one module per chunk: the chunked gathers and their concatenation
   batched_backend.eigh = small_eigh_serial;
   swapped_backend = &batched_backend;
   for (bool dense_graph : {false, true}) {
