@@ -2,8 +2,9 @@
 // stacked_rows_cpu.h), each support's output computed in register tiles: the K stacked rows are
 // read through pointers into X, so a sparse graph costs multiply-adds only for its neighbors' rows.
 // The Gram takes the upper triangle of tiles (dot products over c, kept in kLanes partial sums), each
-// distinct pair of tiles once for all supports that share it; the write-back stores B's columns transposed straight from the tile. The kernels are compiled for
-// AVX-512, AVX2 and the baseline (vector_clones.h).
+// distinct pair of tiles once for all supports that share it; the write-back stores B's columns
+// transposed straight from the tile. The kernels are compiled for AVX-512, AVX2 and the baseline
+// (vector_clones.h).
 #include "stacked_rows_cpu.h"
 
 #include "vector_clones.h"
