@@ -44,9 +44,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_cholesky(const at::Tensor&
   const int64_t K = G.size(-1);
   const at::Tensor s = G.diagonal(0, -2, -1).clamp_min(0).sqrt();
   const at::Tensor inv = reciprocal_or_zero(s);
-  const at::Tensor eye = at::eye(K, G.options());
   const double jitter = kJitter * (double)K * std::numeric_limits<double>::epsilon();
-  const at::Tensor Gs = G * inv.unsqueeze(-1) * inv.unsqueeze(-2) + jitter * eye;
+  at::Tensor Gs = G * inv.unsqueeze(-1) * inv.unsqueeze(-2);
+  Gs.diagonal(0, -2, -1).add_(jitter);  // + jitter I, without an identity matrix and two more launches
   const at::Tensor L = std::get<0>(at::linalg_cholesky_ex(Gs));
   return {L.transpose(-1, -2), s, inv};
 }
@@ -70,10 +70,10 @@ at::Tensor orthonormal(const Backend& backend, at::Tensor X) {
 // solve, no host read; columns dependent on the others come out as bounded noise, which the next
 // product with the core filters out like a fresh start column).
 at::Tensor cholesky_orthonormal(const at::Tensor& X) {
-  const at::Tensor H = at::matmul(X.transpose(-1, -2), X);
-  const int64_t L = X.size(-1);
-  const at::Tensor mean = H.diagonal(0, -2, -1).mean(-1, true).unsqueeze(-1).clamp_min(1e-300);
-  const at::Tensor Lc = std::get<0>(at::linalg_cholesky_ex(H + (1e-12 * mean) * at::eye(L, X.options())));
+  at::Tensor H = at::matmul(X.transpose(-1, -2), X);
+  const at::Tensor diagonal = H.diagonal(0, -2, -1);
+  diagonal.add_(1e-12 * diagonal.mean(-1, true).clamp_min(1e-300));  // + jitter I (mean diagonal scale)
+  const at::Tensor Lc = std::get<0>(at::linalg_cholesky_ex(H));
   return at::linalg_solve_triangular(Lc.transpose(-1, -2), X, /*upper=*/true, /*left=*/false);
 }
 
