@@ -71,8 +71,9 @@ struct Backend {
   // pay off; CUDA: 256, randomized measured 7-15x slower than exact at k * r = 64 and 128 on an H200).
   int64_t auto_exact_max_columns;
   // Where support_grams or times_stacks is nullptr, the stacks are gathered for chunks of modules of at
-  // most this many bytes (CPU: 1 MiB, cache-sized, so that the products read them back from cache;
-  // CUDA: 256 MiB, a bound on memory, since every chunk costs a gather and a GEMM launch per pass).
+  // most this many bytes (CUDA: 256 MiB, a bound on memory, since every chunk costs a gather and a GEMM
+  // launch per pass; CPU: 1 MiB, cache-sized, so that the products read them back from cache, which
+  // only a CPU backend without the two kernels reaches, such as the native test's swapped one).
   int64_t stack_chunk_bytes;
 };
 
