@@ -264,6 +264,7 @@ struct Options {
   double exp_b, exp_a;
   Method method;
   uint64_t seed;
+  int64_t first_module;  // of the chunk being solved: its random test matrices continue the whole call's
 };
 
 // From the core's SVD in orthonormal coordinates (U [.., Kb, c], Sv [.., c], V [.., Ka, c],
@@ -461,13 +462,14 @@ at::Tensor support_grams(const at::Tensor& X, const Bucket& bk, const Backend& b
 
 // coef_rows [batch, G, R, K] times each support's stacked rows of X [batch, N_in r, c]:
 // [batch, G, R, c], or its transpose [batch, G, c, R] (possibly a view) when `columns`. A sparse
-// bucket goes to the backend's kernel where it has one (CPU). Otherwise, through coefficient rows
-// scattered over all N_in r rows (one GEMM, no gather) when those extra multiply-adds cost less than
-// gathering the stacks (dense graphs, few agents); that GEMM's G R output columns are wide, so for
-// `columns` it is computed as X^T times the coefficients, leaving B's columns in B's own layout.
+// bucket goes to the backend's kernel where it has one (CPU), which writes into `out` where it is
+// defined (contiguous, that shape). Otherwise, through coefficient rows scattered over all N_in r
+// rows (one GEMM, no gather) when those extra multiply-adds cost less than gathering the stacks
+// (dense graphs, few agents); that GEMM's G R output columns are wide, so for `columns` it is
+// computed as X^T times the coefficients, leaving B's columns in B's own layout.
 at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const Bucket& bk, bool columns,
-                        const Backend& backend) {
-  if (!bk.all && backend.times_stacks != nullptr) return backend.times_stacks(coef_rows, X, bk.cols, columns);
+                        const Backend& backend, const at::Tensor& out) {
+  if (!bk.all && backend.times_stacks != nullptr) return backend.times_stacks(coef_rows, X, bk.cols, columns, out);
   const int64_t batch = X.size(0), NR = X.size(1), c = X.size(2);
   const int64_t G = bk.supports, R = coef_rows.size(2), K = coef_rows.size(3);
   const auto oriented = [columns](const at::Tensor& rows) { return columns ? rows.transpose(-1, -2) : rows; };
@@ -493,9 +495,11 @@ at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const 
 // batched small eigensolves, csrc/gram_svd_batched.cpp). The split factors are P and Q times small
 // coefficient matrices: one pass over the stacks for the Grams, one for the write-back. None when
 // backend.gram_svd declines (a Gram not safely positive definite on the CPU): solve_exact then runs
-// instead.
+// instead. With `dest` (the call's outputs for these modules, given when the bucket's problems are
+// the call's rows in order), the split factors are written into it where each support has one
+// problem, in order.
 std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, const at::Tensor& d, const Bucket& bk,
-                                 const Options& o, const Backend& backend) {
+                                 const Options& o, const Backend& backend, const Solved* dest) {
   const int64_t K = d.size(1), m = Bt.size(2), n = Af.size(2);
   const at::ScalarType ct = Bt.scalar_type();
   const auto gram_of = [&](const at::Tensor& X) {
@@ -511,10 +515,15 @@ std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, con
   const double tol = 16.0 * std::sqrt((double)std::max({m, n, K})) * eps_of(ct);
   const Coefficients c = split_coefficients(svd->U, svd->S, svd->V, sB, sA, o, tol);
   Solved out;
+  bool identity;
+  slot_positions(bk, &identity);
+  const bool direct = dest != nullptr && identity && bk.slots == 1;  // then [batch, G, ...] is [batch, P, ...]
   // Coefficient rows times the stacks: B's as columns [batch, G, m, slots rank], A's as rows
   // [batch, G, slots rank, n].
-  const at::Tensor BP = times_stacks(per_support_rows(c.B.to(ct), bk), Bt, bk, /*columns=*/true, backend);
-  const at::Tensor AQ = times_stacks(per_support_rows(c.A.to(ct), bk), Af, bk, /*columns=*/false, backend);
+  const at::Tensor BP = times_stacks(per_support_rows(c.B.to(ct), bk), Bt, bk, /*columns=*/true, backend,
+                                     direct ? dest->B_new : at::Tensor());
+  const at::Tensor AQ = times_stacks(per_support_rows(c.A.to(ct), bk), Af, bk, /*columns=*/false, backend,
+                                     direct ? dest->A_new : at::Tensor());
   out.B_new = per_problem_rows(BP, bk, o.rank, /*columns=*/true);   // [batch, P, m, rank]
   out.A_new = per_problem_rows(AQ, bk, o.rank, /*columns=*/false);  // [batch, P, rank, n]
   out.S = c.S;
@@ -535,7 +544,7 @@ Solved solve_randomized(const at::Tensor& Bs, const at::Tensor& As, const at::Te
   const auto apply_t = [&](const at::Tensor& Y) { return at::matmul(Ap.transpose(-1, -2), dw * at::matmul(Bp, Y)); };
   const auto orth = [&](const at::Tensor& X) { return std::get<0>(backend.qr(X)); };
   at::Tensor omega = at::empty({batch, 1, n, L}, Bs.options().dtype(at::kDouble));
-  backend.fill_normal(omega, o.seed);
+  backend.fill_normal(omega, o.seed, (uint64_t)(o.first_module * n * L));
   at::Tensor Y = apply(omega.to(Bs.scalar_type()));  // [batch, P, m, L]
   for (int64_t it = 0; it < o.n_iter; ++it) Y = apply(orth(apply_t(orth(Y))));
   const at::Tensor QY = orth(Y);
@@ -582,6 +591,52 @@ struct NoTF32 {
   }
 };
 
+// Every bucket's problems for the modules of one chunk: Af [len, N_in r, n] and Bt [len, N_in r, m]
+// (compute dtype, B's columns as rows). Returns A_new [len, N_out, rank, n], B_new [len, N_out, m,
+// rank], S [len, N_out, rank] and missing [len, N_out] (before completion), written into `dest`
+// (the same shapes) where the solver can: one bucket whose problems are the rows in order.
+Solved solve_modules(const at::Tensor& Af, const at::Tensor& Bt, const Plan& plan, const at::Tensor& Wd,
+                     const Shapes& s, const Options& o, const Backend& backend, const Solved* dest) {
+  const int64_t len = Af.size(0), rank = o.rank;
+  const Solved* direct = plan.buckets.size() == 1 && plan.identity ? dest : nullptr;
+  std::vector<at::Tensor> A_parts, B_parts, S_parts, miss_parts;
+  for (const Bucket& bk : plan.buckets) {
+    const int64_t P = (int64_t)bk.rows.size(), K = bk.agents * s.r;
+    if (K == 0) {  // rows of zeros: M_i = 0
+      A_parts.push_back(at::zeros({len, P, rank, s.n}, Af.options()));
+      B_parts.push_back(at::zeros({len, P, s.m, rank}, Af.options()));
+      S_parts.push_back(at::zeros({len, P, rank}, Wd.options()));
+      miss_parts.push_back(at::full({len, P}, rank, Wd.options().dtype(at::kInt)));
+      continue;
+    }
+    const at::Tensor d = on_device(problem_weights(Wd, bk, s.r), Af.device());
+    const int64_t L = std::min({rank + o.oversample, K, s.m, s.n});
+    const bool randomized = (o.method == Method::kRandomized ||
+                             (o.method == Method::kAuto && K > backend.auto_exact_max_columns)) && L < K;
+    // The Gram path, where the backend has one (it may decline: None, the Householder path runs).
+    std::optional<Solved> gram;
+    if (!randomized && backend.gram_svd != nullptr) gram = solve_gram(Bt, Af, d, bk, o, backend, direct);
+    const auto stacked = [&](auto solve) {
+      return solve(support_rows(Bt, bk), support_rows(Af, bk), d, bk, o, backend);  // stacks [len, G, K, m|n]
+    };
+    const Solved part = gram ? *std::move(gram) : randomized ? stacked(solve_randomized) : stacked(solve_exact);
+    A_parts.push_back(part.A_new);
+    B_parts.push_back(part.B_new);
+    S_parts.push_back(part.S);
+    miss_parts.push_back(part.missing);
+  }
+  const auto join = [](const std::vector<at::Tensor>& parts) { return parts.size() == 1 ? parts[0] : at::cat(parts, 1); };
+  Solved out{join(A_parts), join(B_parts), join(S_parts), join(miss_parts)};
+  if (!plan.identity) {
+    const at::Tensor rows = index_tensor(plan.problem_of_row, Af.device());
+    out.A_new = out.A_new.index_select(1, rows);
+    out.B_new = out.B_new.index_select(1, rows);
+    out.S = out.S.index_select(1, rows);
+    out.missing = out.missing.index_select(1, rows);
+  }
+  return out;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
@@ -611,47 +666,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
 
   const at::ScalarType ct = compute_dtype(A.scalar_type());
   const int64_t NR = s.n_in * s.r;
-  // Factors in the compute dtype, batch dims flattened: A rows [batch, N_in r, n], B columns as
-  // rows [batch, N_in r, m].
+  // Factors in the compute dtype, batch dims flattened: A rows [batch, N_in r, n]; B columns as rows
+  // [len, N_in r, m] for the modules [b, b + len) of a chunk (a transposing copy, made per chunk).
   const at::Tensor Af = A.to(ct).reshape({s.batch, NR, s.n}).contiguous();
-  const at::Tensor Bt = B.to(ct).reshape({s.batch, s.n_in, s.m, s.r}).transpose(-1, -2).reshape({s.batch, NR, s.m});
-  std::vector<at::Tensor> A_parts, B_parts, S_parts, miss_parts;
-  for (const Bucket& bk : plan.buckets) {
-    const int64_t P = (int64_t)bk.rows.size(), K = bk.agents * s.r;
-    if (K == 0) {  // rows of zeros: M_i = 0
-      A_parts.push_back(at::zeros({s.batch, P, rank, s.n}, Af.options()));
-      B_parts.push_back(at::zeros({s.batch, P, s.m, rank}, Af.options()));
-      S_parts.push_back(at::zeros({s.batch, P, rank}, Wd.options()));
-      miss_parts.push_back(at::full({s.batch, P}, rank, Wd.options().dtype(at::kInt)));
-      continue;
+  const at::Tensor Bm = B.reshape({s.batch, s.n_in, s.m, s.r});
+  const auto B_rows = [&](int64_t b, int64_t len) {
+    return Bm.narrow(0, b, len).to(ct).transpose(-1, -2).reshape({len, NR, s.m});
+  };
+  // Chunks of modules (Backend::module_chunk_bytes), all of one size but the last.
+  const int64_t module_bytes = NR * (s.m + s.n) * (int64_t)at::elementSize(ct);
+  const int64_t chunks = std::min(s.batch, (s.batch * module_bytes - 1) / backend.module_chunk_bytes + 1);
+  const int64_t per_chunk = (s.batch + chunks - 1) / chunks;
+  Solved out;
+  if (chunks == 1) {
+    o.first_module = 0;
+    out = solve_modules(Af, B_rows(0, s.batch), plan, Wd, s, o, backend, nullptr);
+  } else {
+    out.A_new = at::empty({s.batch, s.n_out, rank, s.n}, Af.options());
+    out.B_new = at::empty({s.batch, s.n_out, s.m, rank}, Af.options());
+    out.S = at::empty({s.batch, s.n_out, rank}, Wd.options());
+    out.missing = at::empty({s.batch, s.n_out}, Wd.options().dtype(at::kInt));
+    for (int64_t b = 0; b < s.batch; b += per_chunk) {
+      const int64_t len = std::min(per_chunk, s.batch - b);
+      const auto modules = [&](const at::Tensor& x) { return x.narrow(0, b, len); };
+      const Solved dest{modules(out.A_new), modules(out.B_new), modules(out.S), modules(out.missing)};
+      o.first_module = b;
+      const Solved part = solve_modules(modules(Af), B_rows(b, len), plan, Wd, s, o, backend, &dest);
+      // What the solver did not write into dest (copy_ skips a tensor onto itself).
+      dest.A_new.copy_(part.A_new);
+      dest.B_new.copy_(part.B_new);
+      dest.S.copy_(part.S);
+      dest.missing.copy_(part.missing);
     }
-    const at::Tensor d = on_device(problem_weights(Wd, bk, s.r), Af.device());
-    const int64_t L = std::min({rank + oversample, K, s.m, s.n});
-    const bool randomized = (o.method == Method::kRandomized ||
-                             (o.method == Method::kAuto && K > backend.auto_exact_max_columns)) && L < K;
-    // The Gram path, where the backend has one (it may decline: None, the Householder path runs).
-    std::optional<Solved> gram;
-    if (!randomized && backend.gram_svd != nullptr) gram = solve_gram(Bt, Af, d, bk, o, backend);
-    const auto stacked = [&](auto solve) {
-      return solve(support_rows(Bt, bk), support_rows(Af, bk), d, bk, o, backend);  // stacks [batch, G, K, m|n]
-    };
-    const Solved part = gram ? *std::move(gram) : randomized ? stacked(solve_randomized) : stacked(solve_exact);
-    A_parts.push_back(part.A_new);
-    B_parts.push_back(part.B_new);
-    S_parts.push_back(part.S);
-    miss_parts.push_back(part.missing);
   }
-  const auto join = [](const std::vector<at::Tensor>& parts) { return parts.size() == 1 ? parts[0] : at::cat(parts, 1); };
-  at::Tensor A_new = join(A_parts), B_new = join(B_parts), S = join(S_parts), missing = join(miss_parts);
-  if (!plan.identity) {
-    const at::Tensor rows = index_tensor(plan.problem_of_row, Af.device());
-    A_new = A_new.index_select(1, rows);
-    B_new = B_new.index_select(1, rows);
-    S = S.index_select(1, rows);
-    missing = missing.index_select(1, rows);
-  }
-  A_new = A_new.contiguous();
-  missing = missing.contiguous();
+  at::Tensor A_new = out.A_new.contiguous(), B_new = out.B_new, S = out.S, missing = out.missing.contiguous();
   backend.complete_rows(A_new, missing, Af, on_device(Wd, Af.device()));
 
   const auto out_dtype = A.scalar_type();
@@ -692,7 +740,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsvd_impl(const at::Tensor& M, in
 
   // Range finder with power iterations (Halko, Martinsson & Tropp, Alg. 4.4).
   at::Tensor omega = at::empty({batch, n, l}, Mf.options().dtype(at::kDouble));
-  backend.fill_normal(omega, (uint64_t)seed);
+  backend.fill_normal(omega, (uint64_t)seed, 0);
   at::Tensor Qm = std::get<0>(backend.qr(at::bmm(Mf, omega.to(ct))));
   for (int64_t it = 0; it < n_iter; ++it) {
     const at::Tensor Z = std::get<0>(backend.qr(at::bmm(Mf.transpose(1, 2), Qm)));

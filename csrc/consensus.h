@@ -31,8 +31,8 @@ struct Backend {
   // A_in [batch, N_in * r, n] (A_new's dtype) ordered by W [N_out, N_in] (float64); see
   // common/completion.h.
   void (*complete_rows)(at::Tensor& A_new, const at::Tensor& missing, const at::Tensor& A_in, const at::Tensor& W);
-  // Fills a contiguous float64 tensor with counter_normal(seed, linear index).
-  void (*fill_normal)(at::Tensor& out, uint64_t seed);
+  // Fills a contiguous float64 tensor with counter_normal(seed, first + linear index).
+  void (*fill_normal)(at::Tensor& out, uint64_t seed, uint64_t first);
   // Batched dense factorizations with the semantics of at::geqrf, at::ormqr, at::linalg_qr
   // (reduced), at::linalg_svd (thin) and at::linalg_eigh, over any leading dims. The CPU runs the small matrices
   // of a batch in parallel, one thread each.
@@ -59,11 +59,11 @@ struct Backend {
   at::Tensor (*support_grams)(const at::Tensor& X, const std::vector<int64_t>& cols, int64_t G);
   // The write-back product of the Gram path on a sparse bucket: coef_rows [batch, G, R, K] times the
   // stacked rows X[:, cols[g K + k]] (k < K) of X [batch, N_in r, c] for each support g:
-  // [batch, G, R, c], or [batch, G, c, R] when `columns`. CPU: a kernel reading the rows in place
-  // (csrc/cpu/stacked_rows_cpu.cpp). nullptr: ATen GEMMs on gathered stacks, or on coefficients
-  // scattered over all N_in r rows.
+  // [batch, G, R, c], or [batch, G, c, R] when `columns`, written into `out` where it is defined
+  // (contiguous, that shape). CPU: a kernel reading the rows in place (csrc/cpu/stacked_rows_cpu.cpp).
+  // nullptr: ATen GEMMs on gathered stacks, or on coefficients scattered over all N_in r rows.
   at::Tensor (*times_stacks)(const at::Tensor& coef_rows, const at::Tensor& X, const std::vector<int64_t>& cols,
-                             bool columns);
+                             bool columns, const at::Tensor& out);
   // gram_svd's Gram matrices are formed from float64 copies of the factors (a gram_svd without a
   // pivot check needs zero and repeated columns to give Grams singular to float64 rounding).
   bool float64_grams;
@@ -75,6 +75,10 @@ struct Backend {
   // launch per pass; CPU: 1 MiB, cache-sized, so that the products read them back from cache, which
   // only a CPU backend without the two kernels reaches, such as the native test's swapped one).
   int64_t stack_chunk_bytes;
+  // A call runs its passes over chunks of modules whose factors (A and B in the compute dtype) take at
+  // most this many bytes, so that each pass after the first reads them from cache (CPU: 8 MiB, a
+  // share of the last-level cache; CUDA: no limit). Results do not depend on it.
+  int64_t module_chunk_bytes;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(

@@ -33,11 +33,11 @@ void complete_rows_cpu(at::Tensor& A_new, const at::Tensor& missing, const at::T
   });
 }
 
-void fill_normal_cpu(at::Tensor& out, uint64_t seed) {
+void fill_normal_cpu(at::Tensor& out, uint64_t seed, uint64_t first) {
   double* data = out.data_ptr<double>();
   const int64_t count = out.numel();
   at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) data[e] = counter_normal(seed, (uint64_t)e);
+    for (int64_t e = begin; e < end; ++e) data[e] = counter_normal(seed, first + (uint64_t)e);
   });
 }
 
@@ -125,7 +125,8 @@ std::tuple<at::Tensor, at::Tensor> eigh_cpu(const at::Tensor& H) {
 
 const Backend kCpuBackend{complete_rows_cpu, fill_normal_cpu, geqrf_cpu, ormqr_cpu, qr_cpu, svd_cpu, eigh_cpu,
                           gram_svd_cpu, support_grams_cpu, times_stacks_cpu, /*float64_grams=*/false,
-                          /*auto_exact_max_columns=*/128, /*stack_chunk_bytes=*/1 << 20};
+                          /*auto_exact_max_columns=*/128, /*stack_chunk_bytes=*/1 << 20,
+                          /*module_chunk_bytes=*/8 << 20};
 
 namespace {
 

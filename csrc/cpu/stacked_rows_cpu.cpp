@@ -222,11 +222,14 @@ at::Tensor support_grams_cpu(const at::Tensor& X, const std::vector<int64_t>& co
 }
 
 at::Tensor times_stacks_cpu(const at::Tensor& coef_rows, const at::Tensor& X, const std::vector<int64_t>& cols,
-                            bool columns) {
+                            bool columns, const at::Tensor& dest) {
   const int64_t batch = X.size(0), NR = X.size(1), c = X.size(2);
   const int64_t G = coef_rows.size(1), R = coef_rows.size(2), K = coef_rows.size(3);
   const at::Tensor coef = coef_rows.contiguous(), x = X.contiguous();
-  at::Tensor out = columns ? at::empty({batch, G, c, R}, X.options()) : at::empty({batch, G, R, c}, X.options());
+  const std::vector<int64_t> shape = columns ? std::vector<int64_t>{batch, G, c, R} : std::vector<int64_t>{batch, G, R, c};
+  at::Tensor out = dest.defined() ? dest : at::empty(shape, X.options());
+  TORCH_INTERNAL_ASSERT(out.sizes() == at::IntArrayRef(shape) && out.is_contiguous() &&
+                        out.scalar_type() == X.scalar_type());
   const int64_t rs = columns ? 1 : c, cs = columns ? R : 1;  // strides of out's rows and columns
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "times_stacks_cpu", [&] {
     const scalar_t* cp = coef.data_ptr<scalar_t>();

@@ -17,8 +17,8 @@ at::Tensor support_grams_cpu(const at::Tensor& X, const std::vector<int64_t>& co
 
 // coef_rows [batch, G, R, K] times the rows X[:, cols[g K + k]] (k < K) of X [batch, N_in r, c]
 // for each support g: [batch, G, R, c], or its transpose [batch, G, c, R] when `columns`
-// (contiguous, X's dtype: float or double).
+// (contiguous, X's dtype: float or double), written into `out` where it is defined.
 at::Tensor times_stacks_cpu(const at::Tensor& coef_rows, const at::Tensor& X, const std::vector<int64_t>& cols,
-                            bool columns);
+                            bool columns, const at::Tensor& out = {});
 
 }  // namespace decaf

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "../common/completion.h"
 #include "../common/counter_normal.h"
@@ -54,16 +55,16 @@ void complete_rows_cuda(at::Tensor& A_new, const at::Tensor& missing, const at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-__global__ void fill_normal_kernel(double* out, int64_t count, uint64_t seed) {
+__global__ void fill_normal_kernel(double* out, int64_t count, uint64_t seed, uint64_t first) {
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count; e += (int64_t)gridDim.x * blockDim.x)
-    out[e] = counter_normal(seed, (uint64_t)e);
+    out[e] = counter_normal(seed, first + (uint64_t)e);
 }
 
-void fill_normal_cuda(at::Tensor& out, uint64_t seed) {
+void fill_normal_cuda(at::Tensor& out, uint64_t seed, uint64_t first) {
   const int64_t count = out.numel();
   if (count == 0) return;
   const unsigned blocks = (unsigned)std::min<int64_t>((count + 255) / 256, 4096);
-  fill_normal_kernel<<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(out.data_ptr<double>(), count, seed);
+  fill_normal_kernel<<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(out.data_ptr<double>(), count, seed, first);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -108,7 +109,8 @@ std::tuple<at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& H) {
 const Backend kCudaBackend{complete_rows_cuda, fill_normal_cuda, geqrf_cuda, ormqr_cuda, qr_cuda, svd_cuda, eigh_cuda,
                               gram_svd_batched, /*support_grams=*/nullptr, /*times_stacks=*/nullptr,
                               /*float64_grams=*/true, /*auto_exact_max_columns=*/256,
-                              /*stack_chunk_bytes=*/int64_t{256} << 20};
+                              /*stack_chunk_bytes=*/int64_t{256} << 20,
+                              /*module_chunk_bytes=*/std::numeric_limits<int64_t>::max()};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_cuda(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,

@@ -1,14 +1,17 @@
 // Native (no Python) checks of the registered operator (CPU backend, through the dispatcher)
 // against float64 dense references, on rings and complete graphs (k*r up to 256), duplicated
-// neighbors, agents near consensus (exact and randomized) and zero products; and the CPU's top
+// neighbors, agents near consensus (exact and randomized) and zero products; calls run in chunks of
+// modules against whole calls; and the CPU's top
 // eigenpair solver against at::linalg_eigh on spectra from spread out to repeated; the float32 cases
 // again with the CUDA backend's batched Gram path run on the CPU. Prints "N passed, N failed".
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../common/small_eigh.h"
@@ -112,6 +115,46 @@ void zero_products() {
         std::string(swapped_backend ? "[batched Gram path] " : "") + "zero products keep unit-norm A rows");
 }
 
+// Results do not depend on Backend::module_chunk_bytes: the CPU backend on whole calls against one
+// module per chunk (the split factors written into the outputs in place, or copied there; the
+// randomized test matrices continued across chunks).
+void chunks_match_whole_calls() {
+  decaf::Backend chunked = decaf::kCpuBackend;
+  chunked.module_chunk_bytes = 1;
+  at::Tensor repeated_rows = ring(6), mixed_degrees = ring(6), zero_row = ring(6);
+  repeated_rows[1] = repeated_rows[0];                                  // problems not the rows in order
+  mixed_degrees[0] = 0.0;                                               // supports of 1 and 3 agents: two buckets
+  mixed_degrees[0][0] = 1.0;
+  zero_row[2] = 0.0;                                                    // a row without a support
+  const struct {
+    const char* name;
+    at::Tensor W;
+    at::ScalarType dtype;
+    const char* method;
+  } cases[] = {{"ring float32 exact", ring(6), at::kFloat, "exact"},
+               {"complete float64 exact", complete(6), at::kDouble, "exact"},
+               {"ring float64 randomized", ring(6), at::kDouble, "randomized"},
+               {"repeated rows float32 exact", repeated_rows, at::kFloat, "exact"},
+               {"two buckets float32 exact", mixed_degrees, at::kFloat, "exact"},
+               {"zero row float64 exact", zero_row, at::kDouble, "exact"}};
+  for (const auto& c : cases) {
+    at::manual_seed(5);
+    const at::Tensor A = at::randn({5, 6, 4, 30}, c.dtype), B = at::randn({5, 6, 40, 4}, c.dtype);
+    const Outputs whole = decaf::consensus_tsvd_impl(A, B, c.W.to(c.dtype), 3, c.method, "balanced", 4, 2, 0,
+                                                     decaf::kCpuBackend);
+    const Outputs parts = decaf::consensus_tsvd_impl(A, B, c.W.to(c.dtype), 3, c.method, "balanced", 4, 2, 0, chunked);
+    // Exact: bitwise. Randomized: batched QRs and products of other batch sizes round differently.
+    const double tol = std::string(c.method) == "randomized" ? 1e-12 : 0.0;
+    double diff = 0.0;
+    for (const auto& [x, y] : {std::pair{std::get<0>(whole), std::get<0>(parts)}, std::pair{std::get<1>(whole), std::get<1>(parts)},
+                               std::pair{std::get<2>(whole), std::get<2>(parts)}})
+      diff = std::max(diff, ((x - y).abs().max() / x.abs().max()).item<double>());
+    char name[120];
+    std::snprintf(name, sizeof(name), "one module per chunk equals the whole call: %s (diff %.1e)", c.name, diff);
+    check(diff <= tol, name);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -130,6 +173,7 @@ int main() {
     compare_with_dense(dense_graph, 8, 4, 60, 50, 4, at::kFloat, "exact", 1e-5, 3);
   }
   zero_products();
+  chunks_match_whole_calls();
   // The CUDA backend's Gram path (csrc/gram_svd_batched.cpp) and eigh (common/small_eigh.h) on the CPU:
   // float32 cases, sparse and dense buckets, duplicated neighbors, agents near consensus, zero products.
   decaf::Backend batched_backend = decaf::kCpuBackend;
