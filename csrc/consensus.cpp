@@ -673,9 +673,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
   const auto B_rows = [&](int64_t b, int64_t len) {
     return Bm.narrow(0, b, len).to(ct).transpose(-1, -2).reshape({len, NR, s.m});
   };
-  // Chunks of modules (Backend::module_chunk_bytes), all of one size but the last.
+  // As few chunks of modules as Backend::module_chunk_bytes allows, all of one size but the last.
   const int64_t module_bytes = NR * (s.m + s.n) * (int64_t)at::elementSize(ct);
-  const int64_t chunks = std::min(s.batch, (s.batch * module_bytes - 1) / backend.module_chunk_bytes + 1);
+  const int64_t fit = std::max<int64_t>(1, backend.module_chunk_bytes / module_bytes);
+  const int64_t chunks = s.batch <= fit ? 1 : (s.batch + fit - 1) / fit;
   const int64_t per_chunk = (s.batch + chunks - 1) / chunks;
   Solved out;
   if (chunks == 1) {
