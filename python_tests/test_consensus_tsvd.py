@@ -229,6 +229,18 @@ def test_repeated_calls_are_bitwise_equal_on_cpu():
             assert all(torch.equal(x, y) for x, y in zip(first, again))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_call_larger_than_a_cache_chunk_equals_calls_per_module(dtype):
+    # 12 MiB of factors in float32 (the compute dtype): the CPU solves them in two chunks of 6 modules
+    # (at most 8 MiB each), one module per call here; the exact method gives the same bits either way.
+    A, B = factors((12,), 16, 8, 1024, 1024, dtype, seed=14)
+    W = ring_weights(16)
+    whole = decaf_ext.consensus_tsvd(A, B, W, 8, method="exact")
+    single = [decaf_ext.consensus_tsvd(A[b:b + 1], B[b:b + 1], W, 8, method="exact") for b in range(12)]
+    for k, x in enumerate(whole):
+        assert torch.equal(x, torch.cat([s[k] for s in single]))
+
+
 def test_dense_method_is_the_reference(device):
     A, B = factors((2,), 4, 3, 15, 12, device=device, seed=13)
     W = ring_weights(4).to(device)
