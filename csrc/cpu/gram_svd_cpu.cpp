@@ -24,8 +24,7 @@ namespace decaf {
 namespace {
 
 // Upper R (row-major K x K) with R^T R = G from a Cholesky factorization of G scaled to a unit
-// diagonal (the same rule as gram_factor in csrc/consensus.cpp). False when a column norm is not
-// positive or a scaled pivot r_kk^2 is not above min_pivot.
+// diagonal. False when a column norm is not positive or a scaled pivot r_kk^2 is not above min_pivot.
 bool scaled_cholesky(const double* G, int64_t K, double min_pivot, double* R, double* norms) {
   for (int64_t a = 0; a < K; ++a) {
     norms[a] = std::sqrt(G[a * K + a]);
