@@ -376,9 +376,8 @@ at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const 
 // batched small eigensolves, csrc/gram_svd_batched.cpp). The split factors are P and Q times small
 // coefficient matrices: one pass over the stacks for the Grams, one for the write-back. None when
 // backend.gram_svd declines (a Gram not safely positive definite on the CPU): solve_exact then runs
-// instead. With `dest` (the call's outputs for these modules, given when the bucket's problems are
-// the call's rows in order), the split factors are written into it where each support has one
-// problem, in order.
+// instead. With `dest` (the call's outputs for these modules, given when each support of the bucket
+// has one problem and these are the call's rows in order), the split factors are written into it.
 std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, const at::Tensor& d, const Bucket& bk,
                                  const Options& o, const Backend& backend, const Solved* dest) {
   const int64_t K = d.size(1), m = Bt.size(2), n = Af.size(2);
@@ -396,15 +395,12 @@ std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, con
   const double tol = 16.0 * std::sqrt((double)std::max({m, n, K})) * eps_of(ct);
   const Coefficients c = split_coefficients(svd->U, svd->S, svd->V, sB, sA, o, tol);
   Solved out;
-  bool identity;
-  slot_positions(bk, &identity);
-  const bool direct = dest != nullptr && identity && bk.slots == 1;  // then [batch, G, ...] is [batch, P, ...]
   // Coefficient rows times the stacks: B's as columns [batch, G, m, slots rank], A's as rows
-  // [batch, G, slots rank, n].
+  // [batch, G, slots rank, n] (with `dest`, [batch, G, ...] is [batch, P, ...]).
   const at::Tensor BP = times_stacks(per_support_rows(c.B.to(ct), bk), Bt, bk, /*columns=*/true, backend,
-                                     direct ? dest->B_new : at::Tensor());
+                                     dest != nullptr ? dest->B_new : at::Tensor());
   const at::Tensor AQ = times_stacks(per_support_rows(c.A.to(ct), bk), Af, bk, /*columns=*/false, backend,
-                                     direct ? dest->A_new : at::Tensor());
+                                     dest != nullptr ? dest->A_new : at::Tensor());
   out.B_new = per_problem_rows(BP, bk, o.rank, /*columns=*/true);   // [batch, P, m, rank]
   out.A_new = per_problem_rows(AQ, bk, o.rank, /*columns=*/false);  // [batch, P, rank, n]
   out.S = c.S;
@@ -474,12 +470,13 @@ struct NoTF32 {
 
 // Every bucket's problems for the modules of one chunk: Af [len, N_in r, n] and Bt [len, N_in r, m]
 // (compute dtype, B's columns as rows). Returns A_new [len, N_out, rank, n], B_new [len, N_out, m,
-// rank], S [len, N_out, rank] and missing [len, N_out] (before completion), written into `dest`
-// (the same shapes) where the solver can: one bucket whose problems are the rows in order.
+// rank], S [len, N_out, rank] and missing [len, N_out] (before completion), the split factors written
+// into `dest` (the same shapes) where the plan is one bucket whose supports have one problem each,
+// in the order of the rows.
 Solved solve_modules(const at::Tensor& Af, const at::Tensor& Bt, const Plan& plan, const at::Tensor& Wd,
                      const Shapes& s, const Options& o, const Backend& backend, const Solved* dest) {
   const int64_t len = Af.size(0), rank = o.rank;
-  const Solved* direct = plan.buckets.size() == 1 && plan.identity ? dest : nullptr;
+  const Solved* direct = plan.buckets.size() == 1 && plan.buckets[0].slots == 1 && plan.identity ? dest : nullptr;
   std::vector<at::Tensor> A_parts, B_parts, S_parts, miss_parts;
   for (const Bucket& bk : plan.buckets) {
     const int64_t P = (int64_t)bk.rows.size(), K = bk.agents * s.r;

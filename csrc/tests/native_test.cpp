@@ -1,9 +1,9 @@
 // Native (no Python) checks of the registered operator (CPU backend, through the dispatcher)
 // against float64 dense references, on rings and complete graphs (k*r up to 256), duplicated
 // neighbors, agents near consensus (exact and randomized) and zero products; calls run in chunks of
-// modules against whole calls; and the CPU's top
-// eigenpair solver against at::linalg_eigh on spectra from spread out to repeated; the float32 cases
-// again with the CUDA backend's batched Gram path run on the CPU. Prints "N passed, N failed".
+// modules against whole calls; and the CPU's top eigenpair solver against at::linalg_eigh on spectra
+// from spread out to repeated; the float32 cases again with the CUDA backend's batched Gram path run
+// on the CPU. Prints "N passed, N failed".
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -126,6 +126,11 @@ void chunks_match_whole_calls() {
   mixed_degrees[0] = 0.0;                                               // supports of 1 and 3 agents: two buckets
   mixed_degrees[0][0] = 1.0;
   zero_row[2] = 0.0;                                                    // a row without a support
+  // Rows 0..2 on agents {0, 1, 2} and rows 3..5 on {3, 4, 5}, weights differing: one bucket of two
+  // supports of three problems each, the rows in order.
+  at::Tensor shared_supports = at::zeros({6, 6}, at::kDouble);
+  for (int64_t i = 0; i < 6; ++i)
+    for (int64_t j = i / 3 * 3; j < i / 3 * 3 + 3; ++j) shared_supports[i][j] = 1.0 + 0.1 * (double)((i + 2 * j) % 5);
   const struct {
     const char* name;
     at::Tensor W;
@@ -136,7 +141,8 @@ void chunks_match_whole_calls() {
                {"ring float64 randomized", ring(6), at::kDouble, "randomized"},
                {"repeated rows float32 exact", repeated_rows, at::kFloat, "exact"},
                {"two buckets float32 exact", mixed_degrees, at::kFloat, "exact"},
-               {"zero row float64 exact", zero_row, at::kDouble, "exact"}};
+               {"zero row float64 exact", zero_row, at::kDouble, "exact"},
+               {"shared supports float32 exact", shared_supports, at::kFloat, "exact"}};
   for (const auto& c : cases) {
     at::manual_seed(5);
     const at::Tensor A = at::randn({5, 6, 4, 30}, c.dtype), B = at::randn({5, 6, 40, 4}, c.dtype);
