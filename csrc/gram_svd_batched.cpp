@@ -1,5 +1,5 @@
 // The small problems of the exact Gram path (see solve_gram in csrc/consensus.cpp) as batched ATen
-// calls and the backend's batched eigh (CUDA: a Jacobi kernel up to 32 x 32, common/small_eigh.h), none
+// calls and the backend's batched eigh (CUDA: a Jacobi kernel up to 64 x 64, common/small_eigh.h), none
 // of which reads a value on the host, for devices where the per-problem loops of
 // csrc/cpu/gram_svd_cpu.cpp do not fit (CUDA). Grams G = P^T P (P = Bs^T or As^T) arrive in float64,
 // formed from float64 copies of the factors (Backend::float64_grams), so that zero and repeated
@@ -25,13 +25,15 @@
 #include <cmath>
 #include <limits>
 
+#include "common/small_eigh.h"
+
 namespace decaf {
 namespace {
 
 constexpr double kJitter = 4.0;
-// Batched eigh is one call up to 32 x 32 (CUDA: common/small_eigh.h; ATen's cuSOLVER batched Jacobi
-// likewise) and a loop over the batch above (on an H200, 1024 matrices of 128 x 128: 1.6 s).
-constexpr int64_t kDirectMax = 32;
+// The CUDA backend's batched eigh is one kernel up to kSmallEighMax x kSmallEighMax (common/small_eigh.h);
+// ATen's loops over the batch above 32 x 32 (on an H200, 1024 matrices of 128 x 128: 1.6 s).
+constexpr int64_t kDirectMax = kSmallEighMax;
 constexpr int64_t kSubspaceColumns = 32;
 constexpr int kSubspaceIterations = 32;
 

@@ -7,6 +7,7 @@
 // stream.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -78,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> qr_cuda(const at::Tensor& X) { return at::lin
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_cuda(const at::Tensor& X) { return at::linalg_svd(X, false); }
 
-constexpr int kEighThreads = 64;
+constexpr int kEighThreads = 128;
 
 __global__ void __launch_bounds__(kEighThreads)
     small_eigh_kernel(const double* H, int64_t count, int n, double* values, double* vectors) {
@@ -88,17 +89,30 @@ __global__ void __launch_bounds__(kEighThreads)
     small_eigh(team, H + p * n * n, n, shared, values + p * n, vectors + p * n * n);
 }
 
-// at::linalg_eigh's semantics. float64 matrices up to kSmallEighMax: one thread block per matrix
-// (common/small_eigh.h), nothing read on the host; others: ATen (which checks its status on the host).
+// Shared memory of small_eigh_kernel for n x n matrices (68 KB for n = 64), or 0 when the device's
+// opt-in limit per block is below it. Above the default 48 KB a kernel must opt in.
+size_t small_eigh_shared_bytes(int64_t n) {
+  const size_t bytes = (size_t)(small_eigh_workspace((int)n) + kEighThreads) * sizeof(double);
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+  if (bytes > (size_t)limit) return 0;
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(small_eigh_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+  return bytes;
+}
+
+// at::linalg_eigh's semantics. float64 matrices up to kSmallEighMax whose workspace fits in shared
+// memory: one thread block per matrix (common/small_eigh.h), nothing read on the host; others: ATen
+// (which checks its status on the host).
 std::tuple<at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& H) {
   const int64_t n = H.size(-1);
-  if (H.scalar_type() != at::kDouble || n > kSmallEighMax || n == 0) return at::linalg_eigh(H);
+  const size_t shared = H.scalar_type() == at::kDouble && n >= 1 && n <= kSmallEighMax ? small_eigh_shared_bytes(n) : 0;
+  if (shared == 0) return at::linalg_eigh(H);
   const at::Tensor h = H.contiguous();
   const int64_t count = h.numel() / (n * n);
   at::Tensor values = at::empty(h.sizes().slice(0, h.dim() - 1), h.options());
   at::Tensor vectors = at::empty_like(h);
   if (count == 0) return {values, vectors};
-  const size_t shared = (size_t)(small_eigh_workspace((int)n) + kEighThreads) * sizeof(double);
   const unsigned blocks = (unsigned)std::min<int64_t>(count, 65535);
   small_eigh_kernel<<<blocks, kEighThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
       h.data_ptr<double>(), count, (int)n, values.data_ptr<double>(), vectors.data_ptr<double>());

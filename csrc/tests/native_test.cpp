@@ -14,31 +14,13 @@
 #include <utility>
 #include <vector>
 
-#include "../common/small_eigh.h"
 #include "../cpu/cpu_backend.h"
-#include "../gram_svd_batched.h"
+#include "cuda_path_on_cpu.h"
 #include "top_eigenpairs_cases.h"
 
 namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
-// The CUDA backend's eigh on the CPU: common/small_eigh.h per float64 matrix up to kSmallEighMax
-// (one-thread team), ATen otherwise.
-std::tuple<at::Tensor, at::Tensor> small_eigh_serial(const at::Tensor& H) {
-  const int64_t n = H.size(-1);
-  if (H.scalar_type() != at::kDouble || n > decaf::kSmallEighMax || n == 0) return at::linalg_eigh(H);
-  const at::Tensor h = H.contiguous();
-  const int64_t count = h.numel() / (n * n);
-  at::Tensor values = at::empty(h.sizes().slice(0, h.dim() - 1), h.options()), vectors = at::empty_like(h);
-  std::vector<double> work(decaf::small_eigh_workspace((int)n));
-  double scratch = 0.0;
-  const decaf::SerialTeam team{&scratch};
-  for (int64_t p = 0; p < count; ++p)
-    decaf::small_eigh(team, h.data_ptr<double>() + p * n * n, (int)n, work.data(), values.data_ptr<double>() + p * n,
-                      vectors.data_ptr<double>() + p * n * n);
-  return {values, vectors};
-}
 
 // Set: calls run consensus_tsvd_impl with this backend instead of the registered operator.
 const decaf::Backend* swapped_backend = nullptr;
@@ -182,13 +164,8 @@ int main() {
   chunks_match_whole_calls();
   // The CUDA backend's Gram path (csrc/gram_svd_batched.cpp) and eigh (common/small_eigh.h) on the CPU:
   // float32 cases, sparse and dense buckets, duplicated neighbors, agents near consensus, zero products.
-  decaf::Backend batched_backend = decaf::kCpuBackend;
-  batched_backend.gram_svd = decaf::gram_svd_batched;
-  batched_backend.support_grams = nullptr;  // the ATen Grams and write-back, as on CUDA
-  batched_backend.times_stacks = nullptr;
-  batched_backend.float64_grams = true;
+  decaf::Backend batched_backend = decaf::cuda_path_on_cpu();
   batched_backend.stack_chunk_bytes = 1;  // one module per chunk: the chunked gathers and their concatenation
-  batched_backend.eigh = small_eigh_serial;
   swapped_backend = &batched_backend;
   for (bool dense_graph : {false, true}) {
     compare_with_dense(dense_graph, 6, 8, 40, 64, 8, at::kFloat, "exact", 1e-5);

@@ -117,13 +117,16 @@ void compare(const Case& c, int threads) {
 }
 
 // small_eigh on `count` symmetric n x n matrices H (row-major, one after the other) with a team of
-// `threads` threads (0: SerialTeam); returns values [count, n] followed by vectors [count, n, n].
-std::vector<double> run_eigh(const std::vector<double>& H, int n, int count, int threads) {
+// `threads` threads (0: SerialTeam); returns values [count, n] followed by vectors [count, n, n], and
+// the most sweeps of a matrix in *sweeps.
+std::vector<double> run_eigh(const std::vector<double>& H, int n, int count, int threads, int* sweeps) {
   std::vector<double> out((size_t)count * n * (n + 1));
   const auto solve = [&](const auto& team, double* work) {
+    int most = 0;
     for (int p = 0; p < count; ++p)
-      decaf::small_eigh(team, H.data() + (size_t)p * n * n, n, work, out.data() + (size_t)p * n,
-                        out.data() + (size_t)count * n + (size_t)p * n * n);
+      most = std::max(most, decaf::small_eigh(team, H.data() + (size_t)p * n * n, n, work, out.data() + (size_t)p * n,
+                                              out.data() + (size_t)count * n + (size_t)p * n * n));
+    if (team.rank() == 0) *sweeps = most;
   };
   std::vector<double> work(decaf::small_eigh_workspace(n));
   if (threads == 0) {
@@ -142,7 +145,8 @@ std::vector<double> run_eigh(const std::vector<double>& H, int n, int count, int
 
 // Symmetric matrices Q diag(spectrum) Q^T (Q from Gram-Schmidt on normal columns; kind: 0 spread,
 // 1 clustered (three values), 2 zero matrix, 3 already diagonal), solved by teams of 1 and `threads`
-// threads: the same bits, eigenvalues ascending, orthonormal vectors, residuals within 64 n eps ||H||.
+// threads: the same bits, eigenvalues ascending, orthonormal vectors, residuals within 64 n eps ||H||,
+// converged before the sweep limit.
 void compare_eigh(int n, int kind, int threads) {
   const int count = 2;
   std::mt19937_64 gen(n * 10 + kind);
@@ -172,7 +176,8 @@ void compare_eigh(int n, int kind, int threads) {
     for (int i = 0; i < n; ++i)  // exactly symmetric
       for (int j = 0; j < i; ++j) H[(size_t)p * n * n + i * n + j] = H[(size_t)p * n * n + j * n + i];
   }
-  const std::vector<double> serial = run_eigh(H, n, count, 0), team = run_eigh(H, n, count, threads);
+  int sweeps = 0, team_sweeps = 0;
+  const std::vector<double> serial = run_eigh(H, n, count, 0, &sweeps), team = run_eigh(H, n, count, threads, &team_sweeps);
   bool same = true, ascending = true;
   for (size_t x = 0; x < serial.size(); ++x) same = same && serial[x] == team[x];
   double orth = 0.0, resid = 0.0;
@@ -201,17 +206,20 @@ void compare_eigh(int n, int kind, int threads) {
   }
   const double eps = 2.220446049250313e-16;
   char name[200];
-  std::snprintf(name, sizeof(name), "small_eigh %d threads vs 1: n=%d %s (same bits %d, orthogonality %.1e, residual %.1e)",
-                threads, n, kind == 0 ? "spread" : kind == 1 ? "clustered" : kind == 2 ? "zero" : "diagonal", (int)same,
-                orth, resid);
-  check(same && ascending && orth <= 64 * n * eps && resid <= 64 * n * eps, name);
+  std::snprintf(name, sizeof(name),
+                "small_eigh %d threads vs 1: n=%d %s (same bits %d, orthogonality %.1e, residual %.1e, %d sweeps)", threads,
+                n, kind == 0 ? "spread" : kind == 1 ? "clustered" : kind == 2 ? "zero" : "diagonal", (int)same, orth, resid,
+                team_sweeps);
+  check(same && sweeps == team_sweeps && sweeps < decaf::kSmallEighSweeps && ascending && orth <= 64 * n * eps &&
+            resid <= 64 * n * eps,
+        name);
 }
 
 }  // namespace
 
 int main() {
   for (int threads : {2, 7})
-    for (int n : {1, 2, 3, 7, 32})
+    for (int n : {1, 2, 3, 7, 32, 33, 64})
       for (int kind : {0, 1, 2, 3}) compare_eigh(n, kind, threads);
   for (int threads : {2, 7}) {
     compare({6, 6, 4, 4, 40, 6}, threads);        // own rows suffice
