@@ -8,7 +8,9 @@ sized to finish in under ten minutes on two CPU cores.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -140,6 +142,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the argument) for values that are invalid on their own."""
+        if self.agents < 1:
+            raise ConfigError(f"agents must be >= 1, got {self.agents}")
         self.agent_ranks()  # before the registries: a malformed rank is refused without importing torch
         for name, choices in registry_names().items():
             _check_choice(name, getattr(self, name), choices)
@@ -150,8 +154,6 @@ class TrainConfig:
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
         _check_choice("clip_lora_on", self.clip_lora_on, CLIP_ENCODERS)
         _check_choice("dtype", self.dtype, DTYPES)
-        if self.agents < 1:
-            raise ConfigError(f"agents must be >= 1, got {self.agents}")
         strategy = self.strategy()
         if self.agents < 2 and strategy.decentralized:
             raise ConfigError(f"agents must be >= 2 for the decentralized algorithm {self.algorithm!r}, "
@@ -170,22 +172,23 @@ class TrainConfig:
             if not getattr(self, name):
                 raise ConfigError(f"{name} must name a column")
         for name in ("dirichlet_alpha", "lora_alpha", "lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        if not 0 <= self.seed < 2**32:  # numpy's legacy seeding takes 32 bits
+            raise ConfigError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("target_modules must name at least one module")
         if self.norm_bound is not None and not self.norm_bound >= 1:
             raise ConfigError(f"norm_bound must be >= 1 or none, got {self.norm_bound}")
-        if self.device != "auto" and not self.device.split(":")[0] in ("cpu", "cuda"):
-            raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        check_device(self.device)
         if self.dtype == "float16" and (self.device == "cpu" or (self.device == "auto" and not _cuda_available())):
             raise ConfigError("dtype: float16 cannot train on a CPU (use bfloat16 or float32)")
 
@@ -254,6 +257,12 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
         return cls(**{name: convert_value(name, value) for name, value in values.items()})
+
+
+def check_device(device: str) -> None:
+    """ConfigError (one line) unless `device` is cpu, cuda, cuda:N or auto."""
+    if device != "auto" and not re.fullmatch(r"(cpu|cuda)(:\d+)?", device):
+        raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
 
 
 def _cuda_available() -> bool:

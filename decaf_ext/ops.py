@@ -6,6 +6,7 @@ with a GPU once per call: pass ``check_values=False`` for a sync-free call.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Literal
 
 import torch
@@ -23,6 +24,29 @@ def _dense_weights(W: torch.Tensor) -> torch.Tensor:
     if not isinstance(W, torch.Tensor):
         raise ValueError(f"W must be a torch.Tensor, got {type(W).__name__}")
     return W.to_dense() if W.layout != torch.strided else W
+
+
+def _integer(name: str, value: object) -> int:
+    """`value` as an int (ints and integer scalars such as numpy's), else a one-line ValueError naming `name`."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _check_dense_shapes(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int) -> None:
+    """The shape and rank checks of the compiled op, for method="dense", which does not call it."""
+    if A.dim() < 3:
+        raise ValueError(f"A must have shape [..., N_in, r, n], got {list(A.shape)}")
+    if B.dim() != A.dim() or B.shape[:-2] != A.shape[:-2] or B.shape[-1] != A.shape[-2]:
+        raise ValueError(f"B must have shape [..., N_in, m, r] to match A {list(A.shape)}, got {list(B.shape)}")
+    if W.dim() != 2 or W.shape[1] != A.shape[-3]:
+        raise ValueError(f"W must have shape [N_out, N_in] with N_in = {A.shape[-3]} (the agents in A and B), "
+                         f"got {list(W.shape)}")
+    if not 1 <= rank <= min(B.shape[-2], A.shape[-1]):
+        raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(B.shape[-2], A.shape[-1])}], got {rank}")
 
 
 def _check_values(W: torch.Tensor | None = None, **tensors: torch.Tensor) -> None:
@@ -95,15 +119,17 @@ def consensus_tsvd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int,
         fp16/bf16 inputs are computed in float32 and returned in their dtype.
     """
     W = _dense_weights(W)
+    rank = _integer("rank", rank)
     if check_values:
         _check_values(W, A=A, B=B)
     if split not in ("balanced", "left", "right"):
         raise ValueError(f"split must be 'balanced', 'left' or 'right', got {split!r}")
     if method == "dense":
+        _check_dense_shapes(A, B, W, rank)
         A_new, B_new, S = consensus_tsvd_dense(A, B, W.to(A.device), rank, split)
         return A_new.to(A.dtype), B_new.to(A.dtype), S.to(A.dtype)
-    return torch.ops.decaf_ext.consensus_tsvd.default(A, B, W, int(rank), method, split, int(oversample),
-                                                      int(n_iter), int(seed))
+    return torch.ops.decaf_ext.consensus_tsvd.default(A, B, W, rank, method, split, _integer("oversample", oversample),
+                                                      _integer("n_iter", n_iter), _integer("seed", seed))
 
 
 def weighted_product_sum(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *,
@@ -128,7 +154,8 @@ def tsvd(M: torch.Tensor, rank: int, *, oversample: int = 10, n_iter: int = 2, s
     """
     if check_values:
         _check_values(M=M)
-    return torch.ops.decaf_ext.tsvd.default(M, int(rank), int(oversample), int(n_iter), int(seed))
+    return torch.ops.decaf_ext.tsvd.default(M, _integer("rank", rank), _integer("oversample", oversample),
+                                            _integer("n_iter", n_iter), _integer("seed", seed))
 
 
 def _lead(t: torch.Tensor, drop: int) -> list[int]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from decaf_ext.config import check_device
 from decaf_ext.errors import ConfigError, first_line
 from decaf_ext.quiet import quiet_transformers
 
@@ -51,13 +52,15 @@ class Classifier:
         from peft import AutoPeftModelForSequenceClassification
         from transformers import AutoTokenizer
 
+        from decaf_ext.trainer import resolve_device
+
         config_path = os.path.join(adapter_dir, "adapter_config.json")
         if not os.path.isfile(config_path):
             raise ConfigError(f"adapter_dir: {adapter_dir!r} is not an exported adapter (no adapter_config.json)")
         if max_len is not None and max_len < 1:
             raise ConfigError(f"max_len must be >= 1, got {max_len}")
-        target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                              "cpu" if device == "auto" else device)
+        check_device(device)
+        target = resolve_device(device)
         try:
             with quiet_transformers():
                 model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir)

@@ -461,8 +461,11 @@ class Trainer:
         config_path = os.path.join(self.run_dir, CONFIG)
         if not resume:
             check_free(self.run_dir)
-            os.makedirs(self.run_dir, exist_ok=True)
-            write_json(config_path, self.config.to_dict())
+            try:
+                os.makedirs(self.run_dir, exist_ok=True)
+                write_json(config_path, self.config.to_dict())
+            except OSError as error:
+                raise ConfigError(f"output_dir: cannot create {self.run_dir!r} ({error.strerror})") from None
             return 0
         done = self._restore()
         if done > self.config.rounds:

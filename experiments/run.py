@@ -109,6 +109,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not seeds:
         raise argparse.ArgumentTypeError("expected at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
     return seeds
 
 
@@ -135,9 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             print(f"  {'done' if is_done(run) else 'todo'}  {run.key}")
         return 0
+    from decaf_ext.errors import ConfigError, first_line
+
     for index, run in enumerate(todo, start=1):
         start, cpu = time.perf_counter(), cpu_seconds()
-        summary = train_one(run, args.device, fields)
+        try:
+            summary = train_one(run, args.device, fields)
+        except ConfigError as error:  # a user mistake (e.g. --device): one line, like decaf-train
+            print(f"{parser.prog}: error: {first_line(error)}", file=sys.stderr)
+            return 2
         final = summary["final"]
         print(f"[{index}/{len(todo)}] {run.suite}/{run.key}: acc {final['acc_mean']:.4f} ± {final['acc_std']:.4f}, "
               f"averaged {final['avg_model_acc']:.4f}, {time.perf_counter() - start:.0f} s wall, "

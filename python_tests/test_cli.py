@@ -98,6 +98,15 @@ def test_plot_draws_every_run_of_a_compare_folder(tiny_paths, tmp_path):
     (["--algorithm", "gossip"], "algorithm"),
     (["--topology", "hypercube"], "topology"),
     (["--agents", "1"], "agents"),
+    (["--agents", "0"], "agents"),
+    (["--agents", "-3"], "agents"),
+    (["--lr", "inf"], "lr"),
+    (["--lora-alpha", "inf"], "lora_alpha"),
+    (["--weight-decay", "nan"], "weight_decay"),
+    (["--weight-decay", "inf"], "weight_decay"),
+    (["--device", "cuda:x"], "device"),
+    (["--seed", "-1"], "seed"),
+    (["--seed", str(2**32)], "seed"),
     (["--rank", "0"], "rank"),
     (["--rank", "64"], "rank"),
     (["--rank", "four"], "rank"),
@@ -114,6 +123,16 @@ def test_user_mistakes_give_one_line_and_status_2(tiny_paths, tmp_path, capsys, 
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("decaf-train: error: ") and expected in lines[0]
+    assert "Traceback" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize("where", ["file", "file/run"])
+def test_an_output_dir_that_cannot_be_made_is_one_line(tiny_paths, tmp_path, capsys, where):
+    (tmp_path / "file").write_text("not a folder")
+    assert main(tiny_flags(tiny_paths, tmp_path / where)) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("decaf-train: error: output_dir: cannot create ")
     assert "Traceback" not in captured.err + captured.out
 
 

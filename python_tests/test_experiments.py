@@ -75,3 +75,13 @@ def test_verdict_counts_settings_by_the_seed_spread_rule():
         "Verdict: the data agree in 1 of 4 setting(s), contradict in 1, cannot tell in 2."
     assert report.verdict("ahead", [report.contrast(None, None, "a", "b")]) == "Verdict: no data yet."
 
+
+def test_run_mistakes_are_one_line_and_train_nothing():
+    """Repeated seeds are refused (they would train one run twice); a bad option is one line, not a traceback."""
+    repeated = _run(os.path.join(EXPERIMENTS, "run.py"), "algorithms", "--seeds", "0,0", "--dry-run")
+    assert repeated.returncode == 2 and "--seeds: expected distinct" in repeated.stderr
+    bad = _run(os.path.join(EXPERIMENTS, "run.py"), "algorithms", "--seeds", "99", "--cells", "decaf-iid",
+               "--device", "tpu")
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip().splitlines() == ["experiments/run.py: error: device must be cpu, cuda, cuda:N or auto, "
+                                               "got 'tpu'"]

@@ -78,6 +78,25 @@ def test_bad_input_names_the_argument(over, rank, pattern):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("method", ["auto", "dense"])
+@pytest.mark.parametrize("over,rank,pattern", [
+    ({}, 0, "rank must be in"),
+    ({}, -1, "rank must be in"),
+    ({}, 6, "rank must be in"),
+    ({}, 2.5, "rank must be an integer"),
+    ({}, "2", "rank must be an integer"),
+    ({}, None, "rank must be an integer"),
+    (dict(W=torch.full((4, 3), 0.25)), 2, "W must have shape"),
+    (dict(B=torch.randn(4, 5, 3)), 2, "B must have shape"),
+])
+def test_rank_and_shapes_are_checked_for_every_method(method, over, rank, pattern):
+    """The dense reference method checks rank and shapes like the compiled ones; a rank is never truncated."""
+    args = _args(**over)
+    with pytest.raises(ValueError, match=pattern) as info:
+        decaf_ext.consensus_tsvd(args["A"], args["B"], args["W"], rank, method=method)
+    assert "\n" not in str(info.value)
+
+
 def test_value_checks_find_one_bad_entry_and_accept_sums_that_overflow():
     """One NaN among finite factors is found; finite float64 factors whose sum overflows are accepted."""
     args = _args()

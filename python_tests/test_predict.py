@@ -84,3 +84,13 @@ def test_predict_mistakes_are_one_line(argv, expected, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("decaf-train predict: error: ") and expected in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", *(() if torch.cuda.is_available() else ("cuda",))])
+def test_predict_device_mistakes_are_one_line(finished, device, capsys):
+    adapter = str(Path(finished.run_dir, "adapters", "average"))
+    assert main(["predict", adapter, "--text", TEXTS[0], "--device", device]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("decaf-train predict: error: device")
+    assert "Traceback" not in captured.err + captured.out
