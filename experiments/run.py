@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         print(reason)
         return 0
     runs = [run for run in suite.runs(args.seeds) if any(fnmatch.fnmatchcase(run.name, p) for p in args.cells)]
+    unmatched = [p for p in args.cells if not any(fnmatch.fnmatchcase(run.name, p) for run in suite.runs(args.seeds))]
+    if unmatched:  # a mistyped cell would otherwise run nothing, silently
+        parser.error(f"--cells: {', '.join(unmatched)} matches no cell of {suite.name} "
+                     f"({', '.join(sorted({run.name for run in suite.runs(args.seeds)}))})")
     todo = [run for run in runs if not is_done(run)]
     print(f"suite {suite.name}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to go", flush=True)
     if args.dry_run:

@@ -77,9 +77,12 @@ def test_verdict_counts_settings_by_the_seed_spread_rule():
 
 
 def test_run_mistakes_are_one_line_and_train_nothing():
-    """Repeated seeds are refused (they would train one run twice); a bad option is one line, not a traceback."""
+    """Repeated seeds are refused (they would train one run twice), so is a cell pattern that matches no cell
+    (it would run nothing, silently); a bad option is one line, not a traceback."""
     repeated = _run(os.path.join(EXPERIMENTS, "run.py"), "algorithms", "--seeds", "0,0", "--dry-run")
     assert repeated.returncode == 2 and "--seeds: expected distinct" in repeated.stderr
+    mistyped = _run(os.path.join(EXPERIMENTS, "run.py"), "algorithms", "--cells", "decaf-iid,decfa-*", "--dry-run")
+    assert mistyped.returncode == 2 and "--cells: decfa-* matches no cell of algorithms" in mistyped.stderr
     bad = _run(os.path.join(EXPERIMENTS, "run.py"), "algorithms", "--seeds", "99", "--cells", "decaf-iid",
                "--device", "tpu")
     assert bad.returncode == 2, bad.stderr
