@@ -160,6 +160,9 @@ class DecentralizedAverager:
         except ValueError as error:
             raise ValueError(f"model: {first_line(error)} (build it with peft.get_peft_model and a LoraConfig)"
                              ) from None
+        device = next((p.device for p in model.parameters() if p.requires_grad), None)
+        if device is None:
+            raise ValueError("model: no trainable parameters (load a saved adapter with is_trainable=True)")
         try:
             self.schedule = topology if isinstance(topology, MixingSchedule) else make_schedule(
                 topology, n_agents, rule=mixing, seed=seed, p=topology_p, path=topology_file)
@@ -178,7 +181,6 @@ class DecentralizedAverager:
         self.transport = Transport(store, self.agent, n_agents, fingerprint=self.payload.fingerprint,
                                    backend=backend, timeout=round_timeout, startup_timeout=startup_timeout)
         self.faults = Faults.from_env(self.agent, restarted=self.transport.incarnation > 1)
-        device = next(p.device for p in model.parameters() if p.requires_grad)
         self.mixer = AgentMixer(self.strategy, self.transport, self.payload, guard=guard, faults=self.faults,
                                 device=device)
         self.period, self.warmup_steps = period, warmup_steps

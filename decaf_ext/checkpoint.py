@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from decaf_ext.errors import ConfigError, first_line
 
 _PREFIX = "round_"
 _RNG_TORCH = "rng/torch"
@@ -96,14 +100,28 @@ def checkpoint_round(folder: str) -> int:
     return int(os.path.basename(folder)[len(_PREFIX):])
 
 
+def _read(folder: str, name: str, read: Callable[[str], Any]) -> Any:
+    """`read(path)` of the checkpoint's file `name`; ConfigError naming resume and the file if it cannot be read
+    (a checkpoint damaged after it was written: missing, truncated, overwritten)."""
+    path = os.path.join(folder, name)
+    try:
+        return read(path)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as error:
+        raise ConfigError(f"resume: cannot read {path!r} ({first_line(error)})") from None
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def load_checkpoint(folder: str) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`."""
-    tensors = load_file(os.path.join(folder, "tensors.safetensors"))
+    tensors = _read(folder, "tensors.safetensors", load_file)
     cuda = [tensors.pop(name) for name in sorted((n for n in tensors if n.startswith(_RNG_CUDA)),
                                                  key=lambda n: int(n[len(_RNG_CUDA):]))]
     torch_rng = tensors.pop(_RNG_TORCH)
-    optimizers = torch.load(os.path.join(folder, "optimizers.pt"), weights_only=True)
-    with open(os.path.join(folder, "state.json"), encoding="utf-8") as handle:
-        saved = json.load(handle)
+    optimizers = _read(folder, "optimizers.pt", lambda path: torch.load(path, weights_only=True))
+    saved = _read(folder, "state.json", _read_json)
     rng = {**saved["rng"], "torch": torch_rng, "cuda": cuda}
     return Checkpoint(round=saved["round"], tensors=tensors, optimizers=optimizers, state=saved["state"], rng=rng)

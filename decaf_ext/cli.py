@@ -17,7 +17,6 @@ line ``decaf-train: error: ...`` and exit with status 2; any other exception is 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -28,11 +27,11 @@ from datetime import datetime
 from typing import Any, Callable, Sequence
 
 from decaf_ext import __version__
-from decaf_ext.config import RENAMED, TrainConfig, build_config, convert_value, field_types, registry_names
+from decaf_ext.config import RENAMED, RESUMABLE, TrainConfig, build_config, convert_value, field_types, load_saved, \
+    registry_names
 from decaf_ext.errors import ConfigError, first_line
 
 PROG = "decaf-train"
-RESUMABLE = ("rounds", "eval_every", "checkpoint_every", "device", "progress")
 LAUNCHERS = ("sim", "dist")
 DISTRIBUTED_FLAGS = ("nproc", "max_restarts", "backend", "round_timeout", "startup_timeout")
 RUN_FLAGS = ("config", "compare", "seeds", "resume", "list")
@@ -198,9 +197,7 @@ def resume_config(run_dir: str, overrides: dict[str, Any]) -> TrainConfig:
     changed = sorted(set(overrides) - set(RESUMABLE))
     if changed:
         raise ConfigError(f"resume: only {', '.join(RESUMABLE)} may change when resuming, not {', '.join(changed)}")
-    with open(path, encoding="utf-8") as handle:
-        saved = json.load(handle)
-    config = TrainConfig.from_dict({**saved, **overrides, "output_dir": run_dir}, source=path)
+    config = TrainConfig.from_dict({**load_saved(path), **overrides, "output_dir": run_dir}, source=path)
     config.validate()
     return config
 

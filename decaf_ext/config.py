@@ -8,6 +8,7 @@ sized to finish in under ten minutes on two CPU cores.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -33,6 +34,8 @@ PATH_FIELDS: tuple[str, ...] = ("dataset", "model", "topology_file")
 #: (max_train, max_test) used when they are not set: a budget for the offline default only
 DEFAULT_CAPS: dict[str, tuple[int, int]] = {OFFLINE_DEFAULT: (600, 200)}
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+#: options a resumed run may change; every other one must be the run's own (output_dir aside: a run moves)
+RESUMABLE: tuple[str, ...] = ("rounds", "eval_every", "checkpoint_every", "device", "progress")
 
 
 def registry_names() -> dict[str, tuple[str, ...]]:
@@ -246,6 +249,15 @@ class TrainConfig:
                    and not (name == "dataset" and self.dataset == OFFLINE_DEFAULT)}
         return dataclasses.replace(self, **changes)
 
+    def check_resumes(self, saved: dict[str, Any], *, source: str) -> None:
+        """ConfigError naming the first option outside RESUMABLE (and output_dir) in which this configuration
+        differs from `saved`, the options a run was trained with (read from `source`)."""
+        before = TrainConfig.from_dict(saved, source=source).to_dict()
+        for name, value in self.to_dict().items():
+            if name not in (*RESUMABLE, "output_dir") and before[name] != value:
+                raise ConfigError(f"{name}: the run was trained with {before[name]!r}, not {value!r} (only "
+                                  f"{', '.join(RESUMABLE)} may change when resuming)")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
         """Build from a mapping (YAML or JSON), converting and checking each value's type."""
@@ -319,6 +331,15 @@ def convert_value(name: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} expects {getattr(base, '__name__', base)}, got {value!r}") from None
+
+
+def load_saved(path: str) -> dict[str, Any]:
+    """The options a run saved in `path` (its config.json); ConfigError naming resume if unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"resume: cannot read {path!r} ({first_line(error)})") from None
 
 
 def load_yaml(path: str) -> dict[str, Any]:

@@ -34,14 +34,14 @@ from decaf_ext.checkpoint import latest_checkpoint
 from decaf_ext.config import TrainConfig
 from decaf_ext.errors import ConfigError
 from decaf_ext.agent_mixer import AgentMixer
-from decaf_ext.exchange import RoundView, Transport
+from decaf_ext.exchange import RoundView, Transport, check_timeout
 from decaf_ext.faults import Faults
 from decaf_ext.export import export_adapter, labelled_base
 from decaf_ext.lora import collect_extras, write_extras
 from decaf_ext.message_guard import MessageGuard, load_run_key
 from decaf_ext.payload import Payload
 from decaf_ext.tasks import Encoded
-from decaf_ext.trainer import METRICS, SUMMARY, AgentSampler, Trainer, write_json
+from decaf_ext.trainer import AGENT_FOLDERS, METRICS, SUMMARY, AgentSampler, Trainer, write_json
 
 log = logging.getLogger("decaf_ext.distributed")
 
@@ -63,8 +63,7 @@ class DistributedOptions:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         for name in ("round_timeout", "startup_timeout"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+            check_timeout(name, getattr(self, name))
 
 
 class AgentTrainer(Trainer):
@@ -83,7 +82,7 @@ class AgentTrainer(Trainer):
         self.agent = agent
         super().__init__(config)
         self.output_dir = self.run_dir
-        self.run_dir = os.path.join(self.output_dir, "agents", f"agent_{agent:02d}")
+        self.run_dir = os.path.join(self.output_dir, AGENT_FOLDERS, f"agent_{agent:02d}")
         self.agent_ids = [agent]
         self.samplers = [AgentSampler(np.arange(len(self.parts[agent])), config.batch_size, config.seed, agent)]
         guard = MessageGuard(load_run_key(config.run_key_file), config.norm_bound)
@@ -182,13 +181,15 @@ class AgentTrainer(Trainer):
             done = self.prepare_run_dir(False)
             write_json(os.path.join(self.output_dir, "config.json"), self.config.to_dict())
             return done
+        if latest_checkpoint(self.run_dir) is not None:
+            done = self.prepare_run_dir(True)  # checks the configuration before anything is written
+        else:
+            self.transport.record_event(-1, "no_checkpoint", "restarted without a checkpoint: from the initial adapter")
+            os.makedirs(self.run_dir, exist_ok=True)
+            done = 0
         if resume:
             write_json(os.path.join(self.output_dir, "config.json"), self.config.to_dict())
-        if latest_checkpoint(self.run_dir) is not None:
-            return self.prepare_run_dir(True)
-        self.transport.record_event(-1, "no_checkpoint", "restarted without a checkpoint: from the initial adapter")
-        os.makedirs(self.run_dir, exist_ok=True)
-        return 0
+        return done
 
     def run(self, *, resume: bool = False) -> dict[str, Any]:
         """Train this agent for the remaining rounds with the others; returns its summary (also written to

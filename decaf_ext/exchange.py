@@ -28,12 +28,15 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from decaf_ext.errors import ConfigError
+
 log = logging.getLogger("decaf_ext.distributed")
 
 LATEST = "latest"
 STARTUP = "startup"
 FINGERPRINT = "fingerprint"
 _MIN_WAIT = timedelta(milliseconds=1)  # gloo reads a zero timeout as "the group's default"
+MAX_TIMEOUT = 365 * 24 * 3600.0  # seconds of any wait: timedelta and gloo overflow far above (inf, 1e14)
 Validator = Callable[[int, torch.Tensor], "str | None"]  # (sender agent, received buffer) -> why rejected, or None
 
 
@@ -51,6 +54,12 @@ def check_buffer(buffer: torch.Tensor, numel: int, dtype: torch.dtype) -> str | 
     if not bool(torch.isfinite(buffer).all()):
         return "NaN or Inf values"
     return None
+
+
+def check_timeout(name: str, seconds: float) -> None:
+    """ConfigError (a ValueError) naming `name` unless `seconds` is a number in (0, MAX_TIMEOUT]."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_TIMEOUT:
+        raise ConfigError(f"{name} must be a number of seconds in (0, {MAX_TIMEOUT:.0f}], got {seconds!r}")
 
 
 def unfilled(buffer: torch.Tensor) -> torch.Tensor:
@@ -95,8 +104,8 @@ class Transport:
                  timeout: float, startup_timeout: float) -> None:
         if not 0 <= agent < n_agents:
             raise ValueError(f"agent must be in [0, {n_agents}), got {agent}")
-        if not (timeout > 0 and startup_timeout > 0):
-            raise ValueError(f"round_timeout and startup_timeout must be > 0, got {timeout} and {startup_timeout}")
+        check_timeout("round_timeout", timeout)
+        check_timeout("startup_timeout", startup_timeout)
         self.store, self.agent, self.n_agents = store, agent, n_agents
         self.fingerprint, self.backend = fingerprint, backend
         self.timeout, self.startup_timeout = timeout, startup_timeout

@@ -44,8 +44,9 @@ class MessageGuard:
     the multiple c of the agent's own product norm a neighbour may reach (None: no bound)."""
 
     def __init__(self, key: bytes | None = None, norm_bound: float | None = None) -> None:
-        if norm_bound is not None and not norm_bound >= 1:
-            raise ValueError(f"norm_bound must be >= 1 or None, got {norm_bound}")
+        if norm_bound is not None and (isinstance(norm_bound, bool) or not isinstance(norm_bound, (int, float))
+                                       or not norm_bound >= 1):
+            raise ValueError(f"norm_bound must be a number >= 1 or None, got {norm_bound!r}")
         self.key, self.norm_bound = key, norm_bound
 
     @property

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from decaf_ext.checkpoint import Checkpoint, capture_rng, checkpoint_round, latest_checkpoint, load_checkpoint, \
     restore_rng, save_checkpoint
-from decaf_ext.config import TrainConfig
+from decaf_ext.config import TrainConfig, load_saved
 from decaf_ext.data import partition
 from decaf_ext.errors import ConfigError, first_line
 from decaf_ext.export import export_adapter, labelled_base, set_label_names
@@ -51,6 +51,7 @@ from decaf_ext.topology import make_schedule
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
+AGENT_FOLDERS = "agents"  # <run>/agents/agent_XX: the agents' own folders of a run with one process per agent
 
 
 class AgentSampler:
@@ -467,6 +468,11 @@ class Trainer:
             except OSError as error:
                 raise ConfigError(f"output_dir: cannot create {self.run_dir!r} ({error.strerror})") from None
             return 0
+        if os.path.isdir(os.path.join(self.run_dir, AGENT_FOLDERS)):  # its checkpoints are the agents' own
+            raise ConfigError(f"resume: {self.run_dir!r} holds a run with one process per agent; continue it with "
+                              "--launcher dist")
+        if os.path.exists(config_path):
+            self.config.check_resumes(load_saved(config_path), source=config_path)
         done = self._restore()
         if done > self.config.rounds:
             raise ConfigError(f"rounds: the run in {self.run_dir!r} already finished {done} rounds "

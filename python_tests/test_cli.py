@@ -71,6 +71,14 @@ def test_resume_continues_a_run(tiny_paths, tmp_path, capsys):
     assert "may change when resuming" in capsys.readouterr().err
 
 
+def test_resume_of_a_damaged_config_is_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"agents": 4,')
+    assert main(["--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("decaf-train: error: resume: cannot read ") and "config.json" in err and "\n" not in err
+
+
 def test_plot_draws_every_run_of_a_compare_folder(tiny_paths, tmp_path):
     assert main(tiny_flags(tiny_paths, tmp_path / "cmp", "--compare", "fedavg,dlora")) == 0
     from decaf_ext.plot import plot_runs

@@ -399,6 +399,8 @@ def test_faults_from_the_environment(monkeypatch):
     ({"RANK": "0", "WORLD_SIZE": "3"}, {}, "agents"),
     ({"RANK": "0", "WORLD_SIZE": "4"}, {"backend": "mpi"}, "backend"),
     ({"RANK": "0", "WORLD_SIZE": "4"}, {"round_timeout": 0.0}, "round_timeout"),
+    ({"RANK": "0", "WORLD_SIZE": "4"}, {"round_timeout": math.inf}, "round_timeout"),  # timedelta overflowed
+    ({"RANK": "0", "WORLD_SIZE": "4"}, {"startup_timeout": 1e300}, "startup_timeout"),
     ({"RANK": "0", "WORLD_SIZE": "4"}, {"backend": "nccl"}, "backend"),
 ])
 def test_run_distributed_rejects_bad_setups(tiny, tmp_path, monkeypatch, env, changes, argument):
@@ -409,6 +411,32 @@ def test_run_distributed_rejects_bad_setups(tiny, tmp_path, monkeypatch, env, ch
     with pytest.raises(ConfigError) as error:
         run_distributed(tiny_config(tiny, tmp_path / "run"), options=DistributedOptions(**changes))
     assert argument in str(error.value) and "\n" not in str(error.value)
+
+
+def test_resume_with_another_configuration_leaves_the_run(tiny, tmp_path, monkeypatch):
+    """One agent alone: resuming with another configuration is refused before the run's config.json is rewritten."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    config = tiny_config(tiny, tmp_path / "run", algorithm="local", agents=1, rounds=1)
+    run_distributed(config, store=dist.HashStore())
+    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    with pytest.raises(ConfigError, match="^lr: ") as error:
+        run_distributed(dataclasses.replace(config, rounds=2, lr=0.5), resume=True, store=dist.HashStore())
+    assert "\n" not in str(error.value)
+    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
+
+
+def test_the_simulator_refuses_to_resume_a_distributed_run(tiny, tmp_path, monkeypatch):
+    """Its checkpoints are the agents' own: the simulator found none, trained from round 0 and overwrote the run."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    config = tiny_config(tiny, tmp_path / "run", algorithm="local", agents=1, rounds=1)
+    run_distributed(config, store=dist.HashStore())
+    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    with pytest.raises(ConfigError, match="^resume: .*--launcher dist") as error:
+        Trainer(dataclasses.replace(config, rounds=2)).run(resume=True)
+    assert "\n" not in str(error.value)
+    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
 
 
 def test_command_line_errors_are_one_line(capsys):

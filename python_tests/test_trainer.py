@@ -12,6 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizerFast
 
+from decaf_ext.checkpoint import latest_checkpoint
 from decaf_ext.config import ConfigError, TrainConfig
 from decaf_ext.lora import collect_extras, collect_factors
 from decaf_ext.strategies import STRATEGIES
@@ -183,6 +184,35 @@ def test_resume_extends_a_finished_run(tiny_paths, tmp_path):
     extended = Trainer(tiny_config(tiny_paths, tmp_path / "extended", rounds=3))
     extended.run(resume=True)
     assert without_times(extended.history) == without_times(straight.history)
+
+
+def files_of(folder: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("changes, argument", [({"algorithm": "fedavg"}, "algorithm"), ({"rank": "2,4,4,4"}, "rank"),
+                                               ({"message_dtype": "int8"}, "message_dtype")])
+def test_resume_with_another_configuration_is_refused_and_leaves_the_run(tiny_paths, tmp_path, changes, argument):
+    """Only config.RESUMABLE may change: another algorithm resumed and rewrote the finished run; unequal ranks removed
+    its summary.json, rewrote its config.json and then crashed in the first round."""
+    Trainer(tiny_config(tiny_paths, tmp_path / "run", rounds=1)).run()
+    before = files_of(tmp_path / "run")
+    with pytest.raises(ConfigError) as error:
+        Trainer(tiny_config(tiny_paths, tmp_path / "run", rounds=2, **changes)).run(resume=True)
+    assert str(error.value).startswith(f"{argument}: ") and "\n" not in str(error.value)
+    assert files_of(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("damaged", ["tensors.safetensors", "optimizers.pt", "state.json", "../../config.json"])
+def test_resume_of_a_damaged_run_is_one_line_and_leaves_the_run(tiny_paths, tmp_path, damaged):
+    Trainer(tiny_config(tiny_paths, tmp_path / "run", rounds=1)).run()
+    path = Path(latest_checkpoint(str(tmp_path / "run")), damaged)
+    path.write_bytes(path.read_bytes()[:20])
+    before = files_of(tmp_path / "run")
+    with pytest.raises(ConfigError, match="^resume: ") as error:
+        Trainer(tiny_config(tiny_paths, tmp_path / "run", rounds=2)).run(resume=True)
+    assert path.name in str(error.value) and "\n" not in str(error.value)
+    assert files_of(tmp_path / "run") == before
 
 
 def test_optimizer_state_policy(tiny_paths, tmp_path):

@@ -9,6 +9,7 @@ agent process.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -339,6 +340,8 @@ def lora_model(tiny):
     ({"run_key_file": "/no/such/key"}, "run_key_file"),
     ({"optimizer_state": "forget"}, "optimizer_state"),
     ({"message_dtype": "int4"}, "message_dtype"),
+    ({"startup_timeout": math.inf}, "startup_timeout"),  # timedelta overflowed
+    ({"norm_bound": "2"}, "norm_bound"),  # TypeError
 ])
 def test_bad_input_gives_one_line_errors(lora_model, one_agent_env, changes, argument):
     from decaf_ext.averager import DecentralizedAverager
@@ -382,6 +385,16 @@ def test_a_model_without_lora_layers_is_rejected(tiny, one_agent_env):
     plain = AutoModelForSequenceClassification.from_pretrained(tiny[0], num_labels=3)
     with pytest.raises(ValueError, match="^model: .*LoRA") as error:
         DecentralizedAverager(plain, store=dist.HashStore())
+    assert "\n" not in str(error.value)
+
+
+def test_a_model_with_nothing_to_train_is_rejected(tiny, one_agent_env):
+    """A peft model loaded for inference (PeftModel.from_pretrained without is_trainable=True): StopIteration before."""
+    from decaf_ext.averager import DecentralizedAverager
+
+    model = tiny_agent(*tiny, 0)[0].requires_grad_(False)
+    with pytest.raises(ValueError, match="^model: .*trainable") as error:
+        DecentralizedAverager(model, store=dist.HashStore())
     assert "\n" not in str(error.value)
 
 
