@@ -22,6 +22,14 @@ double eps_of(at::ScalarType compute) {
   return compute == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-07;
 }
 
+// The smallest Gram diagonal entry (a sum of squares formed in `products`) trusted to full precision:
+// min_normal / eps^2, so that terms lost to underflow (each below min_normal) cost less than
+// len eps^2 of it. Smaller column norms (float32: below about 1e-12) take the Householder path.
+double min_gram_diagonal(at::ScalarType products) {
+  return products == at::kDouble ? 2.2250738585072014e-308 / (2.220446049250313e-16 * 2.220446049250313e-16)
+                                 : 1.1754943508222875e-38 / (1.1920928955078125e-07 * 1.1920928955078125e-07);
+}
+
 void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()),
                     name, " must be a floating point tensor, got ", t.scalar_type());
@@ -387,7 +395,8 @@ std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, con
   };
   const auto svd = backend.gram_svd(backend, gram_of(Bt), gram_of(Af), d, bk.group,
                                     [&](const at::Tensor& x) { return per_problem(x, bk); }, std::min(o.rank, K),
-                                    ct == at::kFloat, (double)K * eps_of(ct));
+                                    ct == at::kFloat, (double)K * eps_of(ct),
+                                    min_gram_diagonal(backend.float64_grams ? at::kDouble : ct));
   if (!svd) return std::nullopt;
   // Column sums of P and Q: the sums of the singular vectors' entries are sB^T U and sA^T V.
   const at::Tensor sB = per_problem(support_rows(Bt.sum(-1, true), bk).squeeze(-1).to(at::kDouble), bk);

@@ -46,12 +46,14 @@ struct Backend {
   // selection of per-support tensors for the problems (`per_problem`, the caller's rule): q
   // triplets per problem, from the eigenpairs of core core^T when `squared` (float32 inputs) or the
   // SVD of the core (core = R_B D R_A^T, R^T R = G by Cholesky). None sends the bucket to the
-  // Householder path: the CPU's (csrc/cpu/gram_svd_cpu.cpp) when some Gram's scaled Cholesky pivot is
-  // not above min_pivot or an eigensolve did not converge; the batched one of csrc/gram_svd_batched.cpp
+  // Householder path: the CPU's (csrc/cpu/gram_svd_cpu.cpp) when some Gram's diagonal entry is below
+  // min_diag (zero, or so small that its products lost digits to underflow), a scaled Cholesky pivot
+  // is not above min_pivot or an eigensolve did not converge; the batched one of csrc/gram_svd_batched.cpp
   // (CUDA; no value read on the host) for float64 inputs. nullptr: always Householder.
   std::optional<GramSvd> (*gram_svd)(const Backend& backend, const at::Tensor& GB, const at::Tensor& GA,
                                      const at::Tensor& d, const std::vector<int64_t>& group,
-                                     const PerProblem& per_problem, int64_t q, bool squared, double min_pivot);
+                                     const PerProblem& per_problem, int64_t q, bool squared, double min_pivot,
+                                     double min_diag);
   // The Gram matrices [batch, G, K, K] (float64, products in X's dtype) of each support's stacked
   // rows X[:, cols[g K + k]] (k < K) of X [batch, N_in r, c], for a sparse bucket whose Grams take
   // fewer dot products than the all-pairs Gram. CPU: a kernel reading the rows in place

@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_triplets(const Backend& backe
 std::optional<GramSvd> gram_svd_batched(const Backend& backend, const at::Tensor& GB, const at::Tensor& GA,
                                         const at::Tensor& d, const std::vector<int64_t>& /*group*/,
                                         const PerProblem& per_problem, int64_t q, bool squared,
-                                        double /*min_pivot*/) {
+                                        double /*min_pivot*/, double /*min_diag*/) {
   if (!squared) return std::nullopt;
   const int64_t K = GB.size(-1), P = d.size(0);
   const auto [RB, sB, invB] = scaled_cholesky(GB);

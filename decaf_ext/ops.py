@@ -27,13 +27,17 @@ def _dense_weights(W: torch.Tensor) -> torch.Tensor:
 
 
 def _integer(name: str, value: object) -> int:
-    """`value` as an int (ints and integer scalars such as numpy's), else a one-line ValueError naming `name`."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+    """`value` as a 64-bit int (ints and integer scalars such as numpy's), else a one-line ValueError naming
+    `name`."""
     try:
-        return operator.index(value)
+        number = None if isinstance(value, bool) else operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+        number = None
+    if number is None:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not -2**63 <= number < 2**63:
+        raise ValueError(f"{name} must be a 64-bit integer, got {number}")
+    return number
 
 
 def _check_dense_shapes(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int) -> None:

@@ -124,16 +124,37 @@ def test_randomized_is_near_optimal_and_exact_on_low_rank(device):
     assert_matches_reference(A1, B1, W, 6, out, 1e-9)
 
 
-def test_zero_products_complete_A_from_own_factor(device):
-    """Standard LoRA init (B = 0): S = 0, B_new = 0, and A_new[i] is an orthonormal basis of A_i's rows."""
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("heavier_neighbor", [False, True])
+def test_zero_products_complete_A_from_own_factor(device, method, heavier_neighbor):
+    """Standard LoRA init (B = 0): S = 0, B_new = 0, and A_new[i] is an orthonormal basis of A_i's rows,
+    also where a neighbor weighs more than the agent itself (the own factor comes first)."""
     A, B = factors((2,), 5, 4, 12, 10, device=device, seed=6)
     B = torch.zeros_like(B)
-    A_new, B_new, S = decaf_ext.consensus_tsvd(A, B, ring_weights(5).to(device), 4)
+    W = ring_weights(5)
+    if heavier_neighbor:  # self 0.2, the next agent 0.6, the previous 0.2
+        W = 0.2 * torch.eye(5, dtype=W.dtype) + 0.6 * torch.roll(torch.eye(5, dtype=W.dtype), 1, 1) + \
+            0.2 * torch.roll(torch.eye(5, dtype=W.dtype), -1, 1)
+    A_new, B_new, S = decaf_ext.consensus_tsvd(A, B, W.to(device), 4, method=method)
     assert torch.equal(S, torch.zeros_like(S)) and torch.equal(B_new, torch.zeros_like(B_new))
     gram = A_new @ A_new.transpose(-1, -2)
     torch.testing.assert_close(gram, torch.eye(4, dtype=gram.dtype, device=device).expand_as(gram))
     proj = A_new @ torch.linalg.pinv(A) @ A  # projection onto the row space of the agent's own A
     torch.testing.assert_close(proj, A_new)
+
+
+@pytest.mark.parametrize("side", ["A", "B"])
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-21), (torch.float32, 1e-22), (torch.float64, 1e-158),
+                                         (torch.float64, 1e-161)])
+def test_factors_whose_grams_underflow(device, side, dtype, scale):
+    """Normal factors whose squared column norms are subnormal in the Gram's precision (float32 ~1e-43,
+    float64 ~1e-320): the Gram path would lose digits to underflow (1e-3 to 1e-2 before), so such
+    supports take the Householder path; the bounds are relative to sigma_1, whatever the scale."""
+    A, B = factors((), 1, 2, 8, 6, seed=30)
+    A, B = (A * scale, B) if side == "A" else (A, B * scale)
+    A, B = A.to(device, dtype), B.to(device, dtype)
+    out = decaf_ext.consensus_tsvd(A, B, torch.ones(1, 1, dtype=dtype, device=device), 2, method="exact")
+    assert_matches_reference(A.double(), B.double(), torch.ones(1, 1, dtype=torch.float64), 2, out, TOL[dtype])
 
 
 def test_all_zero_factors_complete_with_identity(device):

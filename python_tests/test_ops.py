@@ -97,6 +97,17 @@ def test_rank_and_shapes_are_checked_for_every_method(method, over, rank, patter
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["rank", "oversample", "n_iter", "seed"])
+@pytest.mark.parametrize("value", [2**63, -2**63 - 1])
+def test_integer_options_beyond_64_bits_are_one_line(name, value):
+    """The op's schema takes 64-bit integers; a larger Python int is refused naming its argument."""
+    args = _args()
+    options = {"rank": 2, "method": "randomized", name: value}
+    with pytest.raises(ValueError, match=f"{name} must be a 64-bit integer") as info:
+        decaf_ext.consensus_tsvd(args["A"], args["B"], args["W"], **options)
+    assert "\n" not in str(info.value)
+
+
 def test_value_checks_find_one_bad_entry_and_accept_sums_that_overflow():
     """One NaN among finite factors is found; finite float64 factors whose sum overflows are accepted."""
     args = _args()

@@ -5,8 +5,9 @@
 // Rows [rank - missing, rank) of A_new are zero on entry. Each becomes, in turn, the first
 // candidate row that keeps a clear component after Gram-Schmidt (twice) against the rows above it,
 // normalized to unit length:
-//   1. the rows of the neighbors' own A factors: agents by decreasing weight W[i, j], the agent
-//      itself first among equal weights, then by index (a residual above 1e-3 of the row's norm);
+//   1. the rows of the neighbors' own A factors: the agent itself first (where its weight is
+//      positive), then by decreasing weight W[i, j], then by index (a residual above 1e-3 of the
+//      row's norm), so that with B = 0 everywhere each agent keeps a basis of its own A's rows;
 //   2. the unit vectors e_0, e_1, ... (a residual above 1/2).
 // A row for which nothing qualifies stays zero (only when n < rank, which the op rejects).
 #pragma once
@@ -30,8 +31,8 @@ struct CompletionView {
 
 // True when agent a precedes agent b among the candidates of a row with weights w.
 DECAF_HD inline bool candidate_before(const double* w, int self, int a, int b) {
-  if (w[a] != w[b]) return w[a] > w[b];
   if ((a == self) != (b == self)) return a == self;
+  if (w[a] != w[b]) return w[a] > w[b];
   return a < b;
 }
 

@@ -24,11 +24,12 @@ namespace decaf {
 namespace {
 
 // Upper R (row-major K x K) with R^T R = G from a Cholesky factorization of G scaled to a unit
-// diagonal. False when a column norm is not positive or a scaled pivot r_kk^2 is not above min_pivot.
-bool scaled_cholesky(const double* G, int64_t K, double min_pivot, double* R, double* norms) {
+// diagonal. False when a diagonal entry is below min_diag or a scaled pivot r_kk^2 is not above
+// min_pivot.
+bool scaled_cholesky(const double* G, int64_t K, double min_pivot, double min_diag, double* R, double* norms) {
   for (int64_t a = 0; a < K; ++a) {
+    if (!(G[a * K + a] >= min_diag)) return false;
     norms[a] = std::sqrt(G[a * K + a]);
-    if (!(norms[a] > 0.0)) return false;
   }
   std::fill(R, R + K * K, 0.0);
   for (int64_t a = 0; a < K; ++a)
@@ -123,7 +124,8 @@ bool solve_problem(const double* RB, const double* RA, const double* d, double* 
 
 std::optional<GramSvd> gram_svd_cpu(const Backend& /*backend*/, const at::Tensor& GB, const at::Tensor& GA,
                                     const at::Tensor& d, const std::vector<int64_t>& group,
-                                    const PerProblem& per_problem, int64_t q, bool squared, double min_pivot) {
+                                    const PerProblem& per_problem, int64_t q, bool squared, double min_pivot,
+                                    double min_diag) {
   const int64_t batch = GB.size(0), G = GB.size(1), K = GB.size(2), P = d.size(0);
   const at::Tensor gb = GB.contiguous(), ga = GA.contiguous(), dc = d.contiguous();
   at::Tensor RB = at::empty({batch, G, K, K}, gb.options()), RA = at::empty_like(RB);
@@ -131,10 +133,10 @@ std::optional<GramSvd> gram_svd_cpu(const Backend& /*backend*/, const at::Tensor
   at::parallel_for(0, batch * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> norms(K);
     for (int64_t x = begin; x < end; ++x)
-      ok[x] = scaled_cholesky(ga.data_ptr<double>() + x * K * K, K, min_pivot, RA.data_ptr<double>() + x * K * K,
-                              norms.data()) &&
-              scaled_cholesky(gb.data_ptr<double>() + x * K * K, K, min_pivot, RB.data_ptr<double>() + x * K * K,
-                              norms.data());
+      ok[x] = scaled_cholesky(ga.data_ptr<double>() + x * K * K, K, min_pivot, min_diag,
+                              RA.data_ptr<double>() + x * K * K, norms.data()) &&
+              scaled_cholesky(gb.data_ptr<double>() + x * K * K, K, min_pivot, min_diag,
+                              RB.data_ptr<double>() + x * K * K, norms.data());
   });
   if (std::find(ok.begin(), ok.end(), 0) != ok.end()) return std::nullopt;
   // Each problem's K x K matrix, by batched GEMMs (BLAS; large K is where the time goes).
