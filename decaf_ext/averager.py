@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,7 @@ from torch import nn
 from decaf_ext.agent_mixer import AgentMixer
 from decaf_ext.compression import check_message_dtype
 from decaf_ext.config import first_line
-from decaf_ext.exchange import Transport
+from decaf_ext.exchange import Transport, check_backend
 from decaf_ext.faults import Faults
 from decaf_ext.lora import DEFAULT_ADAPTER, RankPadding, collect_extras, collect_factors, lora_modules, \
     product_distance, product_norm, share_and_freeze_A, write_extras, write_factors
@@ -141,6 +141,8 @@ class DecentralizedAverager:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         check_message_dtype(message_dtype)
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(f"options must be a dict of the strategy's options (or None), got {options!r}")
         self.strategy = get_strategy(algorithm, **(options or {}))
         self.model, self.adapter_name = model, adapter_name
         self.agent, n_agents = _rank_and_size(process_group)
@@ -163,6 +165,7 @@ class DecentralizedAverager:
         device = next((p.device for p in model.parameters() if p.requires_grad), None)
         if device is None:
             raise ValueError("model: no trainable parameters (load a saved adapter with is_trainable=True)")
+        check_backend(backend, device)
         try:
             self.schedule = topology if isinstance(topology, MixingSchedule) else make_schedule(
                 topology, n_agents, rule=mixing, seed=seed, p=topology_p, path=topology_file)

@@ -301,6 +301,7 @@ def _distributed(argv: Sequence[str], prog: str, config: TrainConfig, resume: st
                  launch_options: dict[str, Any]) -> int:
     """One agent of a distributed run (under torchrun or the launcher), or, with --nproc, the local launcher."""
     from decaf_ext.distributed import DistributedOptions, launch, run_distributed
+    from decaf_ext.trainer import check_free
 
     nproc, max_restarts = launch_options.pop("nproc", None), launch_options.pop("max_restarts", None) or 0
     options = DistributedOptions(**launch_options)
@@ -313,6 +314,8 @@ def _distributed(argv: Sequence[str], prog: str, config: TrainConfig, resume: st
     if nproc != config.agents:
         raise ConfigError(f"nproc: {nproc} processes for {config.agents} agents (one process per agent)")
     output_dir = _default_root(config, f"{config.algorithm}-{config.topology}")
+    if resume is None:
+        check_free(output_dir)  # once here rather than once per agent
     named = [] if config.output_dir else ["--output-dir", output_dir]
     statuses = launch([sys.executable, "-m", "decaf_ext.train", *argv, "--launcher", "dist", *named], nproc,
                       max_restarts=max_restarts)

@@ -34,14 +34,14 @@ from decaf_ext.checkpoint import latest_checkpoint
 from decaf_ext.config import TrainConfig
 from decaf_ext.errors import ConfigError
 from decaf_ext.agent_mixer import AgentMixer
-from decaf_ext.exchange import RoundView, Transport, check_timeout
+from decaf_ext.exchange import RoundView, Transport, check_backend, check_timeout
 from decaf_ext.faults import Faults
 from decaf_ext.export import export_adapter, labelled_base
 from decaf_ext.lora import collect_extras, write_extras
 from decaf_ext.message_guard import MessageGuard, load_run_key
 from decaf_ext.payload import Payload
 from decaf_ext.tasks import Encoded
-from decaf_ext.trainer import AGENT_FOLDERS, METRICS, SUMMARY, AgentSampler, Trainer, write_json
+from decaf_ext.trainer import AGENT_FOLDERS, CONFIG, METRICS, SUMMARY, AgentSampler, Trainer, check_free, write_json
 
 log = logging.getLogger("decaf_ext.distributed")
 
@@ -178,6 +178,8 @@ class AgentTrainer(Trainer):
         launcher or by torchrun, it continues from its newest checkpoint, or from the initial adapter if it has
         none yet."""
         if not (resume or self.restarted):
+            if os.path.exists(os.path.join(self.run_dir, CONFIG)):  # advice for the whole run, not for this folder
+                check_free(self.output_dir)
             done = self.prepare_run_dir(False)
             write_json(os.path.join(self.output_dir, "config.json"), self.config.to_dict())
             return done
@@ -317,8 +319,7 @@ def run_distributed(config: TrainConfig, *, resume: bool = False, options: Distr
                           "start one process per agent")
     device = _agent_device(config.device, local_rank)
     backend = options.backend if options.backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
-    if backend == "nccl" and device.type != "cuda":
-        raise ConfigError("backend: nccl needs a CUDA device (use gloo on CPU)")
+    check_backend(backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if store is None:

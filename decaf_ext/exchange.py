@@ -62,6 +62,12 @@ def check_timeout(name: str, seconds: float) -> None:
         raise ConfigError(f"{name} must be a number of seconds in (0, {MAX_TIMEOUT:.0f}], got {seconds!r}")
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """ConfigError (a ValueError) naming backend when `backend` cannot move buffers of `device` (nccl off CUDA)."""
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("backend: nccl needs a CUDA device (use gloo on CPU)")
+
+
 def unfilled(buffer: torch.Tensor) -> torch.Tensor:
     """A receive buffer like `buffer`: NaN for a floating dtype, 255 for uint8 (bytes 0xFF: every float32 read
     from them is NaN)."""

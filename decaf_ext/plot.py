@@ -43,11 +43,26 @@ def run_folders(paths: Sequence[str]) -> list[str]:
     return runs
 
 
-def load_run(folder: str) -> tuple[str, list[dict]]:
+def load_run(folder: str, needed: Sequence[str] = ()) -> tuple[str, list[dict]]:
     """(label, history) of a run folder; the label is '<algorithm> <topology>' from its config.json, plus the
-    message dtype when it is not float32."""
-    with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as handle:
-        history = [json.loads(line) for line in handle if line.strip()]
+    message dtype when it is not float32. A line that is not a record, or a record without a key of `needed`, is
+    a ConfigError naming the file."""
+    path = os.path.join(folder, "metrics.jsonl")
+    history = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise ConfigError(f"run_dirs: {path!r} line {number} is not JSON ({first_line(error)})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"run_dirs: {path!r} line {number} is not a metrics record (a JSON object)")
+            for key in needed:
+                if key not in record:
+                    raise ConfigError(f"run_dirs: {path!r} line {number} has no {key!r}")
+            history.append(record)
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
             config = json.load(handle)
@@ -81,7 +96,9 @@ def plot_runs(paths: Sequence[str], output: str, *, metric: str = "acc_mean", x:
     if x not in AXES:
         raise ConfigError(f"x must be one of {', '.join(AXES)}; got {x!r}")
     folders = run_folders(paths)
-    runs = [load_run(folder) for folder in folders]
+    needed = [x, metric, *(["acc_std"] if metric == "acc_mean" else [])]  # every key the loop below reads
+    needed += [AVERAGED[metric]] if metric in AVERAGED else []
+    runs = [load_run(folder, needed) for folder in folders]
     folder = os.path.dirname(os.path.abspath(output))
     try:
         os.makedirs(folder, exist_ok=True)

@@ -17,6 +17,8 @@ import networkx as nx
 import numpy as np
 import torch
 
+from decaf_ext.errors import first_line
+
 TOPOLOGIES: tuple[str, ...] = (
     "ring",
     "complete",
@@ -77,10 +79,13 @@ def _read_graph_file(path: str, n: int) -> torch.Tensor:
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"path={path!r} is not a file")
-    if file.suffix == ".npy":
-        table = np.load(file)
-    else:
-        table = np.loadtxt(file.read_text().replace(",", " ").splitlines(), ndmin=2)
+    try:
+        if file.suffix == ".npy":
+            table = np.load(file)
+        else:
+            table = np.loadtxt(file.read_text().replace(",", " ").splitlines(), ndmin=2)
+    except (OSError, EOFError, ValueError) as error:  # unreadable, or not numbers in rows of equal length
+        raise ValueError(f"path={path!r}: cannot read an edge list or a 0/1 matrix ({first_line(error)})") from None
     if file.suffix != ".npy" and table.shape[1] == 2:
         if not np.array_equal(table, np.round(table)) or table.min() < 0:
             raise ValueError(f"path={path!r}: edge list entries must be integer node ids in [0, {n - 1}]")

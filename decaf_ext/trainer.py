@@ -121,16 +121,21 @@ def write_json(path: str, value: Any, *, lines: bool = False) -> None:
 
 
 def check_free(run_dir: str) -> None:
-    """ConfigError saying what to do when `run_dir` already holds a run (finished, or stopped part way)."""
+    """ConfigError saying what to do when `run_dir` already holds a run (finished, or stopped part way): the command
+    that continues it, with --launcher dist for a run with one process per agent."""
     if not os.path.exists(os.path.join(run_dir, CONFIG)):
         return
+    folders, resume = [run_dir], f"decaf-train --resume {run_dir}"
+    agents = os.path.join(run_dir, AGENT_FOLDERS)
+    if os.path.isdir(agents):  # its checkpoints are the agents' own
+        folders = [os.path.join(agents, name) for name in sorted(os.listdir(agents))]
+        resume += f" --launcher dist --nproc {len(folders)}"
     if os.path.exists(os.path.join(run_dir, SUMMARY)):
         raise ConfigError(f"output_dir: {run_dir!r} already holds a finished run (extend it with "
-                          f"'decaf-train --resume {run_dir} --rounds N', or choose another --output-dir)")
-    folder = latest_checkpoint(run_dir)
-    done = 0 if folder is None else checkpoint_round(folder)
+                          f"'{resume} --rounds N', or choose another --output-dir)")
+    done = max((checkpoint_round(f) for f in map(latest_checkpoint, folders) if f is not None), default=0)
     raise ConfigError(f"output_dir: {run_dir!r} holds an unfinished run ({done} rounds checkpointed); continue "
-                      f"it with 'decaf-train --resume {run_dir}', or choose another --output-dir")
+                      f"it with '{resume}', or choose another --output-dir")
 
 
 class Trainer:

@@ -166,6 +166,23 @@ def test_missing_config_file_and_plot_errors(tmp_path, capsys):
     assert errors[1].startswith("decaf-train plot: error: run_dirs:") and len(errors) == 2
 
 
+def test_plot_of_a_damaged_or_incomplete_metrics_file_is_one_line(tmp_path, capsys):
+    record = {"round": 1, "bytes_sent": 10, "acc_mean": 0.5, "acc_std": 0.1, "avg_model_acc": 0.5}
+    for name, text, expected in [("damaged", json.dumps(record) + "\n{bad\n", "line 2 is not JSON"),
+                                 ("listed", "[1, 2]\n", "line 1 is not a metrics record"),
+                                 ("no_metric", json.dumps({k: v for k, v in record.items() if k != "acc_mean"}) + "\n",
+                                  "line 1 has no 'acc_mean'")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(text)
+        assert main(["plot", str(tmp_path / name), "-o", str(tmp_path / "out" / "x.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("decaf-train plot: error: run_dirs: ") and "\n" not in err
+        assert str(tmp_path / name / "metrics.jsonl") in err and expected in err
+    assert main(["plot", str(tmp_path / "no_metric"), "-o", str(tmp_path / "out" / "x.png"), "--metric", "train_loss"]) == 2
+    assert "line 1 has no 'train_loss'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
 # ------------------------------------------------------------------------------------- a fast command line
 
 

@@ -439,6 +439,32 @@ def test_the_simulator_refuses_to_resume_a_distributed_run(tiny, tmp_path, monke
     assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
 
 
+def test_a_finished_run_is_refused_with_a_command_that_continues_it(tiny, tmp_path, monkeypatch, capsys):
+    """Started again into a finished run: one line naming the run folder (not an agent's folder), from the launcher
+    before it starts any agent, or from each agent under torchrun; the command it gives continues the run."""
+    from decaf_ext.cli import main as cli_main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    config = tiny_config(tiny, tmp_path / "run", algorithm="local", agents=1, rounds=1)
+    run_distributed(config, store=dist.HashStore())
+    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    with pytest.raises(ConfigError) as error:  # an agent under torchrun
+        run_distributed(config, store=dist.HashStore())
+    advice = f"'decaf-train --resume {tmp_path / 'run'} --launcher dist --nproc 1 --rounds N'"
+    assert str(error.value).startswith(f"output_dir: {str(tmp_path / 'run')!r} already holds a finished run")
+    assert advice in str(error.value) and "agent_00" not in str(error.value)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    (tmp_path / "run.yaml").write_text(json.dumps(config.to_dict()))
+    assert main(["--nproc", "1", "--config", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m decaf_ext.distributed: error: output_dir: ") and "\n" not in err and advice in err
+    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
+    assert cli_main(advice.strip("'").replace("--rounds N", "--rounds 2").split()[1:]) == 0
+    assert [r["round"] for r in read_metrics(str(tmp_path / "run"))] == [1, 2]
+
+
 def test_command_line_errors_are_one_line(capsys):
     assert main(["--nproc", "3", "--agents", "4"]) == 2
     assert main(["--nproc", "4", "--agents", "4", "--backend", "mpi"]) == 2

@@ -1,6 +1,7 @@
 """Graphs against hand-written small cases, mixing rules, validation errors, spectral gaps, schedules."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -177,6 +178,14 @@ def test_file_errors(tmp_path):
         build_graph("file", 3, path=str(tmp_path / "directed.npy"))
     with one_line_error("not a file"):
         build_graph("file", 3, path=str(tmp_path / "missing.txt"))
+
+
+def test_unparsable_files_name_the_path(tmp_path):
+    for name, content in [("letters.txt", "0 1\n1 x\n"), ("ragged.txt", "0 1 1\n1 0\n"), ("damaged.npy", "\x93NUMPY?"),
+                          ("empty.npy", "")]:
+        (tmp_path / name).write_text(content)
+        with one_line_error(re.escape(f"path={str(tmp_path / name)!r}: cannot read an edge list or a 0/1 matrix (")):
+            make_schedule("file", 2, path=str(tmp_path / name))
 
 
 # ------------------------------------------------------------------------------------ mixing matrices

@@ -335,6 +335,7 @@ def lora_model(tiny):
     ({"algorithm": "gossip"}, "algorithm"),
     ({"options": {"n_iters": 3}}, "n_iters"),
     ({"options": {"method": "svd"}}, "method"),
+    ({"options": "method=svd"}, "options"),  # TypeError of ** before
     ({"topology": make_schedule("ring", 4)}, "process_group"),
     ({"topology": "hypercube"}, "topology"),
     ({"run_key_file": "/no/such/key"}, "run_key_file"),
@@ -342,6 +343,7 @@ def lora_model(tiny):
     ({"message_dtype": "int4"}, "message_dtype"),
     ({"startup_timeout": math.inf}, "startup_timeout"),  # timedelta overflowed
     ({"norm_bound": "2"}, "norm_bound"),  # TypeError
+    ({"backend": "nccl", "startup_timeout": 1.0}, "backend"),  # the model is on the CPU
 ])
 def test_bad_input_gives_one_line_errors(lora_model, one_agent_env, changes, argument):
     from decaf_ext.averager import DecentralizedAverager
