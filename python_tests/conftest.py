@@ -20,3 +20,8 @@ def ring_weights(n: int, dtype=torch.float64) -> torch.Tensor:
 
 def complete_weights(n: int, dtype=torch.float64) -> torch.Tensor:
     return torch.full((n, n), 1.0 / n, dtype=dtype)
+
+
+def files_of(folder) -> dict:
+    """{path: bytes} of every file under `folder` (pathlib.Path): a run compared before and after a refused call."""
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}

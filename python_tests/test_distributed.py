@@ -32,6 +32,7 @@ from decaf_ext.message_guard import MessageGuard
 from decaf_ext.payload import Payload
 from decaf_ext.strategies import get_strategy, strategy_names
 from decaf_ext.trainer import Trainer
+from conftest import files_of
 from test_trainer import make_tiny_dataset, make_tiny_model, read_metrics, tiny_config, without_times
 from user_strategy import NAME as USER_STRATEGY
 
@@ -413,30 +414,33 @@ def test_run_distributed_rejects_bad_setups(tiny, tmp_path, monkeypatch, env, ch
     assert argument in str(error.value) and "\n" not in str(error.value)
 
 
-def test_resume_with_another_configuration_leaves_the_run(tiny, tmp_path, monkeypatch):
-    """One agent alone: resuming with another configuration is refused before the run's config.json is rewritten."""
+def one_agent_run(tiny, tmp_path, monkeypatch):
+    """A finished one-round run of one agent alone (RANK 0 of 1): its config."""
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     config = tiny_config(tiny, tmp_path / "run", algorithm="local", agents=1, rounds=1)
     run_distributed(config, store=dist.HashStore())
-    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    return config
+
+
+def test_resume_with_another_configuration_leaves_the_run(tiny, tmp_path, monkeypatch):
+    """One agent alone: resuming with another configuration is refused before the run's config.json is rewritten."""
+    config = one_agent_run(tiny, tmp_path, monkeypatch)
+    before = files_of(tmp_path / "run")
     with pytest.raises(ConfigError, match="^lr: ") as error:
         run_distributed(dataclasses.replace(config, rounds=2, lr=0.5), resume=True, store=dist.HashStore())
     assert "\n" not in str(error.value)
-    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
+    assert files_of(tmp_path / "run") == before
 
 
 def test_the_simulator_refuses_to_resume_a_distributed_run(tiny, tmp_path, monkeypatch):
     """Its checkpoints are the agents' own: the simulator found none, trained from round 0 and overwrote the run."""
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    config = tiny_config(tiny, tmp_path / "run", algorithm="local", agents=1, rounds=1)
-    run_distributed(config, store=dist.HashStore())
-    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    config = one_agent_run(tiny, tmp_path, monkeypatch)
+    before = files_of(tmp_path / "run")
     with pytest.raises(ConfigError, match="^resume: .*--launcher dist") as error:
         Trainer(dataclasses.replace(config, rounds=2)).run(resume=True)
     assert "\n" not in str(error.value)
-    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
+    assert files_of(tmp_path / "run") == before
 
 
 def test_a_finished_run_is_refused_with_a_command_that_continues_it(tiny, tmp_path, monkeypatch, capsys):
@@ -444,11 +448,8 @@ def test_a_finished_run_is_refused_with_a_command_that_continues_it(tiny, tmp_pa
     before it starts any agent, or from each agent under torchrun; the command it gives continues the run."""
     from decaf_ext.cli import main as cli_main
 
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    config = tiny_config(tiny, tmp_path / "run", algorithm="local", agents=1, rounds=1)
-    run_distributed(config, store=dist.HashStore())
-    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    config = one_agent_run(tiny, tmp_path, monkeypatch)
+    before = files_of(tmp_path / "run")
     with pytest.raises(ConfigError) as error:  # an agent under torchrun
         run_distributed(config, store=dist.HashStore())
     advice = f"'decaf-train --resume {tmp_path / 'run'} --launcher dist --nproc 1 --rounds N'"
@@ -460,7 +461,7 @@ def test_a_finished_run_is_refused_with_a_command_that_continues_it(tiny, tmp_pa
     assert main(["--nproc", "1", "--config", str(tmp_path / "run.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("python -m decaf_ext.distributed: error: output_dir: ") and "\n" not in err and advice in err
-    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
+    assert files_of(tmp_path / "run") == before
     assert cli_main(advice.strip("'").replace("--rounds N", "--rounds 2").split()[1:]) == 0
     assert [r["round"] for r in read_metrics(str(tmp_path / "run"))] == [1, 2]
 

@@ -19,6 +19,8 @@ from decaf_ext.strategies import STRATEGIES
 from decaf_ext.tasks import classification_metrics
 from decaf_ext.trainer import Trainer
 
+from conftest import files_of
+
 CLASSES = {"animals": ["cat", "dog", "horse", "cow", "sheep", "goat"],
            "colors": ["red", "green", "blue", "yellow", "purple", "orange"],
            "food": ["bread", "rice", "apple", "cheese", "soup", "pasta"]}
@@ -184,10 +186,6 @@ def test_resume_extends_a_finished_run(tiny_paths, tmp_path):
     extended = Trainer(tiny_config(tiny_paths, tmp_path / "extended", rounds=3))
     extended.run(resume=True)
     assert without_times(extended.history) == without_times(straight.history)
-
-
-def files_of(folder: Path) -> dict[Path, bytes]:
-    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
 @pytest.mark.parametrize("changes, argument", [({"algorithm": "fedavg"}, "algorithm"), ({"rank": "2,4,4,4"}, "rank"),
