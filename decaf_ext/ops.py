@@ -41,7 +41,10 @@ def _integer(name: str, value: object) -> int:
 
 
 def _check_dense_shapes(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int) -> None:
-    """The shape and rank checks of the compiled op, for method="dense", which does not call it."""
+    """The dtype, shape and rank checks of the compiled op, for method="dense", which does not call it."""
+    for name, tensor in (("A", A), ("B", B), ("W", W)):
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating point tensor, got {tensor.dtype}")
     if A.dim() < 3:
         raise ValueError(f"A must have shape [..., N_in, r, n], got {list(A.shape)}")
     if B.dim() != A.dim() or B.shape[:-2] != A.shape[:-2] or B.shape[-1] != A.shape[-2]:

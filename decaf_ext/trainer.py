@@ -120,16 +120,27 @@ def write_json(path: str, value: Any, *, lines: bool = False) -> None:
     os.replace(temporary, path)
 
 
+def checkpoint_folders(run_dir: str) -> list[str]:
+    """The folders holding a run's checkpoints: the run's own, or its agents' for a run with one process per agent."""
+    agents = os.path.join(run_dir, AGENT_FOLDERS)
+    if not os.path.isdir(agents):
+        return [run_dir]
+    return [os.path.join(agents, name) for name in sorted(os.listdir(agents))]
+
+
+def resume_command(run_dir: str) -> str:
+    """The command that continues the run in `run_dir` (with --launcher dist for one process per agent)."""
+    folders = checkpoint_folders(run_dir)
+    dist_flags = f" --launcher dist --nproc {len(folders)}" if folders != [run_dir] else ""
+    return f"decaf-train --resume {run_dir}{dist_flags}"
+
+
 def check_free(run_dir: str) -> None:
     """ConfigError saying what to do when `run_dir` already holds a run (finished, or stopped part way): the command
-    that continues it, with --launcher dist for a run with one process per agent."""
+    that continues it."""
     if not os.path.exists(os.path.join(run_dir, CONFIG)):
         return
-    folders, resume = [run_dir], f"decaf-train --resume {run_dir}"
-    agents = os.path.join(run_dir, AGENT_FOLDERS)
-    if os.path.isdir(agents):  # its checkpoints are the agents' own
-        folders = [os.path.join(agents, name) for name in sorted(os.listdir(agents))]
-        resume += f" --launcher dist --nproc {len(folders)}"
+    folders, resume = checkpoint_folders(run_dir), resume_command(run_dir)
     if os.path.exists(os.path.join(run_dir, SUMMARY)):
         raise ConfigError(f"output_dir: {run_dir!r} already holds a finished run (extend it with "
                           f"'{resume} --rounds N', or choose another --output-dir)")
@@ -473,9 +484,9 @@ class Trainer:
             except OSError as error:
                 raise ConfigError(f"output_dir: cannot create {self.run_dir!r} ({error.strerror})") from None
             return 0
-        if os.path.isdir(os.path.join(self.run_dir, AGENT_FOLDERS)):  # its checkpoints are the agents' own
+        if checkpoint_folders(self.run_dir) != [self.run_dir]:  # its checkpoints are the agents' own
             raise ConfigError(f"resume: {self.run_dir!r} holds a run with one process per agent; continue it with "
-                              "--launcher dist")
+                              f"'{resume_command(self.run_dir)} --rounds N'")
         if os.path.exists(config_path):
             self.config.check_resumes(load_saved(config_path), source=config_path)
         done = self._restore()

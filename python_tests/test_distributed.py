@@ -437,7 +437,7 @@ def test_the_simulator_refuses_to_resume_a_distributed_run(tiny, tmp_path, monke
     """Its checkpoints are the agents' own: the simulator found none, trained from round 0 and overwrote the run."""
     config = one_agent_run(tiny, tmp_path, monkeypatch)
     before = files_of(tmp_path / "run")
-    with pytest.raises(ConfigError, match="^resume: .*--launcher dist") as error:
+    with pytest.raises(ConfigError, match="^resume: .*--launcher dist --nproc 1 --rounds N") as error:
         Trainer(dataclasses.replace(config, rounds=2)).run(resume=True)
     assert "\n" not in str(error.value)
     assert files_of(tmp_path / "run") == before

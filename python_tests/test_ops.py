@@ -88,9 +88,10 @@ def test_bad_input_names_the_argument(over, rank, pattern):
     ({}, None, "rank must be an integer"),
     (dict(W=torch.full((4, 3), 0.25)), 2, "W must have shape"),
     (dict(B=torch.randn(4, 5, 3)), 2, "B must have shape"),
+    (dict(W=torch.ones(4, 4, dtype=torch.int64)), 2, "W must be a floating point tensor"),
 ])
 def test_rank_and_shapes_are_checked_for_every_method(method, over, rank, pattern):
-    """The dense reference method checks rank and shapes like the compiled ones; a rank is never truncated."""
+    """The dense reference method checks rank, dtypes and shapes like the compiled ones; a rank is never truncated."""
     args = _args(**over)
     with pytest.raises(ValueError, match=pattern) as info:
         decaf_ext.consensus_tsvd(args["A"], args["B"], args["W"], rank, method=method)
