@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -83,9 +84,13 @@ def _read_graph_file(path: str, n: int) -> torch.Tensor:
         if file.suffix == ".npy":
             table = np.load(file)
         else:
-            table = np.loadtxt(file.read_text().replace(",", " ").splitlines(), ndmin=2)
+            with warnings.catch_warnings():  # numpy warns of an empty file, refused below with its name
+                warnings.simplefilter("ignore", UserWarning)
+                table = np.loadtxt(file.read_text().replace(",", " ").splitlines(), ndmin=2)
     except (OSError, EOFError, ValueError) as error:  # unreadable, or not numbers in rows of equal length
         raise ValueError(f"path={path!r}: cannot read an edge list or a 0/1 matrix ({first_line(error)})") from None
+    if table.size == 0:
+        raise ValueError(f"path={path!r} holds no edges and no matrix rows")
     if file.suffix != ".npy" and table.shape[1] == 2:
         if not np.array_equal(table, np.round(table)) or table.min() < 0:
             raise ValueError(f"path={path!r}: edge list entries must be integer node ids in [0, {n - 1}]")

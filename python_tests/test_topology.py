@@ -2,6 +2,7 @@
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -186,6 +187,14 @@ def test_unparsable_files_name_the_path(tmp_path):
         (tmp_path / name).write_text(content)
         with one_line_error(re.escape(f"path={str(tmp_path / name)!r}: cannot read an edge list or a 0/1 matrix (")):
             make_schedule("file", 2, path=str(tmp_path / name))
+
+
+def test_an_empty_file_is_one_line_without_warnings(tmp_path):
+    (tmp_path / "empty.txt").write_text("# only a comment\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "input contained no data" warning came first
+        with one_line_error(re.escape(f"path={str(tmp_path / 'empty.txt')!r} holds no edges and no matrix rows")):
+            make_schedule("file", 4, path=str(tmp_path / "empty.txt"))
 
 
 # ------------------------------------------------------------------------------------ mixing matrices
