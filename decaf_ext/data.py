@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from decaf_ext.errors import first_line
+from decaf_ext.errors import first_line, root_cause
 from decaf_ext.quiet import quiet_datasets
 
 SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "shards", "few_shot")
@@ -189,7 +189,8 @@ def _load_file(path: Path, file_format: str, source: str):
         with quiet_datasets():
             table = datasets.load_dataset(file_format, data_files=str(path), split="train")
     except Exception as error:  # pandas / pyarrow / datasets parse errors: all end here
-        raise ValueError(f"dataset {source!r} cannot be read as {file_format} ({first_line(error)})") from None
+        raise ValueError(f"dataset {source!r} cannot be read as {file_format} ({first_line(root_cause(error))})"
+                         ) from None
     if len(table) == 0:
         raise ValueError(f"dataset {source!r} holds no rows")
     return table

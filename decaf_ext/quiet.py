@@ -32,13 +32,14 @@ def quiet_transformers() -> Iterator[None]:
 
 @contextmanager
 def quiet_datasets() -> Iterator[None]:
-    """No datasets progress bars ("Generating train split", downloads) and no info logs inside."""
+    """No datasets progress bars ("Generating train split", downloads) and no logs below CRITICAL inside: its
+    errors arrive as exceptions, which the callers turn into one-line messages."""
     import datasets
 
     verbosity = datasets.logging.get_verbosity()
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:

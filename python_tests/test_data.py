@@ -116,6 +116,17 @@ def test_unusable_files_are_one_line_errors_naming_the_dataset(tmp_path, content
         load_text_dataset(str(path))
 
 
+def test_a_malformed_file_is_one_line_with_the_reason_and_no_logs(tmp_path, capfd):
+    """The reason is the parser's (not datasets' "An error occurred while generating the dataset"), and datasets
+    logs nothing of its own before the error."""
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "a", "label": 0}\nnot json\n')
+    with one_line_error(f"dataset '{path}' cannot be read as json \\(JSON parse error"):
+        load_text_dataset(str(path))
+    captured = capfd.readouterr()
+    assert captured.err + captured.out == ""
+
+
 def test_reading_a_file_draws_no_progress_bar(tmp_path, capfd):
     path = tmp_path / "fresh.csv"
     path.write_text("text,label\n" + "".join(f"doc {k},{k % 2}\n" for k in range(20)))
