@@ -232,9 +232,11 @@ def _run_one(config: TrainConfig, *, announce: bool) -> dict[str, Any]:
     trainer = Trainer(config)
     if announce:
         sizes = [len(p) for p in trainer.parts]
+        params = trainer.trainable_params  # one count, or one per agent when their ranks differ
+        params = f"{min(params):,}-{max(params):,}" if isinstance(params, list) else f"{params:,}"
         print(f"{len(trainer.train_set)} training examples over {config.agents} agents ({config.partition}, "
               f"{min(sizes)}-{max(sizes)} each), {len(trainer.test_set)} test examples; topology "
-              f"{config.topology}, spectral gap {trainer.schedule.spectral_gap:.3f}; {trainer.trainable_params:,} "
+              f"{config.topology}, spectral gap {trainer.schedule.spectral_gap:.3f}; {params} "
               f"trainable parameters per agent; run folder {trainer.run_dir}", flush=True)
         print(format_histograms(label_histograms(trainer.train_labels, trainer.parts, len(trainer.label_names)),
                                 trainer.label_names), flush=True)

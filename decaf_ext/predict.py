@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -46,8 +47,9 @@ class Classifier:
     def load(cls, adapter_dir: str, *, device: str = "auto", max_len: int | None = None) -> Classifier:
         """Load `adapter_dir` (an exported adapter folder) with peft's AutoPeftModelForSequenceClassification.
 
-        max_len: tokens per text (default: the run's max_len, else 128). ConfigError (one line) when the folder
-        is not an exported adapter or its base model cannot be loaded.
+        max_len: tokens per text (default: the run's max_len, else 128, at most the model's positions).
+        ConfigError (one line) when the folder is not an exported adapter, its base model cannot be loaded or
+        max_len exceeds the model's positions.
         """
         from peft import AutoPeftModelForSequenceClassification
         from transformers import AutoTokenizer
@@ -70,8 +72,11 @@ class Classifier:
                               f"({first_line(error)})") from None
         config = model.get_base_model().config
         names = [config.id2label[i] for i in range(config.num_labels)]
-        return cls(model.to(target).eval(), tokenizer, names, max_len or _run_max_len(adapter_dir) or DEFAULT_MAX_LEN,
-                   target)
+        positions = getattr(config, "max_position_embeddings", None) or math.inf
+        if max_len is not None and max_len > positions:
+            raise ConfigError(f"max_len: {max_len} exceeds the model's {positions} positions")
+        max_len = max_len or _run_max_len(adapter_dir) or min(DEFAULT_MAX_LEN, positions)
+        return cls(model.to(target).eval(), tokenizer, names, max_len, target)
 
     @torch.no_grad()
     def predict(self, texts: list[str], *, batch_size: int = 64) -> list[str]:

@@ -18,8 +18,9 @@ SCALARS: dict[str, str] = {  # TensorBoard tag -> metrics record key
 
 
 class TensorBoardLog:
-    """Writes every record's scalars at step = its round into `folder`, plus ``bytes/per_round`` (bytes sent since
-    the previous record over the rounds between them). previous: the last record already logged (resuming)."""
+    """Writes every record's scalars at step = its round into `folder` (a value that is None, such as the training
+    loss of round 0, is left out), plus ``bytes/per_round`` (bytes sent since the previous record over the rounds
+    between them). previous: the last record already logged (resuming)."""
 
     def __init__(self, folder: str, previous: dict[str, Any] | None = None) -> None:
         self.writer = self.writer_class()(folder)
@@ -39,7 +40,8 @@ class TensorBoardLog:
     def write(self, record: dict[str, Any]) -> None:
         step = record["round"]
         for tag, key in SCALARS.items():
-            self.writer.add_scalar(tag, record[key], step)
+            if record[key] is not None:  # train_loss before any local step (--eval-at-start)
+                self.writer.add_scalar(tag, record[key], step)
         if step > self.last_round:
             per_round = (record["bytes_sent"] - self.last_bytes) / (step - self.last_round)
             self.writer.add_scalar("bytes/per_round", per_round, step)

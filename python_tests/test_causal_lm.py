@@ -239,6 +239,7 @@ def other_models(tmp_path_factory) -> dict[str, str]:
     ({"label_words": ["red", "red", "food"]}, "label_words"),
     ({"label_words": ["red", "food"]}, "label_words"),
     ({"columns": ["label"]}, "columns"),
+    ({"columns": ["txt=text"]}, "columns"),  # txt is no field of the topic template
     ({"model": "bert"}, "model"),
     ({"model": "gpt2"}, "target_modules"),
     ({"dtype": "int8"}, "dtype"),

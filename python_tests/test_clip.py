@@ -251,8 +251,9 @@ def test_shots_per_class_is_seeded_and_balanced():
         shots_per_class(labels, 6, seed=0)
 
 
-def test_shots_per_class_selects_the_training_set(clip_paths, tmp_path):
-    trainer = Trainer(clip_config(clip_paths, tmp_path / "run", shots_per_class=8))
+@pytest.mark.parametrize("max_train", [None, 0, 24])  # none and 0 both mean all; 24 keeps every selected image
+def test_shots_per_class_selects_the_training_set(clip_paths, tmp_path, max_train):
+    trainer = Trainer(clip_config(clip_paths, tmp_path / "run", shots_per_class=8, max_train=max_train))
     assert np.bincount(trainer.train_labels).tolist() == [8, 8, 8]
 
 

@@ -81,6 +81,17 @@ def test_a_rank_above_a_module_is_refused_naming_the_agent(tiny, tmp_path, capsy
     assert "rank: 64 (agent 1) exceeds min(in, out) = 32" in err[0]
 
 
+def test_command_line_run_with_a_rank_per_agent(tiny, tmp_path, capsys):
+    model, data = tiny
+    code = main(["--model", model, "--dataset", data, "--agents", "4", "--rank", "2,4,4,4", "--max-len", "16",
+                 "--rounds", "1", "--local-steps", "1", "--device", "cpu", "--output-dir", str(tmp_path / "run"),
+                 "--no-progress"])
+    assert code == 0
+    counts = json.loads((tmp_path / "run" / "summary.json").read_text())["trainable_params_per_agent"]
+    assert counts[0] < counts[1] == counts[2] == counts[3]
+    assert f"; {counts[0]:,}-{counts[1]:,} trainable parameters per agent;" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------- the glue
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,16 @@ def test_predict_device_mistakes_are_one_line(finished, device, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("decaf-train predict: error: device")
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_max_len_above_the_models_positions(finished, tmp_path, capsys):
+    """The tiny BERT has 32 positions: a larger --max-len is one line; without a run's max_len (an adapter copied
+    out of its run) the default 128 is cut to the model's 32."""
+    adapter = Path(finished.run_dir, "adapters", "average")
+    long_text = " ".join(["cat"] * 60)
+    assert main(["predict", str(adapter), "--text", long_text, "--max-len", "100"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == ["decaf-train predict: error: max_len: 100 exceeds the model's 32 positions"]
+    shutil.copytree(adapter, tmp_path / "copied")
+    classifier = Classifier.load(str(tmp_path / "copied"))
+    assert classifier.max_len == 32 and classifier.predict([long_text])[0] in CLASSES

@@ -63,6 +63,11 @@ class CausalLM(Task):
         super().__init__(config)
         self.template = resolve_template(config.template, config.label_words)
         self.columns = parse_columns(config.columns)
+        fields = [*self.template.fields, "label"]
+        unknown = [field for field in self.columns if field not in fields]
+        if unknown:
+            raise ConfigError(f"columns: {', '.join(unknown)} is not a field of the template (fields: "
+                              f"{', '.join(fields)})")
         self.dtype = getattr(torch, config.dtype)
         self.gradient_checkpointing = config.gradient_checkpointing
 

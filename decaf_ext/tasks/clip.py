@@ -140,7 +140,7 @@ class CLIPClassification(Task):
     def load_data(self, source: str, *, test_fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
         """(train, test) of `source`; with ``shots_per_class`` K, train keeps K seeded images of every class."""
         train, test = load_image_dataset(source, test_fraction=test_fraction, seed=seed)
-        shots, max_train = self.config.shots_per_class, self.config.max_train
+        shots, (max_train, _) = self.config.shots_per_class, self.config.caps()  # max_train None: all (0 too)
         if shots is None:
             return train, test
         try:
