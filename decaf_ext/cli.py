@@ -17,6 +17,7 @@ line ``decaf-train: error: ...`` and exit with status 2; any other exception is 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import statistics
@@ -34,7 +35,7 @@ from decaf_ext.errors import ConfigError, first_line
 PROG = "decaf-train"
 LAUNCHERS = ("sim", "dist")
 DISTRIBUTED_FLAGS = ("nproc", "max_restarts", "backend", "round_timeout", "startup_timeout")
-RUN_FLAGS = ("config", "compare", "seeds", "resume", "list")
+RUN_FLAGS = ("config", "compare", "seeds", "resume", "list", "imports")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -64,6 +65,9 @@ def build_parser(prog: str = PROG) -> OneLineParser:
                                                            f"checkpoint (may change: {', '.join(RESUMABLE)})")
     modes.add_argument("--list", action="store_true", help="list the registered algorithms, topologies, "
                                                            "mixing rules, partitions and tasks, then exit")
+    modes.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                       help="import MODULE first (repeatable; searched in the current folder too), e.g. one that "
+                            "registers your own strategy: --import my_strategy --algorithm damped_dlora")
     options = parser.add_argument_group("training options (also YAML keys; 'none' clears an optional value)")
     types = field_types()
     aliases = {new: old for old, new in RENAMED.items()}
@@ -293,6 +297,20 @@ def _seeded(config: TrainConfig, seeds: list[int]) -> int:
     return 0
 
 
+def import_modules(names: Sequence[str]) -> None:
+    """Import each module of `names` (the current folder searched too, as ``python -m`` does), so that what it
+    registers (strategies, tasks) exists before the configuration is checked; ConfigError if one is not found."""
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name is None or not (name == error.name or name.startswith(error.name + ".")):
+                raise  # a module that the user's module imports is missing: its own traceback
+            raise ConfigError(f"import: no module named {name!r} (in the current folder or on sys.path)") from None
+
+
 def _list() -> int:
     for name, choices in registry_names().items():
         print(f"{name}: {', '.join(choices)}")
@@ -332,6 +350,7 @@ def train_command(argv: Sequence[str], prog: str = PROG) -> int:
     """The main command (training, comparison, seeds, resume, distributed); returns the exit status."""
     options = vars(build_parser(prog).parse_args(argv))
     run = {name: options.pop(name, None) for name in RUN_FLAGS}
+    import_modules(run["imports"] or [])
     launcher = options.pop("launcher", "sim")
     launch_options = {name: options.pop(name) for name in DISTRIBUTED_FLAGS if name in options}
     if run["list"]:

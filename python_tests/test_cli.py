@@ -193,6 +193,26 @@ def python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
 
+def test_import_registers_a_users_strategy_from_the_current_folder(tmp_path, monkeypatch, capsys):
+    """--import MODULE runs before the options are checked, so --algorithm may name what MODULE registers; a
+    missing module is one line, a module whose own import fails keeps its traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    (tmp_path / "cwd_strategy.py").write_text(
+        "from decaf_ext.strategies import register_strategy\n"
+        "from user_strategy import DampedDLoRA\n"
+        "register_strategy('cwd_damped')(type('CwdDamped', (DampedDLoRA,), {}))\n")
+    (tmp_path / "broken_strategy.py").write_text("import a_dependency_that_is_missing\n")
+    assert main(["--import", "cwd_strategy", "--list"]) == 0
+    assert "cwd_damped" in capsys.readouterr().out.splitlines()[0]
+    assert build_config(None, {"algorithm": "cwd_damped"}).algorithm == "cwd_damped"  # now a known algorithm
+    assert main(["--import", "no_such_strategy", "--list"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "decaf-train: error: import: no module named 'no_such_strategy' (in the current folder or on sys.path)"
+    with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_missing"):
+        main(["--import", "broken_strategy", "--list"])
+
+
 def test_help_version_and_flag_mistakes_import_no_torch():
     done = python("import sys\nfrom decaf_ext.cli import main\n"
                   "for argv in (['--help'], ['--version'], ['plot', '--help'], ['--rank', 'four'], ['--no-such']):\n"
