@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -26,8 +27,9 @@ double eps_of(at::ScalarType compute) {
 // min_normal / eps^2, so that terms lost to underflow (each below min_normal) cost less than
 // len eps^2 of it. Smaller column norms (float32: below about 1e-12) take the Householder path.
 double min_gram_diagonal(at::ScalarType products) {
-  return products == at::kDouble ? 2.2250738585072014e-308 / (2.220446049250313e-16 * 2.220446049250313e-16)
-                                 : 1.1754943508222875e-38 / (1.1920928955078125e-07 * 1.1920928955078125e-07);
+  const double min_normal =
+      products == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  return min_normal / (eps_of(products) * eps_of(products));
 }
 
 void check_floating(const at::Tensor& t, const char* name) {
@@ -389,14 +391,12 @@ at::Tensor times_stacks(const at::Tensor& coef_rows, const at::Tensor& X, const 
 std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, const at::Tensor& d, const Bucket& bk,
                                  const Options& o, const Backend& backend, const Solved* dest) {
   const int64_t K = d.size(1), m = Bt.size(2), n = Af.size(2);
-  const at::ScalarType ct = Bt.scalar_type();
-  const auto gram_of = [&](const at::Tensor& X) {
-    return support_grams(backend.float64_grams ? X.to(at::kDouble) : X, bk, backend);
-  };
+  const at::ScalarType ct = Bt.scalar_type(), products = backend.float64_grams ? at::kDouble : ct;
+  const auto gram_of = [&](const at::Tensor& X) { return support_grams(X.to(products), bk, backend); };
   const auto svd = backend.gram_svd(backend, gram_of(Bt), gram_of(Af), d, bk.group,
                                     [&](const at::Tensor& x) { return per_problem(x, bk); }, std::min(o.rank, K),
                                     ct == at::kFloat, (double)K * eps_of(ct),
-                                    min_gram_diagonal(backend.float64_grams ? at::kDouble : ct));
+                                    min_gram_diagonal(products));
   if (!svd) return std::nullopt;
   // Column sums of P and Q: the sums of the singular vectors' entries are sB^T U and sA^T V.
   const at::Tensor sB = per_problem(support_rows(Bt.sum(-1, true), bk).squeeze(-1).to(at::kDouble), bk);

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from decaf_ext.config import load_saved
 from decaf_ext.errors import ConfigError, first_line
 
 _PREFIX = "round_"
@@ -110,11 +111,6 @@ def _read(folder: str, name: str, read: Callable[[str], Any]) -> Any:
         raise ConfigError(f"resume: cannot read {path!r} ({first_line(error)})") from None
 
 
-def _read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
 def load_checkpoint(folder: str) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`."""
     tensors = _read(folder, "tensors.safetensors", load_file)
@@ -122,6 +118,6 @@ def load_checkpoint(folder: str) -> Checkpoint:
                                                  key=lambda n: int(n[len(_RNG_CUDA):]))]
     torch_rng = tensors.pop(_RNG_TORCH)
     optimizers = _read(folder, "optimizers.pt", lambda path: torch.load(path, weights_only=True))
-    saved = _read(folder, "state.json", _read_json)
+    saved = load_saved(os.path.join(folder, "state.json"))
     rng = {**saved["rng"], "torch": torch_rng, "cuda": cuda}
     return Checkpoint(round=saved["round"], tensors=tensors, optimizers=optimizers, state=saved["state"], rng=rng)

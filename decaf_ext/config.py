@@ -334,7 +334,8 @@ def convert_value(name: str, value: Any) -> Any:
 
 
 def load_saved(path: str) -> dict[str, Any]:
-    """The options a run saved in `path` (its config.json); ConfigError naming resume if unreadable."""
+    """A JSON file a run saved (its config.json, a checkpoint's state.json); ConfigError naming resume and the
+    file if it cannot be read (missing, truncated, overwritten)."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
