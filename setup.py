@@ -46,7 +46,9 @@ def extension():
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        # The CUDA backend: its kernels (.cu, nvcc) and its plain C++ on ATen (.cpp).
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))
+                          + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         extra["cxx"] = cxx + ["-DDECAF_WITH_CUDA"]
         extra["nvcc"] = ["-O3", "-DDECAF_WITH_CUDA", "--expt-relaxed-constexpr"]
         builder = cpp_extension.CUDAExtension

@@ -1,7 +1,8 @@
 """decaf_ext: decentralized LoRA fine-tuning with DeCAF (consensus on products + truncated SVD).
 
-The compiled kernels are exposed as ``consensus_tsvd``, ``weighted_product_sum`` and ``tsvd``; the trainer as
-``Trainer`` and ``TrainConfig``. Every name is imported on first use, so ``import decaf_ext`` stays light
+The compiled kernels are exposed as ``consensus_tsvd``, ``weighted_product_sum`` and ``tsvd``; the simulator as
+``Trainer`` and ``TrainConfig``; your own loop's averager as ``DecentralizedAverager`` / ``DecentralizedCallback``;
+strategies through ``register_strategy`` / ``get_strategy``. The package map is in docs/architecture.md. Every name is imported on first use, so ``import decaf_ext`` stays light
 (no torch until a name that needs it is touched).
 
 Example::
@@ -21,7 +22,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "CUDA_COMPILED": "decaf_ext.ops", "consensus_tsvd": "decaf_ext.ops", "tsvd": "decaf_ext.ops",
     "weighted_product_sum": "decaf_ext.ops", "TrainConfig": "decaf_ext.config", "ConfigError": "decaf_ext.errors",
-    "Trainer": "decaf_ext.trainer",
+    "Trainer": "decaf_ext.sim", "register_strategy": "decaf_ext.strategies", "get_strategy": "decaf_ext.strategies",
+    "DecentralizedAverager": "decaf_ext.integrations", "DecentralizedCallback": "decaf_ext.integrations",
 }
 __all__ = list(_EXPORTS)
 

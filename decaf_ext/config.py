@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from decaf_ext.data import OFFLINE_DEFAULT, SCHEMES
+from decaf_ext.data.partition import SCHEMES
+from decaf_ext.data.text import OFFLINE_DEFAULT
 from decaf_ext.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
@@ -151,7 +152,7 @@ class TrainConfig:
         for name, choices in registry_names().items():
             _check_choice(name, getattr(self, name), choices)
         _check_choice("comm_order", self.comm_order, COMM_ORDERS)
-        from decaf_ext.compression import MESSAGE_DTYPES
+        from decaf_ext.comm.codec import MESSAGE_DTYPES
 
         _check_choice("message_dtype", self.message_dtype, MESSAGE_DTYPES)
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
@@ -275,6 +276,22 @@ def check_device(device: str) -> None:
     """ConfigError (one line) unless `device` is cpu, cuda, cuda:N or auto."""
     if device != "auto" and not re.fullmatch(r"(cpu|cuda)(:\d+)?", device):
         raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
+
+
+def resolve_device(name: str, local_rank: int | None = None):
+    """The torch.device `name` (checked by :func:`check_device`) stands for: auto -> cuda if available, else cpu;
+    with `local_rank` (one process per agent) a bare auto/cuda becomes cuda:LOCAL_RANK. ConfigError for CUDA
+    without CUDA."""
+    import torch
+
+    check_device(name)
+    if name == "auto":
+        name = "cuda" if _cuda_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not _cuda_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
 
 
 def _cuda_available() -> bool:

@@ -3,13 +3,13 @@
 A strategy is policy only; the runtime decides whom an agent hears from and moves the bytes. Every strategy
 maps (groups, extras, W) to new groups and extras without touching its inputs:
 
-- groups hold A [M, N_in, r, n] and B [M, N_in, m, r] (see :mod:`decaf_ext.lora`), extras the other trainable
+- groups hold A [M, N_in, r, n] and B [M, N_in, m, r] (see :mod:`decaf_ext.lora.factors`), extras the other trainable
   parameters stacked as [N_in, ...];
 - W [N_out, N_in] holds the mixing weights; output agent i's own factors are input i. The simulator passes the
   round's [N, N] matrix; an agent in its own process passes its [1, k] row over itself (input 0) and the k - 1
   agents it heard from. Output: A [M, N_out, r, n], B [M, N_out, m, r], extras [N_out, ...].
 
-Every runtime (the simulator, the distributed runtime, :class:`~decaf_ext.averager.DecentralizedAverager`) calls
+Every runtime (the simulator, the distributed runtime, :class:`~decaf_ext.integrations.averager.DecentralizedAverager`) calls
 the same ``communicate``, so a strategy registered from user code runs everywhere unchanged::
 
     from decaf_ext.lora import FactorGroup
@@ -36,9 +36,9 @@ from typing import Callable, Iterable, TypeVar
 
 import torch
 
-from decaf_ext.lora import FactorGroup
+from decaf_ext.lora import Extras, FactorGroup
 
-Extras = dict[str, torch.Tensor]
+
 S = TypeVar("S", bound=type)
 
 DECAF_METHODS: tuple[str, ...] = ("auto", "exact", "randomized", "dense")
@@ -101,7 +101,7 @@ class Strategy(ABC):
         n = groups[0].n_agents if groups else next(iter(extras.values())).shape[0]
         return self.communicate(groups, extras, torch.full((1, n), 1.0 / n, dtype=torch.float64))
 
-    def payload(self, groups: list[FactorGroup], extras: Extras) -> int:
+    def bytes_per_message(self, groups: list[FactorGroup], extras: Extras) -> int:
         """Bytes of one agent's copy of everything it sends in a round: its trainable factors (B, and A
         when trains_A) plus its extras."""
         factors = [t for g in groups for t in ((g.A, g.B) if self.trains_A else (g.B,))]
@@ -113,13 +113,13 @@ class Strategy(ABC):
 
         Decentralized: the message times the number of agents it mixes with (nonzero entries of its row of W
         other than its own input). Otherwise: the message, uploaded once. The message is `message_bytes` (its
-        encoded size, see :class:`~decaf_ext.payload.Payload`: one int, or int64 [N_out] when agents' messages
-        differ), by default the payload; 0 when the payload is empty.
+        encoded size, see :class:`~decaf_ext.comm.layout.MessageLayout`: one int, or int64 [N_out] when agents' messages
+        differ), by default :meth:`bytes_per_message`; 0 when that is 0.
         """
         n_in = self.check_agents(groups, extras, W)
         n_out = W.shape[0]
-        payload = self.payload(groups, extras)
-        message = torch.as_tensor(payload if message_bytes is None or payload == 0 else message_bytes,
+        own_bytes = self.bytes_per_message(groups, extras)
+        message = torch.as_tensor(own_bytes if message_bytes is None or own_bytes == 0 else message_bytes,
                                   dtype=torch.int64).expand(n_out)
         if not self.decentralized:
             return message.clone()
@@ -200,7 +200,7 @@ class Local(Strategy):
     def consensus(self, groups: list[FactorGroup], extras: Extras) -> tuple[list[FactorGroup], Extras]:
         return FedAvg().consensus(groups, extras)
 
-    def payload(self, groups: list[FactorGroup], extras: Extras) -> int:
+    def bytes_per_message(self, groups: list[FactorGroup], extras: Extras) -> int:
         return 0
 
 

@@ -56,7 +56,7 @@ def adapt_overrides(run: Run, fields: set[str]) -> dict:
 def train_one(run: Run, device: str, fields: set[str]) -> dict:
     """Train (or resume) `run` in its scratch folder, then copy the kept files to its result folder."""
     from decaf_ext.config import ConfigError, TrainConfig
-    from decaf_ext.trainer import Trainer
+    from decaf_ext.sim.trainer import Trainer
 
     scratch = os.path.join(SCRATCH, run.suite, run.key)
     overrides = {**adapt_overrides(run, fields), "device": device, "output_dir": scratch,

@@ -17,11 +17,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, \
     PreTrainedTokenizerFast
 
-from decaf_ext.config import ConfigError
+from decaf_ext.errors import ConfigError
 from decaf_ext.strategies import STRATEGIES
 from decaf_ext.tasks import classification_metrics
-from decaf_ext.cli import format_result, format_table
-from decaf_ext.trainer import Trainer
+from decaf_ext.cli.commands import format_result, format_table
+from decaf_ext.sim.trainer import Trainer
 from test_trainer import CLASSES, FILLER, make_tiny_dataset, make_tiny_model, read_metrics, tiny_config
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -94,7 +94,7 @@ def test_every_algorithm_runs_and_evaluates_at_start(tiny_lm, tmp_path, algorith
     header, row = format_table({algorithm: summary}).splitlines()
     assert "avg model F1" in header and f"{final['avg_model_macro_f1']:.4f}" in row
     # LoRA on the attention q/v projections of both layers, nothing else trainable (no head for this task)
-    trainable = [n for n, p in trainer.models[0].named_parameters() if p.requires_grad]
+    trainable = [n for n, p in trainer.agents.models[0].named_parameters() if p.requires_grad]
     assert len(trainable) == (2 * 2 * 2 if algorithm != "dlora_fa" else 2 * 2)
     assert all("q_proj" in n or "v_proj" in n for n in trainable)
 
@@ -106,8 +106,8 @@ def test_prompt_and_padding_carry_no_loss(tiny_lm, tmp_path):
     """The loss of a padded batch equals the mean over the target tokens of -log p computed on each unpadded
     sequence alone: prompt tokens and padding add nothing."""
     trainer = Trainer(lm_config(tiny_lm, tmp_path / "run", label_words=["big thing", "red", "food"]))
-    task, model = trainer.task, trainer.models[0].eval()
-    batch = task.batch(trainer.train_set, torch.arange(6), torch.device("cpu"))
+    task, model = trainer.agents.task, trainer.agents.models[0].eval()
+    batch = task.batch(trainer.agents.train_set, torch.arange(6), torch.device("cpu"))
     inputs, labels = batch
     assert (inputs["attention_mask"] == 0).any()  # prompts of different lengths: some padding is there
     words = [[task.tokenizer.convert_tokens_to_ids(w) for w in word.split()] for word in ["big thing", "red", "food"]]
@@ -127,10 +127,10 @@ def test_label_scores_equal_a_hand_computation(tiny_lm, tmp_path, label_words):
     """One-token words (the label names) and multi-token words: scores [b, C] from the batched, padded
     path equal the summed log-likelihoods of each word computed from full logits, one sequence at a time."""
     trainer = Trainer(lm_config(tiny_lm, tmp_path / "run", label_words=label_words))
-    task, model = trainer.task, trainer.models[0].eval()
+    task, model = trainer.agents.task, trainer.agents.models[0].eval()
     words = [task.tokenizer(" " + w, add_special_tokens=False)["input_ids"]
-             for w in (label_words or trainer.label_names)]
-    inputs, _ = task.batch(trainer.test_set, torch.arange(len(trainer.test_set)), torch.device("cpu"))
+             for w in (label_words or trainer.agents.label_names)]
+    inputs, _ = task.batch(trainer.agents.test_set, torch.arange(len(trainer.agents.test_set)), torch.device("cpu"))
     with torch.no_grad():
         scores = task.label_scores(model, inputs)
     expected = [[hand_score(model, ids[mask.bool()].tolist(), word) for word in words]
@@ -141,9 +141,9 @@ def test_label_scores_equal_a_hand_computation(tiny_lm, tmp_path, label_words):
 def test_metrics_are_accuracy_and_macro_f1_of_the_argmax(tiny_lm, tmp_path):
     trainer = Trainer(lm_config(tiny_lm, tmp_path / "run", rounds=1))
     trainer.run()
-    inputs, labels = trainer.task.batch(trainer.test_set, torch.arange(len(trainer.test_set)), torch.device("cpu"))
+    inputs, labels = trainer.agents.task.batch(trainer.agents.test_set, torch.arange(len(trainer.agents.test_set)), torch.device("cpu"))
     with torch.no_grad():
-        predicted = trainer.task.label_scores(trainer.models[2].eval(), inputs).argmax(-1).numpy()
+        predicted = trainer.agents.task.label_scores(trainer.agents.models[2].eval(), inputs).argmax(-1).numpy()
     expected = classification_metrics(predicted, labels.numpy(), 3)
     assert trainer.history[-1]["acc_agents"][2] == pytest.approx(expected["accuracy"])
     f1 = []
@@ -157,9 +157,9 @@ def test_metrics_are_accuracy_and_macro_f1_of_the_argmax(tiny_lm, tmp_path):
 
 def test_long_fields_are_cut_to_max_len(tiny_lm, tmp_path):
     trainer = Trainer(lm_config(tiny_lm, tmp_path / "run", max_len=12))
-    ids = trainer.task.prompt_ids({"text": " ".join(["cat"] * 40)})
+    ids = trainer.agents.task.prompt_ids({"text": " ".join(["cat"] * 40)})
     assert len(ids) == 12 - 1 and ids[0] == 2  # room for the one-token label word, <s> kept
-    assert trainer.task.tokenizer.decode(ids).endswith("Topic :")
+    assert trainer.agents.task.tokenizer.decode(ids).endswith("Topic :")
 
 
 # ---------------------------------------------------------------------------------- adapters, memory
@@ -168,19 +168,19 @@ def test_long_fields_are_cut_to_max_len(tiny_lm, tmp_path):
 def test_exported_adapters_reload_with_peft_and_score_identically(tiny_lm, tmp_path):
     trainer = Trainer(lm_config(tiny_lm, tmp_path / "run", algorithm="decaf"))
     trainer.run()
-    inputs, _ = trainer.task.batch(trainer.test_set, torch.arange(len(trainer.test_set)), torch.device("cpu"))
-    for name, model in {"agent_01": trainer.models[1], "average": trainer.average_model()}.items():
+    inputs, _ = trainer.agents.task.batch(trainer.agents.test_set, torch.arange(len(trainer.agents.test_set)), torch.device("cpu"))
+    for name, model in {"agent_01": trainer.agents.models[1], "average": trainer.average_model()}.items():
         base = AutoModelForCausalLM.from_pretrained(tiny_lm[0])
         loaded = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapters" / name)).eval()
         with torch.no_grad():
-            torch.testing.assert_close(trainer.task.label_scores(loaded, inputs),
-                                       trainer.task.label_scores(model.eval(), inputs), rtol=0, atol=0)
+            torch.testing.assert_close(trainer.agents.task.label_scores(loaded, inputs),
+                                       trainer.agents.task.label_scores(model.eval(), inputs), rtol=0, atol=0)
 
 
 def test_agents_share_one_frozen_base(tiny_lm, tmp_path):
     """Bytes of all distinct tensors of the N agents + scratch model = one base + (N + 1) adapters."""
     trainer = Trainer(lm_config(tiny_lm, tmp_path / "run", agents=6))
-    models = [*trainer.models, trainer.scratch]
+    models = [*trainer.agents.models, trainer.agents.scratch]
     storages = {}
     for model in models:
         for tensor in [*model.parameters(), *model.buffers()]:
@@ -196,9 +196,9 @@ def test_bfloat16_base_keeps_float32_adapters(tiny_lm, tmp_path):
     trainer = Trainer(lm_config(tiny_lm, tmp_path / "run", dtype="bfloat16", rounds=1,
                                 gradient_checkpointing=True))
     trainer.run()
-    dtypes = {p.dtype for p in trainer.models[0].parameters() if not p.requires_grad}
+    dtypes = {p.dtype for p in trainer.agents.models[0].parameters() if not p.requires_grad}
     assert dtypes == {torch.bfloat16}
-    assert {p.dtype for p in trainer.models[0].parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in trainer.agents.models[0].parameters() if p.requires_grad} == {torch.float32}
     assert np.isfinite(trainer.history[-1]["train_loss"])
 
 
@@ -212,8 +212,8 @@ def test_template_fields_from_a_csv_with_a_column_mapping(tiny_lm, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     trainer = Trainer(lm_config(tiny_lm, tmp_path / "run", dataset=str(path), template="yesno_qa",
                                 columns=["label=answer"], rounds=1))
-    assert trainer.label_names == ["False", "True"]
-    assert trainer.task.tokenizer.convert_ids_to_tokens(trainer.task.target_ids[:, 0].tolist()) == ["no", "yes"]
+    assert trainer.agents.label_names == ["False", "True"]
+    assert trainer.agents.task.tokenizer.convert_ids_to_tokens(trainer.agents.task.target_ids[:, 0].tolist()) == ["no", "yes"]
     assert trainer.run()["final"]["round"] == 1
 
 
@@ -256,7 +256,7 @@ def test_bad_input_is_one_line_naming_the_argument(tiny_lm, other_models, tmp_pa
 
 
 def test_command_line_bad_input_exits_2(tiny_lm, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "decaf_ext.train", "--task", "causal_lm", "--model", tiny_lm[0],
+    result = subprocess.run([sys.executable, "-m", "decaf_ext.cli", "--task", "causal_lm", "--model", tiny_lm[0],
                              "--dataset", tiny_lm[1], "--template", "wic", "--device", "cpu",
                              "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
@@ -271,7 +271,7 @@ def test_two_process_run_matches_the_simulator(tiny_lm, tmp_path):
     config = lm_config(tiny_lm, tmp_path / "dist", agents=2, algorithm="decaf", lora_dropout=0.0)
     flags = [f"--{k.replace('_', '-')}={','.join(v) if isinstance(v, list) else v}"
              for k, v in config.to_dict().items() if v is not None and not isinstance(v, bool)]
-    result = subprocess.run([sys.executable, "-m", "decaf_ext.distributed", "--nproc", "2", "--no-progress",
+    result = subprocess.run([sys.executable, "-m", "decaf_ext.distributed.runtime", "--nproc", "2", "--no-progress",
                              *flags], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     simulator = Trainer(dataclasses.replace(config, output_dir=str(tmp_path / "sim")))
@@ -300,9 +300,9 @@ def test_gemma_topic_run_of_the_readme_learns(tmp_path):
                          batch_size=8, max_len=64, max_train=320, max_test=60, lr=3e-3, eval_at_start=True,
                          eval_every=3, device="cpu", output_dir=str(tmp_path / "run"), progress=False)
     trainer = Trainer(config)
-    assert sum(p.numel() for p in trainer.models[0].parameters() if not p.requires_grad) == 268_098_176
+    assert sum(p.numel() for p in trainer.agents.models[0].parameters() if not p.requires_grad) == 268_098_176
     trainer.run()
     start, end = trainer.history[0], trainer.history[-1]
-    majority = np.bincount(trainer.test_set.labels.numpy()).max() / len(trainer.test_set)
+    majority = np.bincount(trainer.agents.test_set.labels.numpy()).max() / len(trainer.agents.test_set)
     assert end["avg_model_macro_f1"] > start["avg_model_macro_f1"] + 0.05
     assert end["avg_model_acc"] > majority + 0.4

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from decaf_ext.cli import build_parser, main
+from decaf_ext.cli.commands import build_parser, main
 from decaf_ext.config import TrainConfig, build_config
 from decaf_ext.errors import ConfigError
-from decaf_ext.trainer import Trainer
+from decaf_ext.sim.trainer import Trainer
 from test_trainer import read_metrics, tiny_paths, without_times  # noqa: F401  (tiny_paths is a fixture)
 
 
@@ -81,7 +81,7 @@ def test_resume_of_a_damaged_config_is_one_line(tmp_path, capsys):
 
 def test_plot_draws_every_run_of_a_compare_folder(tiny_paths, tmp_path):
     assert main(tiny_flags(tiny_paths, tmp_path / "cmp", "--compare", "fedavg,dlora")) == 0
-    from decaf_ext.plot import plot_runs
+    from decaf_ext.cli.plot import plot_runs
 
     figure = plot_runs([str(tmp_path / "cmp")], str(tmp_path / "acc.png"))
     lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
@@ -214,7 +214,7 @@ def test_import_registers_a_users_strategy_from_the_current_folder(tmp_path, mon
 
 
 def test_help_version_and_flag_mistakes_import_no_torch():
-    done = python("import sys\nfrom decaf_ext.cli import main\n"
+    done = python("import sys\nfrom decaf_ext.cli.commands import main\n"
                   "for argv in (['--help'], ['--version'], ['plot', '--help'], ['--rank', 'four'], ['--no-such']):\n"
                   "    try:\n        print('status', main(argv))\n    except SystemExit as exit:\n"
                   "        print('status', exit.code)\n"
@@ -230,7 +230,7 @@ def test_package_import_is_light_and_exports_the_trainer():
     done = python("import sys, decaf_ext\nprint('torch' in sys.modules)\n"
                   "from decaf_ext import Trainer, TrainConfig, consensus_tsvd\nprint(Trainer.__module__, "
                   "TrainConfig.__module__, consensus_tsvd.__name__)")
-    assert done.stdout.split() == ["False", "decaf_ext.trainer", "decaf_ext.config", "consensus_tsvd"], done.stderr
+    assert done.stdout.split() == ["False", "decaf_ext.sim.trainer", "decaf_ext.config", "consensus_tsvd"], done.stderr
 
 
 def test_help_states_each_default_once():
@@ -268,7 +268,7 @@ def test_python_api_is_quiet(tiny_paths, tmp_path, capfd):
 
 
 def test_guarded_reports_user_errors_and_keeps_bug_tracebacks(monkeypatch, capsys):
-    import decaf_ext.cli as cli
+    import decaf_ext.cli.commands as cli
 
     def mistake(config, announce):
         raise ConfigError("rank: a user mistake\nsecond line")
@@ -309,7 +309,7 @@ def test_own_columns_and_the_whole_dataset(tiny_paths, tmp_path):
 
 
 def test_distributed_launch_is_quiet_and_speaks_as_decaf_train(tiny_paths, tmp_path, monkeypatch, capsys):
-    import decaf_ext.distributed as distributed
+    import decaf_ext.distributed.runtime as distributed
 
     started = {}
 
@@ -321,7 +321,7 @@ def test_distributed_launch_is_quiet_and_speaks_as_decaf_train(tiny_paths, tmp_p
     monkeypatch.setattr(distributed, "launch", launch)
     assert main(tiny_flags(tiny_paths, tmp_path / "d", "--launcher", "dist", "--nproc", "4")) == 1
     assert started["level"] == "ERROR"  # no flood of c10d socket warnings while agents time out
-    assert started["command"][1:3] == ["-m", "decaf_ext.train"] and started["command"][-2:] == ["--launcher", "dist"]
+    assert started["command"][1:3] == ["-m", "decaf_ext.cli"] and started["command"][-2:] == ["--launcher", "dist"]
     assert capsys.readouterr().err.startswith("decaf-train: agents [1] failed (exit status 1)")
 
 
@@ -403,7 +403,7 @@ def test_plot_creates_its_folder_and_tells_equal_runs_apart(tiny_paths, tmp_path
     output = tmp_path / "missing" / "deeper" / "acc.png"
     assert main(["plot", str(tmp_path / "runs"), "-o", str(output)]) == 0
     assert output.read_bytes()[:4] == b"\x89PNG"
-    from decaf_ext.plot import plot_runs
+    from decaf_ext.cli.plot import plot_runs
 
     lines = plot_runs([str(tmp_path / "runs")], str(output)).axes[0].get_lines()
     labels = [line.get_label() for line in lines]

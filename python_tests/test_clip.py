@@ -1,4 +1,4 @@
-"""The clip task (decaf_ext.tasks.clip) and image data (decaf_ext.image_data) on the tiny random CLIP and a
+"""The clip task (decaf_ext.tasks.clip) and image data (decaf_ext.data.images) on the tiny random CLIP and a
 folder of scikit-learn digits written as PNG files (fast, CPU)."""
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor
 
-from decaf_ext.config import ConfigError, TrainConfig
+from decaf_ext.config import TrainConfig
+from decaf_ext.errors import ConfigError
 from decaf_ext.distributed import launch
-from decaf_ext.image_data import load_digits_dataset, read_image_folder, read_image_source, shots_per_class
+from decaf_ext.data.images import load_digits_dataset, read_image_folder, read_image_source, shots_per_class
 from decaf_ext.lora import collect_factors
 from decaf_ext.tasks.clip import TEMPLATES, build_tiny_clip, class_prompts, resolve_template
-from decaf_ext.cli import main
-from decaf_ext.trainer import Trainer
+from decaf_ext.cli.commands import main
+from decaf_ext.sim.trainer import Trainer
 from test_trainer import read_metrics, without_times
 
 # folder name -> digit; '_' and '-' become spaces in the prompts; classes are numbered by sorted folder name
@@ -61,7 +62,7 @@ def clip_config(paths: tuple[str, str], output_dir: Path, **changes) -> TrainCon
 
 
 def all_test_inputs(trainer: Trainer) -> dict[str, torch.Tensor]:
-    inputs, _ = trainer.task.batch(trainer.test_set, torch.arange(len(trainer.test_set)), torch.device("cpu"))
+    inputs, _ = trainer.agents.task.batch(trainer.agents.test_set, torch.arange(len(trainer.agents.test_set)), torch.device("cpu"))
     return inputs
 
 
@@ -73,13 +74,13 @@ def all_test_inputs(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_clip_trains_with_every_gossip_algorithm(clip_paths, tmp_path, algorithm, lora_on):
     trainer = Trainer(clip_config(clip_paths, tmp_path / "run", algorithm=algorithm, clip_lora_on=lora_on))
     encoders = {"vision": ["vision_model"], "text": ["text_model"], "both": ["vision_model", "text_model"]}[lora_on]
-    (group,) = collect_factors(trainer.models)  # every adapted module is 64 x 64 with rank 2
+    (group,) = collect_factors(trainer.agents.models)  # every adapted module is 64 x 64 with rank 2
     assert sorted({name.split(".")[2] for name in group.names}) == sorted(encoders)  # base_model.model.<encoder>
     assert len(group.names) == MODULES_PER_ENCODER * len(encoders)
     assert all(name.endswith(("q_proj", "k_proj", "v_proj")) for name in group.names)
     factors = 1 if algorithm == "dlora_fa" else 2  # dlora_fa freezes A
-    assert trainer.trainable_params == len(group.names) * factors * 2 * WIDTH  # no head: LoRA factors only
-    logits_before = trainer.task.logits(trainer.models[0].eval(), all_test_inputs(trainer)["pixel_values"])
+    assert trainer.agents.trainable_params == len(group.names) * factors * 2 * WIDTH  # no head: LoRA factors only
+    logits_before = trainer.agents.task.logits(trainer.agents.models[0].eval(), all_test_inputs(trainer)["pixel_values"])
 
     trainer.run()
     history = read_metrics(trainer.run_dir)
@@ -92,7 +93,7 @@ def test_clip_trains_with_every_gossip_algorithm(clip_paths, tmp_path, algorithm
     floats = len(group.names) * factors * WIDTH * 2
     assert [r["bytes_sent"] for r in history] == [0, AGENTS * 2 * floats * 4, 2 * AGENTS * 2 * floats * 4]
     # the trained adapters changed the scores
-    logits_after = trainer.task.logits(trainer.models[0].eval(), all_test_inputs(trainer)["pixel_values"])
+    logits_after = trainer.agents.task.logits(trainer.agents.models[0].eval(), all_test_inputs(trainer)["pixel_values"])
     assert not torch.allclose(logits_before, logits_after)
 
 
@@ -109,12 +110,12 @@ def test_zero_shot_evaluation_matches_clip_forward(clip_paths, tmp_path):
     """Round 0 equals CLIPModel's own forward (logits_per_image) on the processor's inputs, by hand."""
     model_path, data_path = clip_paths
     trainer = Trainer(clip_config(clip_paths, tmp_path / "run", rounds=1))
-    _, test = trainer.task.load_data(data_path, test_fraction=0.2, seed=0)
+    _, test = trainer.agents.task.load_data(data_path, test_fraction=0.2, seed=0)
     images = [test.image(i) for i in range(len(test))]
     processor, model = CLIPProcessor.from_pretrained(model_path), CLIPModel.from_pretrained(model_path).eval()
     with torch.no_grad():
         expected = model(**processor(text=PROMPTS, images=images, return_tensors="pt", padding=True)).logits_per_image
-        got = trainer.task.logits(trainer.models[2].eval(), all_test_inputs(trainer)["pixel_values"])
+        got = trainer.agents.task.logits(trainer.agents.models[2].eval(), all_test_inputs(trainer)["pixel_values"])
     torch.testing.assert_close(got[:5], expected[:5], rtol=1e-5, atol=1e-5)
     accuracy = float((expected.argmax(dim=1).numpy() == test.labels).mean())
     trainer.run()
@@ -131,8 +132,8 @@ def test_prompts_are_embedded_once_unless_the_text_encoder_trains(clip_paths, tm
     trainer = Trainer(clip_config(clip_paths, tmp_path / "run", clip_lora_on=lora_on, rounds=1,
                                   eval_at_start=False))
     calls = []
-    embed = trainer.task._embed_prompts
-    monkeypatch.setattr(trainer.task, "_embed_prompts", lambda model: calls.append(model) or embed(model))
+    embed = trainer.agents.task._embed_prompts
+    monkeypatch.setattr(trainer.agents.task, "_embed_prompts", lambda model: calls.append(model) or embed(model))
     trainer.run()
     assert len(calls) == embeddings
 
@@ -141,11 +142,11 @@ def test_exported_adapters_reload_to_identical_logits(clip_paths, tmp_path):
     trainer = Trainer(clip_config(clip_paths, tmp_path / "run", algorithm="decaf", eval_at_start=False))
     trainer.run()
     pixels = all_test_inputs(trainer)["pixel_values"]
-    for name, model in {"agent_01": trainer.models[1], "average": trainer.average_model()}.items():
+    for name, model in {"agent_01": trainer.agents.models[1], "average": trainer.average_model()}.items():
         folder = tmp_path / "run" / "adapters" / name
         loaded = PeftModel.from_pretrained(CLIPModel.from_pretrained(clip_paths[0]), str(folder)).eval()
         with torch.no_grad():
-            torch.testing.assert_close(trainer.task.logits(loaded, pixels), trainer.task.logits(model.eval(), pixels),
+            torch.testing.assert_close(trainer.agents.task.logits(loaded, pixels), trainer.agents.task.logits(model.eval(), pixels),
                                        rtol=0, atol=0)
         saved = load_file(str(folder / "adapter_model.safetensors"))
         assert {k.split(".")[2] for k in saved if "lora_" in k} == {"vision_model", "text_model"}
@@ -254,7 +255,7 @@ def test_shots_per_class_is_seeded_and_balanced():
 @pytest.mark.parametrize("max_train", [None, 0, 24])  # none and 0 both mean all; 24 keeps every selected image
 def test_shots_per_class_selects_the_training_set(clip_paths, tmp_path, max_train):
     trainer = Trainer(clip_config(clip_paths, tmp_path / "run", shots_per_class=8, max_train=max_train))
-    assert np.bincount(trainer.train_labels).tolist() == [8, 8, 8]
+    assert np.bincount(trainer.agents.train_labels).tolist() == [8, 8, 8]
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -1,4 +1,4 @@
-"""decaf_ext.compression and compressed messages: the int8 rule and its error bound, the codec's wire form and
+"""decaf_ext.comm.codec and compressed messages: the int8 rule and its error bound, the codec's wire form and
 byte counts, the checks on received int8 messages, the simulator's rule (own factors exact, the others as
 decoded), bytes accounting and bad input. Simulator == distributed for compressed runs: test_distributed."""
 
@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decaf_ext.compression import MESSAGE_DTYPES, Codec, dequantize, quantize
-from decaf_ext.config import ConfigError
-from decaf_ext.exchange import check_buffer, unfilled
+from decaf_ext.comm.codec import MESSAGE_DTYPES, Codec, dequantize, quantize
+from decaf_ext.errors import ConfigError
+from decaf_ext.comm.transport import check_buffer, unfilled
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, write_factors
-from decaf_ext.message_guard import TAG_BYTES, MessageGuard
-from decaf_ext.payload import Payload
+from decaf_ext.comm.guard import TAG_BYTES, MessageGuard
+from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.strategies import get_strategy
-from decaf_ext.trainer import Trainer
+from decaf_ext.sim.trainer import Trainer
 from test_distributed import random_agents, select
 from test_trainer import tiny_config, tiny_paths  # noqa: F401 (fixture)
 
@@ -79,32 +79,32 @@ def test_received_int8_messages_are_checked():
 def test_int8_messages_carry_a_message_tag():
     groups, extras = random_agents(2)
     own = select(groups, extras, [0])
-    payload = Payload(*own, trains_A=True, trailer=TAG_BYTES, message_dtype="int8")
+    layout = MessageLayout(*own, trains_A=True, trailer=TAG_BYTES, message_dtype="int8")
     guard = MessageGuard(b"secret")
-    sealed = guard.seal(payload.encode(payload.pack(*own)), 2, 0)
-    assert sealed.dtype == torch.uint8 and sealed.shape == (payload.numel,)
+    sealed = guard.seal(layout.encode(layout.pack(*own)), 2, 0)
+    assert sealed.dtype == torch.uint8 and sealed.shape == (layout.numel,)
     data, reason = guard.open(sealed, 2, 0)
-    assert reason is None and payload.check(data) is None
-    torch.testing.assert_close(payload.decode(data[None])[0], payload.received(payload.pack(*own)[None])[0])
+    assert reason is None and layout.check(data) is None
+    torch.testing.assert_close(layout.decode(data[None])[0], layout.received(layout.pack(*own)[None])[0])
     tampered = sealed.clone()
     tampered[0] ^= 1
     assert guard.open(tampered, 2, 0)[1] == "wrong message tag"
 
 
 @pytest.mark.parametrize("trains_A", [True, False])
-def test_payload_encodes_factors_with_one_scale_per_rank_direction(trains_A):
+def test_layout_encodes_factors_with_one_scale_per_rank_direction(trains_A):
     groups, extras = random_agents(3)
     own = select(groups, extras, [1])
-    payload = Payload(*own, trains_A=trains_A, message_dtype="int8", trailer=32)
-    entries = payload.data_numel
+    layout = MessageLayout(*own, trains_A=trains_A, message_dtype="int8", trailer=32)
+    entries = layout.data_numel
     rows = (2 * 3 + 1 * 3) * (2 if trains_A else 1) + 2 + 1  # A rows and B columns per module; head rows
-    assert payload.message_bytes == entries + 4 * rows and payload.numel == payload.message_bytes + 32
-    assert payload.wire_dtype == torch.uint8
-    assert payload.fingerprint != Payload(*own, trains_A=trains_A, trailer=32).fingerprint
-    exact = payload.pack_each(groups, extras)
-    assert torch.equal(exact[1], payload.pack(*own))
-    received = payload.received(exact)
-    unpacked, _ = payload.unpack(received, *own)
+    assert layout.message_bytes == entries + 4 * rows and layout.numel == layout.message_bytes + 32
+    assert layout.wire_dtype == torch.uint8
+    assert layout.fingerprint != MessageLayout(*own, trains_A=trains_A, trailer=32).fingerprint
+    exact = layout.pack_each(groups, extras)
+    assert torch.equal(exact[1], layout.pack(*own))
+    received = layout.received(exact)
+    unpacked, _ = layout.unpack(received, *own)
     for got, g in zip(unpacked, groups):
         A_scale = g.A.abs().amax(dim=-1, keepdim=True) / 127
         B_scale = g.B.abs().amax(dim=-2, keepdim=True) / 127
@@ -128,19 +128,19 @@ def test_simulator_mixes_own_factors_exact_and_the_others_as_decoded(tiny_paths,
     trainer = Trainer(tiny_config(tiny_paths, tmp_path, algorithm=algorithm, message_dtype="int8"))
     g = torch.Generator().manual_seed(0)
     groups = [FactorGroup(x.names, torch.randn(x.A.shape, generator=g), torch.randn(x.B.shape, generator=g))
-              for x in collect_factors(trainer.models)]
-    write_factors(trainer.models, groups)
-    extras = collect_extras(trainer.models)
-    W = trainer.schedule.at(0).to(torch.float64)
-    n = len(trainer.models)
+              for x in collect_factors(trainer.agents.models)]
+    write_factors(trainer.agents.models, groups)
+    extras = collect_extras(trainer.agents.models)
+    W = trainer.agents.schedule.at(0).to(torch.float64)
+    n = len(trainer.agents.models)
     if algorithm == "fedavg":
         W = torch.full((n, n), 1.0 / n, dtype=torch.float64)
 
     def decoded(x: torch.Tensor, dim: int) -> torch.Tensor:  # every agent's x [M, N, ...] as its message decodes
         return dequantize(*quantize(x, dim))
 
-    trainer._communicate(0)
-    for before, after in zip(groups, collect_factors(trainer.models)):
+    trainer.communicate(0)
+    for before, after in zip(groups, collect_factors(trainer.agents.models)):
         for name, dim in (("A", -1), ("B", -2)):
             x = getattr(before, name).double()
             heard = decoded(getattr(before, name), dim).double()
@@ -148,12 +148,12 @@ def test_simulator_mixes_own_factors_exact_and_the_others_as_decoded(tiny_paths,
             expected = (torch.einsum("ij,mj...->mi...", off, heard)
                         + torch.einsum("i,mi...->mi...", torch.diag(W), x))
             torch.testing.assert_close(getattr(after, name).double(), expected, rtol=1e-5, atol=1e-6)
-    message = trainer.payload.message_bytes
+    message = trainer.agents.layout.message_bytes
     rows = sum(g.A.shape[0] * g.rank * 2 for g in groups) + sum(x[0].reshape(-1, x.shape[-1]).shape[0]
                                                                for x in extras.values())
-    assert message == trainer.payload.data_numel + 4 * rows
+    assert message == trainer.agents.layout.data_numel + 4 * rows
     neighbours = ((W != 0) & ~torch.eye(n, dtype=torch.bool)).sum().item() if algorithm == "dlora" else n
-    assert trainer.counters["bytes_sent"] == neighbours * message
+    assert trainer.agents.counters["bytes_sent"] == neighbours * message
 
 
 def test_unknown_message_dtype_is_one_line(tiny_paths, tmp_path):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import decaf_ext
-from decaf_ext.reference import consensus_tsvd_dense, weighted_product_sum_dense
+from decaf_ext.ops.reference import consensus_tsvd_dense, weighted_product_sum_dense
 
 from conftest import complete_weights, ring_weights
 

@@ -5,17 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from decaf_ext.data import (
-    SCHEMES,
-    TextDataset,
-    bbcnews_dir,
-    deduplicate,
-    format_histograms,
-    label_histograms,
-    load_text_dataset,
-    partition,
-    read_label_folders,
-)
+from decaf_ext.data.partition import SCHEMES, format_histograms, label_histograms, partition
+from decaf_ext.data.text import TextDataset, bbcnews_dir, deduplicate, load_text_dataset, read_label_folders
 
 
 def one_line_error(match: str):
@@ -139,7 +130,7 @@ def test_rows_without_text_or_label_are_dropped_with_one_warning(tmp_path, caplo
     rows = [("", "1"), ("   ", "2"), ("no label", ""), *((f"doc {k}", str(k % 3)) for k in range(30))]
     path = tmp_path / "gaps.csv"
     path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
-    with caplog.at_level("WARNING", logger="decaf_ext.data"):
+    with caplog.at_level("WARNING", logger="decaf_ext.data.text"):
         train, test = load_text_dataset(str(path), test_fraction=0.5)
     assert [r.getMessage() for r in caplog.records] == [
         f"dataset '{path}': dropped 3 of 33 rows (2 with an empty text, 1 with a missing label)"]

@@ -1,4 +1,4 @@
-"""decaf_ext.distributed / decaf_ext.exchange: 4 agent processes on gloo (localhost) against the simulator,
+"""decaf_ext.distributed.runtime / decaf_ext.comm.transport: 4 agent processes on gloo (localhost) against the simulator,
 faults (a killed agent, a stalled one, one sending NaN), resuming from checkpoints, and the pieces in-process.
 
 The multi-process runs are launched once per module (one launch runs every registered strategy, a run with a
@@ -16,22 +16,25 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from decaf_ext.checkpoint import latest_checkpoint, load_checkpoint
-from decaf_ext.config import ConfigError, TrainConfig
-from decaf_ext.distributed import DistributedOptions, launch, main, run_distributed
-from decaf_ext.exchange import Transport, check_buffer
-from decaf_ext.faults import FAULT_ENV, Faults
+from decaf_ext.storage.checkpoint import latest_checkpoint, load_checkpoint
+from decaf_ext.config import TrainConfig
+from decaf_ext.errors import ConfigError
+from decaf_ext.cli import main as cli_main
+from decaf_ext.distributed import DistributedOptions, launch, run_distributed
+from decaf_ext.comm.transport import Transport, check_buffer
+from faults import Faults
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors
-from decaf_ext.message_guard import MessageGuard
-from decaf_ext.payload import Payload
+from decaf_ext.comm.guard import MessageGuard
+from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.strategies import get_strategy, strategy_names
-from decaf_ext.trainer import Trainer
+from decaf_ext.sim.trainer import Trainer
 from conftest import files_of
 from test_trainer import make_tiny_dataset, make_tiny_model, read_metrics, tiny_config, without_times
 from user_strategy import NAME as USER_STRATEGY
@@ -66,14 +69,18 @@ EXACT = ("round", "acc_mean", "acc_std", "macro_f1_mean", "avg_model_acc", "avg_
 CLOSE = ("train_loss", "consensus_error")
 
 
+def main(argv: list[str]) -> int:
+    """``python -m decaf_ext.distributed ARGV`` in this process."""
+    return cli_main([*argv, "--launcher", "dist"], prog="python -m decaf_ext.distributed")
+
+
 def agent_main(spec: str) -> None:
     """One agent process: run the given configs one after the other, each with its own store prefix."""
     value = json.loads(spec)
     base, _, _ = next(dist.rendezvous("env://"))
     for k, (config, faults) in enumerate(value["runs"]):
-        os.environ[FAULT_ENV] = faults
         run_distributed(TrainConfig(**config), options=DistributedOptions(**value["options"]),
-                        store=dist.PrefixStore(f"run{k}", base))
+                        store=dist.PrefixStore(f"run{k}", base), test_hooks=partial(Faults.parse, faults))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -144,7 +151,7 @@ def test_distributed_run_matches_the_simulator(launched, tmp_path, run):
         for key in CLOSE:  # train_loss is None at round 0 (no step yet)
             assert got[key] == (None if expected[key] is None else pytest.approx(expected[key], rel=1e-5, abs=1e-7))
     # each agent checkpointed only its own adapter, equal to the simulator's agent
-    groups, extras = simulator.collect(simulator.models, raw=True), collect_extras(simulator.models)
+    groups, extras = simulator.agents.collect(simulator.agents.models, raw=True), collect_extras(simulator.agents.models)
     for agent in range(AGENTS):
         saved = load_checkpoint(latest_checkpoint(os.path.join(config.output_dir, "agents", f"agent_{agent:02d}")))
         assert saved.round == config.rounds
@@ -164,7 +171,7 @@ def test_distributed_run_matches_the_simulator(launched, tmp_path, run):
         for name in ("agent_01", "average"):
             loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(Path(config.output_dir, "adapters",
                                                                                      name)))
-            assert loaded.config.id2label == dict(enumerate(simulator.label_names))
+            assert loaded.config.id2label == dict(enumerate(simulator.agents.label_names))
 
 
 def test_survivors_finish_without_a_killed_and_a_stalled_agent(launched):
@@ -258,24 +265,24 @@ def select(groups, extras, agents: list[int]):
 
 
 @pytest.mark.parametrize("trains_A", [True, False])
-def test_payload_round_trip(trains_A):
+def test_layout_round_trip(trains_A):
     groups, extras = random_agents(3)
     own = select(groups, extras, [1])
-    payload = Payload(*own, trains_A=trains_A)
+    layout = MessageLayout(*own, trains_A=trains_A)
     strategy = get_strategy("dlora" if trains_A else "dlora_fa")
-    assert payload.numel * 8 == strategy.payload(*own)  # the simulator's byte count for one agent
-    buffers = torch.stack([payload.pack(*select(groups, extras, [j])) for j in range(3)])
-    assert buffers.shape == (3, payload.numel)
-    unpacked_groups, unpacked_extras = payload.unpack(buffers, *own)
+    assert layout.numel * 8 == strategy.bytes_per_message(*own)  # the simulator's byte count for one agent
+    buffers = torch.stack([layout.pack(*select(groups, extras, [j])) for j in range(3)])
+    assert buffers.shape == (3, layout.numel)
+    unpacked_groups, unpacked_extras = layout.unpack(buffers, *own)
     for got, expected in zip(unpacked_groups, groups):
         assert got.names == expected.names
         assert torch.equal(got.B, expected.B)
         assert torch.equal(got.A, expected.A if trains_A else expected.A[:, [1, 1, 1]])
     assert all(torch.equal(unpacked_extras[k], extras[k]) for k in extras)
-    other = Payload(*select(*random_agents(3), [0]), trains_A=not trains_A)
-    assert other.fingerprint != payload.fingerprint
-    tagged = Payload(*own, trains_A=trains_A, trailer=32)
-    assert tagged.numel == payload.numel + 32 and tagged.fingerprint != payload.fingerprint
+    other = MessageLayout(*select(*random_agents(3), [0]), trains_A=not trains_A)
+    assert other.fingerprint != layout.fingerprint
+    tagged = MessageLayout(*own, trains_A=trains_A, trailer=32)
+    assert tagged.numel == layout.numel + 32 and tagged.fingerprint != layout.fingerprint
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -315,11 +322,11 @@ def test_the_row_form_equals_the_strategy_row(algorithm):
 
 def test_message_guard_tags_and_norm_bound():
     groups, extras = random_agents(2)
-    payload = Payload(*select(groups, extras, [0]), trains_A=True, trailer=32)
-    data = payload.pack(*select(groups, extras, [0]))
+    layout = MessageLayout(*select(groups, extras, [0]), trains_A=True, trailer=32)
+    data = layout.pack(*select(groups, extras, [0]))
     guard = MessageGuard(b"secret", norm_bound=2.0)
     sealed = guard.seal(data, 3, 0)
-    assert sealed.shape == (payload.numel,) and torch.equal(sealed[:-32], data)
+    assert sealed.shape == (layout.numel,) and torch.equal(sealed[:-32], data)
     assert guard.open(sealed, 3, 0)[1] is None
     assert guard.open(sealed, 4, 0)[1] == "wrong message tag"  # another round
     assert guard.open(sealed, 3, 1)[1] == "wrong message tag"  # another sender
@@ -337,7 +344,7 @@ def test_message_guard_tags_and_norm_bound():
 
 def test_membership_protocol():
     """Agreed views through a store: startup, a late agent left out then waited for, a broken group replaced,
-    an agent with another payload layout refused."""
+    an agent with another message layout refused."""
     store = dist.HashStore()
     transports = [Transport(store, j, 3, fingerprint="same", backend="gloo", timeout=1.0, startup_timeout=5.0)
                   for j in range(3)]
@@ -366,7 +373,7 @@ def test_membership_protocol():
     assert {v.group for v in agree_all(3)} == {2}
     transports[1].broken = True
     assert {v.group for v in agree_all(4)} == {4}
-    # an agent whose payload layout differs from the run's cannot start, and is never admitted
+    # an agent whose message layout differs from the run's cannot start, and is never admitted
     stranger = Transport(store, 2, 3, fingerprint="other", backend="gloo", timeout=1.0, startup_timeout=5.0)
     assert stranger.incarnation == 2
     with pytest.raises(ValueError, match="fingerprint: .*differs from the run's"):
@@ -377,12 +384,12 @@ def test_membership_protocol():
     assert {"round": 5, "event": "refused", "agent": 2} in transports[0].events + transports[1].events
 
 
-def test_faults_from_the_environment(monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "2:exit@3, 1:nan@1,2:stall@4=1.5,2:nan@0,2:scale@1=10,2:badtag@2")
-    faults = Faults.from_env(2, restarted=False)
+def test_faults_from_a_spec():
+    spec = "2:exit@3, 1:nan@1,2:stall@4=1.5,2:nan@0,2:scale@1=10,2:badtag@2"
+    faults = Faults.parse(spec, 2, restarted=False)
     assert faults.events == {"exit": {3: None}, "nan": {0: None}, "stall": {4: 1.5}, "scale": {1: 10.0},
                              "badtag": {2: None}}
-    assert Faults.from_env(2, restarted=True) == Faults()  # a restarted process runs cleanly
+    assert Faults.parse(spec, 2, restarted=True) == Faults()  # a restarted process runs cleanly
     guard = MessageGuard(b"key")
     seal = lambda data: guard.seal(data, 0, 2)  # noqa: E731
     assert torch.isnan(faults.outgoing(0, torch.ones(3), seal)[:3]).all()
@@ -390,9 +397,8 @@ def test_faults_from_the_environment(monkeypatch):
     assert guard.open(faults.outgoing(2, torch.ones(3), seal), 0, 2)[1] == "wrong message tag"
     assert torch.equal(faults.outgoing(3, torch.ones(3), seal), seal(torch.ones(3)))
     for bad in ("2:exit", "2:boom@1", "x:nan@1", "1:stall@2", "1:nan@2=3", "1:scale@2"):
-        monkeypatch.setenv(FAULT_ENV, bad)
-        with pytest.raises(ConfigError, match=FAULT_ENV):
-            Faults.from_env(1, restarted=False)
+        with pytest.raises(ConfigError, match="faults"):
+            Faults.parse(bad, 1, restarted=False)
 
 
 @pytest.mark.parametrize("env, changes, argument", [
@@ -446,7 +452,7 @@ def test_the_simulator_refuses_to_resume_a_distributed_run(tiny, tmp_path, monke
 def test_a_finished_run_is_refused_with_a_command_that_continues_it(tiny, tmp_path, monkeypatch, capsys):
     """Started again into a finished run: one line naming the run folder (not an agent's folder), from the launcher
     before it starts any agent, or from each agent under torchrun; the command it gives continues the run."""
-    from decaf_ext.cli import main as cli_main
+    from decaf_ext.cli.commands import main as cli_main
 
     config = one_agent_run(tiny, tmp_path, monkeypatch)
     before = files_of(tmp_path / "run")

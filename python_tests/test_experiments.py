@@ -1,15 +1,20 @@
-"""The experiment tooling on the committed results: the report builds, and run.py lists and skips finished runs."""
+"""The experiment tooling on the committed results: the report builds (its paired comparisons, Holm family and
+claim verdicts), and run.py lists and skips finished runs. The statistics themselves: test_stats.py."""
+import json
 import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get(
+        "PYTHONPATH")]))}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -18,6 +23,9 @@ def test_report_builds_from_the_committed_results(tmp_path):
     done = _run(os.path.join(EXPERIMENTS, "report.py"), "--output", str(out))
     assert done.returncode == 0, done.stderr
     text = out.read_text()
+    # docs/RESULTS.md is this file, byte for byte: regenerate it (python experiments/report.py) after adding runs.
+    with open(os.path.join(ROOT, "docs", "RESULTS.md"), encoding="utf-8") as handle:
+        assert text == handle.read()
     for heading in ("## Claims of the paper, one by one", "## 1. Algorithms on a 10-agent ring",
                     "## 2. Topologies (8 agents)", "## 5. Factor split and optimizer state"):
         assert heading in text
@@ -51,29 +59,68 @@ def _report():
     return report
 
 
-def _cell(name, accuracies):
+def _cell(name, accuracies, seeds=None, suite="s"):
     report = _report()
+    seeds = range(len(accuracies)) if seeds is None else seeds
     return report.Cell(name, [report.Seeded({"seed": seed}, [{"acc_mean": acc}], {})
-                              for seed, acc in enumerate(accuracies)])
+                              for seed, acc in zip(seeds, accuracies)], suite)
 
 
-def test_verdict_counts_settings_by_the_seed_spread_rule():
+def test_compare_pairs_by_seed():
+    """Only seeds finished in both cells are paired (n = 3 here); the odd seed is shown, not counted."""
     report = _report()
-    ahead = report.contrast(_cell("a", [0.90, 0.91, 0.92]), _cell("b", [0.80, 0.81, 0.82]), "a", "b")
-    close = report.contrast(_cell("a", [0.80, 0.85, 0.90]), _cell("b", [0.82, 0.84, 0.86]), "a", "b")
-    behind = report.contrast(_cell("a", [0.70, 0.71, 0.72]), _cell("b", [0.80, 0.81, 0.82]), "a", "b")
-    one_seed = report.contrast(_cell("a", [0.9]), _cell("b", [0.8]), "a", "b")
-    assert (ahead.distinguishable, close.distinguishable, behind.distinguishable, one_seed.distinguishable) == \
-        (True, False, True, None)
-    assert "distinguishable)" in ahead.text and "not a finding" in one_seed.text
-    settings = [ahead, close, behind, one_seed]
-    assert report.verdict("ahead", settings) == \
-        "Verdict: the data agree in 1 of 4 setting(s), contradict in 1, cannot tell in 2."
-    assert report.verdict("not behind", settings) == \
-        "Verdict: the data agree in 2 of 4 setting(s), contradict in 1, cannot tell in 1."
-    assert report.verdict("behind", settings) == \
-        "Verdict: the data agree in 1 of 4 setting(s), contradict in 1, cannot tell in 2."
-    assert report.verdict("ahead", [report.contrast(None, None, "a", "b")]) == "Verdict: no data yet."
+    row = report.compare("x", _cell("a", [0.90, 0.91, 0.95, 0.99], seeds=[0, 1, 2, 3]),
+                         _cell("b", [0.80, 0.82, 0.83], seeds=[0, 1, 2]), "a", "b")
+    assert row.result.n == 3 and row.result.diffs == pytest.approx((0.10, 0.09, 0.12))
+    assert row.raw[0] == "0.9000 / 0.8000 → +0.1000" and row.raw[3] == "0.9900 / –"
+    assert row.side == "above" and row.verdict.startswith("a better")
+    assert report.compare("x", None, _cell("b", [0.8, 0.9]), "a", "b").verdict == "no pairs yet"
+
+
+def test_holm_family_counts_each_test_once_and_claim_verdict_counts_sides():
+    report = _report()
+    a, b = _cell("a", [0.90, 0.91, 0.92]), _cell("b", [0.80, 0.81, 0.83])
+    ahead = report.compare("ahead", a, b, "a", "b")
+    again = report.compare("ahead again", a, b, "a", "b")  # the same test printed twice
+    behind = report.compare("behind", _cell("c", [0.70, 0.71, 0.73]), b, "c", "b")
+    close = report.compare("close", _cell("d", [0.80, 0.85, 0.90]), _cell("e", [0.82, 0.84, 0.86]), "d", "e")
+    family = report.adjust([ahead, again, behind, close])
+    assert family == 3 and ahead.adjusted == again.adjusted
+    expected = report.stats.holm([ahead.result.p, behind.result.p, close.result.p])
+    assert [ahead.adjusted, behind.adjusted, close.adjusted] == pytest.approx(list(expected))
+    assert (ahead.side, behind.side, close.side) == ("above", "below", "within")
+    verdict = report.claim_verdict([ahead, behind, close])
+    assert verdict.startswith("Verdict: of 3 setting(s), the 95% CI lies on the claimed side of 0 in 1, on the other "
+                              "side in 1 and contains 0 in 1 (cannot tell). Of the 1 on the claimed side, ")
+    behind.claimed = close.claimed = "not below"
+    assert "largest deficit these intervals leave open" in report.claim_verdict([behind, close])
+    assert report.claim_verdict([report.compare("x", None, None, "a", "b")]).startswith("Verdict: no paired data")
+
+
+def _write_run(folder, seed, acc, avg):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"seed": seed, "agents": 10}))
+    (folder / "metrics.jsonl").write_text(json.dumps({"round": 10, "acc_mean": acc, "avg_model_acc": avg}) + "\n")
+    (folder / "summary.json").write_text("{}")
+
+
+def test_report_takes_every_committed_seed(tmp_path):
+    """Seeds beyond 0, 1, 2 enter the statistics with no code change; a seed one cell lacks is not paired."""
+    report = _report()
+    for seed in range(8):
+        for partition in ("iid", "dir0.5", "dir0.1"):
+            _write_run(tmp_path / "algorithms" / f"decaf-{partition}-s{seed}", seed, 0.80 + 0.01 * seed, 0.9)
+            if seed != 7:
+                _write_run(tmp_path / "algorithms" / f"dlora-{partition}-s{seed}", seed, 0.78 + 0.01 * seed
+                           + 0.001 * (seed % 2), 0.9)
+    built = report.Report(str(tmp_path), str(tmp_path / "out" / "RESULTS.md"))
+    claim = next(c for c in built.claim_list() if c.title.startswith("DeCAF removes"))
+    first = claim.rows[0]
+    assert first.result.n == 7 and first.result.mean == pytest.approx((0.02 * 7 - 0.003) / 7)
+    assert first.side == "above" and first.raw[7] == "0.8700 / –"
+    assert "Wilcoxon" not in first.verdict  # 7 pairs, all positive: the signed-rank p 2/128 agrees
+    assert claim.rows[3].verdict == "identical on every seed"  # the averaged model: 0.9 on both sides
+    assert built.further_seeds()[("algorithms", "decaf-iid")] == [3, 4, 5, 6, 7]
 
 
 def test_run_mistakes_are_one_line_and_train_nothing():

@@ -11,14 +11,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-from decaf_ext.cli import main
-from decaf_ext.config import ConfigError, TrainConfig, convert_value
+from decaf_ext.cli.commands import main
+from decaf_ext.config import TrainConfig, convert_value
+from decaf_ext.errors import ConfigError
 from decaf_ext.lora import RankPadding, collect_extras, collect_factors, lora_modules, share_and_freeze_A, \
     write_factors
-from decaf_ext.payload import Payload
+from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.strategies import STRATEGIES, get_strategy
 from decaf_ext.topology import make_schedule
-from decaf_ext.trainer import Trainer
+from decaf_ext.sim.trainer import Trainer
 from test_strategies import truncated_product
 from test_trainer import make_tiny_dataset, make_tiny_model, tiny_config, without_times
 
@@ -192,27 +193,27 @@ def test_each_agent_sends_only_its_own_rank(tiny, message_dtype):
     padding = RankPadding(max(RANKS))
     groups, extras = collect_factors(models, padding=padding), collect_extras(models)
     one = collect_factors(models[:1], padding=padding), collect_extras(models[:1])
-    payload = Payload(*one, trains_A=True, message_dtype=message_dtype, ranks=RANKS)
-    equal = Payload(*one, trains_A=True, message_dtype=message_dtype)
-    assert payload.fingerprint != equal.fingerprint and payload.message_bytes == equal.message_bytes
-    data = payload.pack_each(groups, extras)
-    sizes = [payload.message_bytes_of(i) for i in range(len(RANKS))]
-    assert sizes[0] < sizes[1] == sizes[3] < sizes[2] == payload.message_bytes
+    layout = MessageLayout(*one, trains_A=True, message_dtype=message_dtype, ranks=RANKS)
+    equal = MessageLayout(*one, trains_A=True, message_dtype=message_dtype)
+    assert layout.fingerprint != equal.fingerprint and layout.message_bytes == equal.message_bytes
+    data = layout.pack_each(groups, extras)
+    sizes = [layout.message_bytes_of(i) for i in range(len(RANKS))]
+    assert sizes[0] < sizes[1] == sizes[3] < sizes[2] == layout.message_bytes
     per_direction = (sizes[1] - sizes[0]) / 2  # what one more rank direction of A and B costs
     entries = sum(g.A.shape[0] * (g.A.shape[-1] + g.B.shape[-2]) for g in groups)
     assert per_direction == entries * (4 if message_dtype == "float32" else 1) + (
         0 if message_dtype == "float32" else 4 * 2 * sum(g.A.shape[0] for g in groups))
-    heard = payload.received(data)
+    heard = layout.received(data)
     for i, r in enumerate(RANKS):
-        wire = payload.encode(data[i], i)
-        assert wire.numel() == payload.wire_numel_of(i) and wire.numel() * wire.element_size() == sizes[i]
-        assert torch.equal(payload.decode(wire[None], i)[0], heard[i])
+        wire = layout.encode(data[i], i)
+        assert wire.numel() == layout.wire_numel_of(i) and wire.numel() * wire.element_size() == sizes[i]
+        assert torch.equal(layout.decode(wire[None], i)[0], heard[i])
     if message_dtype == "float32":
         assert torch.equal(heard, data)  # the padding is zero: nothing is lost by not sending it
     else:
         torch.testing.assert_close(heard, data, rtol=0, atol=float(data.abs().max()) / 254 + 1e-7)
     with pytest.raises(ValueError, match="ranks"):
-        Payload(*one, trains_A=True, ranks=[2, 4])  # the largest rank must be the padded one
+        MessageLayout(*one, trains_A=True, ranks=[2, 4])  # the largest rank must be the padded one
 
 
 # -------------------------------------------------------------------------------------------- whole runs
@@ -228,11 +229,11 @@ def test_runs_with_unequal_ranks_export_each_agent_at_its_rank(tiny, tmp_path, a
         assert json.loads((adapters / f"agent_{i:02d}" / "adapter_config.json").read_text())["r"] == r
     base = AutoModelForSequenceClassification.from_pretrained(tiny[0], num_labels=3)
     loaded = PeftModel.from_pretrained(base, str(adapters / "agent_00"))
-    for name, product in products(trainer.models[0]).items():
+    for name, product in products(trainer.agents.models[0]).items():
         torch.testing.assert_close(products(loaded)[name], product)
     average = json.loads((adapters / "average" / "adapter_config.json").read_text())
     assert average["r"] == 4
-    sizes = [trainer.payload.message_bytes_of(i) for i in range(4)]
+    sizes = [trainer.agents.layout.message_bytes_of(i) for i in range(4)]
     per_round = {"local": 0, "fedavg": 4 * max(sizes)}.get(algorithm, 2 * sum(sizes))  # ring: 2 neighbours each
     assert summary["final"]["bytes_sent"] == per_round * trainer.config.rounds
 
@@ -242,19 +243,19 @@ def test_resume_with_unequal_ranks_matches_an_uninterrupted_run(tiny, tmp_path, 
     straight = Trainer(tiny_config(tiny, tmp_path / "straight", **config))
     straight.run()
     crashing = Trainer(tiny_config(tiny, tmp_path / "resumed", **config))
-    original = crashing.local_round
+    original = crashing.agents.local_round
 
     def crash_in_round_two(round_index: int) -> None:
         if round_index == 2:
             raise KeyboardInterrupt
         original(round_index)
 
-    monkeypatch.setattr(crashing, "local_round", crash_in_round_two)
+    monkeypatch.setattr(crashing.agents, "local_round", crash_in_round_two)
     with pytest.raises(KeyboardInterrupt):
         crashing.run()
     resumed = Trainer(tiny_config(tiny, tmp_path / "resumed", **config))
     resumed.run(resume=True)
     assert without_times(resumed.history) == without_times(straight.history)
-    for a, b in zip(resumed.models, straight.models):
+    for a, b in zip(resumed.agents.models, straight.agents.models):
         for x, y in zip(lora_modules(a, "default"), lora_modules(b, "default")):
             assert torch.equal(x.lora_a.weight, y.lora_a.weight) and torch.equal(x.lora_b.weight, y.lora_b.weight)

@@ -1,4 +1,4 @@
-"""decaf_ext.lora: stacking peft LoRA factors and extras of several agents, and writing them back."""
+"""decaf_ext.lora.factors: stacking peft LoRA factors and extras of several agents, and writing them back."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import decaf_ext
-from decaf_ext.reference import weighted_product_sum_dense
+from decaf_ext.ops.reference import weighted_product_sum_dense
 
 from conftest import ring_weights
 

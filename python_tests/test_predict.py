@@ -12,9 +12,9 @@ import pytest
 import torch
 from peft import AutoPeftModelForSequenceClassification
 
-from decaf_ext.cli import main
-from decaf_ext.predict import Classifier
-from decaf_ext.trainer import Trainer
+from decaf_ext.cli.commands import main
+from decaf_ext.cli.predict import Classifier
+from decaf_ext.sim.trainer import Trainer
 from test_trainer import CLASSES, tiny_config, tiny_paths  # noqa: F401  (tiny_paths is a fixture)
 
 README = Path(__file__).parents[1] / "README.md"
@@ -32,10 +32,10 @@ def finished(tiny_paths, tmp_path_factory) -> Trainer:
 def expected_names(trainer: Trainer, texts: list[str]) -> list[str]:
     """What the trainer's own averaged model predicts for `texts` (max_len of the run)."""
     model = trainer.average_model().eval()
-    inputs = trainer.task.tokenizer(texts, truncation=True, max_length=trainer.config.max_len, padding=True,
+    inputs = trainer.agents.task.tokenizer(texts, truncation=True, max_length=trainer.config.max_len, padding=True,
                                     return_tensors="pt")
     with torch.no_grad():
-        return [trainer.label_names[i] for i in model(**inputs).logits.argmax(-1).tolist()]
+        return [trainer.agents.label_names[i] for i in model(**inputs).logits.argmax(-1).tolist()]
 
 
 def test_label_names_travel_with_the_run_and_the_adapters(finished, tmp_path, monkeypatch):

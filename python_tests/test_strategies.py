@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decaf_ext.config import ConfigError, TrainConfig, build_config
+from decaf_ext.config import TrainConfig, build_config
+from decaf_ext.errors import ConfigError
 from decaf_ext.lora import FactorGroup, consensus_error
 from decaf_ext.strategies import STRATEGIES, get_strategy, register_strategy, strategy_names, strategy_options
 from user_strategy import NAME as USER_STRATEGY
@@ -173,8 +174,8 @@ def test_bytes_sent_counts_neighbours_per_agent():
     groups, extras = make_state(torch.float32)
     star = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.25, 0.75, 0, 0], [0.25, 0, 0.75, 0], [0.25, 0, 0, 0.75]],
                         dtype=torch.float64)
-    payload = get_strategy("dlora").bytes_sent(groups, extras, ring_W())[0].item() // 2
-    assert get_strategy("dlora").bytes_sent(groups, extras, star).tolist() == [3 * payload] + [payload] * 3
+    message = get_strategy("dlora").bytes_sent(groups, extras, ring_W())[0].item() // 2
+    assert get_strategy("dlora").bytes_sent(groups, extras, star).tolist() == [3 * message] + [message] * 3
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])

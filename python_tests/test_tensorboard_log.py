@@ -1,11 +1,11 @@
-"""decaf_ext.tensorboard_log: the simulator's TensorBoard event files, read back with tensorboard's reader."""
+"""decaf_ext.sim.tensorboard_log: the simulator's TensorBoard event files, read back with tensorboard's reader."""
 
 from __future__ import annotations
 
 import pytest
 
-from decaf_ext.tensorboard_log import SCALARS
-from decaf_ext.trainer import Trainer
+from decaf_ext.sim.tensorboard_log import SCALARS
+from decaf_ext.sim.trainer import Trainer
 from test_trainer import read_metrics, tiny_config, tiny_paths  # noqa: F401 (a fixture)
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

@@ -1,4 +1,4 @@
-"""decaf_ext.trainer on a tiny random BERT and a tiny synthetic text set built in the test (fast, CPU)."""
+"""decaf_ext.sim.trainer on a tiny random BERT and a tiny synthetic text set built in the test (fast, CPU)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizerFast
 
-from decaf_ext.checkpoint import latest_checkpoint
-from decaf_ext.config import ConfigError, TrainConfig
+from decaf_ext.storage.checkpoint import latest_checkpoint
+from decaf_ext.config import TrainConfig
+from decaf_ext.errors import ConfigError
 from decaf_ext.lora import collect_extras, collect_factors
 from decaf_ext.strategies import STRATEGIES
 from decaf_ext.tasks import classification_metrics
-from decaf_ext.trainer import Trainer
+from decaf_ext.sim.trainer import Trainer
 
 from conftest import files_of
 
@@ -89,8 +90,8 @@ def test_every_algorithm_runs_and_logs(tiny_paths, tmp_path, algorithm):
     assert summary["final"] == without_times(history)[-1]
     assert json.loads(Path(trainer.run_dir, "summary.json").read_text()) == summary
     # the bytes of one round: what strategy.bytes_sent counts on the final factors, per round (shapes are fixed)
-    groups, extras = collect_factors(trainer.models), collect_extras(trainer.models)
-    per_round = int(trainer.strategy.bytes_sent(groups, extras, trainer.schedule.at(0)).sum())
+    groups, extras = collect_factors(trainer.agents.models), collect_extras(trainer.agents.models)
+    per_round = int(trainer.agents.strategy.bytes_sent(groups, extras, trainer.agents.schedule.at(0)).sum())
     assert [r["bytes_sent"] for r in history] == [per_round, 2 * per_round]
     assert (per_round == 0) == (algorithm == "local")
 
@@ -120,9 +121,9 @@ def test_averaged_model_definitions(tiny_paths, tmp_path):
     for algorithm in ("decaf", "dlora"):
         trainer = Trainer(tiny_config(tiny_paths, tmp_path / algorithm, algorithm=algorithm, rounds=1))
         trainer.run()
-        (group,) = collect_factors(trainer.models)
+        (group,) = collect_factors(trainer.agents.models)
         (average,) = collect_factors([trainer.average_model()])
-        extras, average_extras = collect_extras(trainer.models), collect_extras([trainer.scratch])
+        extras, average_extras = collect_extras(trainer.agents.models), collect_extras([trainer.agents.scratch])
         for name, stacked in extras.items():
             torch.testing.assert_close(average_extras[name][0], stacked.double().mean(0).float())
         if algorithm == "dlora":
@@ -141,7 +142,7 @@ def test_identical_runs_are_bitwise_identical(tiny_paths, tmp_path):
     for name in ("a", "b"):
         trainer = Trainer(tiny_config(tiny_paths, tmp_path / name, algorithm="decaf"))
         trainer.run()
-        runs.append((without_times(trainer.history), collect_factors(trainer.models), collect_extras(trainer.models)))
+        runs.append((without_times(trainer.history), collect_factors(trainer.agents.models), collect_extras(trainer.agents.models)))
     (history_a, groups_a, extras_a), (history_b, groups_b, extras_b) = runs
     assert history_a == history_b
     assert all(torch.equal(a.A, b.A) and torch.equal(a.B, b.B) for a, b in zip(groups_a, groups_b))
@@ -161,9 +162,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_paths, tmp_path,
         calls.append(round_index)
         if round_index == 2:  # third round, after the round-2 checkpoint
             raise KeyboardInterrupt
-        Trainer._communicate(crashing, round_index)
+        Trainer.communicate(crashing, round_index)
 
-    monkeypatch.setattr(crashing, "_communicate", communicate_then_crash)
+    monkeypatch.setattr(crashing, "communicate", communicate_then_crash)
     with pytest.raises(KeyboardInterrupt):
         crashing.run()
     assert calls == [0, 1, 2] and not (tmp_path / "resumed" / "summary.json").exists()
@@ -172,9 +173,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_paths, tmp_path,
     resumed.run(resume=True)
     assert without_times(resumed.history) == without_times(straight.history)
     assert without_times(read_metrics(resumed.run_dir)) == without_times(straight.history)
-    for a, b in zip(collect_factors(resumed.models), collect_factors(straight.models)):
+    for a, b in zip(collect_factors(resumed.agents.models), collect_factors(straight.agents.models)):
         assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
-    for optimizer_a, optimizer_b in zip(resumed.optimizers, straight.optimizers):
+    for optimizer_a, optimizer_b in zip(resumed.agents.optimizers, straight.agents.optimizers):
         for state_a, state_b in zip(optimizer_a.state.values(), optimizer_b.state.values()):
             assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
@@ -220,8 +221,8 @@ def test_optimizer_state_policy(tiny_paths, tmp_path):
         trainer.run()
         runs[policy] = trainer
     # train_then_mix: the last action of the run is a communication, after which "reset" drops Adam's state
-    assert all(len(o.state) == 0 for o in runs["reset"].optimizers)
-    assert all(len(o.state) > 0 for o in runs["keep"].optimizers)
+    assert all(len(o.state) == 0 for o in runs["reset"].agents.optimizers)
+    assert all(len(o.state) > 0 for o in runs["keep"].agents.optimizers)
     assert without_times(runs["keep"].history)[0] == without_times(runs["reset"].history)[0]
     assert runs["keep"].history[1]["train_loss"] != runs["reset"].history[1]["train_loss"]
 
@@ -229,8 +230,8 @@ def test_optimizer_state_policy(tiny_paths, tmp_path):
 def test_exported_adapters_load_with_peft(tiny_paths, tmp_path):
     trainer = Trainer(tiny_config(tiny_paths, tmp_path / "run", algorithm="decaf"))
     trainer.run()
-    inputs, _ = trainer.task.batch(trainer.test_set, torch.arange(len(trainer.test_set)), torch.device("cpu"))
-    expected = {"agent_01": trainer.models[1], "average": trainer.average_model()}
+    inputs, _ = trainer.agents.task.batch(trainer.agents.test_set, torch.arange(len(trainer.agents.test_set)), torch.device("cpu"))
+    expected = {"agent_01": trainer.agents.models[1], "average": trainer.average_model()}
     for name, model in expected.items():
         base = AutoModelForSequenceClassification.from_pretrained(tiny_paths[0], num_labels=3)
         loaded = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapters" / name)).eval()
@@ -243,16 +244,16 @@ def test_exported_adapters_load_with_peft(tiny_paths, tmp_path):
 
 def test_agents_share_the_frozen_base(tiny_paths, tmp_path):
     trainer = Trainer(tiny_config(tiny_paths, tmp_path / "run"))
-    frozen = [{p.data_ptr() for p in m.parameters() if not p.requires_grad} for m in trainer.models]
-    trainable = [{p.data_ptr() for p in m.parameters() if p.requires_grad} for m in trainer.models]
+    frozen = [{p.data_ptr() for p in m.parameters() if not p.requires_grad} for m in trainer.agents.models]
+    trainable = [{p.data_ptr() for p in m.parameters() if p.requires_grad} for m in trainer.agents.models]
     assert all(f == frozen[0] for f in frozen) and frozen[0]
     assert all(trainable[0].isdisjoint(t) for t in trainable[1:])
 
 
 def test_partition_and_subsets(tiny_paths, tmp_path):
     trainer = Trainer(tiny_config(tiny_paths, tmp_path / "run", max_train=40, max_test=9, agents=5))
-    assert len(trainer.train_set) == 40 and len(trainer.test_set) == 9
-    assert sorted(np.concatenate(trainer.parts).tolist()) == list(range(40))
+    assert len(trainer.agents.train_set) == 40 and len(trainer.agents.test_set) == 9
+    assert sorted(np.concatenate(trainer.agents.parts).tolist()) == list(range(40))
 
 
 def test_classification_metrics_by_hand():

@@ -1,4 +1,4 @@
-"""decaf_ext.averager / decaf_ext.hf_callback: 3 agent processes on gloo (localhost), each with its own tiny peft
+"""decaf_ext.integrations.averager / decaf_ext.integrations.hf_callback: 3 agent processes on gloo (localhost), each with its own tiny peft
 model and data shard, (a) in a plain PyTorch loop with DecentralizedAverager, for every registered strategy and
 then with an agent killed mid-run, (b) in a Hugging Face Trainer with DecentralizedCallback. Every agent saves
 its factors before and after each communication; the test gathers them and checks that every agent's new
@@ -9,6 +9,7 @@ agent process.
 from __future__ import annotations
 
 import json
+from functools import partial
 import math
 import os
 import sys
@@ -19,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 from decaf_ext.distributed import launch
-from decaf_ext.faults import FAULT_ENV
+from faults import Faults
 from decaf_ext.lora import FactorGroup, RankPadding, collect_extras, collect_factors
-from decaf_ext.payload import Payload
+from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.strategies import get_strategy, strategy_names
 from decaf_ext.topology import make_schedule
 from test_trainer import CLASSES, make_tiny_dataset, make_tiny_model
@@ -75,7 +76,7 @@ def save_round(out: Path, rank: int, stats, before: dict, after: dict) -> None:
 
 def plain_loop(spec: dict, run: dict, store: dist.Store, out: Path) -> None:
     """The user's loop: AdamW steps on this agent's shard, DecentralizedAverager.step() after each."""
-    from decaf_ext.averager import DecentralizedAverager
+    from decaf_ext.integrations.averager import DecentralizedAverager
 
     rank = dist.get_rank()
     ranks = run.get("lora_ranks", [4] * AGENTS)
@@ -86,7 +87,8 @@ def plain_loop(spec: dict, run: dict, store: dist.Store, out: Path) -> None:
                                      round_timeout=spec["round_timeout"], norm_bound=run.get("norm_bound"),
                                      run_key_file=spec["key"] if "norm_bound" in run else None,
                                      message_dtype=run.get("message_dtype", "float32"),
-                                     ranks=run.get("lora_ranks"))
+                                     ranks=run.get("lora_ranks"),
+                                     test_hooks=partial(Faults.parse, run.get("faults", "")))
     generator = torch.Generator().manual_seed(rank)
     for _ in range(STEPS):
         batch = torch.randperm(len(labels), generator=generator)[:8]
@@ -106,7 +108,7 @@ def hf_trainer(spec: dict, out: Path) -> None:
     """The user's Hugging Face script: Trainer + peft, made decentralized by one callback."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from decaf_ext.hf_callback import DecentralizedCallback
+    from decaf_ext.integrations.hf_callback import DecentralizedCallback
 
     rank = int(os.environ["RANK"])
     model, ids, mask, labels = tiny_agent(spec["model"], spec["data"], rank)
@@ -149,7 +151,6 @@ def agent_main(spec_text: str) -> None:
     dist.init_process_group("gloo")  # the user's own process group; the averager leaves it alone
     base = dist.distributed_c10d._get_default_store()
     for k, run in enumerate(spec["runs"]):
-        os.environ[FAULT_ENV] = run.get("faults", "")
         plain_loop(spec, run, dist.PrefixStore(f"run{k}", base), out / f"run{k}")
 
 
@@ -271,14 +272,14 @@ def test_plain_loop_with_int8_messages(plain_runs):
             heard = record["stats"]["mixed_with"]
             assert heard == [i, *sorted(set(range(AGENTS)) - {i})]
             own = stack([record["before"]])
-            payload = Payload(*own, trains_A=True, message_dtype="int8")
-            data = payload.pack_each(*stack([saved[j]["before"] for j in heard]))
-            data = torch.cat([data[:1], payload.received(data[1:])])
-            expected, _ = strategy.communicate(*payload.unpack(data, *own), W[i, heard][None])
+            layout = MessageLayout(*own, trains_A=True, message_dtype="int8")
+            data = layout.pack_each(*stack([saved[j]["before"] for j in heard]))
+            data = torch.cat([data[:1], layout.received(data[1:])])
+            expected, _ = strategy.communicate(*layout.unpack(data, *own), W[i, heard][None])
             for got, want in zip(stack([record["after"]])[0], expected, strict=True):
                 torch.testing.assert_close(got.B @ got.A, want.B @ want.A, rtol=1e-4, atol=1e-6)
-            assert record["stats"]["bytes_sent"] == (AGENTS - 1) * payload.message_bytes < (AGENTS - 1) * (
-                payload.data_numel * 4) / 3
+            assert record["stats"]["bytes_sent"] == (AGENTS - 1) * layout.message_bytes < (AGENTS - 1) * (
+                layout.data_numel * 4) / 3
 
 
 def test_a_dead_agent_does_not_hang_the_others(plain_runs):
@@ -346,7 +347,7 @@ def lora_model(tiny):
     ({"backend": "nccl", "startup_timeout": 1.0}, "backend"),  # the model is on the CPU
 ])
 def test_bad_input_gives_one_line_errors(lora_model, one_agent_env, changes, argument):
-    from decaf_ext.averager import DecentralizedAverager
+    from decaf_ext.integrations.averager import DecentralizedAverager
 
     with pytest.raises(ValueError) as error:
         DecentralizedAverager(lora_model, store=dist.HashStore(), **changes)
@@ -357,7 +358,7 @@ def test_bad_input_gives_one_line_errors(lora_model, one_agent_env, changes, arg
 def test_period_warmup_and_optimizer_state(lora_model, monkeypatch, policy):
     """One agent alone (complete graph of 1): rounds after steps warmup + period, + 2 period, ...; "reset" drops the
     optimizer state of the communicated parameters after each round, "keep" leaves it."""
-    from decaf_ext.averager import DecentralizedAverager
+    from decaf_ext.integrations.averager import DecentralizedAverager
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -382,7 +383,7 @@ def test_period_warmup_and_optimizer_state(lora_model, monkeypatch, policy):
 def test_a_model_without_lora_layers_is_rejected(tiny, one_agent_env):
     from transformers import AutoModelForSequenceClassification
 
-    from decaf_ext.averager import DecentralizedAverager
+    from decaf_ext.integrations.averager import DecentralizedAverager
 
     plain = AutoModelForSequenceClassification.from_pretrained(tiny[0], num_labels=3)
     with pytest.raises(ValueError, match="^model: .*LoRA") as error:
@@ -392,7 +393,7 @@ def test_a_model_without_lora_layers_is_rejected(tiny, one_agent_env):
 
 def test_a_model_with_nothing_to_train_is_rejected(tiny, one_agent_env):
     """A peft model loaded for inference (PeftModel.from_pretrained without is_trainable=True): StopIteration before."""
-    from decaf_ext.averager import DecentralizedAverager
+    from decaf_ext.integrations.averager import DecentralizedAverager
 
     model = tiny_agent(*tiny, 0)[0].requires_grad_(False)
     with pytest.raises(ValueError, match="^model: .*trainable") as error:

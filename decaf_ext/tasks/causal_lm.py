@@ -18,11 +18,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from decaf_ext.config import ConfigError
-from decaf_ext.data import RecordDataset, load_record_dataset
-from decaf_ext.model_cache import gemma3_270m
-from decaf_ext.prompts import resolve_template
-from decaf_ext.tasks import Batch, Encoded, Task
+from decaf_ext.errors import ConfigError
+from decaf_ext.data.text import RecordDataset, load_record_dataset
+from decaf_ext.tasks.model_cache import gemma3_270m
+from decaf_ext.tasks.prompts import resolve_template
+from decaf_ext.tasks.base import Batch, Encoded, Task
 
 
 def water_fill(lengths: list[int], room: int) -> list[int]:

@@ -33,9 +33,9 @@ try:  # newer transformers name the Pillow backend (no torchvision needed, no fa
 except ImportError:
     from transformers import CLIPImageProcessor
 
-from decaf_ext.config import ConfigError
-from decaf_ext.image_data import ImageDataset, load_image_dataset, shots_per_class
-from decaf_ext.tasks import Batch, Encoded, Task
+from decaf_ext.errors import ConfigError
+from decaf_ext.data.images import ImageDataset, load_image_dataset, shots_per_class
+from decaf_ext.tasks.base import Batch, Encoded, Task
 
 TEMPLATES: dict[str, str] = {
     "flowers": "a photo of a {}, a type of flower.",

@@ -12,8 +12,8 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from decaf_ext.errors import ConfigError
-from decaf_ext.data import TextDataset, load_text_dataset
-from decaf_ext.tasks import Batch, Encoded, Task
+from decaf_ext.data.text import TextDataset, load_text_dataset
+from decaf_ext.tasks.base import Batch, Encoded, Task
 
 
 class TextClassification(Task):

@@ -1,0 +1,79 @@
+"""One agent's communication stack, built in one place for every runtime (the distributed runtime, the
+user-loop averager): guard -> message layout -> transport -> the agent's round, and the round step they share
+(agree on the members, hold their process group, mix).
+
+Example::
+
+    >>> comm = AgentComm(strategy, groups, extras, store=store, agent=2, n_agents=4, backend="gloo",
+    ...                  device=torch.device("cpu"))
+    >>> done = comm.transport.start(0)
+    >>> view, mixed = comm.round(done, groups, extras, W)   # view None: left out of the round
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from decaf_ext.comm.agent_round import AgentRound, MixResult, RoundHooks
+from decaf_ext.comm.guard import MessageGuard
+from decaf_ext.comm.layout import MessageLayout
+from decaf_ext.comm.transport import RoundView, Transport
+from decaf_ext.lora import Extras, FactorGroup
+from decaf_ext.strategies import Strategy
+
+#: test-only: (agent, restarted) -> the hooks of that agent's process, or None
+HooksFactory = Callable[[int, bool], "RoundHooks | None"]
+
+
+class AgentComm:
+    """The communication stack of agent `agent` of `n_agents`.
+
+    Args:
+        strategy: how factors are mixed.
+        groups / extras: this agent's factors (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...]: they fix the
+            message layout.
+        store: the run's control-plane store (prefixed per run and attempt).
+        backend: "gloo" or "nccl"; device: where the factors live.
+        run_key / norm_bound: message safety (:class:`~decaf_ext.comm.guard.MessageGuard`).
+        message_dtype / ranks: the message codec and every agent's LoRA rank (None: all equal).
+        round_timeout / startup_timeout: seconds (:class:`~decaf_ext.comm.transport.Transport`).
+        restarted: whether this process replaces one of the run's (a torchrun restart).
+        test_hooks: test-only fault injection, called as test_hooks(agent, restarted); None in production.
+    """
+
+    def __init__(self, strategy: Strategy, groups: list[FactorGroup], extras: Extras, *, store: dist.Store,
+                 agent: int, n_agents: int, backend: str, device: torch.device, run_key: bytes | None = None,
+                 norm_bound: float | None = None, message_dtype: str = "float32",
+                 ranks: Sequence[int] | None = None, round_timeout: float = 60.0, startup_timeout: float = 600.0,
+                 restarted: bool = False, test_hooks: HooksFactory | None = None) -> None:
+        self.guard = MessageGuard(run_key, norm_bound)
+        self.layout = MessageLayout(groups, extras, trains_A=strategy.trains_A, trailer=self.guard.trailer,
+                                    message_dtype=message_dtype, ranks=ranks)
+        self.transport = Transport(store, agent, n_agents, fingerprint=self.layout.fingerprint, backend=backend,
+                                   timeout=round_timeout, startup_timeout=startup_timeout)
+        self.restarted = restarted or self.transport.incarnation > 1
+        self.hooks = None if test_hooks is None else test_hooks(agent, self.restarted)
+        self.agent_round = AgentRound(strategy, self.transport, self.layout, guard=self.guard, device=device,
+                                      hooks=self.hooks)
+
+    def after_local_steps(self, round_index: int) -> None:
+        """The point between local training and communication (test hooks only)."""
+        if self.hooks is not None:
+            self.hooks.after_local_steps(round_index)
+
+    def round(self, round_index: int, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
+              ) -> tuple[RoundView | None, MixResult | None]:
+        """Agree on round `round_index`'s members, hold their process group and mix this agent's groups / extras
+        with theirs (W [N, N]: the round's mixing matrix). Returns (view, mixed): view None when this agent is
+        left out of the round; mixed None when left out or the strategy sends nothing."""
+        if self.hooks is not None:
+            self.hooks.before_communication(round_index)
+        view = self.transport.agree(round_index)
+        if view is not None and not self.transport.connect(view):
+            view = None
+        if view is None:
+            return None, None
+        return view, self.agent_round.communicate(view, round_index, groups, extras, W)

@@ -1,0 +1,139 @@
+"""One agent's communication round in its own process: hear from the round's members over a
+:class:`~decaf_ext.comm.transport.Transport`, check what arrived, and mix with the strategy in its [1, k] form.
+
+Built for every runtime by :class:`~decaf_ext.comm.agent_comm.AgentComm` (the distributed runtime and the
+bring-your-own-loop API). A decentralized strategy hears from the agent's graph neighbours that are members
+of the round and mixes with the agent's row of W restricted to those it heard from, own factors first; the
+weight of a missing neighbour (left out, failed, rejected) stays with the agent's own factors, so the row still
+sums to 1. A server strategy (``decentralized`` False) hears from every member and computes the round as a
+server would (every member in agent order, the uniform [k, k] W), so every member keeps the same result.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from decaf_ext.comm.transport import RoundView, Transport
+from decaf_ext.lora import Extras, FactorGroup, select_agent
+from decaf_ext.comm.guard import MessageGuard
+from decaf_ext.comm.layout import MessageLayout
+from decaf_ext.strategies import Strategy
+
+log = logging.getLogger(__name__)
+
+
+
+
+class RoundHooks:
+    """Test-only fault injection around one agent's round (a subclass overrides what it needs). Production code
+    passes None and never calls these."""
+
+    def after_local_steps(self, round_index: int) -> None:
+        """Called after the agent's local steps of round `round_index`."""
+
+    def before_communication(self, round_index: int) -> None:
+        """Called before the agent agrees on round `round_index`'s members."""
+
+    def outgoing(self, round_index: int, data: torch.Tensor, seal: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> torch.Tensor:
+        """The buffer sent in round `round_index`: seal(data) by default."""
+        return seal(data)
+
+
+@dataclass
+class MixResult:
+    """One round's outcome for this agent: new groups (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...],
+    the agents it mixed with (this agent first), the bytes it sent."""
+
+    groups: list[FactorGroup]
+    extras: Extras
+    agents: list[int]
+    bytes_sent: int
+
+
+class AgentRound:
+    """strategy: the policy; transport: this agent's transport (its ``agent`` is this agent); layout: the
+    buffer layout (its trailer = guard.trailer); guard: tags and norm bound; device: where the model's factors
+    live (buffers travel on the transport's device); hooks: test-only fault injection (None in production)."""
+
+    def __init__(self, strategy: Strategy, transport: Transport, layout: MessageLayout, *, guard: MessageGuard,
+                 device: torch.device, hooks: RoundHooks | None = None) -> None:
+        self.strategy, self.transport, self.layout = strategy, transport, layout
+        self.guard, self.device, self.hooks = guard, device, hooks
+        self.agent = transport.agent
+        self.buffer_device = device if transport.backend == "nccl" else torch.device("cpu")
+
+    def communicate(self, view: RoundView, round_index: int, groups: list[FactorGroup], extras: Extras,
+                    W: torch.Tensor) -> MixResult | None:
+        """Mix this agent's groups / extras (one agent) with the members of `view`; W [N, N] is the round's
+        mixing matrix (only this agent's row is read). None when the strategy sends nothing.
+
+        This agent's own factors enter exact; a neighbour's as decoded from its message (the layout's
+        message dtype)."""
+        if self.strategy.bytes_per_message(groups, extras) == 0:
+            return None
+        row = W[self.agent].to(torch.float64).cpu()
+        if self.strategy.decentralized:
+            neighbours = [j for j in range(len(row)) if j != self.agent and row[j] > 0]
+        else:
+            neighbours = [j for j in view.agents if j != self.agent]
+        peers = [j for j in neighbours if j in view.members]
+        own = self.layout.pack(groups, extras)
+        def seal(data: torch.Tensor) -> torch.Tensor:
+            return self.guard.seal(self.layout.encode(data, self.agent).to(self.buffer_device), round_index, self.agent)
+
+        sealed = seal(own) if self.hooks is None else self.hooks.outgoing(round_index, own, seal)
+
+        decoded: dict[int, torch.Tensor] = {}  # messages decoded for the norm check, reused for mixing
+
+        def validate(j: int, buffer: torch.Tensor) -> str | None:
+            data, reason = self.guard.open(buffer[:self.layout.numel_of(j)], round_index, j)
+            if reason is None:
+                reason = self.layout.check(data, j)
+            if reason is None and self.guard.norm_bound is not None:
+                decoded[j] = self.layout.decode(data[None].to(self.device), j)[0]
+                theirs, _ = self.layout.unpack(decoded[j][None], groups, extras)
+                reason = self.guard.check_norm(theirs, groups)
+            return reason
+
+        if self.strategy.decentralized:
+            received = self.transport.send_and_receive(view, sealed, peers, validate,
+                                               sizes={j: self.layout.numel_of(j) for j in peers})
+        else:  # all_gather moves equal sizes: with unequal ranks every buffer is padded to the largest
+            padded = torch.cat([sealed, sealed.new_zeros(self.layout.numel - sealed.numel())])
+            received = self.transport.gather_checked(view, padded, validate)
+        live = sorted(received)
+        missing = [j for j in neighbours if j not in received] if self.strategy.decentralized else []
+        if missing:
+            log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
+                     self.agent, round_index, missing, float(row[missing].sum()))
+        order, W_round = round_inputs(self.strategy, self.agent, row, live, missing)
+        heard = {j: decoded[j] if j in decoded else
+                 self.layout.decode(received[j][None, :self.layout.wire_numel_of(j)].to(self.device), j)[0]
+                 for j in live}
+        data = torch.stack([own if j == self.agent else heard[j] for j in order])
+        mixed = self.strategy.communicate(*self.layout.unpack(data, groups, extras), W_round)
+        new_groups, new_extras = select_agent(*mixed, order.index(self.agent))
+        sent = self.layout.sent_bytes_of(self.agent, server=not self.strategy.decentralized) * (
+            len(peers) if self.strategy.decentralized else 1)
+        return MixResult(new_groups, new_extras, [self.agent, *live], sent)
+
+
+def round_inputs(strategy: Strategy, agent: int, row: torch.Tensor, heard: list[int], missing: list[int]
+                 ) -> tuple[list[int], torch.Tensor]:
+    """The agents whose factors enter `agent`'s call of the strategy, in input order, and the W of that call.
+
+    row: float64 [N], the agent's row of the round's W; heard: the agents it received from; missing: graph
+    neighbours it did not (their weight stays with its own factors). Decentralized: ([agent, *heard], W [1, k]);
+    a server strategy: (every agent in ascending order, the uniform W [k, k]) as the server would compute it.
+    The agent's own output is row ``order.index(agent)`` of the call.
+    """
+    if strategy.decentralized:
+        own = (row[agent] + row[missing].sum()).reshape(1)
+        return [agent, *heard], torch.cat([own, row[heard]])[None]
+    order = sorted([agent, *heard])
+    return order, torch.full((len(order), len(order)), 1.0 / len(order), dtype=torch.float64)

@@ -1,0 +1,345 @@
+"""Transport of a distributed run (one agent per process): who takes part in a round, and moving flat buffers.
+
+Control plane: the rendezvous store (torchrun's TCPStore, or the one ``python -m decaf_ext.distributed`` hosts).
+Each round every agent posts a readiness record (incarnation, layout fingerprint, whether its process group
+failed); the first agent whose wait ends writes the round's membership with ``compare_set`` and everybody reads
+that single agreed :class:`RoundView`. An agent that misses the round timeout (dead, stalled, restarting) is
+left out of the round; an agent that finds itself left out files a join request and is waited for again.
+The message layout (size, dtype, entries) is fixed at startup and an agent with another one is never admitted:
+gloo aborts a process that receives a message larger than its receive buffer, so sizes are agreed before any
+data moves.
+
+Data plane: a torch.distributed process group object over exactly the round's members (never the default group,
+which stays the user's), formed anew (fresh store prefix) whenever membership changes or a member reports a
+failed group — gloo closes a pair for good after a timeout, so a group that saw one is never reused. Every wait
+has a deadline of one round timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from decaf_ext.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("gloo", "nccl")  # torch.distributed backends that move the buffers
+LATEST = "latest"
+STARTUP = "startup"
+FINGERPRINT = "fingerprint"
+_MIN_WAIT = timedelta(milliseconds=1)  # gloo reads a zero timeout as "the group's default"
+MAX_TIMEOUT = 365 * 24 * 3600.0  # seconds of any wait: timedelta and gloo overflow far above (inf, 1e14)
+Validator = Callable[[int, torch.Tensor], "str | None"]  # (sender agent, received buffer) -> why rejected, or None
+
+
+def check_buffer(buffer: torch.Tensor, numel: int, dtype: torch.dtype) -> str | None:
+    """Why a received buffer must not be used (wrong size, wrong dtype, NaN or Inf), or None if it is sound.
+
+    buffer: 1-D [numel] of `dtype` (a floating dtype, or uint8 for a byte message whose own check follows).
+    Receive buffers are filled with :func:`unfilled` before a transfer, so a message that was shorter than
+    announced fails the finiteness check (a byte message: its float32 scales read as NaN) too.
+    """
+    if buffer.dim() != 1 or buffer.numel() != numel:
+        return f"size {list(buffer.shape)} instead of [{numel}]"
+    if buffer.dtype != dtype:
+        return f"dtype {buffer.dtype} instead of {dtype}"
+    if not bool(torch.isfinite(buffer).all()):
+        return "NaN or Inf values"
+    return None
+
+
+def check_timeout(name: str, seconds: float) -> None:
+    """ConfigError (a ValueError) naming `name` unless `seconds` is a number in (0, MAX_TIMEOUT]."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_TIMEOUT:
+        raise ConfigError(f"{name} must be a number of seconds in (0, {MAX_TIMEOUT:.0f}], got {seconds!r}")
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """ConfigError (a ValueError) naming backend when `backend` cannot move buffers of `device` (nccl off CUDA)."""
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("backend: nccl needs a CUDA device (use gloo on CPU)")
+
+
+def unfilled(buffer: torch.Tensor) -> torch.Tensor:
+    """A receive buffer like `buffer`: NaN for a floating dtype, 255 for uint8 (bytes 0xFF: every float32 read
+    from them is NaN)."""
+    return torch.full_like(buffer, float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).max)
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """The agreed membership of round `round` (0-based): members {agent: incarnation}, and the id of the
+    process group they use (the round in which that group was formed)."""
+
+    round: int
+    members: dict[int, int]
+    group: int
+
+    @property
+    def agents(self) -> list[int]:
+        """Member agent ids, ascending (a member's rank in the process group is its index here)."""
+        return sorted(self.members)
+
+    def to_json(self) -> str:
+        return json.dumps({"round": self.round, "members": self.members, "group": self.group})
+
+    @classmethod
+    def from_json(cls, text: bytes | str) -> RoundView:
+        value = json.loads(text)
+        return cls(value["round"], {int(k): v for k, v in value["members"].items()}, value["group"])
+
+
+class Transport:
+    """One agent's end of the run: round membership through `store`, buffers through a process group.
+
+    store: a store shared by all agents of this run only (prefix it per run); agent: this agent's id in
+    [0, n_agents); fingerprint: identifies the message layout (size, dtype, entries); backend: "gloo" or
+    "nccl"; timeout: seconds of one round's waits; startup_timeout: seconds to wait for every agent at start.
+    ``events`` lists the faults seen (also logged).
+    """
+
+    def __init__(self, store: dist.Store, agent: int, n_agents: int, *, fingerprint: str, backend: str,
+                 timeout: float, startup_timeout: float) -> None:
+        if not 0 <= agent < n_agents:
+            raise ValueError(f"agent must be in [0, {n_agents}), got {agent}")
+        check_timeout("round_timeout", timeout)
+        check_timeout("startup_timeout", startup_timeout)
+        self.store, self.agent, self.n_agents = store, agent, n_agents
+        self.fingerprint, self.backend = fingerprint, backend
+        self.timeout, self.startup_timeout = timeout, startup_timeout
+        self.incarnation = store.add(f"incarnation/{agent}", 1)
+        self.group: int | None = None
+        self.process_group: dist.ProcessGroup | None = None
+        self.broken = False
+        self.joining = False
+        self.events: list[dict[str, Any]] = []
+
+    # -------------------------------------------------------------------------------------- control plane
+
+    def record_event(self, round_index: int, kind: str, message: str, **details: Any) -> None:
+        """Log a fault (warning) and keep it in ``events``."""
+        self.events.append({"round": round_index, "event": kind, **details})
+        log.warning("agent %d, round %d: %s", self.agent, round_index, message)
+
+    def _record(self, **extra: Any) -> str:
+        return json.dumps({"incarnation": self.incarnation, "fingerprint": self.fingerprint, **extra})
+
+    def _present(self, prefix: str) -> dict[int, dict[str, Any]]:
+        """Records `prefix`/<agent> that exist now, by agent."""
+        keys = {j: f"{prefix}/{j}" for j in range(self.n_agents)}
+        return {j: json.loads(self.store.get(key)) for j, key in keys.items() if self.store.check([key])}
+
+    def _wait(self, keys: list[str], seconds: float) -> None:
+        """Wait until every key exists or `seconds` pass (whichever comes first)."""
+        try:
+            self.store.wait(keys, timedelta(seconds=seconds))
+        except dist.DistStoreError:
+            pass
+
+    def _agreed(self, round_index: int) -> RoundView:
+        return RoundView.from_json(self.store.get(f"members/{round_index}"))
+
+    def _propose(self, key: str, round_index: int, records: dict[int, dict[str, Any]],
+                 previous: RoundView | None) -> RoundView:
+        """Write the view made of `records` under `key` unless a view is there already; returns the one there."""
+        layout = self.store.get(FINGERPRINT).decode()
+        members = {j: r["incarnation"] for j, r in records.items() if r["fingerprint"] == layout}
+        for j in sorted(set(records) - set(members)):
+            self.record_event(round_index, "refused", f"agent {j} refused: its message layout differs from the run's",
+                              agent=j)
+        fresh = previous is None or members != previous.members or any(records[j].get("broken") for j in members)
+        view = RoundView(round_index, members, round_index if fresh else previous.group)
+        return RoundView.from_json(self.store.compare_set(key, "", view.to_json()))
+
+    @property
+    def latest(self) -> int:
+        """The newest round whose membership has been agreed (-1 before the first round)."""
+        return int(self.store.get(LATEST))
+
+    def _request_join(self) -> None:
+        self.store.set(f"join/{self.agent}", str(self.incarnation))
+        self.joining = True
+
+    def start(self, rounds_done: int) -> int:
+        """Enter the run with `rounds_done` rounds behind this agent (0, or a checkpoint's count).
+
+        The first agents wait up to startup_timeout for each other, fix the run's message layout (the most
+        common among them) and continue together from the newest checkpoint among them; an agent arriving later
+        (or restarted) joins the running group. Returns the number of rounds done from which this agent
+        continues (the group's, not necessarily its own). ValueError if this agent's layout is not the run's.
+        """
+        self.store.set(f"start/{self.agent}", self._record(round=rounds_done))
+        if not self.store.check([STARTUP]):
+            self._wait([f"start/{j}" for j in range(self.n_agents)], self.startup_timeout)
+            records = self._present("start")
+            votes = Counter(r["fingerprint"] for r in records.values())  # the most common layout, then lowest agent
+            self.store.compare_set(FINGERPRINT, "", max(votes, key=lambda f: (votes[f], -min(
+                j for j, r in records.items() if r["fingerprint"] == f))))
+            first = max(r["round"] for r in records.values()) - 1
+            view = self._propose(STARTUP, first, records, None)
+            self.store.compare_set(f"members/{view.round}", "", view.to_json())
+            self.store.compare_set(LATEST, "", str(view.round))
+        if self.store.get(FINGERPRINT).decode() != self.fingerprint:
+            raise ValueError(f"fingerprint: this agent's message layout ({self.fingerprint}) differs from the run's "
+                             f"({self.store.get(FINGERPRINT).decode()}); every agent must use the same model and "
+                             "configuration")
+        latest = self.latest
+        view = self._agreed(latest)
+        if view.members.get(self.agent) != self.incarnation:
+            self.record_event(latest, "joining", f"joining the running group after round {latest + 1}")
+            self._request_join()
+        return latest + 1
+
+    def current_view(self) -> RoundView:
+        """The newest agreed view (after :meth:`start`: the members the run starts or continues with)."""
+        return self._agreed(self.latest)
+
+    def agree(self, round_index: int) -> RoundView | None:
+        """Post readiness for round `round_index` and return the agreed view (who takes part, which group).
+
+        Waits up to the round timeout for the previous round's members and for agents asking to join; the
+        first agent whose wait ends writes the view. Returns None when this agent is left out (it came too
+        late); it then asks to join and is waited for from the next round on. The previous round's view must
+        have been agreed (by :meth:`start` or an earlier call).
+        """
+        key = f"members/{round_index}"
+        self.store.set(f"ready/{round_index}/{self.agent}", self._record(broken=self.broken))
+        previous = self._agreed(round_index - 1)
+        if not self.store.check([key]):
+            joiners = {j for j in range(self.n_agents) if self.store.check([f"join/{j}"])}
+            self._wait([f"ready/{round_index}/{j}" for j in sorted(set(previous.members) | joiners)], self.timeout)
+            self._propose(key, round_index, self._present(f"ready/{round_index}"), previous)
+        view = self._agreed(round_index)
+        if round_index > self.latest:
+            self.store.set(LATEST, str(round_index))
+        if view.members.get(self.agent) != self.incarnation:
+            self.record_event(round_index, "left_out", "left out of the round (late); asking to join the next one")
+            self._request_join()
+            return None
+        for j in sorted(set(previous.members) - set(view.members)):
+            self.record_event(round_index, "peer_lost", f"agent {j} missed the round timeout and is left out",
+                              agent=j)
+        if self.joining:
+            self.store.delete_key(f"join/{self.agent}")
+            self.joining = False
+        return view
+
+    def connect(self, view: RoundView) -> bool:
+        """Make sure this process holds `view`'s process group (formed anew when the view names a new one);
+        False (logged) if it could not be formed within the round timeout."""
+        return view.group == self.group or self._form_group(view)
+
+    # ----------------------------------------------------------------------------------------- data plane
+
+    def _failure(self, round_index: int, what: str, error: BaseException, **details: Any) -> None:
+        """A transport error (torch.distributed raises RuntimeError subclasses): the process group is not trusted
+        again, the members form a new one next round."""
+        self.broken = True
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        self.record_event(round_index, "transport", f"{what} failed: {first_line[:200]}", what=what, **details)
+
+    def _form_group(self, view: RoundView) -> bool:
+        """Replace this agent's group by one over `view`'s members; False (and logged) if that failed.
+
+        The group is a process group object of its own (never the default group, which belongs to the user):
+        forming it involves only the members, through the store under a prefix named after the view's group."""
+        self.process_group, self.group = None, None
+        agents = view.agents
+        store = dist.PrefixStore(f"group/{view.group}", self.store)
+        store.set_timeout(timedelta(seconds=self.timeout))  # connecting to a dead member gives up after this
+        try:
+            if self.backend == "nccl":
+                options = dist.ProcessGroupNCCL.Options()
+                options._timeout = timedelta(seconds=self.timeout)
+                group = dist.ProcessGroupNCCL(store, agents.index(self.agent), len(agents), options)
+            else:
+                group = dist.ProcessGroupGloo(store, agents.index(self.agent), len(agents),
+                                              timedelta(seconds=self.timeout))
+        except RuntimeError as error:
+            self._failure(view.round, "forming the process group", error)
+            return False
+        self.process_group, self.group, self.broken = group, view.group, False
+        return True
+
+    def _wait_all(self, works: list[Any], deadline: float) -> None:
+        for work in works:
+            work.wait(max(timedelta(seconds=deadline - time.monotonic()), _MIN_WAIT))
+
+    def _accept(self, round_index: int, j: int, tensor: torch.Tensor, numel: int, dtype: torch.dtype,
+                validate: Validator | None) -> bool:
+        """Whether agent j's buffer passes :func:`check_buffer` and `validate`; a rejection is logged."""
+        reason = check_buffer(tensor, numel, dtype)
+        if reason is None and validate is not None:
+            reason = validate(j, tensor)
+        if reason is not None:
+            self.record_event(round_index, "rejected", f"buffer of agent {j} rejected ({reason})", agent=j,
+                              reason=reason)
+        return reason is None
+
+    def send_and_receive(self, view: RoundView, buffer: torch.Tensor, peers: list[int],
+                 validate: Validator | None = None, sizes: dict[int, int] | None = None) -> dict[int, torch.Tensor]:
+        """Send `buffer` (1-D) to every agent in `peers` and receive theirs (tag = round), of `sizes[j]` elements
+        from agent j (default: as many as `buffer`).
+
+        Returns the buffers that arrived within the round timeout and passed :func:`check_buffer` and
+        `validate(agent, buffer) -> reason or None`, by agent; a peer whose transfer failed or whose buffer was
+        rejected is absent (and logged). Each pair orders its two transfers by rank (the lower rank sends
+        first), so blocking backends cannot deadlock; one failing pair does not cancel the others.
+        """
+        rank = view.agents.index(self.agent)
+        sizes = sizes or {j: buffer.numel() for j in peers}
+        received = {j: unfilled(buffer.new_empty(sizes[j])) for j in peers}
+        posted = []
+        for j in peers:
+            peer = view.agents.index(j)
+            send = lambda: self.process_group.send([buffer], peer, view.round)  # noqa: E731
+            recv = lambda: self.process_group.recv([received[j]], peer, view.round)  # noqa: E731
+            try:
+                posted.append((j, [op() for op in ((send, recv) if rank < peer else (recv, send))]))
+            except RuntimeError as error:
+                self._failure(view.round, f"exchange with agent {j}", error, agents=[j])
+        deadline = time.monotonic() + self.timeout
+        accepted = {}
+        for j, works in posted:
+            try:
+                self._wait_all(works, deadline)
+            except RuntimeError as error:
+                self._failure(view.round, f"exchange with agent {j}", error, agents=[j])
+                continue
+            if self._accept(view.round, j, received[j], sizes[j], buffer.dtype, validate):
+                accepted[j] = received[j]
+        return accepted
+
+    def gather_checked(self, view: RoundView, buffer: torch.Tensor, validate: Validator | None = None
+               ) -> dict[int, torch.Tensor]:
+        """Every other member's `buffer` that passed the checks (as :meth:`send_and_receive`), by agent; {} on failure."""
+        gathered = self.all_gather(view, buffer)
+        if gathered is None:
+            return {}
+        return {j: gathered[k] for k, j in enumerate(view.agents)
+                if j != self.agent and self._accept(view.round, j, gathered[k], buffer.numel(), buffer.dtype,
+                                                    validate)}
+
+    def all_gather(self, view: RoundView, buffer: torch.Tensor) -> torch.Tensor | None:
+        """Every member's `buffer` [n] stacked as [len(view.members), n] in view.agents order, or None on failure."""
+        gathered = buffer.new_empty(len(view.members) * buffer.numel())
+        try:
+            work = self.process_group._allgather_base(gathered, buffer)
+            self._wait_all([work], time.monotonic() + self.timeout)
+        except RuntimeError as error:
+            self._failure(view.round, "all_gather", error)
+            return None
+        return gathered.view(len(view.members), buffer.numel())
+
+    def close(self) -> None:
+        """Leave the run: drop the process group (the store belongs to the launcher)."""
+        self.process_group, self.group = None, None

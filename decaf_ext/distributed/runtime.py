@@ -1,0 +1,307 @@
+"""One agent of a distributed run in its own process (see docs/distributed.md).
+
+    python -m decaf_ext.distributed --nproc 4 --agents 4 ...          local launcher (survives a dying agent)
+    torchrun --nproc-per-node 4 -m decaf_ext.distributed --agents 4 ...
+
+Each process builds exactly what the simulator builds for its agent (:class:`~decaf_ext.sim.agents.Agents`
+with ``keep``: same data split, partition, initialization and per-agent data order), keeps only its own data
+shard and adapter, and replaces the in-memory mixing by messages through its
+:class:`~decaf_ext.comm.agent_comm.AgentComm` (one flat buffer per neighbour and round for a decentralized
+strategy, every member's for a server strategy such as fedavg, then the strategy's own ``communicate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from decaf_ext.comm.agent_comm import AgentComm, HooksFactory
+from decaf_ext.comm.guard import load_run_key
+from decaf_ext.comm.transport import BACKENDS, RoundView, check_backend, check_timeout
+from decaf_ext.config import TrainConfig, resolve_device
+from decaf_ext.errors import ConfigError
+from decaf_ext.lora import collect_extras, write_extras
+from decaf_ext.sim.agents import Agents
+from decaf_ext.sim.evaluation import MetricsLog, build_summary, evaluation_record
+from decaf_ext.sim.resume import open_run_dir, write_checkpoint
+from decaf_ext.sim.tensorboard_log import TensorBoardLog
+from decaf_ext.storage.checkpoint import latest_checkpoint
+from decaf_ext.storage.export import export_adapter, labelled_base
+from decaf_ext.storage.files import replace_folder, write_json
+from decaf_ext.storage.run_folder import CONFIG, METRICS, SUMMARY, agent_folder, check_free, default_run_dir
+
+STATS = 5  # loss_sum, loss_steps, bytes_sent, accuracy, macro_f1: the per-agent numbers gathered at evaluation
+
+
+@dataclass
+class DistributedOptions:
+    """Knobs of the transport. backend: auto (nccl on CUDA, else gloo), gloo or nccl; round_timeout: seconds
+    an agent waits for the others in one round before leaving them out; startup_timeout: seconds to wait for
+    every agent at start (model loading included)."""
+
+    backend: str = "auto"
+    round_timeout: float = 60.0
+    startup_timeout: float = 600.0
+
+    def validate(self) -> None:
+        if self.backend not in ("auto", *BACKENDS):
+            raise ConfigError(f"backend must be one of {', '.join(('auto', *BACKENDS))}; got {self.backend!r}")
+        for name in ("round_timeout", "startup_timeout"):
+            check_timeout(name, getattr(self, name))
+
+
+class AgentRuntime:
+    """Agent `agent` of a distributed run: the simulator's :class:`~decaf_ext.sim.agents.Agents` kept to this
+    agent, and its :class:`~decaf_ext.comm.agent_comm.AgentComm` to reach the others.
+
+    Files: <output_dir>/agents/agent_XX/ is this agent's own run folder (config, the evaluations it took part in,
+    checkpoints, summary with the faults it saw); the reporter of a round (its lowest member) also writes
+    <output_dir>/metrics.jsonl and, at the end, summary.json and adapters/average; every agent writes
+    adapters/agent_XX.
+    """
+
+    def __init__(self, config: TrainConfig, agent: int, store: dist.Store, options: DistributedOptions,
+                 backend: str, test_hooks: HooksFactory | None = None) -> None:
+        self.config, self.agent = config, agent
+        self.output_dir = config.output_dir
+        self.run_dir = agent_folder(self.output_dir, agent)
+        self.agents = Agents(config, keep=agent)
+        self.log = MetricsLog(self.run_dir, tensorboard=config.tensorboard)
+        models = self.agents.models
+        # restarted by the launcher (same store, next incarnation: AgentComm sees it) or by torchrun (new store)
+        self.comm = AgentComm(self.agents.strategy, self.agents.collect(models), collect_extras(models), store=store,
+                              agent=agent, n_agents=config.agents, backend=backend, device=self.agents.device,
+                              run_key=load_run_key(config.run_key_file), norm_bound=config.norm_bound,
+                              message_dtype=config.message_dtype, ranks=config.agent_ranks(),
+                              round_timeout=options.round_timeout, startup_timeout=options.startup_timeout,
+                              restarted=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0,
+                              test_hooks=test_hooks)
+        self.transport = self.comm.transport
+        self.view: RoundView | None = None
+
+    # ----------------------------------------------------------------------------------- communication
+
+    def communicate(self, round_index: int) -> RoundView | None:
+        """Agree on the round's members, then mix with them; None when this agent is left out of the round."""
+        agents = self.agents
+        start = agents.clock()
+        groups, extras = agents.collect(agents.models), collect_extras(agents.models)
+        view, mixed = self.comm.round(round_index, groups, extras, agents.schedule.at(round_index))
+        if mixed is not None:
+            agents.write(agents.models, mixed.groups)
+            write_extras(agents.models, mixed.extras)
+            agents.counters["bytes_sent"] += mixed.bytes_sent
+            if mixed.bytes_sent > 0 and self.config.optimizer_state == "reset":
+                agents.optimizers[0].state.clear()
+        agents.counters["time_comm"] += agents.clock() - start
+        return view
+
+    # -------------------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, rounds_done: int, view: RoundView) -> None:
+        """Test metrics of every member and of their averaged model, as the simulator logs them (plus
+        ``members``): one all_gather of [loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, factors]."""
+        agents, layout = self.agents, self.comm.layout
+        start = agents.clock()
+        own = agents.evaluate_model(agents.models[0])
+        groups, extras = agents.collect(agents.models), collect_extras(agents.models)
+        counters = agents.counters
+        numbers = [counters["loss_sum"], counters["loss_steps"], counters["bytes_sent"], own["accuracy"],
+                   own["macro_f1"]]
+        mine = torch.cat([torch.tensor(numbers, dtype=torch.float64), layout.pack(groups, extras).double().cpu()])
+        gathered = self.transport.all_gather(view, mine.to(self.comm.agent_round.buffer_device))
+        counters["loss_sum"], counters["loss_steps"] = 0.0, 0
+        if gathered is None:
+            self.transport.record_event(view.round, "evaluation_lost", f"evaluation after round {rounds_done} lost")
+            return
+        gathered = gathered.cpu()
+        loss_sum, loss_steps, bytes_sent = gathered[:, :3].sum(dim=0).tolist()
+        per_agent = [{"accuracy": accuracy, "macro_f1": macro_f1}
+                     for accuracy, macro_f1 in gathered[:, 3:STATS].tolist()]
+        buffers = gathered[:, STATS:].to(layout.dtype).to(agents.device)
+        # names, and the shared A of a strategy that does not send A: the scratch model's (largest rank)
+        all_groups, all_extras = layout.unpack(buffers, agents.collect([agents.scratch]), extras)
+        average = agents.evaluate_model(agents.average_model(all_groups, all_extras))
+        counters["time_eval"] += agents.clock() - start
+        record = evaluation_record(agents, rounds_done, per_agent, average, all_groups, loss_sum, loss_steps,
+                                   int(bytes_sent))
+        self.log.add({**record, "members": view.agents})
+        if self.agent == view.agents[0]:
+            self._report_metrics()
+
+    def _report_metrics(self) -> None:
+        """Merge this agent's history into <output_dir>/metrics.jsonl (by round; records it missed are kept)."""
+        path = os.path.join(self.output_dir, METRICS)
+        records = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                records = {r["round"]: r for r in map(json.loads, handle.read().splitlines())}
+        records.update({r["round"]: r for r in self.log.history})
+        write_json(path, [records[k] for k in sorted(records)], lines=True)
+
+    # --------------------------------------------------------------------------------------------- run
+
+    def _open(self, resume: bool) -> int:
+        """Prepare this agent's folder; returns the rounds this agent has done. Resuming, or restarted by the
+        launcher or by torchrun, it continues from its newest checkpoint, or from the initial adapter if it has
+        none yet."""
+        config_path = os.path.join(self.output_dir, CONFIG)
+        if not (resume or self.comm.restarted):
+            if os.path.exists(os.path.join(self.run_dir, CONFIG)):  # advice for the whole run, not for this folder
+                check_free(self.output_dir)
+            done = open_run_dir(self.run_dir, self.agents, self.log, resume=False)
+            write_json(config_path, self.config.to_dict())
+            return done
+        if latest_checkpoint(self.run_dir) is not None:
+            done = open_run_dir(self.run_dir, self.agents, self.log, resume=True)  # checks the configuration first
+        else:
+            self.transport.record_event(-1, "no_checkpoint", "restarted without a checkpoint: from the initial adapter")
+            os.makedirs(self.run_dir, exist_ok=True)
+            done = 0
+        if resume:
+            write_json(config_path, self.config.to_dict())
+        return done
+
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        """Train this agent for the remaining rounds with the others; returns its summary (also written to
+        its folder; the final reporter writes <output_dir>/summary.json)."""
+        cfg, agents = self.config, self.agents
+        try:
+            done = self.transport.start(self._open(resume))
+            wall = time.perf_counter()
+            if cfg.eval_at_start and done == 0:  # round 0: the members agreed at startup, before any training
+                view = self.transport.current_view()
+                if self.transport.connect(view):
+                    self.evaluate(0, view)
+            bar = tqdm(total=cfg.rounds, initial=done, unit="round", dynamic_ncols=True,
+                       disable=not cfg.progress or self.agent != 0,
+                       desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents} (distributed)")
+            while done < cfg.rounds:
+                round_index = done
+                if cfg.comm_order == "mix_then_train":
+                    self.view = self.communicate(round_index)
+                agents.local_round(round_index)
+                self.comm.after_local_steps(round_index)
+                if cfg.comm_order == "train_then_mix":
+                    self.view = self.communicate(round_index)
+                done = round_index + 1
+                if self.view is None:  # left out: continue with the group's round
+                    done = max(done, self.transport.latest + 1)
+                else:
+                    if done % cfg.eval_every == 0 or done == cfg.rounds:
+                        self.evaluate(done, self.view)
+                    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.rounds:
+                        write_checkpoint(self.run_dir, agents, self.log.history, done)
+                bar.update(min(done, cfg.rounds) - bar.n)
+            bar.close()
+            return self._finish(time.perf_counter() - wall)
+        finally:
+            self.transport.close()
+            self.log.close()
+
+    def _labelled_base(self) -> str | None:
+        """<output_dir>/adapters/base, the labelled base model folder the adapters name (as the simulator's, see
+        :mod:`decaf_ext.storage.export`), made by whichever agent comes first; None for a model that is not a
+        local folder."""
+        folder = os.path.join(self.output_dir, "adapters", "base")
+        if os.path.isdir(folder):
+            return os.path.abspath(folder)
+        temporary = f"{folder}.tmp-{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        if labelled_base(self.agents.model_path, self.agents.models[0].get_base_model().config, temporary) is None:
+            return None
+        try:
+            os.rename(temporary, folder)
+        except OSError:  # another agent renamed its identical folder first
+            shutil.rmtree(temporary, ignore_errors=True)
+        return os.path.abspath(folder)
+
+    def _export(self, model: torch.nn.Module, name: str) -> None:
+        """peft adapter of `model` into <output_dir>/adapters/<name> (written to a temporary folder, then put in
+        place), naming the labelled base folder."""
+        folder = os.path.join(self.output_dir, "adapters", name)
+        temporary = f"{folder}.tmp-{os.getpid()}"
+        try:
+            export_adapter(model, temporary, self._labelled_base())
+            replace_folder(temporary, folder)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+    def _finish(self, wall_seconds: float) -> dict[str, Any]:
+        """Export adapters and write the summaries."""
+        history = self.log.history
+        reporter = self.view is not None and self.agent == self.view.agents[0] and bool(history)
+        self._export(self.agents.models[0], f"agent_{self.agent:02d}")
+        summary = (build_summary(self.agents, history, self.output_dir, wall_seconds) if history
+                   else {"algorithm": self.config.algorithm, "final": None})
+        summary["distributed"] = {"agent": self.agent, "incarnation": self.transport.incarnation,
+                                  "backend": self.transport.backend, "reporter": reporter,
+                                  "members": self.view.agents if self.view else None, "events": self.transport.events}
+        write_json(os.path.join(self.run_dir, SUMMARY), summary)
+        if reporter:
+            self._export(self.agents.scratch, "average")
+            write_json(os.path.join(self.output_dir, SUMMARY), summary)
+        return summary
+
+
+def _process_rank() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) from the environment torchrun or the launcher sets."""
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError):
+        raise ConfigError("launcher: RANK and WORLD_SIZE are not set; start the agents with torchrun or with "
+                          "python -m decaf_ext.distributed --nproc N") from None
+
+
+def run_distributed(config: TrainConfig, *, resume: bool = False, options: DistributedOptions | None = None,
+                    store: dist.Store | None = None, test_hooks: HooksFactory | None = None) -> dict[str, Any]:
+    """Train this process's agent of a distributed run and return its summary.
+
+    Args:
+        config: the run's configuration; this process is agent RANK of WORLD_SIZE (which must equal
+            config.agents), as torchrun or ``python -m decaf_ext.distributed --nproc N`` set it. Without
+            output_dir the agents agree on one runs/<algorithm>-<topology>-<time> folder (name it explicitly with
+            torchrun --max-restarts).
+        resume: continue every agent from its newest checkpoint in config.output_dir.
+        options: backend and timeouts.
+        store: the run's store (default: the env:// rendezvous store, under the prefix "decaf_ext"); pass a
+            differently prefixed store to run several runs one after the other in the same processes.
+        test_hooks: test-only fault injection (see :class:`~decaf_ext.comm.agent_comm.AgentComm`); leave None.
+
+    Example::
+
+        >>> run_distributed(TrainConfig(agents=4, output_dir="runs/d4"))   # under torchrun --nproc-per-node 4
+    """
+    options = options or DistributedOptions()
+    options.validate()
+    config.validate()
+    agent, world, local_rank = _process_rank()
+    if world != config.agents:
+        raise ConfigError(f"agents: the run has {config.agents} agents but {world} processes (WORLD_SIZE); "
+                          "start one process per agent")
+    device = resolve_device(config.device, local_rank)
+    backend = options.backend if options.backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
+    check_backend(backend, device)
+    if config.tensorboard:
+        TensorBoardLog.writer_class()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if store is None:
+        rendezvous, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=options.startup_timeout)))
+        store = dist.PrefixStore("decaf_ext", rendezvous)
+    default_dir = default_run_dir(f"{config.algorithm}-{config.topology}")
+    output_dir = config.output_dir or store.compare_set("output_dir", "", default_dir).decode()
+    # torchrun restarts every worker at once and keeps its store: each attempt gets its own namespace
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    config = dataclasses.replace(config, output_dir=output_dir, device=str(device)).with_absolute_paths()
+    return AgentRuntime(config, agent, store, options, backend, test_hooks).run(resume=resume)

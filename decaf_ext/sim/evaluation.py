@@ -1,0 +1,125 @@
+"""What a run reports: one metrics record per evaluation (every agent and the averaged model), the metrics log
+(``metrics.jsonl``, TensorBoard), the exported adapters and the final summary.
+
+Example::
+
+    >>> record = evaluation_record(agents, 2, per_agent, average, groups, loss_sum, steps, sent)
+    >>> log = MetricsLog("runs/r", tensorboard=False); log.add(record)   # rewrites runs/r/metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+from decaf_ext.lora import FactorGroup, consensus_error, consensus_interference
+from decaf_ext.sim.agents import Agents
+from decaf_ext.sim.tensorboard_log import TensorBoardLog
+from decaf_ext.storage.export import export_adapter, labelled_base
+from decaf_ext.storage.files import replace_folder, write_json
+from decaf_ext.storage.run_folder import METRICS
+
+
+def evaluation_record(agents: Agents, rounds_done: int, per_agent: list[dict[str, float]],
+                      average: dict[str, float], groups: list[FactorGroup], loss_sum: float, loss_steps: float,
+                      bytes_sent: int) -> dict[str, Any]:
+    """One metrics.jsonl record: per-agent test metrics `per_agent`, the averaged model's `average`, the agents'
+    factors `groups` (A [M, N, r, n], B [M, N, m, r]) for the consensus error, the training loss summed over
+    `loss_steps` steps since the last evaluation, the bytes sent so far, the timings of `agents.counters`."""
+    accuracy = np.array([m["accuracy"] for m in per_agent])
+    return {
+        "round": rounds_done,
+        "train_loss": loss_sum / loss_steps if loss_steps else None,  # None before any local step
+        "acc_mean": float(accuracy.mean()),
+        "acc_std": float(accuracy.std()),
+        "macro_f1_mean": float(np.mean([m["macro_f1"] for m in per_agent])),
+        "avg_model_acc": average["accuracy"],
+        "avg_model_macro_f1": average["macro_f1"],
+        "consensus_error": consensus_error(groups),
+        "consensus_interference": consensus_interference(groups),
+        "bytes_sent": bytes_sent,
+        "acc_agents": accuracy.tolist(),
+        "time": {k[5:]: round(v, 3) for k, v in agents.counters.items() if k.startswith("time_")},
+    }
+
+
+class MetricsLog:
+    """The evaluation records of a run (``history``), kept in run_dir/metrics.jsonl and, with `tensorboard`, in
+    TensorBoard event files under run_dir/tensorboard."""
+
+    def __init__(self, run_dir: str, *, tensorboard: bool) -> None:
+        self.run_dir, self.tensorboard = run_dir, tensorboard
+        self.history: list[dict[str, Any]] = []
+        self.board: TensorBoardLog | None = None
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Append `record`, rewrite metrics.jsonl, add its scalars to TensorBoard."""
+        if self.tensorboard and self.board is None:
+            self.board = TensorBoardLog(os.path.join(self.run_dir, "tensorboard"),
+                                        self.history[-1] if self.history else None)
+        self.history.append(record)
+        self.write()
+        if self.board is not None:
+            self.board.write(record)
+
+    def write(self) -> None:
+        """Rewrite run_dir/metrics.jsonl (one line per record) atomically."""
+        write_json(os.path.join(self.run_dir, METRICS), self.history, lines=True)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def export_adapters(agents: Agents, folder: str) -> None:
+    """peft-format adapters (``PeftModel.from_pretrained``, ``AutoPeftModelFor...from_pretrained``):
+    agent_XX/ for each agent, average/ for the averaged model, and base/, the base model folder they name
+    (its config carries the label names; see :mod:`decaf_ext.storage.export`). Written to a temporary folder,
+    then put in place of the previous one."""
+    folder = os.path.abspath(folder)
+    temporary = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        os.makedirs(temporary)
+        made = labelled_base(agents.model_path, agents.models[0].get_base_model().config,
+                             os.path.join(temporary, "base"))
+        base = None if made is None else os.path.join(folder, "base")
+        for i, model in zip(agents.agent_ids, agents.models):
+            export_adapter(model, os.path.join(temporary, f"agent_{i:02d}"), base)
+        export_adapter(agents.average_model(), os.path.join(temporary, "average"), base)
+        replace_folder(temporary, folder)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on a CUDA device, else the process's peak resident memory (MB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def build_summary(agents: Agents, history: list[dict[str, Any]], run_dir: str, wall_seconds: float
+                  ) -> dict[str, Any]:
+    """Final metrics, totals and per-round timings of a finished run."""
+    cfg, final = agents.config, history[-1]
+    return {
+        "task": cfg.task, "algorithm": cfg.algorithm, "topology": cfg.topology, "agents": cfg.agents,
+        "rounds": cfg.rounds,
+        "final": {k: v for k, v in final.items() if k != "time"},
+        "bytes_per_agent_per_round": final["bytes_sent"] / (cfg.agents * cfg.rounds),
+        "time": {**final["time"], "wall_this_session": round(wall_seconds, 3)},
+        "seconds_per_round": {k: round(v / cfg.rounds, 4) for k, v in final["time"].items()},
+        "peak_memory_mb": round(peak_memory_mb(agents.device), 1),
+        "spectral_gap": agents.schedule.spectral_gap,
+        "trainable_params_per_agent": agents.trainable_params,
+        "label_names": agents.label_names,
+        "examples": {"train": len(agents.train_labels), "test": len(agents.test_set),
+                     "per_agent": [len(p) for p in agents.parts]},
+        "run_dir": run_dir,
+    }
