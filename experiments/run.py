@@ -55,7 +55,8 @@ def adapt_overrides(run: Run, fields: set[str]) -> dict:
 
 def train_one(run: Run, device: str, fields: set[str]) -> dict:
     """Train (or resume) `run` in its scratch folder, then copy the kept files to its result folder."""
-    from decaf_ext.config import ConfigError, TrainConfig
+    from decaf_ext.config import TrainConfig
+    from decaf_ext.errors import ConfigError
     from decaf_ext.sim.trainer import Trainer
 
     scratch = os.path.join(SCRATCH, run.suite, run.key)
