@@ -62,9 +62,10 @@ FAULTY = dict(algorithm="dlora", rounds=7, eval_every=1, checkpoint_every=1)
 # which holds the group until agent 3 has asked to join again.
 FAULTS = f"1:nan@1,2:exit@2,3:stall@3={ROUND_TIMEOUT + 0.5},0:stall@5=2"
 # With a shared run key, a norm bound and int8 messages (uint8 buffers): agent 1 sends a wrong message tag in
-# round 0, agent 3 its factors x 1000 in round 1 (finite, correctly tagged).
+# round 0, agent 3 its factors x 1000 in round 1 (finite, correctly tagged); in the evaluations, agent 3 a wrong
+# tag after round 0, agent 2 a NaN byte count (correctly tagged) after round 1.
 GUARDED = dict(algorithm="decaf", rounds=2, norm_bound=10.0, message_dtype="int8")
-GUARDED_FAULTS = "1:badtag@0,3:scale@1=1000"
+GUARDED_FAULTS = "1:badtag@0,3:scale@1=1000,3:evalbadtag@0,2:evalnan@1"
 EXACT = ("round", "acc_mean", "acc_std", "macro_f1_mean", "avg_model_acc", "avg_model_macro_f1", "bytes_sent",
          "acc_agents")
 CLOSE = ("train_loss", "consensus_error")
@@ -222,10 +223,15 @@ def test_resume_brings_the_killed_agent_back_from_its_checkpoint(launched, capfd
 def test_wrong_tags_and_oversized_products_are_rejected(launched):
     guarded = launched[3]
     run_dir = guarded.output_dir
-    assert [r["members"] for r in read_metrics(run_dir)] == [[0, 1, 2, 3]] * guarded.rounds
+    assert [r["members"] for r in read_metrics(run_dir)] == [[0, 1, 2], [0, 1, 3]]  # evaluations: 3, 2 rejected
     events = {agent: summary_of(run_dir, agent)["distributed"]["events"] for agent in range(AGENTS)}
-    rejected = {agent: [(e["round"], e["agent"], e["reason"]) for e in events[agent] if e["event"] == "rejected"]
-                for agent in range(AGENTS)}
+    rejected = {agent: [(e["round"], e["agent"], e["reason"]) for e in events[agent]
+                        if e["event"] == "rejected" and "what" not in e] for agent in range(AGENTS)}
+    evaluations = {agent: [(e["round"], e["agent"]) for e in events[agent] if e.get("what") == "evaluation"]
+                   for agent in range(AGENTS)}
+    assert evaluations[0] == evaluations[1] == [(0, 3), (1, 2)]
+    assert evaluations[2] == [(0, 3)] and evaluations[3] == [(1, 2)]
+    assert all(math.isfinite(r["bytes_sent"]) for r in read_metrics(run_dir))
     # ring of 4: agent 1's neighbours are 0 and 2, agent 3's are 2 and 0
     assert rejected[0][0] == rejected[2][0] == (0, 1, "wrong message tag")
     assert [r[:2] for r in rejected[0][1:]] == [r[:2] for r in rejected[2][1:]] == [(1, 3)]

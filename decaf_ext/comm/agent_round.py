@@ -44,6 +44,11 @@ class RoundHooks:
         own making instead of data's encoding)."""
         return seal(data)
 
+    def evaluation(self, round_index: int, data: torch.Tensor, seal: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> torch.Tensor:
+        """The evaluation buffer sent after round `round_index` (statistics, then factors): seal(data) by default."""
+        return seal(data)
+
 
 @dataclass
 class MixResult:

@@ -123,7 +123,8 @@ class AgentRuntime:
                    own["macro_f1"]]
         mine = torch.cat([torch.tensor(numbers, dtype=torch.float64), layout.pack(groups, extras).double().cpu()])
         context = lambda j: TagContext("eval", view.round, view.group, j, view.members[j], BROADCAST)  # noqa: E731
-        sealed = guard.seal(mine, context(self.agent))
+        hooks, seal = self.comm.hooks, lambda data: guard.seal(data, context(self.agent))  # noqa: E731
+        sealed = seal(mine) if hooks is None else hooks.evaluation(view.round, mine, seal)
         gathered = self.transport.all_gather(view, sealed.to(self.comm.agent_round.buffer_device))
         counters["loss_sum"], counters["loss_steps"] = 0.0, 0
         if gathered is None:
@@ -139,7 +140,7 @@ class AgentRuntime:
                 members.append(j)
             else:
                 self.transport.record_event(view.round, "rejected", f"evaluation of agent {j} rejected ({reason})",
-                                            agent=j, reason=reason)
+                                            agent=j, reason=reason, what="evaluation")
         stacked = torch.stack(accepted)
         loss_sum, loss_steps, bytes_sent = stacked[:, :3].sum(dim=0).tolist()
         per_agent = [{"accuracy": accuracy, "macro_f1": macro_f1}
