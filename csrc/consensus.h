@@ -1,5 +1,6 @@
-// Host-side orchestration of the decaf_ext ops, shared by the CPU and CUDA registrations.
-// Each device supplies a Backend (the kernels that differ per device); everything else is ATen.
+// The host-side entry points of the decaf_ext ops (csrc/consensus.cpp), shared by the CPU and CUDA
+// registrations. Each device supplies a Backend (the kernels that differ per device); everything else
+// is ATen.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,6 +26,22 @@ struct GramSvd {
 // x [batch, G, ...] (one entry per support) -> [batch, P, ...] (one per problem), a view where possible.
 using PerProblem = std::function<at::Tensor(const at::Tensor&)>;
 
+// One bucket's small problems of the exact Gram path (Backend::gram_svd's input): the Gram matrices
+// GB, GA [batch, G, K, K] of each support's stacks (float64), weights d [P, K] (float64), each
+// problem's support `group` and the selection of per-support tensors for the problems (`per_problem`,
+// the caller's rule); q triplets per problem, from the eigenpairs of core core^T when `squared`
+// (float32 inputs) or the SVD of the core (core = R_B D R_A^T, R^T R = G by Cholesky). A Gram whose
+// diagonal entry is below min_diag (zero, or so small that its products lost digits to underflow) or
+// whose scaled Cholesky pivot is not above min_pivot is not safely positive definite.
+struct GramProblems {
+  at::Tensor GB, GA, d;
+  std::vector<int64_t> group;
+  PerProblem per_problem;
+  int64_t q;
+  bool squared;
+  double min_pivot, min_diag;
+};
+
 struct Backend {
   // Completes the zero-singular-value rows of A_new [batch, N_out, rank, n] (contiguous, float or
   // double) in place: `missing` int32 [batch, N_out] trailing rows each, candidates from
@@ -41,19 +58,11 @@ struct Backend {
   std::tuple<at::Tensor, at::Tensor> (*qr)(const at::Tensor& X);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> (*svd)(const at::Tensor& X);
   std::tuple<at::Tensor, at::Tensor> (*eigh)(const at::Tensor& H);
-  // The small problems of the exact Gram path, from the Gram matrices GB, GA [batch, G, K, K] of each
-  // support's stacks (float64), weights d [P, K] (float64), each problem's support `group` and the
-  // selection of per-support tensors for the problems (`per_problem`, the caller's rule): q
-  // triplets per problem, from the eigenpairs of core core^T when `squared` (float32 inputs) or the
-  // SVD of the core (core = R_B D R_A^T, R^T R = G by Cholesky). None sends the bucket to the
-  // Householder path: the CPU's (csrc/cpu/gram_svd_cpu.cpp) when some Gram's diagonal entry is below
-  // min_diag (zero, or so small that its products lost digits to underflow), a scaled Cholesky pivot
-  // is not above min_pivot or an eigensolve did not converge; the batched one of csrc/gram_svd_batched.cpp
+  // The small problems of the exact Gram path (GramProblems). None sends the bucket to the
+  // Householder path: the CPU's (csrc/cpu/gram_svd_cpu.cpp) when a Gram is not safely positive
+  // definite or an eigensolve did not converge; the batched one of csrc/cuda/gram_svd_batched.cpp
   // (CUDA; no value read on the host) for float64 inputs. nullptr: always Householder.
-  std::optional<GramSvd> (*gram_svd)(const Backend& backend, const at::Tensor& GB, const at::Tensor& GA,
-                                     const at::Tensor& d, const std::vector<int64_t>& group,
-                                     const PerProblem& per_problem, int64_t q, bool squared, double min_pivot,
-                                     double min_diag);
+  std::optional<GramSvd> (*gram_svd)(const Backend& backend, const GramProblems& problems);
   // The Gram matrices [batch, G, K, K] (float64, products in X's dtype) of each support's stacked
   // rows X[:, cols[g K + k]] (k < K) of X [batch, N_in r, c], for a sparse bucket whose Grams take
   // fewer dot products than the all-pairs Gram. CPU: a kernel reading the rows in place
@@ -69,8 +78,8 @@ struct Backend {
   // gram_svd's Gram matrices are formed from float64 copies of the factors (a gram_svd without a
   // pivot check needs zero and repeated columns to give Grams singular to float64 rounding).
   bool float64_grams;
-  // Above this k * r, method "auto" uses the randomized method (CPU: 128, where randomized starts to
-  // pay off; CUDA: 256, randomized measured 7-15x slower than exact at k * r = 64 and 128 on an H200).
+  // Above this k * r, method "auto" uses the randomized method (CPU: 128; CUDA: 256): where randomized
+  // starts to pay off on each (bench/RESULTS.md).
   int64_t auto_exact_max_columns;
   // Where support_grams or times_stacks is nullptr, the stacks are gathered for chunks of modules of at
   // most this many bytes (CUDA: 256 MiB, a bound on memory, since every chunk costs a gather and a GEMM

@@ -309,7 +309,7 @@ def test_own_columns_and_the_whole_dataset(tiny_paths, tmp_path):
 
 
 def test_distributed_launch_is_quiet_and_speaks_as_decaf_train(tiny_paths, tmp_path, monkeypatch, capsys):
-    import decaf_ext.distributed.runtime as distributed
+    import decaf_ext.distributed as distributed
 
     started = {}
 

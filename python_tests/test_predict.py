@@ -47,7 +47,7 @@ def test_label_names_travel_with_the_run_and_the_adapters(finished, tmp_path, mo
     model = AutoPeftModelForSequenceClassification.from_pretrained(str(Path(finished.run_dir, "adapters", "average")))
     assert model.config.id2label == dict(enumerate(sorted(CLASSES))) and model.config.num_labels == 3
     assert model.config.label2id == {name: i for i, name in enumerate(sorted(CLASSES))}
-    inputs = finished.task.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    inputs = finished.agents.task.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(**inputs).logits, finished.average_model().eval()(**inputs).logits)
 

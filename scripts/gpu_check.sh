@@ -50,8 +50,7 @@ write_results() {
       echo "## Build log (last lines)"
       echo
       fenced build 40
-      return
-    fi
+    else
     echo
     echo "## bench/sync_probe.py (host-blocking CUDA calls inside one consensus_tsvd call)"
     echo
@@ -68,8 +67,12 @@ write_results() {
     echo "## decaf-train --device cuda --task clip --model tiny-clip --dataset digits --rounds 2"
     echo
     fenced train 8
-  } > bench/RESULTS.md
-  echo "== $(date -u +%H:%M:%S) bench/RESULTS.md written; commit it"
+    fi
+  } > "$LOG/run.md"
+  # the newest run on top; every earlier run and the history below it are kept (its first line, the title, goes)
+  { cat "$LOG/run.md"; echo; tail -n +2 bench/RESULTS.md 2>/dev/null; } > "$LOG/all.md"
+  cp "$LOG/all.md" bench/RESULTS.md
+  echo "== $(date -u +%H:%M:%S) bench/RESULTS.md written (earlier runs kept below); commit it"
 }
 
 echo "== $(date -u +%H:%M:%S) environment"

@@ -123,10 +123,20 @@ std::tuple<at::Tensor, at::Tensor> eigh_cpu(const at::Tensor& H) {
 
 }  // namespace
 
-const Backend kCpuBackend{complete_rows_cpu, fill_normal_cpu, geqrf_cpu, ormqr_cpu, qr_cpu, svd_cpu, eigh_cpu,
-                          gram_svd_cpu, support_grams_cpu, times_stacks_cpu, /*float64_grams=*/false,
-                          /*auto_exact_max_columns=*/128, /*stack_chunk_bytes=*/1 << 20,
-                          /*module_chunk_bytes=*/8 << 20};
+const Backend kCpuBackend{.complete_rows = complete_rows_cpu,
+                          .fill_normal = fill_normal_cpu,
+                          .geqrf = geqrf_cpu,
+                          .ormqr = ormqr_cpu,
+                          .qr = qr_cpu,
+                          .svd = svd_cpu,
+                          .eigh = eigh_cpu,
+                          .gram_svd = gram_svd_cpu,
+                          .support_grams = support_grams_cpu,
+                          .times_stacks = times_stacks_cpu,
+                          .float64_grams = false,
+                          .auto_exact_max_columns = 128,
+                          .stack_chunk_bytes = 1 << 20,
+                          .module_chunk_bytes = 8 << 20};
 
 namespace {
 

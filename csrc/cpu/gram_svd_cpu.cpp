@@ -1,4 +1,4 @@
-// The small problems of the exact Gram path on the CPU (see solve_gram in csrc/consensus.cpp), in
+// The small problems of the exact Gram path on the CPU (see csrc/solve_gram.cpp), in
 // float64, mostly as plain loops run per problem instead of a dozen batched ATen calls on tiny matrices:
 //   per support:  scaled Cholesky R^T R = G of the Gram matrices G_B and G_A (pivot check);
 //   all problems: each one's K x K matrix (core core^T or the core) by batched GEMMs;
@@ -122,27 +122,25 @@ bool solve_problem(const double* RB, const double* RA, const double* d, double* 
 
 }  // namespace
 
-std::optional<GramSvd> gram_svd_cpu(const Backend& /*backend*/, const at::Tensor& GB, const at::Tensor& GA,
-                                    const at::Tensor& d, const std::vector<int64_t>& group,
-                                    const PerProblem& per_problem, int64_t q, bool squared, double min_pivot,
-                                    double min_diag) {
-  const int64_t batch = GB.size(0), G = GB.size(1), K = GB.size(2), P = d.size(0);
-  const at::Tensor gb = GB.contiguous(), ga = GA.contiguous(), dc = d.contiguous();
+std::optional<GramSvd> gram_svd_cpu(const Backend& /*backend*/, const GramProblems& problems) {
+  const at::Tensor gb = problems.GB.contiguous(), ga = problems.GA.contiguous(), dc = problems.d.contiguous();
+  const int64_t batch = gb.size(0), G = gb.size(1), K = gb.size(2), P = dc.size(0), q = problems.q;
+  const PerProblem& per_problem = problems.per_problem;
   at::Tensor RB = at::empty({batch, G, K, K}, gb.options()), RA = at::empty_like(RB);
   std::vector<char> ok(batch * G, 0);
   at::parallel_for(0, batch * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> norms(K);
     for (int64_t x = begin; x < end; ++x)
-      ok[x] = scaled_cholesky(ga.data_ptr<double>() + x * K * K, K, min_pivot, min_diag,
+      ok[x] = scaled_cholesky(ga.data_ptr<double>() + x * K * K, K, problems.min_pivot, problems.min_diag,
                               RA.data_ptr<double>() + x * K * K, norms.data()) &&
-              scaled_cholesky(gb.data_ptr<double>() + x * K * K, K, min_pivot, min_diag,
+              scaled_cholesky(gb.data_ptr<double>() + x * K * K, K, problems.min_pivot, problems.min_diag,
                               RB.data_ptr<double>() + x * K * K, norms.data());
   });
   if (std::find(ok.begin(), ok.end(), 0) != ok.end()) return std::nullopt;
   // Each problem's K x K matrix, by batched GEMMs (BLAS; large K is where the time goes).
   const at::Tensor RBD = per_problem(RB) * dc.view({1, P, 1, K});  // [batch, P, K, K]
-  at::Tensor H = squared ? at::matmul(at::matmul(RBD, per_problem(ga)), RBD.transpose(-1, -2))
-                         : at::matmul(RBD, per_problem(RA).transpose(-1, -2));
+  at::Tensor H = problems.squared ? at::matmul(at::matmul(RBD, per_problem(ga)), RBD.transpose(-1, -2))
+                                  : at::matmul(RBD, per_problem(RA).transpose(-1, -2));
   H = H.contiguous();
   GramSvd out;
   out.U = at::empty({batch, P, K, q}, gb.options());
@@ -152,10 +150,11 @@ std::optional<GramSvd> gram_svd_cpu(const Backend& /*backend*/, const at::Tensor
   at::parallel_for(0, batch * P, 1, [&](int64_t begin, int64_t end) {
     Workspace ws(K);
     for (int64_t x = begin; x < end; ++x) {
-      const int64_t b = x / P, p = x % P, sup = (b * G + group[p]) * K * K;
+      const int64_t b = x / P, p = x % P, sup = (b * G + problems.group[p]) * K * K;
       solved[x] = solve_problem(RB.data_ptr<double>() + sup, RA.data_ptr<double>() + sup, dc.data_ptr<double>() + p * K,
-                                H.data_ptr<double>() + x * K * K, q, squared, ws, out.U.data_ptr<double>() + x * K * q,
-                                out.S.data_ptr<double>() + x * q, out.V.data_ptr<double>() + x * K * q);
+                                H.data_ptr<double>() + x * K * K, q, problems.squared, ws,
+                                out.U.data_ptr<double>() + x * K * q, out.S.data_ptr<double>() + x * q,
+                                out.V.data_ptr<double>() + x * K * q);
     }
   });
   if (std::find(solved.begin(), solved.end(), 0) != solved.end()) return std::nullopt;

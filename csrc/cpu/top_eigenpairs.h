@@ -1,9 +1,9 @@
 // The largest eigenpairs of a small symmetric matrix, without computing the others: Householder
 // tridiagonalization, the wanted eigenvalues by bisection on Sturm counts turned into Newton steps
 // on det(T - x I) once a bracket holds one eigenvalue, inverse iteration for their eigenvectors
-// (reorthogonalized against the ones found before), back-transformation. For K = 24 and q = 8 it
-// takes about half the time of at::linalg_eigh (LAPACK's full dsyevd) per matrix, a third for K = 64
-// (csrc/tests/eigen_bench.cpp), and it runs on any thread.
+// (reorthogonalized against the ones found before), back-transformation. It takes less time than
+// at::linalg_eigh (LAPACK's full dsyevd) per matrix (csrc/tests/eigen_bench.cpp compares the two),
+// and it runs on any thread.
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,7 @@
 // CUDA backend: the completion of zero directions (csrc/common/completion.h) with one thread block
 // per (batch entry, receiving agent) as a BlockTeam, the counter-based normal generator, the
 // eigendecomposition of small float64 matrices (csrc/common/small_eigh.h, one block per matrix), the
-// exact Gram path's small problems as batched ATen calls (csrc/gram_svd_batched.cpp), and the other
+// exact Gram path's small problems as batched ATen calls (csrc/cuda/gram_svd_batched.cpp), and the other
 // batched factorizations through ATen (cuSOLVER / MAGMA). Every size is known from the shapes, W on
 // the GPU is never read on the host (W on the CPU is, to plan), and all work is queued on the current
 // stream.
@@ -19,7 +19,7 @@
 #include "../common/counter_normal.h"
 #include "../common/small_eigh.h"
 #include "../consensus.h"
-#include "../gram_svd_batched.h"
+#include "gram_svd_batched.h"
 
 namespace decaf {
 namespace {
@@ -120,11 +120,20 @@ std::tuple<at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& H) {
   return {values, vectors};
 }
 
-const Backend kCudaBackend{complete_rows_cuda, fill_normal_cuda, geqrf_cuda, ormqr_cuda, qr_cuda, svd_cuda, eigh_cuda,
-                              gram_svd_batched, /*support_grams=*/nullptr, /*times_stacks=*/nullptr,
-                              /*float64_grams=*/true, /*auto_exact_max_columns=*/256,
-                              /*stack_chunk_bytes=*/int64_t{256} << 20,
-                              /*module_chunk_bytes=*/std::numeric_limits<int64_t>::max()};
+const Backend kCudaBackend{.complete_rows = complete_rows_cuda,
+                           .fill_normal = fill_normal_cuda,
+                           .geqrf = geqrf_cuda,
+                           .ormqr = ormqr_cuda,
+                           .qr = qr_cuda,
+                           .svd = svd_cuda,
+                           .eigh = eigh_cuda,
+                           .gram_svd = gram_svd_batched,
+                           .support_grams = nullptr,
+                           .times_stacks = nullptr,
+                           .float64_grams = true,
+                           .auto_exact_max_columns = 256,
+                           .stack_chunk_bytes = int64_t{256} << 20,
+                           .module_chunk_bytes = std::numeric_limits<int64_t>::max()};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_cuda(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,

@@ -1,4 +1,4 @@
-// The CUDA backend's configuration with CPU kernels: its batched Gram path (csrc/gram_svd_batched.cpp),
+// The CUDA backend's configuration with CPU kernels: its batched Gram path (csrc/cuda/gram_svd_batched.cpp),
 // its Jacobi eigh (common/small_eigh.h, a one-thread team per matrix) and ATen's Grams and write-back,
 // shared by the native test (results against float64 references) and decaf_launch_count (ATen ops
 // per call, which on a GPU are kernel launches).
@@ -14,7 +14,7 @@
 #include "../common/small_eigh.h"
 #include "../consensus.h"
 #include "../cpu/cpu_backend.h"
-#include "../gram_svd_batched.h"
+#include "../cuda/gram_svd_batched.h"
 
 namespace decaf {
 

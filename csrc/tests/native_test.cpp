@@ -162,7 +162,7 @@ int main() {
   }
   zero_products();
   chunks_match_whole_calls();
-  // The CUDA backend's Gram path (csrc/gram_svd_batched.cpp) and eigh (common/small_eigh.h) on the CPU:
+  // The CUDA backend's Gram path (csrc/cuda/gram_svd_batched.cpp) and eigh (common/small_eigh.h) on the CPU:
   // float32 cases, sparse and dense buckets, duplicated neighbors, agents near consensus, zero products.
   decaf::Backend batched_backend = decaf::cuda_path_on_cpu();
   batched_backend.stack_chunk_bytes = 1;  // one module per chunk: the chunked gathers and their concatenation

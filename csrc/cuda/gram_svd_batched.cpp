@@ -1,7 +1,8 @@
-// The small problems of the exact Gram path (see solve_gram in csrc/consensus.cpp) as batched ATen
-// calls and the backend's batched eigh (CUDA: a Jacobi kernel up to 64 x 64, common/small_eigh.h), none
-// of which reads a value on the host, for devices where the per-problem loops of
-// csrc/cpu/gram_svd_cpu.cpp do not fit (CUDA). Grams G = P^T P (P = Bs^T or As^T) arrive in float64,
+// The small problems of the exact Gram path (see csrc/solve_gram.cpp) as batched ATen calls and the
+// backend's batched eigh (CUDA: a Jacobi kernel up to 64 x 64, common/small_eigh.h), none of which
+// reads a value on the host, for devices where the per-problem loops of csrc/cpu/gram_svd_cpu.cpp do
+// not fit (CUDA). Plain C++ on ATen, so that the CMake build also runs it on the CPU
+// (csrc/tests/cuda_path_on_cpu.h). Grams G = P^T P (P = Bs^T or As^T) arrive in float64,
 // formed from float64 copies of the factors (Backend::float64_grams), so that zero and repeated
 // columns give Grams singular to float64 rounding.
 //   per support:  G = (R diag(s))^T (R diag(s)): s the column norms, R^T R the Cholesky factorization
@@ -25,14 +26,14 @@
 #include <cmath>
 #include <limits>
 
-#include "common/small_eigh.h"
+#include "../common/small_eigh.h"
 
 namespace decaf {
 namespace {
 
 constexpr double kJitter = 4.0;
 // The CUDA backend's batched eigh is one kernel up to kSmallEighMax x kSmallEighMax (common/small_eigh.h);
-// ATen's loops over the batch above 32 x 32 (on an H200, 1024 matrices of 128 x 128: 1.6 s).
+// ATen's loops over the batch above 32 x 32.
 constexpr int64_t kDirectMax = kSmallEighMax;
 constexpr int64_t kSubspaceColumns = 32;
 constexpr int kSubspaceIterations = 32;
@@ -115,18 +116,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> top_triplets(const Backend& backe
 
 }  // namespace
 
-std::optional<GramSvd> gram_svd_batched(const Backend& backend, const at::Tensor& GB, const at::Tensor& GA,
-                                        const at::Tensor& d, const std::vector<int64_t>& /*group*/,
-                                        const PerProblem& per_problem, int64_t q, bool squared,
-                                        double /*min_pivot*/, double /*min_diag*/) {
-  if (!squared) return std::nullopt;
-  const int64_t K = GB.size(-1), P = d.size(0);
-  const auto [RB, sB, invB] = scaled_cholesky(GB);
-  const auto [RA, sA, invA] = scaled_cholesky(GA);
+std::optional<GramSvd> gram_svd_batched(const Backend& backend, const GramProblems& problems) {
+  if (!problems.squared) return std::nullopt;
+  const PerProblem& per_problem = problems.per_problem;
+  const int64_t K = problems.GB.size(-1), P = problems.d.size(0);
+  const auto [RB, sB, invB] = scaled_cholesky(problems.GB);
+  const auto [RA, sA, invA] = scaled_cholesky(problems.GA);
   const at::Tensor RBp = per_problem(RB), RAp = per_problem(RA);
-  const at::Tensor weights = per_problem(sB) * d.view({1, P, K}) * per_problem(sA);  // [batch, P, K]
+  const at::Tensor weights = per_problem(sB) * problems.d.view({1, P, K}) * per_problem(sA);  // [batch, P, K]
   const at::Tensor C = at::matmul(RBp * weights.unsqueeze(-2), RAp.transpose(-1, -2));
-  auto [Y, sigma, X] = top_triplets(backend, C, q);
+  auto [Y, sigma, X] = top_triplets(backend, C, problems.q);
   GramSvd out;
   out.U = at::linalg_solve_triangular(RBp, Y, /*upper=*/true) * per_problem(invB).unsqueeze(-1);
   out.V = at::linalg_solve_triangular(RAp, X, /*upper=*/true) * per_problem(invA).unsqueeze(-1);
