@@ -271,7 +271,7 @@ def test_two_process_run_matches_the_simulator(tiny_lm, tmp_path):
     config = lm_config(tiny_lm, tmp_path / "dist", agents=2, algorithm="decaf", lora_dropout=0.0)
     flags = [f"--{k.replace('_', '-')}={','.join(v) if isinstance(v, list) else v}"
              for k, v in config.to_dict().items() if v is not None and not isinstance(v, bool)]
-    result = subprocess.run([sys.executable, "-m", "decaf_ext.distributed.runtime", "--nproc", "2", "--no-progress",
+    result = subprocess.run([sys.executable, "-m", "decaf_ext.distributed", "--nproc", "2", "--no-progress",
                              *flags], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     simulator = Trainer(dataclasses.replace(config, output_dir=str(tmp_path / "sim")))

@@ -14,6 +14,7 @@ import pytest
 from decaf_ext.cli.commands import build_parser, main
 from decaf_ext.config import TrainConfig, build_config
 from decaf_ext.errors import ConfigError
+from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.trainer import Trainer
 from test_trainer import read_metrics, tiny_paths, without_times  # noqa: F401  (tiny_paths is a fixture)
 
@@ -333,16 +334,16 @@ def test_a_killed_run_is_resumed_from_any_folder(tiny_paths, tmp_path, monkeypat
     model, data = tiny_paths
     monkeypatch.chdir(Path(data).parent)
     relative = tiny_flags(("model", "data"), Path("run"), "--rounds", "3")
-    local_round = Trainer.local_round
+    local_round = Agents.local_round
 
     def killed_in_round_2(self, round_index):
         if round_index == 1:
             raise KeyboardInterrupt
         local_round(self, round_index)
 
-    monkeypatch.setattr(Trainer, "local_round", killed_in_round_2)
+    monkeypatch.setattr(Agents, "local_round", killed_in_round_2)
     assert main(relative) == 130
-    monkeypatch.setattr(Trainer, "local_round", local_round)
+    monkeypatch.setattr(Agents, "local_round", local_round)
     capsys.readouterr()
     assert main(relative) == 2
     err = capsys.readouterr().err
@@ -360,7 +361,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tiny_pa
     def killed(self, round_index):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "local_round", killed)
+    monkeypatch.setattr(Agents, "local_round", killed)
     assert main(tiny_flags(tiny_paths, tmp_path / "run", "--rounds", "1")) == 130
     monkeypatch.undo()
     assert main(["--resume", str(tmp_path / "run"), "--no-progress"]) == 0
