@@ -132,9 +132,11 @@ class AgentRuntime:
             return
         gathered, accepted, members = gathered.cpu(), [], []
         for k, j in enumerate(view.agents):
-            data, reason = guard.open(gathered[k], context(j))
-            if reason is None and j != self.agent:
-                reason = self._check_evaluation(data, groups, extras)
+            if j == self.agent:  # its own numbers as it holds them, not as they crossed the wire
+                data, reason = mine, None
+            else:
+                data, reason = guard.open(gathered[k], context(j))
+                reason = reason or self._check_evaluation(data, groups, extras)
             if reason is None:
                 accepted.append(data)
                 members.append(j)
