@@ -139,10 +139,13 @@ class TrainConfig:
     tensorboard: bool = _knob(False, "also write TensorBoard event files to <run folder>/tensorboard "
                                      "(needs the tensorboard package: pip install decaf_ext[tensorboard])")
     # message safety (runs with one process per agent)
-    run_key_file: str | None = _knob(None, "file holding a shared secret: every message carries an HMAC tag and "
+    run_key_file: str | None = _knob(None, "file holding a shared secret of at least 16 bytes: every message "
+                                           "carries an HMAC tag bound to the run, round, sender and receiver; "
                                            "untagged or wrongly tagged ones are rejected (or set DECAF_RUN_KEY)")
     norm_bound: float | None = _knob(None, "reject a neighbour whose LoRA product norm exceeds this multiple of "
-                                           "the agent's own")
+                                           "the median of the agent's own and the round's messages")
+    norm_cap: float | None = _knob(None, "reject a message any of whose factors, extras or LoRA product has a "
+                                         "Frobenius norm above this absolute value")
 
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the argument) for values that are invalid on their own."""
@@ -190,8 +193,10 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("target_modules must name at least one module")
-        if self.norm_bound is not None and not self.norm_bound >= 1:
-            raise ConfigError(f"norm_bound must be >= 1 or none, got {self.norm_bound}")
+        if self.norm_bound is not None and not (math.isfinite(self.norm_bound) and self.norm_bound >= 1):
+            raise ConfigError(f"norm_bound must be a finite number >= 1 or none, got {self.norm_bound}")
+        if self.norm_cap is not None and not (math.isfinite(self.norm_cap) and self.norm_cap > 0):
+            raise ConfigError(f"norm_cap must be a finite number > 0 or none, got {self.norm_cap}")
         check_device(self.device)
         if self.dtype == "float16" and (self.device == "cpu" or (self.device == "auto" and not _cuda_available())):
             raise ConfigError("dtype: float16 cannot train on a CPU (use bfloat16 or float32)")

@@ -15,15 +15,18 @@ import torch
 from decaf_ext.comm.agent_round import RoundHooks
 from decaf_ext.errors import ConfigError
 
-KINDS = {"exit": False, "nan": False, "badtag": False, "stall": True, "scale": True}  # kind -> takes =VALUE
+KINDS = {"exit": False, "nan": False, "badtag": False, "stall": True, "scale": True, "evalnan": False,
+         "evalbadtag": False}  # kind -> takes =VALUE
 
 
 @dataclass
 class Faults(RoundHooks):
-    """Faults of one agent, e.g. ``"2:exit@3,1:nan@1,3:stall@2=5,0:badtag@1,1:scale@2=100"``
+    """Faults of one agent, e.g. ``"2:exit@3,1:nan@1,3:stall@2=5,0:badtag@1,1:scale@2=100,2:evalnan@1,3:evalbadtag@0"``
     (rounds 0-based): agent 2 kills itself (SIGKILL) after its local steps of round 3; agent 1 sends NaN buffers
     in round 1; agent 3 sleeps 5 s before communicating in round 2; agent 0 sends a wrong message tag in round 1;
-    agent 1 sends its factors times 100 in round 2 (finite, correctly tagged). A restarted process runs cleanly.
+    agent 1 sends its factors times 100 in round 2 (finite, correctly tagged); agent 2 sends NaN as its
+    bytes_sent count in the evaluation after round 1 (correctly tagged), agent 3 a wrong tag on its evaluation
+    after round 0. A restarted process runs cleanly.
     ``events`` maps kind -> {round: value (seconds or factor; None for the others)}."""
 
     events: Mapping[str, Mapping[int, float | None]] = dataclasses.field(default_factory=dict)
@@ -72,4 +75,16 @@ class Faults(RoundHooks):
         if self.at("badtag", round_index):
             buffer = buffer.clone()
             buffer[-1] = 255 - buffer[-1]  # another byte value (0..255 in any buffer dtype, uint8 included)
+        return buffer
+
+    def evaluation(self, round_index: int, data: torch.Tensor,
+                   seal: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The evaluation buffer after round `round_index`: seal(data), with this round's faults applied."""
+        if self.at("evalnan", round_index):
+            data = data.clone()
+            data[2] = float("nan")
+        buffer = seal(data)
+        if self.at("evalbadtag", round_index):
+            buffer = buffer.clone()
+            buffer[-1] = 255 - buffer[-1]
         return buffer

@@ -11,7 +11,7 @@ from decaf_ext.comm.codec import MESSAGE_DTYPES, Codec, dequantize, quantize
 from decaf_ext.errors import ConfigError
 from decaf_ext.comm.transport import check_buffer, unfilled
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, write_factors
-from decaf_ext.comm.guard import TAG_BYTES, MessageGuard
+from decaf_ext.comm.guard import TAG_BYTES, MessageGuard, TagContext
 from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.strategies import get_strategy
 from decaf_ext.sim.trainer import Trainer
@@ -80,15 +80,17 @@ def test_int8_messages_carry_a_message_tag():
     groups, extras = random_agents(2)
     own = select(groups, extras, [0])
     layout = MessageLayout(*own, trains_A=True, trailer=TAG_BYTES, message_dtype="int8")
-    guard = MessageGuard(b"secret")
-    sealed = guard.seal(layout.encode(layout.pack(*own)), 2, 0)
+    guard = MessageGuard(b"a run key of 16+ bytes")
+    guard.bind(b"nonce")
+    context = TagContext("mix", 2, 0, 0, 1, 1)
+    sealed = guard.seal(layout.encode(layout.pack(*own)), context)
     assert sealed.dtype == torch.uint8 and sealed.shape == (layout.numel,)
-    data, reason = guard.open(sealed, 2, 0)
+    data, reason = guard.open(sealed, context)
     assert reason is None and layout.check(data) is None
     torch.testing.assert_close(layout.decode(data[None])[0], layout.received(layout.pack(*own)[None])[0])
     tampered = sealed.clone()
     tampered[0] ^= 1
-    assert guard.open(tampered, 2, 0)[1] == "wrong message tag"
+    assert guard.open(tampered, context)[1] == "wrong message tag"
 
 
 @pytest.mark.parametrize("trains_A", [True, False])

@@ -30,8 +30,8 @@ from decaf_ext.cli import main as cli_main
 from decaf_ext.distributed import DistributedOptions, launch, run_distributed
 from decaf_ext.comm.transport import Transport, check_buffer
 from faults import Faults
-from decaf_ext.lora import FactorGroup, collect_extras, collect_factors
-from decaf_ext.comm.guard import MessageGuard
+from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, product_norm
+from decaf_ext.comm.guard import MessageGuard, TagContext, load_run_key
 from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.strategies import get_strategy, strategy_names
 from decaf_ext.sim.trainer import Trainer
@@ -54,6 +54,7 @@ RANKED = {"decaf-ranks": dict(algorithm="decaf", rank="cycle:2,4"),
           "fedavg-ranks": dict(algorithm="fedavg", rank="cycle:2,4")}
 
 AGENTS = 4
+KEY = b"a run key of 16+ bytes"
 ROUND_TIMEOUT = 3.0
 FAULTY = dict(algorithm="dlora", rounds=7, eval_every=1, checkpoint_every=1)
 # Rounds 0-based. Agent 1 sends NaN in round 1; agent 2 is killed in round 2; agent 3 stalls past the timeout in
@@ -61,9 +62,10 @@ FAULTY = dict(algorithm="dlora", rounds=7, eval_every=1, checkpoint_every=1)
 # which holds the group until agent 3 has asked to join again.
 FAULTS = f"1:nan@1,2:exit@2,3:stall@3={ROUND_TIMEOUT + 0.5},0:stall@5=2"
 # With a shared run key, a norm bound and int8 messages (uint8 buffers): agent 1 sends a wrong message tag in
-# round 0, agent 3 its factors x 1000 in round 1 (finite, correctly tagged).
+# round 0, agent 3 its factors x 1000 in round 1 (finite, correctly tagged); in the evaluations, agent 3 a wrong
+# tag after round 0, agent 2 a NaN byte count (correctly tagged) after round 1.
 GUARDED = dict(algorithm="decaf", rounds=2, norm_bound=10.0, message_dtype="int8")
-GUARDED_FAULTS = "1:badtag@0,3:scale@1=1000"
+GUARDED_FAULTS = "1:badtag@0,3:scale@1=1000,3:evalbadtag@0,2:evalnan@1"
 EXACT = ("round", "acc_mean", "acc_std", "macro_f1_mean", "avg_model_acc", "avg_model_macro_f1", "bytes_sent",
          "acc_agents")
 CLOSE = ("train_loss", "consensus_error")
@@ -110,7 +112,7 @@ def launched(tiny, tmp_path_factory):
     runs = {name: tiny_config(tiny, root / name, **{"algorithm": name, **variants.get(name, {})},
                               lora_dropout=0.1, rounds=3) for name in (*ALGORITHMS, *variants)}
     faulty = tiny_config(tiny, root / "faulty", **FAULTY)
-    (root / "key").write_text("a shared secret\n")
+    (root / "key").write_text("a shared secret key\n")
     guarded = tiny_config(tiny, root / "guarded", run_key_file=str(root / "key"), **GUARDED)
     spec = {"runs": [(c.to_dict(), "") for c in runs.values()] + [(guarded.to_dict(), GUARDED_FAULTS),
                                                                    (faulty.to_dict(), FAULTS)],
@@ -221,10 +223,15 @@ def test_resume_brings_the_killed_agent_back_from_its_checkpoint(launched, capfd
 def test_wrong_tags_and_oversized_products_are_rejected(launched):
     guarded = launched[3]
     run_dir = guarded.output_dir
-    assert [r["members"] for r in read_metrics(run_dir)] == [[0, 1, 2, 3]] * guarded.rounds
+    assert [r["members"] for r in read_metrics(run_dir)] == [[0, 1, 2], [0, 1, 3]]  # evaluations: 3, 2 rejected
     events = {agent: summary_of(run_dir, agent)["distributed"]["events"] for agent in range(AGENTS)}
-    rejected = {agent: [(e["round"], e["agent"], e["reason"]) for e in events[agent] if e["event"] == "rejected"]
-                for agent in range(AGENTS)}
+    rejected = {agent: [(e["round"], e["agent"], e["reason"]) for e in events[agent]
+                        if e["event"] == "rejected" and "what" not in e] for agent in range(AGENTS)}
+    evaluations = {agent: [(e["round"], e["agent"]) for e in events[agent] if e.get("what") == "evaluation"]
+                   for agent in range(AGENTS)}
+    assert evaluations[0] == evaluations[1] == [(0, 3), (1, 2)]
+    assert evaluations[2] == [(0, 3)] and evaluations[3] == [(1, 2)]
+    assert all(math.isfinite(r["bytes_sent"]) for r in read_metrics(run_dir))
     # ring of 4: agent 1's neighbours are 0 and 2, agent 3's are 2 and 0
     assert rejected[0][0] == rejected[2][0] == (0, 1, "wrong message tag")
     assert [r[:2] for r in rejected[0][1:]] == [r[:2] for r in rejected[2][1:]] == [(1, 3)]
@@ -320,26 +327,55 @@ def test_the_row_form_equals_the_strategy_row(algorithm):
             torch.testing.assert_close(got.B @ got.A, (expected.B @ expected.A)[:, i:i + 1])
 
 
-def test_message_guard_tags_and_norm_bound():
+def test_message_guard_tags_bind_the_whole_context():
     groups, extras = random_agents(2)
     layout = MessageLayout(*select(groups, extras, [0]), trains_A=True, trailer=32)
     data = layout.pack(*select(groups, extras, [0]))
-    guard = MessageGuard(b"secret", norm_bound=2.0)
-    sealed = guard.seal(data, 3, 0)
+    guard = MessageGuard(KEY)
+    guard.bind(b"nonce-1")
+    context = TagContext("mix", round=3, group=2, sender=0, incarnation=1, receiver=1)
+    sealed = guard.seal(data, context)
     assert sealed.shape == (layout.numel,) and torch.equal(sealed[:-32], data)
-    assert guard.open(sealed, 3, 0)[1] is None
-    assert guard.open(sealed, 4, 0)[1] == "wrong message tag"  # another round
-    assert guard.open(sealed, 3, 1)[1] == "wrong message tag"  # another sender
-    assert guard.open(MessageGuard(b"other").seal(data, 3, 0), 3, 0)[1] == "wrong message tag"
-    assert "missing" in guard.open(torch.cat([data, torch.full((32,), 0.5, dtype=data.dtype)]), 3, 0)[1]
+    assert guard.open(sealed, context)[1] is None
+    for changed in (dict(purpose="eval"), dict(round=4), dict(group=3), dict(sender=1), dict(incarnation=2),
+                    dict(receiver=2)):
+        assert guard.open(sealed, context._replace(**changed))[1] == "wrong message tag", changed
+    other_run = MessageGuard(KEY)
+    other_run.bind(b"nonce-2")  # the same key in another run or launch
+    assert other_run.open(sealed, context)[1] == "wrong message tag"
+    other_key = MessageGuard(b"another key of 16+ bytes")
+    other_key.bind(b"nonce-1")
+    assert guard.open(other_key.seal(data, context), context)[1] == "wrong message tag"
+    assert "missing" in guard.open(torch.cat([data, torch.full((32,), 0.5, dtype=data.dtype)]), context)[1]
     tampered = sealed.clone()
     tampered[0] += 1
-    assert guard.open(tampered, 3, 0)[1] == "wrong message tag"
-    own = select(groups, extras, [0])[0]
+    assert guard.open(tampered, context)[1] == "wrong message tag"
+
+
+def test_short_run_keys_are_refused(tmp_path):
+    (tmp_path / "key").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="^run_key_file: .*1 bytes"):
+        load_run_key(str(tmp_path / "key"))
+    with pytest.raises(ValueError, match="at least 16"):
+        MessageGuard(b"fifteen bytes!!")
+
+
+def test_norm_bounds_absolute_and_relative_to_the_median():
+    groups, extras = random_agents(2)
+    own, own_extras = select(groups, extras, [0])
     scaled = [FactorGroup(g.names, g.A * 3, g.B) for g in own]
-    assert guard.check_norm(own, own) is None
-    assert "above 2 x" in guard.check_norm(scaled, own)
-    assert MessageGuard(None, None).check_norm(scaled, own) is None
+    norm = float(product_norm(own)[0])
+    guard = MessageGuard(None, norm_bound=2.0)
+    assert guard.check_relative({1: norm, 2: 1.5 * norm}, norm) == {}
+    assert list(guard.check_relative({1: norm, 2: 3 * norm}, norm)) == [2]  # one outlier cannot move the median
+    assert MessageGuard(None).check_relative({1: 1e30}, norm) == {}
+    capped = MessageGuard(None, norm_cap=norm * 2)
+    assert capped.check_values(own, own_extras) is None
+    assert "norm_cap" in capped.check_values(scaled, own_extras)
+    head = {name: x * 1e30 for name, x in own_extras.items()}
+    assert "extra" in capped.check_values(own, head)  # extras are bounded too
+    nan = {name: x * float("nan") for name, x in own_extras.items()}
+    assert "NaN" in MessageGuard(None).check_values(own, nan)
 
 
 def test_membership_protocol():
@@ -390,11 +426,13 @@ def test_faults_from_a_spec():
     assert faults.events == {"exit": {3: None}, "nan": {0: None}, "stall": {4: 1.5}, "scale": {1: 10.0},
                              "badtag": {2: None}}
     assert Faults.parse(spec, 2, restarted=True) == Faults()  # a restarted process runs cleanly
-    guard = MessageGuard(b"key")
-    seal = lambda data: guard.seal(data, 0, 2)  # noqa: E731
+    guard = MessageGuard(KEY)
+    guard.bind(b"nonce")
+    context = TagContext("mix", 0, 0, 2, 1, 0)
+    seal = lambda data: guard.seal(data, context)  # noqa: E731
     assert torch.isnan(faults.outgoing(0, torch.ones(3), seal)[:3]).all()
     assert torch.equal(faults.outgoing(1, torch.ones(3), seal)[:3], torch.full((3,), 10.0))
-    assert guard.open(faults.outgoing(2, torch.ones(3), seal), 0, 2)[1] == "wrong message tag"
+    assert guard.open(faults.outgoing(2, torch.ones(3), seal), context)[1] == "wrong message tag"
     assert torch.equal(faults.outgoing(3, torch.ones(3), seal), seal(torch.ones(3)))
     for bad in ("2:exit", "2:boom@1", "x:nan@1", "1:stall@2", "1:nan@2=3", "1:scale@2"):
         with pytest.raises(ConfigError, match="faults"):

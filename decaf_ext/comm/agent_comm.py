@@ -6,7 +6,7 @@ Example::
 
     >>> comm = AgentComm(strategy, groups, extras, store=store, agent=2, n_agents=4, backend="gloo",
     ...                  device=torch.device("cpu"))
-    >>> done = comm.transport.start(0)
+    >>> done = comm.start(0)
     >>> view, mixed = comm.round(done, groups, extras, W)   # view None: left out of the round
 """
 
@@ -37,7 +37,7 @@ class AgentComm:
             message layout.
         store: the run's control-plane store (prefixed per run and attempt).
         backend: "gloo" or "nccl"; device: where the factors live.
-        run_key / norm_bound: message safety (:class:`~decaf_ext.comm.guard.MessageGuard`).
+        run_key / norm_bound / norm_cap: message safety (:class:`~decaf_ext.comm.guard.MessageGuard`).
         message_dtype / ranks: the message codec and every agent's LoRA rank (None: all equal).
         round_timeout / startup_timeout: seconds (:class:`~decaf_ext.comm.transport.Transport`).
         restarted: whether this process replaces one of the run's (a torchrun restart).
@@ -46,10 +46,10 @@ class AgentComm:
 
     def __init__(self, strategy: Strategy, groups: list[FactorGroup], extras: Extras, *, store: dist.Store,
                  agent: int, n_agents: int, backend: str, device: torch.device, run_key: bytes | None = None,
-                 norm_bound: float | None = None, message_dtype: str = "float32",
+                 norm_bound: float | None = None, norm_cap: float | None = None, message_dtype: str = "float32",
                  ranks: Sequence[int] | None = None, round_timeout: float = 60.0, startup_timeout: float = 600.0,
                  restarted: bool = False, test_hooks: HooksFactory | None = None) -> None:
-        self.guard = MessageGuard(run_key, norm_bound)
+        self.guard = MessageGuard(run_key, norm_bound, norm_cap)
         self.layout = MessageLayout(groups, extras, trains_A=strategy.trains_A, trailer=self.guard.trailer,
                                     message_dtype=message_dtype, ranks=ranks)
         self.transport = Transport(store, agent, n_agents, fingerprint=self.layout.fingerprint, backend=backend,
@@ -58,6 +58,13 @@ class AgentComm:
         self.hooks = None if test_hooks is None else test_hooks(agent, self.restarted)
         self.agent_round = AgentRound(strategy, self.transport, self.layout, guard=self.guard, device=device,
                                       hooks=self.hooks)
+
+    def start(self, rounds_done: int) -> int:
+        """Enter the run (:meth:`Transport.start <decaf_ext.comm.transport.Transport.start>`) and bind the message
+        tags to its nonce; returns the number of rounds done from which this agent continues."""
+        done = self.transport.start(rounds_done)
+        self.guard.bind(self.transport.nonce)
+        return done
 
     def after_local_steps(self, round_index: int) -> None:
         """The point between local training and communication (test hooks only)."""

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 from decaf_ext.comm.transport import RoundView, Transport
-from decaf_ext.lora import Extras, FactorGroup, select_agent
-from decaf_ext.comm.guard import MessageGuard
+from decaf_ext.lora import Extras, FactorGroup, product_norm, select_agent
+from decaf_ext.comm.guard import BROADCAST, MessageGuard, TagContext
 from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.strategies import Strategy
 
@@ -40,7 +40,13 @@ class RoundHooks:
 
     def outgoing(self, round_index: int, data: torch.Tensor, seal: Callable[[torch.Tensor], torch.Tensor]
                  ) -> torch.Tensor:
-        """The buffer sent in round `round_index`: seal(data) by default."""
+        """The buffer sent in round `round_index`: seal(data) by default (seal(data, wire=W) tags a wire W of its
+        own making instead of data's encoding)."""
+        return seal(data)
+
+    def evaluation(self, round_index: int, data: torch.Tensor, seal: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> torch.Tensor:
+        """The evaluation buffer sent after round `round_index` (statistics, then factors): seal(data) by default."""
         return seal(data)
 
 
@@ -83,44 +89,67 @@ class AgentRound:
             neighbours = [j for j in view.agents if j != self.agent]
         peers = [j for j in neighbours if j in view.members]
         own = self.layout.pack(groups, extras)
-        def seal(data: torch.Tensor) -> torch.Tensor:
-            return self.guard.seal(self.layout.encode(data, self.agent).to(self.buffer_device), round_index, self.agent)
-
-        sealed = seal(own) if self.hooks is None else self.hooks.outgoing(round_index, own, seal)
-
-        decoded: dict[int, torch.Tensor] = {}  # messages decoded for the norm check, reused for mixing
-
-        def validate(j: int, buffer: torch.Tensor) -> str | None:
-            data, reason = self.guard.open(buffer[:self.layout.numel_of(j)], round_index, j)
-            if reason is None:
-                reason = self.layout.check(data, j)
-            if reason is None and self.guard.norm_bound is not None:
-                decoded[j] = self.layout.decode(data[None].to(self.device), j)[0]
-                theirs, _ = self.layout.unpack(decoded[j][None], groups, extras)
-                reason = self.guard.check_norm(theirs, groups)
-            return reason
-
-        if self.strategy.decentralized:
-            received = self.transport.send_and_receive(view, sealed, peers, validate,
-                                               sizes={j: self.layout.numel_of(j) for j in peers})
-        else:  # all_gather moves equal sizes: with unequal ranks every buffer is padded to the largest
-            padded = torch.cat([sealed, sealed.new_zeros(self.layout.numel - sealed.numel())])
-            received = self.transport.gather_checked(view, padded, validate)
-        live = sorted(received)
-        missing = [j for j in neighbours if j not in received] if self.strategy.decentralized else []
+        wire = self.layout.encode(own, self.agent).to(self.buffer_device)
+        heard = self._exchange(view, round_index, own, wire, peers, groups, extras)
+        live = sorted(heard)
+        missing = [j for j in neighbours if j not in heard] if self.strategy.decentralized else []
         if missing:
             log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
                      self.agent, round_index, missing, float(row[missing].sum()))
         order, W_round = round_inputs(self.strategy, self.agent, row, live, missing)
-        heard = {j: decoded[j] if j in decoded else
-                 self.layout.decode(received[j][None, :self.layout.wire_numel_of(j)].to(self.device), j)[0]
-                 for j in live}
         data = torch.stack([own if j == self.agent else heard[j] for j in order])
         mixed = self.strategy.communicate(*self.layout.unpack(data, groups, extras), W_round)
         new_groups, new_extras = select_agent(*mixed, order.index(self.agent))
         sent = self.layout.sent_bytes_of(self.agent, server=not self.strategy.decentralized) * (
             len(peers) if self.strategy.decentralized else 1)
         return MixResult(new_groups, new_extras, [self.agent, *live], sent)
+
+    def _context(self, view: RoundView, purpose: str, sender: int, receiver: int) -> TagContext:
+        return TagContext(purpose, view.round, view.group, sender, view.members[sender], receiver)
+
+    def _exchange(self, view: RoundView, round_index: int, own: torch.Tensor, wire: torch.Tensor, peers: list[int],
+                  groups: list[FactorGroup], extras: Extras) -> dict[int, torch.Tensor]:
+        """Send this agent's wire to `peers` (a decentralized strategy) or every member (a server strategy) and
+        return the messages that passed every check, decoded: sender -> data [data_numel]."""
+        decentralized = self.strategy.decentralized
+
+        def seal(data: torch.Tensor, receiver: int, crafted: torch.Tensor | None = None) -> torch.Tensor:
+            if crafted is None:
+                crafted = wire if data is own else self.layout.encode(data, self.agent).to(self.buffer_device)
+            return self.guard.seal(crafted, self._context(view, "mix", self.agent, receiver))
+
+        def sealed(receiver: int) -> torch.Tensor:
+            if self.hooks is None:
+                return seal(own, receiver)
+            return self.hooks.outgoing(round_index, own, lambda data, wire=None: seal(data, receiver, wire))
+
+        decoded: dict[int, torch.Tensor] = {}
+        norms: dict[int, float] = {}
+
+        def validate(j: int, buffer: torch.Tensor) -> str | None:
+            receiver = self.agent if decentralized else BROADCAST
+            data, reason = self.guard.open(buffer[:self.layout.numel_of(j)], self._context(view, "mix", j, receiver))
+            reason = reason or self.layout.check(data, j)
+            if reason is None:
+                decoded[j] = self.layout.decode(data[None, :self.layout.wire_numel_of(j)].to(self.device), j)[0]
+                theirs, their_extras = self.layout.unpack(decoded[j][None], groups, extras)
+                reason = self.guard.check_values(theirs, their_extras)
+                norms[j] = float(product_norm(theirs)[0]) if theirs else 0.0
+            return reason
+
+        if decentralized:
+            received = self.transport.send_and_receive(view, {j: sealed(j) for j in peers}, validate,
+                                                       sizes={j: self.layout.numel_of(j) for j in peers})
+        else:  # all_gather moves equal sizes: with unequal ranks every buffer is padded to the largest
+            buffer = sealed(BROADCAST)
+            padded = torch.cat([buffer, buffer.new_zeros(self.layout.numel - buffer.numel())])
+            received = self.transport.gather_checked(view, padded, validate)
+        own_norm = float(product_norm(groups)[0]) if groups else 0.0
+        for j, reason in self.guard.check_relative({j: norms[j] for j in received}, own_norm).items():
+            self.transport.record_event(view.round, "rejected", f"buffer of agent {j} rejected ({reason})",
+                                        agent=j, reason=reason)
+            del received[j]
+        return {j: decoded[j] for j in received}
 
 
 def round_inputs(strategy: Strategy, agent: int, row: torch.Tensor, heard: list[int], missing: list[int]

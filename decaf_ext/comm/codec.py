@@ -22,6 +22,7 @@ import torch
 
 MESSAGE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8")
 INT8_LEVELS = 127
+MAX_INT8_SCALE = torch.finfo(torch.float32).max / INT8_LEVELS  # larger scales decode code 127 to Inf
 
 
 def check_message_dtype(message_dtype: str) -> None:
@@ -104,13 +105,16 @@ class Codec:
         return [dequantize(c, s, self.dtype) for c, s in zip(codes, scales)]
 
     def check(self, wire: torch.Tensor) -> str | None:
-        """Why a received wire [numel] must not be used (an int8 message with a NaN, Inf or negative scale or
-        the unused code -128), or None. The float dtypes are checked by the transport (finite values)."""
+        """Why a received wire [numel] must not be used (an int8 message with a NaN, Inf or negative scale, a
+        scale whose codes decode beyond float32, or the unused code -128), or None. The float dtypes are checked
+        by the transport (finite values)."""
         if self.message_dtype != "int8":
             return None
         codes, scales = self._split(wire[None])
         if not all(bool((torch.isfinite(s) & (s >= 0)).all()) for s in scales):
             return "NaN, Inf or negative int8 scales"
+        if not all(bool((s <= MAX_INT8_SCALE).all()) for s in scales):
+            return f"int8 scale above {MAX_INT8_SCALE:.4g} (decodes beyond float32)"
         if any(bool((c == -INT8_LEVELS - 1).any()) for c in codes):
             return "int8 code -128"
         return None

@@ -1,72 +1,132 @@
-"""Message safety at the boundary of an agent process: a shared-key HMAC tag on every buffer and a bound on the
-norm of a neighbour's LoRA product relative to the agent's own.
+"""Message safety at the boundary of an agent process: a tag on every buffer, and bounds on what a neighbour's
+factors may be.
 
-Size, dtype and finiteness are checked by :func:`decaf_ext.comm.transport.check_buffer`; the guard adds (a) with a run
-key, a tag HMAC-SHA256(key, round | sender | data bytes) appended to the buffer as 32 elements holding its bytes
-(0..255, exact in every floating dtype), so a process without the key cannot inject factors and a message
-cannot be replayed in another round or under another sender; (b) with a norm bound c, a neighbour with
-||B_j A_j|| > c * ||B_i A_i|| (Frobenius over all modules) is rejected: a finite but poisoned message.
+Size, dtype and finiteness of the wire are checked by :func:`decaf_ext.comm.transport.check_buffer`, the int8
+codes and scales by the codec. The guard adds:
+
+- with a run key, a tag HMAC-SHA256(k, context | SHA-256(data)) appended to the buffer as 32 elements holding
+  its bytes (0..255, exact in every floating dtype). k is derived from the run key with HKDF, salted with the
+  run's nonce (a fresh one per launch); the context names the purpose (mixing or evaluation), the round, the
+  process group, the sender and its incarnation, and the receiver (-1: every member of the group). A process
+  without the key cannot inject factors, and a message cannot be replayed in another run, launch, round, group,
+  incarnation, under another sender or to another receiver.
+- bounds on a neighbour's decoded message: every value finite; with ``norm_cap`` c, every factor ||A_j||,
+  ||B_j||, every extra and the product ||B_j A_j|| (Frobenius over all modules) at most c (an absolute bound:
+  mixing then keeps this agent's norms within max(own, c) rounds after rounds); with ``norm_bound`` b,
+  ||B_j A_j|| at most b times the median of this agent's and the round's other messages' product norms (a
+  minority of neighbours cannot move the reference).
+
+Example::
+
+    >>> guard = MessageGuard(b"a run key of 16+ bytes", norm_cap=100.0); guard.bind(nonce)
+    >>> buffer = guard.seal(data, TagContext("mix", round=3, group=0, sender=1, incarnation=1, receiver=2))
+    >>> data, reason = guard.open(buffer, context)       # reason None: the tag is right
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
+from typing import NamedTuple
 
 import torch
 
+from decaf_ext.comm.keys import check_run_key, derive_key
 from decaf_ext.errors import ConfigError
-from decaf_ext.lora import FactorGroup, product_norm
+from decaf_ext.lora import Extras, FactorGroup, product_norm
 
 RUN_KEY_ENV = "DECAF_RUN_KEY"
 TAG_BYTES = hashlib.sha256().digest_size
+BROADCAST = -1  # receiver of a buffer every member of the group gets (all_gather)
 
 
 def load_run_key(path: str | None) -> bytes | None:
     """The shared run key: the contents of file `path` if given, else the environment variable DECAF_RUN_KEY,
-    else None (no tags). ConfigError naming run_key_file if the file cannot be read or is empty."""
+    else None (no tags). ConfigError naming run_key_file (or DECAF_RUN_KEY) if the file cannot be read, or the
+    key is shorter than 16 bytes."""
     if path is None:
-        key = os.environ.get(RUN_KEY_ENV, "")
-        return key.encode() if key else None
+        key = os.environ.get(RUN_KEY_ENV, "").encode()
+        source = RUN_KEY_ENV
+        if not key:
+            return None
+    else:
+        try:
+            with open(path, "rb") as handle:
+                key = handle.read().strip()
+        except OSError as error:
+            raise ConfigError(f"run_key_file: cannot read {path!r} ({error.strerror})") from None
+        source = "run_key_file"
     try:
-        with open(path, "rb") as handle:
-            key = handle.read().strip()
-    except OSError as error:
-        raise ConfigError(f"run_key_file: cannot read {path!r} ({error.strerror})") from None
-    if not key:
-        raise ConfigError(f"run_key_file: {path!r} is empty")
-    return key
+        return check_run_key(key, source)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_bound(name: str, value: float | None, minimum: float) -> None:
+    """ValueError naming `name` unless `value` is None or a finite number >= `minimum`."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or not value >= minimum):
+        raise ValueError(f"{name} must be a finite number >= {minimum:g} or None, got {value!r}")
+
+
+class TagContext(NamedTuple):
+    """What a tag binds besides the data: purpose ("mix" or "eval"), round, process group, sender, the sender's
+    incarnation, receiver (BROADCAST for every member)."""
+
+    purpose: str
+    round: int
+    group: int
+    sender: int
+    incarnation: int
+    receiver: int
 
 
 class MessageGuard:
-    """Seals outgoing buffers and checks incoming ones. key: the shared run key (None: no tags); norm_bound:
-    the multiple c of the agent's own product norm a neighbour may reach (None: no bound)."""
+    """Seals outgoing buffers and checks incoming ones.
 
-    def __init__(self, key: bytes | None = None, norm_bound: float | None = None) -> None:
-        if norm_bound is not None and (isinstance(norm_bound, bool) or not isinstance(norm_bound, (int, float))
-                                       or not norm_bound >= 1):
-            raise ValueError(f"norm_bound must be a number >= 1 or None, got {norm_bound!r}")
-        self.key, self.norm_bound = key, norm_bound
+    Args:
+        key: the run key (None: no tags; at least 16 bytes otherwise).
+        norm_bound: b >= 1, relative bound on a neighbour's product norm (None: none).
+        norm_cap: c > 0, absolute bound on every factor, extra and product norm of a message (None: none).
+    """
+
+    def __init__(self, key: bytes | None = None, norm_bound: float | None = None,
+                 norm_cap: float | None = None) -> None:
+        check_bound("norm_bound", norm_bound, 1.0)
+        check_bound("norm_cap", norm_cap, 0.0)
+        if norm_cap == 0:
+            raise ValueError("norm_cap must be > 0 or None, got 0")
+        self.key = None if key is None else check_run_key(key)
+        self.norm_bound, self.norm_cap = norm_bound, norm_cap
+        self._tag_key: bytes | None = None
+
+    def bind(self, nonce: bytes) -> None:
+        """Derive this run's tag key from the run key and the run's nonce (call once the nonce is agreed)."""
+        if self.key is not None:
+            self._tag_key = derive_key(self.key, "message tags", salt=nonce)
 
     @property
     def trailer(self) -> int:
         """Elements appended to every buffer (the tag), 0 without a key."""
         return TAG_BYTES if self.key is not None else 0
 
-    def _tag(self, data: torch.Tensor, round_index: int, sender: int) -> bytes:
-        message = hmac.new(self.key, f"{round_index}|{sender}|".encode(), hashlib.sha256)
-        message.update(data.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return message.digest()
+    def _tag(self, data: torch.Tensor, context: TagContext) -> bytes:
+        if self._tag_key is None:
+            raise RuntimeError("MessageGuard.bind(nonce) must be called before sealing or opening")
+        digest = hashlib.sha256(data.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).digest()
+        header = "|".join(map(str, context)).encode()
+        return hmac.new(self._tag_key, header + b"|" + digest, hashlib.sha256).digest()
 
-    def seal(self, data: torch.Tensor, round_index: int, sender: int) -> torch.Tensor:
+    def seal(self, data: torch.Tensor, context: TagContext) -> torch.Tensor:
         """data [numel] -> the buffer to send: data, then the tag's bytes as elements of data's dtype."""
         if self.key is None:
             return data
-        tag = torch.tensor(list(self._tag(data, round_index, sender)), dtype=data.dtype, device=data.device)
+        tag = torch.tensor(list(self._tag(data, context)), dtype=data.dtype, device=data.device)
         return torch.cat([data, tag])
 
-    def open(self, buffer: torch.Tensor, round_index: int, sender: int) -> tuple[torch.Tensor, str | None]:
+    def open(self, buffer: torch.Tensor, context: TagContext) -> tuple[torch.Tensor, str | None]:
         """A received buffer -> (its data, None) or (its data, why it must be rejected: missing or wrong tag)."""
         if self.key is None:
             return buffer, None
@@ -74,16 +134,37 @@ class MessageGuard:
         if not bool(((tag >= 0) & (tag <= 255) & (tag == tag.round())).all()):
             return data, "missing or malformed message tag"
         received = bytes(tag.to(torch.int64).cpu().tolist())
-        if not hmac.compare_digest(received, self._tag(data, round_index, sender)):
+        if not hmac.compare_digest(received, self._tag(data, context)):
             return data, "wrong message tag"
         return data, None
 
-    def check_norm(self, theirs: list[FactorGroup], own: list[FactorGroup]) -> str | None:
-        """Why a neighbour's factors (one agent) must be rejected under the norm bound, or None."""
-        if self.norm_bound is None:
+    def check_values(self, groups: list[FactorGroup], extras: Extras) -> str | None:
+        """Why one agent's decoded factors (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...] must be rejected
+        on their own (non-finite values, norms above norm_cap), or None."""
+        tensors = {f"{factor} of {g.names[0]}": getattr(g, factor) for g in groups for factor in "AB"}
+        tensors.update({f"extra {name}": x for name, x in extras.items()})
+        for name, tensor in tensors.items():
+            if not bool(torch.isfinite(tensor).all()):
+                return f"NaN or Inf in {name}"
+        norm = float(product_norm(groups)[0]) if groups else 0.0
+        if not math.isfinite(norm):
+            return "LoRA product norm is not finite"
+        if self.norm_cap is None:
             return None
-        norm, limit = float(product_norm(theirs)[0]), self.norm_bound * float(product_norm(own)[0])
-        if norm > limit:
-            own = limit / self.norm_bound
-            return f"LoRA product norm {norm:.4g} above {self.norm_bound:g} x this agent's {own:.4g}"
+        for name, tensor in tensors.items():
+            size = float(torch.linalg.vector_norm(tensor.double()))
+            if not size <= self.norm_cap:
+                return f"norm of {name} {size:.4g} above norm_cap {self.norm_cap:g}"
+        if not norm <= self.norm_cap:
+            return f"LoRA product norm {norm:.4g} above norm_cap {self.norm_cap:g}"
         return None
+
+    def check_relative(self, norms: dict[int, float], own: float) -> dict[int, str]:
+        """Why each sender's product norm (`norms`: sender -> norm) must be rejected under norm_bound: above
+        norm_bound x the median of `own` and every norm of the round."""
+        if self.norm_bound is None:
+            return {}
+        reference = float(torch.tensor([own, *norms.values()], dtype=torch.float64).median())
+        limit = self.norm_bound * reference
+        return {j: f"LoRA product norm {norm:.4g} above {self.norm_bound:g} x the round's median {reference:.4g}"
+                for j, norm in norms.items() if not norm <= limit}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS: tuple[str, ...] = ("gloo", "nccl")  # torch.distributed backends that move the buffers
 LATEST = "latest"
+NONCE = "nonce"
 STARTUP = "startup"
 FINGERPRINT = "fingerprint"
 _MIN_WAIT = timedelta(milliseconds=1)  # gloo reads a zero timeout as "the group's default"
@@ -122,6 +124,7 @@ class Transport:
         self.broken = False
         self.joining = False
         self.events: list[dict[str, Any]] = []
+        self.nonce = b""  # the run's random nonce, agreed by start(): message tags are bound to it
 
     # -------------------------------------------------------------------------------------- control plane
 
@@ -177,6 +180,7 @@ class Transport:
         (or restarted) joins the running group. Returns the number of rounds done from which this agent
         continues (the group's, not necessarily its own). ValueError if this agent's layout is not the run's.
         """
+        self.nonce = bytes.fromhex(self.store.compare_set(NONCE, "", os.urandom(16).hex()).decode())
         self.store.set(f"start/{self.agent}", self._record(round=rounds_done))
         if not self.store.check([STARTUP]):
             self._wait([f"start/{j}" for j in range(self.n_agents)], self.startup_timeout)
@@ -285,10 +289,10 @@ class Transport:
                               reason=reason)
         return reason is None
 
-    def send_and_receive(self, view: RoundView, buffer: torch.Tensor, peers: list[int],
-                 validate: Validator | None = None, sizes: dict[int, int] | None = None) -> dict[int, torch.Tensor]:
-        """Send `buffer` (1-D) to every agent in `peers` and receive theirs (tag = round), of `sizes[j]` elements
-        from agent j (default: as many as `buffer`).
+    def send_and_receive(self, view: RoundView, buffers: dict[int, torch.Tensor], validate: Validator | None = None,
+                         sizes: dict[int, int] | None = None) -> dict[int, torch.Tensor]:
+        """Send buffers[j] (1-D) to every agent j in `buffers` and receive theirs (tag = round), of `sizes[j]`
+        elements from agent j (default: as many as buffers[j]).
 
         Returns the buffers that arrived within the round timeout and passed :func:`check_buffer` and
         `validate(agent, buffer) -> reason or None`, by agent; a peer whose transfer failed or whose buffer was
@@ -296,10 +300,10 @@ class Transport:
         first), so blocking backends cannot deadlock; one failing pair does not cancel the others.
         """
         rank = view.agents.index(self.agent)
-        sizes = sizes or {j: buffer.numel() for j in peers}
-        received = {j: unfilled(buffer.new_empty(sizes[j])) for j in peers}
+        sizes = sizes or {j: buffer.numel() for j, buffer in buffers.items()}
+        received = {j: unfilled(buffer.new_empty(sizes[j])) for j, buffer in buffers.items()}
         posted = []
-        for j in peers:
+        for j, buffer in buffers.items():
             peer = view.agents.index(j)
             send = lambda: self.process_group.send([buffer], peer, view.round)  # noqa: E731
             recv = lambda: self.process_group.recv([received[j]], peer, view.round)  # noqa: E731
@@ -315,7 +319,7 @@ class Transport:
             except RuntimeError as error:
                 self._failure(view.round, f"exchange with agent {j}", error, agents=[j])
                 continue
-            if self._accept(view.round, j, received[j], sizes[j], buffer.dtype, validate):
+            if self._accept(view.round, j, received[j], sizes[j], buffers[j].dtype, validate):
                 accepted[j] = received[j]
         return accepted
 

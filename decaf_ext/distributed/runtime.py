@@ -26,7 +26,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from decaf_ext.comm.agent_comm import AgentComm, HooksFactory
-from decaf_ext.comm.guard import load_run_key
+from decaf_ext.comm.guard import BROADCAST, TagContext, load_run_key
 from decaf_ext.comm.transport import BACKENDS, RoundView, check_backend, check_timeout
 from decaf_ext.config import TrainConfig, resolve_device
 from decaf_ext.errors import ConfigError
@@ -82,6 +82,7 @@ class AgentRuntime:
         self.comm = AgentComm(self.agents.strategy, self.agents.collect(models), collect_extras(models), store=store,
                               agent=agent, n_agents=config.agents, backend=backend, device=self.agents.device,
                               run_key=load_run_key(config.run_key_file), norm_bound=config.norm_bound,
+                              norm_cap=config.norm_cap,
                               message_dtype=config.message_dtype, ranks=config.agent_ranks(),
                               round_timeout=options.round_timeout, startup_timeout=options.startup_timeout,
                               restarted=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0,
@@ -110,8 +111,10 @@ class AgentRuntime:
 
     def evaluate(self, rounds_done: int, view: RoundView) -> None:
         """Test metrics of every member and of their averaged model, as the simulator logs them (plus
-        ``members``): one all_gather of [loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, factors]."""
-        agents, layout = self.agents, self.comm.layout
+        ``members``): one all_gather of [loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, factors, tag].
+        A member whose buffer fails its checks (tag, finite and plausible numbers, the factors' bounds) is left
+        out of the record."""
+        agents, layout, guard = self.agents, self.comm.layout, self.comm.guard
         start = agents.clock()
         own = agents.evaluate_model(agents.models[0])
         groups, extras = agents.collect(agents.models), collect_extras(agents.models)
@@ -119,25 +122,52 @@ class AgentRuntime:
         numbers = [counters["loss_sum"], counters["loss_steps"], counters["bytes_sent"], own["accuracy"],
                    own["macro_f1"]]
         mine = torch.cat([torch.tensor(numbers, dtype=torch.float64), layout.pack(groups, extras).double().cpu()])
-        gathered = self.transport.all_gather(view, mine.to(self.comm.agent_round.buffer_device))
+        context = lambda j: TagContext("eval", view.round, view.group, j, view.members[j], BROADCAST)  # noqa: E731
+        hooks, seal = self.comm.hooks, lambda data: guard.seal(data, context(self.agent))  # noqa: E731
+        sealed = seal(mine) if hooks is None else hooks.evaluation(view.round, mine, seal)
+        gathered = self.transport.all_gather(view, sealed.to(self.comm.agent_round.buffer_device))
         counters["loss_sum"], counters["loss_steps"] = 0.0, 0
         if gathered is None:
             self.transport.record_event(view.round, "evaluation_lost", f"evaluation after round {rounds_done} lost")
             return
-        gathered = gathered.cpu()
-        loss_sum, loss_steps, bytes_sent = gathered[:, :3].sum(dim=0).tolist()
+        gathered, accepted, members = gathered.cpu(), [], []
+        for k, j in enumerate(view.agents):
+            if j == self.agent:  # its own numbers as it holds them, not as they crossed the wire
+                data, reason = mine, None
+            else:
+                data, reason = guard.open(gathered[k], context(j))
+                reason = reason or self._check_evaluation(data, groups, extras)
+            if reason is None:
+                accepted.append(data)
+                members.append(j)
+            else:
+                self.transport.record_event(view.round, "rejected", f"evaluation of agent {j} rejected ({reason})",
+                                            agent=j, reason=reason, what="evaluation")
+        stacked = torch.stack(accepted)
+        loss_sum, loss_steps, bytes_sent = stacked[:, :3].sum(dim=0).tolist()
         per_agent = [{"accuracy": accuracy, "macro_f1": macro_f1}
-                     for accuracy, macro_f1 in gathered[:, 3:STATS].tolist()]
-        buffers = gathered[:, STATS:].to(layout.dtype).to(agents.device)
+                     for accuracy, macro_f1 in stacked[:, 3:STATS].tolist()]
+        buffers = stacked[:, STATS:].to(layout.dtype).to(agents.device)
         # names, and the shared A of a strategy that does not send A: the scratch model's (largest rank)
         all_groups, all_extras = layout.unpack(buffers, agents.collect([agents.scratch]), extras)
         average = agents.evaluate_model(agents.average_model(all_groups, all_extras))
         counters["time_eval"] += agents.clock() - start
         record = evaluation_record(agents, rounds_done, per_agent, average, all_groups, loss_sum, loss_steps,
                                    int(bytes_sent))
-        self.log.add({**record, "members": view.agents})
+        self.log.add({**record, "members": members})
         if self.agent == view.agents[0]:
             self._report_metrics()
+
+    def _check_evaluation(self, data: torch.Tensor, groups: list, extras: dict) -> str | None:
+        """Why a member's evaluation buffer [STATS + data_numel] (float64) must not be used, or None."""
+        if not bool(torch.isfinite(data).all()):
+            return "NaN or Inf values"
+        loss_sum, loss_steps, bytes_sent, accuracy, macro_f1 = data[:STATS].tolist()
+        if not (loss_steps >= 0 and loss_steps == int(loss_steps) and bytes_sent >= 0
+                and bytes_sent == int(bytes_sent) and 0 <= accuracy <= 1 and 0 <= macro_f1 <= 1):
+            return "implausible statistics (negative or fractional counts, a score outside [0, 1])"
+        theirs, their_extras = self.comm.layout.unpack(data[None, STATS:].to(self.comm.layout.dtype), groups, extras)
+        return self.comm.guard.check_values(theirs, their_extras)
 
     def _report_metrics(self) -> None:
         """Merge this agent's history into <output_dir>/metrics.jsonl (by round; records it missed are kept)."""
@@ -177,7 +207,7 @@ class AgentRuntime:
         its folder; the final reporter writes <output_dir>/summary.json)."""
         cfg, agents = self.config, self.agents
         try:
-            done = self.transport.start(self._open(resume))
+            done = self.comm.start(self._open(resume))
             wall = time.perf_counter()
             if cfg.eval_at_start and done == 0:  # round 0: the members agreed at startup, before any training
                 view = self.transport.current_view()

@@ -99,8 +99,9 @@ class DecentralizedAverager:
     averager when several run in one process. optimizer / optimizer_state: "reset" drops the optimizer state of
     the communicated parameters after every round (DeCAF changes the factors' gauge); "keep" leaves it.
     test_hooks: test-only fault injection (see :class:`~decaf_ext.comm.agent_comm.AgentComm`); leave it None.
-    run_key_file / norm_bound: message safety (a shared HMAC key, also from DECAF_RUN_KEY; a bound on a
-    neighbour's LoRA product norm as a multiple of this agent's). message_dtype: float32 (uncompressed), bfloat16
+    run_key_file / norm_bound / norm_cap: message safety (a shared key of at least 16 bytes for the message tags,
+    also from DECAF_RUN_KEY; a bound on a neighbour's LoRA product norm as a multiple of the round's median; an
+    absolute bound on every factor, extra and product norm of a message; see docs/security.md). message_dtype: float32 (uncompressed), bfloat16
     or int8 (per-row scale), see :mod:`decaf_ext.comm.codec`. ranks: every agent's LoRA rank, the same list on
     every agent, when the ranks differ (each agent sends its own rank's directions; the mix runs on factors
     zero-padded to the largest with each agent's alpha / r folded in, see :class:`~decaf_ext.lora.RankPadding`);
@@ -126,6 +127,7 @@ class DecentralizedAverager:
                  store: dist.Store | None = None, optimizer: torch.optim.Optimizer | None = None,
                  optimizer_state: str = "keep", round_timeout: float = 60.0, startup_timeout: float = 600.0,
                  backend: str = "gloo", run_key_file: str | None = None, norm_bound: float | None = None,
+                 norm_cap: float | None = None,
                  message_dtype: str = "float32", ranks: list[int] | None = None,
                  adapter_name: str = DEFAULT_ADAPTER, test_hooks: HooksFactory | None = None) -> None:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
@@ -177,7 +179,7 @@ class DecentralizedAverager:
                                  _store_of(process_group, store))
         self.comm = AgentComm(self.strategy, groups, extras, store=store, agent=self.agent, n_agents=n_agents,
                               backend=backend, device=device, run_key=load_run_key(run_key_file),
-                              norm_bound=norm_bound, message_dtype=message_dtype, ranks=ranks,
+                              norm_bound=norm_bound, norm_cap=norm_cap, message_dtype=message_dtype, ranks=ranks,
                               round_timeout=round_timeout, startup_timeout=startup_timeout, test_hooks=test_hooks)
         self.transport = self.comm.transport
         self.period, self.warmup_steps = period, warmup_steps
@@ -185,7 +187,7 @@ class DecentralizedAverager:
         self.silent = self.strategy.bytes_per_message(groups, extras) == 0  # e.g. local: nothing to agree on or send
         self.steps = 0
         self.stats = AveragerStats(events=self.transport.events)
-        self.round = self.transport.start(0)
+        self.round = self.comm.start(0)
 
     def _collect(self) -> tuple[list, dict[str, torch.Tensor]]:
         """This agent's groups (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...]."""
