@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -322,8 +323,39 @@ def test_distributed_launch_is_quiet_and_speaks_as_decaf_train(tiny_paths, tmp_p
     monkeypatch.setattr(distributed, "launch", launch)
     assert main(tiny_flags(tiny_paths, tmp_path / "d", "--launcher", "dist", "--nproc", "4")) == 1
     assert started["level"] == "ERROR"  # no flood of c10d socket warnings while agents time out
-    assert started["command"][1:3] == ["-m", "decaf_ext.cli"] and started["command"][-2:] == ["--launcher", "dist"]
+    # -P: python -m would put the current folder first on each agent's sys.path
+    assert started["command"][1:4] == ["-P", "-m", "decaf_ext.cli"]
+    assert started["command"][-2:] == ["--launcher", "dist"]
     assert capsys.readouterr().err.startswith("decaf-train: agents [1] failed (exit status 1)")
+
+
+def test_a_command_without_import_leaves_the_current_folder_off_sys_path(tmp_path, monkeypatch):
+    """Before: the current folder was appended to sys.path even without --import, so a module missing from the venv
+    (an optional package) was then imported from wherever the command was started."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    (tmp_path / "rogue_optional.py").write_text("raise SystemExit('imported from the current folder')\n")
+    assert main(["--list"]) == 0
+    assert os.getcwd() not in sys.path and importlib.util.find_spec("rogue_optional") is None
+
+
+def test_launched_agents_import_nothing_from_the_current_folder(tiny_paths, tmp_path):
+    """A real one-agent run launched (python -P -m decaf_ext.distributed --nproc 1 --tensorboard) from a folder
+    holding a rogue tensorboard/ package. Before: each agent ran `python -m`, which put that folder first on its
+    sys.path, and imported the rogue. --import still finds the user's module there, in the launcher and the agent."""
+    cwd = tmp_path / "cwd"
+    (cwd / "tensorboard").mkdir(parents=True)
+    marker = f"open(os.path.join({str(tmp_path)!r}, '{{}}-' + os.environ.get('RANK', 'launcher')), 'w').close()"
+    (cwd / "tensorboard" / "__init__.py").write_text(f"import os\n{marker.format('rogue')}\nraise ImportError\n")
+    (cwd / "user_plugin.py").write_text(f"import os\n{marker.format('plugin')}\n")
+    flags = tiny_flags(tiny_paths, tmp_path / "run", "--agents", "1", "--algorithm", "local", "--rounds", "1")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-P", "-m", "decaf_ext.distributed", "--nproc", "1", "--tensorboard",
+                           "--import", "user_plugin", *flags], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert sorted(path.name for path in tmp_path.glob("*-*")) == ["plugin-0", "plugin-launcher"], done.stderr
+    assert done.returncode == 0, done.stderr
 
 
 # ------------------------------------------------------------------------------------ killed runs

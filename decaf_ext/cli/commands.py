@@ -29,6 +29,9 @@ from decaf_ext.errors import ConfigError, first_line
 
 DISTRIBUTED_FLAGS = ("nproc", "max_restarts", "backend", "round_timeout", "startup_timeout")
 RUN_FLAGS = ("config", "compare", "seeds", "resume", "list", "imports")
+# Python's safe-path flag (3.11+): the launched agents' `python -m` leaves the current folder off sys.path (--import
+# still searches it). Older Pythons have no such flag: their agents search the current folder first.
+SAFE_PATH = ["-P"] if sys.version_info >= (3, 11) else []
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -142,8 +145,11 @@ def _seeded(config: TrainConfig, seeds: list[int]) -> int:
 
 
 def import_modules(names: Sequence[str]) -> None:
-    """Import each module of `names` (the current folder searched too, as ``python -m`` does), so that what it
-    registers (strategies, tasks) exists before the configuration is checked; ConfigError if one is not found."""
+    """Import each module of `names` (the current folder searched too, after everything else on sys.path), so that
+    what it registers (strategies, tasks) exists before the configuration is checked; ConfigError if one is not
+    found. Without names the current folder stays off sys.path (no module of the command's own is taken from it)."""
+    if not names:
+        return
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     for name in names:
@@ -181,8 +187,8 @@ def _distributed(argv: Sequence[str], prog: str, config: TrainConfig, resume: st
     if resume is None:
         check_free(output_dir)  # once here rather than once per agent
     named = [] if config.output_dir else ["--output-dir", output_dir]
-    statuses = launch([sys.executable, "-m", "decaf_ext.cli", *argv, "--launcher", "dist", *named], nproc,
-                      max_restarts=max_restarts)
+    statuses = launch([sys.executable, *SAFE_PATH, "-m", "decaf_ext.cli", *argv, "--launcher", "dist", *named],
+                      nproc, max_restarts=max_restarts)
     failed = {rank: code for rank, code in enumerate(statuses) if code != 0}
     if failed:
         print(f"{prog}: agents {sorted(failed)} failed (exit status {', '.join(map(str, failed.values()))}); "

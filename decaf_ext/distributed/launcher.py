@@ -3,7 +3,7 @@ with torchrun's variables, hosts their store, and restarts a process that fails.
 
 Example::
 
-    >>> launch([sys.executable, "-m", "decaf_ext.distributed", "--agents", "4"], 4)   # [0, 0, 0, 0]
+    >>> launch([sys.executable, "-P", "-m", "decaf_ext.distributed", "--agents", "4"], 4)   # [0, 0, 0, 0]
 """
 
 from __future__ import annotations

@@ -37,8 +37,9 @@ from decaf_ext.sim.resume import open_run_dir, write_checkpoint
 from decaf_ext.sim.tensorboard_log import TensorBoardLog
 from decaf_ext.storage.checkpoint import latest_checkpoint
 from decaf_ext.storage.export import export_adapter, labelled_base
-from decaf_ext.storage.files import replace_folder, write_json
-from decaf_ext.storage.run_folder import CONFIG, METRICS, SUMMARY, agent_folder, check_free, default_run_dir
+from decaf_ext.storage.files import fsync_folder, fsync_tree, replacing_folder, write_json
+from decaf_ext.storage.run_folder import CONFIG, METRICS, SUMMARY, RunLock, agent_folder, check_no_run, \
+    default_run_dir
 
 STATS = 5  # loss_sum, loss_steps, bytes_sent, accuracy, macro_f1: the per-agent numbers gathered at evaluation
 
@@ -188,7 +189,7 @@ class AgentRuntime:
         config_path = os.path.join(self.output_dir, CONFIG)
         if not (resume or self.comm.restarted):
             if os.path.exists(os.path.join(self.run_dir, CONFIG)):  # advice for the whole run, not for this folder
-                check_free(self.output_dir)
+                check_no_run(self.output_dir)
             done = open_run_dir(self.run_dir, self.agents, self.log, resume=False)
             write_json(config_path, self.config.to_dict())
             return done
@@ -196,7 +197,6 @@ class AgentRuntime:
             done = open_run_dir(self.run_dir, self.agents, self.log, resume=True)  # checks the configuration first
         else:
             self.transport.record_event(-1, "no_checkpoint", "restarted without a checkpoint: from the initial adapter")
-            os.makedirs(self.run_dir, exist_ok=True)
             done = 0
         if resume:
             write_json(config_path, self.config.to_dict())
@@ -204,40 +204,45 @@ class AgentRuntime:
 
     def run(self, *, resume: bool = False) -> dict[str, Any]:
         """Train this agent for the remaining rounds with the others; returns its summary (also written to
-        its folder; the final reporter writes <output_dir>/summary.json)."""
-        cfg, agents = self.config, self.agents
+        its folder; the final reporter writes <output_dir>/summary.json). The agent holds its own folder's
+        :class:`~decaf_ext.storage.run_folder.RunLock` throughout: a second agent into it is refused."""
         try:
-            done = self.comm.start(self._open(resume))
-            wall = time.perf_counter()
-            if cfg.eval_at_start and done == 0:  # round 0: the members agreed at startup, before any training
-                view = self.transport.current_view()
-                if self.transport.connect(view):
-                    self.evaluate(0, view)
-            bar = tqdm(total=cfg.rounds, initial=done, unit="round", dynamic_ncols=True,
-                       disable=not cfg.progress or self.agent != 0,
-                       desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents} (distributed)")
-            while done < cfg.rounds:
-                round_index = done
-                if cfg.comm_order == "mix_then_train":
-                    self.view = self.communicate(round_index)
-                agents.local_round(round_index)
-                self.comm.after_local_steps(round_index)
-                if cfg.comm_order == "train_then_mix":
-                    self.view = self.communicate(round_index)
-                done = round_index + 1
-                if self.view is None:  # left out: continue with the group's round
-                    done = max(done, self.transport.latest + 1)
-                else:
-                    if done % cfg.eval_every == 0 or done == cfg.rounds:
-                        self.evaluate(done, self.view)
-                    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.rounds:
-                        write_checkpoint(self.run_dir, agents, self.log.history, done)
-                bar.update(min(done, cfg.rounds) - bar.n)
-            bar.close()
-            return self._finish(time.perf_counter() - wall)
+            with RunLock(self.run_dir):
+                return self._train(resume)
         finally:
             self.transport.close()
             self.log.close()
+
+    def _train(self, resume: bool) -> dict[str, Any]:
+        cfg, agents = self.config, self.agents
+        done = self.comm.start(self._open(resume))
+        wall = time.perf_counter()
+        if cfg.eval_at_start and done == 0:  # round 0: the members agreed at startup, before any training
+            view = self.transport.current_view()
+            if self.transport.connect(view):
+                self.evaluate(0, view)
+        bar = tqdm(total=cfg.rounds, initial=done, unit="round", dynamic_ncols=True,
+                   disable=not cfg.progress or self.agent != 0,
+                   desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents} (distributed)")
+        while done < cfg.rounds:
+            round_index = done
+            if cfg.comm_order == "mix_then_train":
+                self.view = self.communicate(round_index)
+            agents.local_round(round_index)
+            self.comm.after_local_steps(round_index)
+            if cfg.comm_order == "train_then_mix":
+                self.view = self.communicate(round_index)
+            done = round_index + 1
+            if self.view is None:  # left out: continue with the group's round
+                done = max(done, self.transport.latest + 1)
+            else:
+                if done % cfg.eval_every == 0 or done == cfg.rounds:
+                    self.evaluate(done, self.view)
+                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.rounds:
+                    write_checkpoint(self.run_dir, agents, self.log.history, done)
+            bar.update(min(done, cfg.rounds) - bar.n)
+        bar.close()
+        return self._finish(time.perf_counter() - wall)
 
     def _labelled_base(self) -> str | None:
         """<output_dir>/adapters/base, the labelled base model folder the adapters name (as the simulator's, see
@@ -248,24 +253,25 @@ class AgentRuntime:
             return os.path.abspath(folder)
         temporary = f"{folder}.tmp-{os.getpid()}"
         shutil.rmtree(temporary, ignore_errors=True)
-        if labelled_base(self.agents.model_path, self.agents.models[0].get_base_model().config, temporary) is None:
-            return None
         try:
+            if labelled_base(self.agents.model_path, self.agents.models[0].get_base_model().config, temporary) is None:
+                return None
+            fsync_tree(temporary)
             os.rename(temporary, folder)
-        except OSError:  # another agent renamed its identical folder first
+            fsync_folder(os.path.dirname(folder))
+        except OSError:
+            if not os.path.isdir(folder):  # else another agent renamed its identical folder first
+                raise
+        finally:
             shutil.rmtree(temporary, ignore_errors=True)
         return os.path.abspath(folder)
 
     def _export(self, model: torch.nn.Module, name: str) -> None:
         """peft adapter of `model` into <output_dir>/adapters/<name> (written to a temporary folder, then put in
         place), naming the labelled base folder."""
-        folder = os.path.join(self.output_dir, "adapters", name)
-        temporary = f"{folder}.tmp-{os.getpid()}"
-        try:
-            export_adapter(model, temporary, self._labelled_base())
-            replace_folder(temporary, folder)
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
+        base = self._labelled_base()
+        with replacing_folder(os.path.join(self.output_dir, "adapters", name)) as temporary:
+            export_adapter(model, temporary, base)
 
     def _finish(self, wall_seconds: float) -> dict[str, Any]:
         """Export adapters and write the summaries."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from decaf_ext.lora import FactorGroup, consensus_error, consensus_interference
 from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.tensorboard_log import TensorBoardLog
 from decaf_ext.storage.export import export_adapter, labelled_base
-from decaf_ext.storage.files import replace_folder, write_json
+from decaf_ext.storage.files import replacing_folder, write_json
 from decaf_ext.storage.run_folder import METRICS
 
 
@@ -80,21 +79,15 @@ def export_adapters(agents: Agents, folder: str) -> None:
     """peft-format adapters (``PeftModel.from_pretrained``, ``AutoPeftModelFor...from_pretrained``):
     agent_XX/ for each agent, average/ for the averaged model, and base/, the base model folder they name
     (its config carries the label names; see :mod:`decaf_ext.storage.export`). Written to a temporary folder,
-    then put in place of the previous one."""
+    then put in place of the previous one (:func:`~decaf_ext.storage.files.replacing_folder`)."""
     folder = os.path.abspath(folder)
-    temporary = f"{folder}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        os.makedirs(temporary)
+    with replacing_folder(folder) as temporary:
         made = labelled_base(agents.model_path, agents.models[0].get_base_model().config,
                              os.path.join(temporary, "base"))
         base = None if made is None else os.path.join(folder, "base")
         for i, model in zip(agents.agent_ids, agents.models):
             export_adapter(model, os.path.join(temporary, f"agent_{i:02d}"), base)
         export_adapter(agents.average_model(), os.path.join(temporary, "average"), base)
-        replace_folder(temporary, folder)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def peak_memory_mb(device: torch.device) -> float:

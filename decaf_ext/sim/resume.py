@@ -3,8 +3,9 @@ rounds, restored bitwise from its newest checkpoint.
 
 Example::
 
-    >>> done = open_run_dir(run_dir, agents, log, resume=False)   # writes config.json; 0 rounds done
-    >>> write_checkpoint(run_dir, agents, log.history, 2)
+    >>> with RunLock(run_dir):
+    ...     done = open_run_dir(run_dir, agents, log, resume=False)   # writes config.json; 0 rounds done
+    ...     write_checkpoint(run_dir, agents, log.history, 2)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from decaf_ext.sim.evaluation import MetricsLog
 from decaf_ext.storage.checkpoint import Checkpoint, capture_rng, latest_checkpoint, load_checkpoint, restore_rng, \
     save_checkpoint
 from decaf_ext.storage.files import write_json
-from decaf_ext.storage.run_folder import CONFIG, SUMMARY, check_free, checkpoint_folders, resume_command
+from decaf_ext.storage.run_folder import CONFIG, SUMMARY, check_no_run, checkpoint_folders, resume_command
 
 
 def write_checkpoint(run_dir: str, agents: Agents, history: list[dict], rounds_done: int) -> None:
@@ -55,22 +56,24 @@ def restore(run_dir: str, agents: Agents) -> tuple[int, list[dict]]:
     return saved.round, saved.state["history"]
 
 
+def check_simulated(run_dir: str) -> None:
+    """ConfigError (with the command that continues it) if `run_dir` holds a run with one process per agent, whose
+    checkpoints are the agents' own; checked before the simulator takes the folder's lock, so it touches nothing."""
+    if checkpoint_folders(run_dir) != [run_dir]:
+        raise ConfigError(f"resume: {run_dir!r} holds a run with one process per agent; continue it with "
+                          f"'{resume_command(run_dir)} --rounds N'")
+
+
 def open_run_dir(run_dir: str, agents: Agents, log: MetricsLog, *, resume: bool) -> int:
-    """Create (fresh: the folder must hold no run) or reopen (resume: same configuration, newest checkpoint
-    restored into `agents` and `log`) `run_dir`; returns the number of rounds already done."""
+    """Start (fresh: the folder must hold no run) or reopen (resume: same configuration, newest checkpoint
+    restored into `agents` and `log`) `run_dir`, which the caller holds (:class:`~decaf_ext.storage.run_folder.RunLock`,
+    which made it); returns the number of rounds already done."""
     config = agents.config
     config_path = os.path.join(run_dir, CONFIG)
     if not resume:
-        check_free(run_dir)
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            write_json(config_path, config.to_dict())
-        except OSError as error:
-            raise ConfigError(f"output_dir: cannot create {run_dir!r} ({error.strerror})") from None
+        check_no_run(run_dir)
+        write_json(config_path, config.to_dict())
         return 0
-    if checkpoint_folders(run_dir) != [run_dir]:  # its checkpoints are the agents' own
-        raise ConfigError(f"resume: {run_dir!r} holds a run with one process per agent; continue it with "
-                          f"'{resume_command(run_dir)} --rounds N'")
     if os.path.exists(config_path):
         config.check_resumes(load_saved(config_path), source=config_path)
     done, log.history = restore(run_dir, agents)

@@ -25,10 +25,10 @@ from decaf_ext.config import TrainConfig
 from decaf_ext.lora import FactorGroup, Extras, collect_extras, select_agent, stack_agents, write_extras
 from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.evaluation import MetricsLog, build_summary, evaluation_record, export_adapters
-from decaf_ext.sim.resume import open_run_dir, write_checkpoint
+from decaf_ext.sim.resume import check_simulated, open_run_dir, write_checkpoint
 from decaf_ext.sim.tensorboard_log import TensorBoardLog
 from decaf_ext.storage.files import write_json
-from decaf_ext.storage.run_folder import SUMMARY, default_run_dir
+from decaf_ext.storage.run_folder import SUMMARY, RunLock, default_run_dir
 
 
 class Trainer:
@@ -133,32 +133,37 @@ class Trainer:
 
     def run(self, *, resume: bool = False) -> dict[str, Any]:
         """Train for config.rounds rounds (continuing from the newest checkpoint if `resume`); returns the
-        summary that is also written to run_dir/summary.json."""
+        summary that is also written to run_dir/summary.json. The run holds its folder's
+        :class:`~decaf_ext.storage.run_folder.RunLock` throughout: a second run into it is refused."""
         cfg, agents = self.config, self.agents
-        done = open_run_dir(self.run_dir, agents, self.log, resume=resume)
-        wall = time.perf_counter()
-        bar = tqdm(range(done, cfg.rounds), initial=done, total=cfg.rounds, unit="round", disable=not cfg.progress,
-                   desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents}", dynamic_ncols=True)
-        if cfg.eval_at_start and done == 0:
-            self.evaluate(0)
-        for round_index in bar:
-            if cfg.comm_order == "mix_then_train":
-                self.communicate(round_index)
-            agents.local_round(round_index)
-            if cfg.comm_order == "train_then_mix":
-                self.communicate(round_index)
-            rounds_done = round_index + 1
-            if rounds_done % cfg.eval_every == 0 or rounds_done == cfg.rounds:
-                record = self.evaluate(rounds_done)
-                bar.set_postfix(acc=f"{record['acc_mean']:.3f}", avg=f"{record['avg_model_acc']:.3f}",
-                                loss=f"{record['train_loss']:.3f}")
-            if (cfg.checkpoint_every and rounds_done % cfg.checkpoint_every == 0) or rounds_done == cfg.rounds:
-                write_checkpoint(self.run_dir, agents, self.history, rounds_done)
-        bar.close()
-        self.log.close()
-        export_adapters(agents, os.path.join(self.run_dir, "adapters"))
-        summary = build_summary(agents, self.history, self.run_dir, time.perf_counter() - wall)
-        write_json(os.path.join(self.run_dir, SUMMARY), summary)
+        if resume:
+            check_simulated(self.run_dir)
+        with RunLock(self.run_dir):
+            done = open_run_dir(self.run_dir, agents, self.log, resume=resume)
+            wall = time.perf_counter()
+            bar = tqdm(range(done, cfg.rounds), initial=done, total=cfg.rounds, unit="round",
+                       disable=not cfg.progress, desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents}",
+                       dynamic_ncols=True)
+            if cfg.eval_at_start and done == 0:
+                self.evaluate(0)
+            for round_index in bar:
+                if cfg.comm_order == "mix_then_train":
+                    self.communicate(round_index)
+                agents.local_round(round_index)
+                if cfg.comm_order == "train_then_mix":
+                    self.communicate(round_index)
+                rounds_done = round_index + 1
+                if rounds_done % cfg.eval_every == 0 or rounds_done == cfg.rounds:
+                    record = self.evaluate(rounds_done)
+                    bar.set_postfix(acc=f"{record['acc_mean']:.3f}", avg=f"{record['avg_model_acc']:.3f}",
+                                    loss=f"{record['train_loss']:.3f}")
+                if (cfg.checkpoint_every and rounds_done % cfg.checkpoint_every == 0) or rounds_done == cfg.rounds:
+                    write_checkpoint(self.run_dir, agents, self.history, rounds_done)
+            bar.close()
+            self.log.close()
+            export_adapters(agents, os.path.join(self.run_dir, "adapters"))
+            summary = build_summary(agents, self.history, self.run_dir, time.perf_counter() - wall)
+            write_json(os.path.join(self.run_dir, SUMMARY), summary)
         return summary
 
 

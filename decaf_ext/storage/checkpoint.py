@@ -2,8 +2,8 @@
 
 Layout: ``<run_dir>/checkpoints/round_<R>/`` with ``tensors.safetensors`` (trainable parameters and the
 torch RNG states), ``optimizers.pt`` (one AdamW state dict per agent) and ``state.json`` (round, trainer
-state, Python and NumPy RNG states). A checkpoint is written under a temporary name and renamed when
-complete, so a crash never leaves a half-written one; older ones are removed afterwards.
+state, Python and NumPy RNG states). A checkpoint is written under a temporary name, fsynced and renamed when
+complete, so neither a crash nor a full disk leaves a half-written one; older ones are removed afterwards.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from decaf_ext.config import load_saved
 from decaf_ext.errors import ConfigError, first_line
+from decaf_ext.storage.files import replacing_folder
 
 _PREFIX = "round_"
 _RNG_TORCH = "rng/torch"
@@ -66,33 +67,36 @@ def restore_rng(rng: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: str, checkpoint: Checkpoint) -> str:
-    """Write `checkpoint` atomically under `run_dir`/checkpoints and drop older ones; returns its folder."""
+    """Write `checkpoint` under `run_dir`/checkpoints through :func:`~decaf_ext.storage.files.replacing_folder`
+    (complete and fsynced before it is renamed into place; nothing left behind on an error), then drop the older
+    ones; returns its folder."""
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"{_PREFIX}{checkpoint.round:06d}")
-    temporary = os.path.join(root, f".tmp-{_PREFIX}{checkpoint.round:06d}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    os.makedirs(temporary)
     tensors = {name: t.detach().cpu().contiguous() for name, t in checkpoint.tensors.items()}
     tensors[_RNG_TORCH] = checkpoint.rng["torch"]
     tensors.update({f"{_RNG_CUDA}{k}": state for k, state in enumerate(checkpoint.rng["cuda"])})
-    save_file(tensors, os.path.join(temporary, "tensors.safetensors"))
-    torch.save(checkpoint.optimizers, os.path.join(temporary, "optimizers.pt"))
     state = {"round": checkpoint.round, "state": checkpoint.state,
              "rng": {"python": checkpoint.rng["python"], "numpy": checkpoint.rng["numpy"]}}
-    with open(os.path.join(temporary, "state.json"), "w", encoding="utf-8") as handle:
-        json.dump(state, handle)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(temporary, final)
-    for name in os.listdir(root):
+    with replacing_folder(final) as temporary:
+        save_file(tensors, os.path.join(temporary, "tensors.safetensors"))
+        torch.save(checkpoint.optimizers, os.path.join(temporary, "optimizers.pt"))
+        with open(os.path.join(temporary, "state.json"), "w", encoding="utf-8") as handle:
+            json.dump(state, handle)
+    for name in os.listdir(root):  # older checkpoints, and what a killed save left (round_N.tmp-PID, .old-PID)
         if name.startswith(_PREFIX) and name != os.path.basename(final):
-            shutil.rmtree(os.path.join(root, name))
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     return final
+
+
+def _is_checkpoint(name: str) -> bool:
+    """round_<R>, not what a killed save left (round_<R>.tmp-PID, round_<R>.old-PID)."""
+    return name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit()
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
     """Folder of the newest complete checkpoint of `run_dir`, or None."""
     root = os.path.join(run_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if n.startswith(_PREFIX)) if os.path.isdir(root) else []
+    names = sorted(n for n in os.listdir(root) if _is_checkpoint(n)) if os.path.isdir(root) else []
     return os.path.join(root, names[-1]) if names else None
 
 

@@ -1,5 +1,5 @@
-"""Files that are never seen half-written: a temporary file in the same folder, flushed and fsynced, then
-renamed over the target, then the folder fsynced; a temporary left by an error is removed.
+"""Files and folders that are never seen half-written: a temporary in the same folder, fsynced, then renamed over
+the target, then the folder fsynced; a temporary left by an error is removed.
 
 Example::
 
@@ -61,12 +61,39 @@ def write_json(path: str, value: Any, *, lines: bool = False) -> None:
 
 
 def replace_folder(temporary: str, folder: str) -> None:
-    """Move the complete folder `temporary` to `folder` (fsynced first); the previous `folder`, if any, is
-    removed only after the new one is in place, so a crash leaves one of the two complete."""
+    """Move the complete folder `temporary` to `folder` (fsynced first, the parent folder fsynced after); the
+    previous `folder`, if any, is moved aside and removed only once the new one is in place (moved back if the
+    rename fails), so an error leaves the previous one and a crash leaves one of the two complete."""
     fsync_tree(temporary)
     previous = f"{folder}.old-{os.getpid()}"
-    if os.path.isdir(folder):
+    moved = os.path.isdir(folder)
+    if moved:
         os.rename(folder, previous)
-    os.rename(temporary, folder)
+    try:
+        os.rename(temporary, folder)
+    except BaseException:
+        if moved:
+            os.rename(previous, folder)
+        raise
     fsync_folder(os.path.dirname(folder))
     shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextmanager
+def replacing_folder(folder: str) -> Iterator[str]:
+    """A new empty temporary folder to fill; on success it replaces `folder` (:func:`replace_folder`), on any error
+    (a full disk) it is removed and `folder` stays as it was.
+
+    Example::
+
+        >>> with replacing_folder("runs/r/adapters") as temporary:
+        ...     model.save_pretrained(os.path.join(temporary, "agent_00"))
+    """
+    temporary = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)  # left by a killed process of the same id
+    try:
+        os.makedirs(temporary)
+        yield temporary
+        replace_folder(temporary, folder)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
