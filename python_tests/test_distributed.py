@@ -110,7 +110,7 @@ def launched(tiny, tmp_path_factory):
     runs = {name: tiny_config(tiny, root / name, **{"algorithm": name, **variants.get(name, {})},
                               lora_dropout=0.1, rounds=3) for name in (*ALGORITHMS, *variants)}
     faulty = tiny_config(tiny, root / "faulty", **FAULTY)
-    (root / "key").write_text("a shared secret\n")
+    (root / "key").write_text("a shared secret of this run\n")  # 16 bytes at least
     guarded = tiny_config(tiny, root / "guarded", run_key_file=str(root / "key"), **GUARDED)
     spec = {"runs": [(c.to_dict(), "") for c in runs.values()] + [(guarded.to_dict(), GUARDED_FAULTS),
                                                                    (faulty.to_dict(), FAULTS)],

@@ -14,7 +14,7 @@ import typing
 from dataclasses import fields
 
 from decaf_ext import __version__
-from decaf_ext.config import RENAMED, TrainConfig, field_types
+from decaf_ext.config import RENAMED, RESUMABLE, TrainConfig, field_types
 from decaf_ext.errors import ConfigError
 
 PROG = "decaf-train"
