@@ -112,7 +112,7 @@ def launched(tiny, tmp_path_factory):
     runs = {name: tiny_config(tiny, root / name, **{"algorithm": name, **variants.get(name, {})},
                               lora_dropout=0.1, rounds=3) for name in (*ALGORITHMS, *variants)}
     faulty = tiny_config(tiny, root / "faulty", **FAULTY)
-    (root / "key").write_text("a shared secret key\n")
+    (root / "key").write_text("a shared secret of this run\n")  # 16 bytes at least
     guarded = tiny_config(tiny, root / "guarded", run_key_file=str(root / "key"), **GUARDED)
     spec = {"runs": [(c.to_dict(), "") for c in runs.values()] + [(guarded.to_dict(), GUARDED_FAULTS),
                                                                    (faulty.to_dict(), FAULTS)],
@@ -354,7 +354,7 @@ def test_message_guard_tags_bind_the_whole_context():
 
 def test_short_run_keys_are_refused(tmp_path):
     (tmp_path / "key").write_bytes(b"x")
-    with pytest.raises(ConfigError, match="^run_key_file: .*1 bytes"):
+    with pytest.raises(ConfigError, match="^run_key_file / DECAF_RUN_KEY: .*1 bytes"):
         load_run_key(str(tmp_path / "key"))
     with pytest.raises(ValueError, match="at least 16"):
         MessageGuard(b"fifteen bytes!!")

@@ -165,7 +165,7 @@ def tiny(tmp_path_factory) -> tuple[str, str]:
 
 def launch_agents(tiny, out: Path, **spec) -> list[int]:
     model, data = tiny
-    (out / "key").write_text("a shared secret key")
+    (out / "key").write_text("a shared secret of this run")  # 16 bytes at least
     spec = {"model": model, "data": data, "out": str(out), "key": str(out / "key"), "round_timeout": 3.0, **spec}
     return launch([sys.executable, __file__, json.dumps(spec)], AGENTS)
 

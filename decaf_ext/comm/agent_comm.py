@@ -37,7 +37,8 @@ class AgentComm:
             message layout.
         store: the run's control-plane store (prefixed per run and attempt).
         backend: "gloo" or "nccl"; device: where the factors live.
-        run_key / norm_bound / norm_cap: message safety (:class:`~decaf_ext.comm.guard.MessageGuard`).
+        run_key / norm_bound / norm_cap: message safety (:class:`~decaf_ext.comm.guard.MessageGuard`); the run
+            key also signs the transport's store values.
         message_dtype / ranks: the message codec and every agent's LoRA rank (None: all equal).
         round_timeout / startup_timeout: seconds (:class:`~decaf_ext.comm.transport.Transport`).
         restarted: whether this process replaces one of the run's (a torchrun restart).
@@ -53,7 +54,7 @@ class AgentComm:
         self.layout = MessageLayout(groups, extras, trains_A=strategy.trains_A, trailer=self.guard.trailer,
                                     message_dtype=message_dtype, ranks=ranks)
         self.transport = Transport(store, agent, n_agents, fingerprint=self.layout.fingerprint, backend=backend,
-                                   timeout=round_timeout, startup_timeout=startup_timeout)
+                                   timeout=round_timeout, startup_timeout=startup_timeout, run_key=run_key)
         self.restarted = restarted or self.transport.incarnation > 1
         self.hooks = None if test_hooks is None else test_hooks(agent, self.restarted)
         self.agent_round = AgentRound(strategy, self.transport, self.layout, guard=self.guard, device=device,

@@ -44,24 +44,17 @@ BROADCAST = -1  # receiver of a buffer every member of the group gets (all_gathe
 
 def load_run_key(path: str | None) -> bytes | None:
     """The shared run key: the contents of file `path` if given, else the environment variable DECAF_RUN_KEY,
-    else None (no tags). ConfigError naming run_key_file (or DECAF_RUN_KEY) if the file cannot be read, or the
-    key is shorter than 16 bytes."""
+    else None (no tags). ConfigError naming run_key_file if the file cannot be read, or the key is shorter than
+    16 bytes."""
     if path is None:
         key = os.environ.get(RUN_KEY_ENV, "").encode()
-        source = RUN_KEY_ENV
-        if not key:
-            return None
-    else:
-        try:
-            with open(path, "rb") as handle:
-                key = handle.read().strip()
-        except OSError as error:
-            raise ConfigError(f"run_key_file: cannot read {path!r} ({error.strerror})") from None
-        source = "run_key_file"
+        return check_run_key(key) if key else None
     try:
-        return check_run_key(key, source)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+        with open(path, "rb") as handle:
+            key = handle.read().strip()
+    except OSError as error:
+        raise ConfigError(f"run_key_file: cannot read {path!r} ({error.strerror})") from None
+    return check_run_key(key)
 
 
 def check_bound(name: str, value: float | None, minimum: float) -> None:

@@ -13,6 +13,10 @@ Data plane: a torch.distributed process group object over exactly the round's me
 which stays the user's), formed anew (fresh store prefix) whenever membership changes or a member reports a
 failed group — gloo closes a pair for good after a timeout, so a group that saw one is never reused. Every wait
 has a deadline of one round timeout.
+
+Trust: store values go through :class:`~decaf_ext.comm.control_store.ControlStore` (signed with a run key; a
+forged or unreadable one is treated as absent). Not covered: gloo's rendezvous keys (``group/...``) and the data
+plane: gloo and NCCL trust their peers (more bytes than posted abort the receiver; it is then left out as dead).
 """
 
 from __future__ import annotations
@@ -22,22 +26,24 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from decaf_ext.comm.control_store import ControlStore, parse_int, parse_nonce
+from decaf_ext.comm.round_view import RoundView, parse_record
 from decaf_ext.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 BACKENDS: tuple[str, ...] = ("gloo", "nccl")  # torch.distributed backends that move the buffers
 LATEST = "latest"
-NONCE = "nonce"
 STARTUP = "startup"
 FINGERPRINT = "fingerprint"
+NONCE = "nonce"
 _MIN_WAIT = timedelta(milliseconds=1)  # gloo reads a zero timeout as "the group's default"
 MAX_TIMEOUT = 365 * 24 * 3600.0  # seconds of any wait: timedelta and gloo overflow far above (inf, 1e14)
 Validator = Callable[[int, torch.Tensor], "str | None"]  # (sender agent, received buffer) -> why rejected, or None
@@ -77,40 +83,25 @@ def unfilled(buffer: torch.Tensor) -> torch.Tensor:
     return torch.full_like(buffer, float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).max)
 
 
-@dataclass(frozen=True)
-class RoundView:
-    """The agreed membership of round `round` (0-based): members {agent: incarnation}, and the id of the
-    process group they use (the round in which that group was formed)."""
-
-    round: int
-    members: dict[int, int]
-    group: int
-
-    @property
-    def agents(self) -> list[int]:
-        """Member agent ids, ascending (a member's rank in the process group is its index here)."""
-        return sorted(self.members)
-
-    def to_json(self) -> str:
-        return json.dumps({"round": self.round, "members": self.members, "group": self.group})
-
-    @classmethod
-    def from_json(cls, text: bytes | str) -> RoundView:
-        value = json.loads(text)
-        return cls(value["round"], {int(k): v for k, v in value["members"].items()}, value["group"])
-
-
 class Transport:
     """One agent's end of the run: round membership through `store`, buffers through a process group.
 
     store: a store shared by all agents of this run only (prefix it per run); agent: this agent's id in
     [0, n_agents); fingerprint: identifies the message layout (size, dtype, entries); backend: "gloo" or
-    "nccl"; timeout: seconds of one round's waits; startup_timeout: seconds to wait for every agent at start.
-    ``events`` lists the faults seen (also logged).
+    "nccl"; timeout: seconds of one round's waits; startup_timeout: seconds to wait for every agent at start;
+    run_key: the run's shared secret (None: store values are not signed). ``events`` lists the faults seen
+    (also logged); ``nonce`` (after :meth:`start`) is the run's random 16 bytes, the same for every agent.
+
+    Example::
+
+        >>> transport = Transport(store, 0, 4, fingerprint=layout.fingerprint, backend="gloo", timeout=60.0,
+        ...                       startup_timeout=600.0, run_key=key)
+        >>> done = transport.start(0)
+        >>> view = transport.agree(done)   # None: left out of this round
     """
 
     def __init__(self, store: dist.Store, agent: int, n_agents: int, *, fingerprint: str, backend: str,
-                 timeout: float, startup_timeout: float) -> None:
+                 timeout: float, startup_timeout: float, run_key: bytes | None = None) -> None:
         if not 0 <= agent < n_agents:
             raise ValueError(f"agent must be in [0, {n_agents}), got {agent}")
         check_timeout("round_timeout", timeout)
@@ -118,13 +109,18 @@ class Transport:
         self.store, self.agent, self.n_agents = store, agent, n_agents
         self.fingerprint, self.backend = fingerprint, backend
         self.timeout, self.startup_timeout = timeout, startup_timeout
-        self.incarnation = store.add(f"incarnation/{agent}", 1)
+        self.events: list[dict[str, Any]] = []
+        self.round_now = -1  # the round whose events are being recorded
+        self.control = ControlStore(store, run_key, report=self._ignored)
+        self.incarnation = self.control.increment(f"incarnation/{agent}")
         self.group: int | None = None
         self.process_group: dist.ProcessGroup | None = None
         self.broken = False
         self.joining = False
-        self.events: list[dict[str, Any]] = []
-        self.nonce = b""  # the run's random nonce, agreed by start(): message tags are bound to it
+        self.seen: RoundView | None = None  # the newest agreed view this agent has read
+        self._latest = -1
+        self._nonce: bytes | None = None
+        self._layout: str | None = None  # the run's fingerprint, once start() has read it (maybe not this one's)
 
     # -------------------------------------------------------------------------------------- control plane
 
@@ -133,13 +129,31 @@ class Transport:
         self.events.append({"round": round_index, "event": kind, **details})
         log.warning("agent %d, round %d: %s", self.agent, round_index, message)
 
+    def _ignored(self, key: str, kind: str, reason: str) -> None:
+        self.record_event(self.round_now, kind, f"store value {key!r} ignored: {reason}", key=key, reason=reason)
+
+    @property
+    def nonce(self) -> bytes:
+        """The run's 16 random bytes, agreed in :meth:`start` (RuntimeError before), the same for every agent of
+        the run: bind per-run values (message tags) to it."""
+        if self._nonce is None:
+            raise RuntimeError("nonce: the run's nonce is agreed in Transport.start; call it first")
+        return self._nonce
+
     def _record(self, **extra: Any) -> str:
         return json.dumps({"incarnation": self.incarnation, "fingerprint": self.fingerprint, **extra})
 
-    def _present(self, prefix: str) -> dict[int, dict[str, Any]]:
-        """Records `prefix`/<agent> that exist now, by agent."""
-        keys = {j: f"{prefix}/{j}" for j in range(self.n_agents)}
-        return {j: json.loads(self.store.get(key)) for j, key in keys.items() if self.store.check([key])}
+    def _view(self, text: str, round_index: int | None = None) -> RoundView:
+        """A view read from the store, checked: members are agents of this run, of round `round_index`."""
+        view = RoundView.from_json(text)
+        if not all(0 <= j < self.n_agents for j in view.members) or round_index not in (None, view.round):
+            raise ValueError(f"a view of round {view.round} over agents {view.agents}")
+        return view
+
+    def _present(self, prefix: str, parse: Callable[[str], dict] = parse_record) -> dict[int, dict[str, Any]]:
+        """Sound records `prefix`/<agent> that exist now, by agent."""
+        records = {j: self.control.get(f"{prefix}/{j}", parse) for j in range(self.n_agents)}
+        return {j: record for j, record in records.items() if record is not None}
 
     def _wait(self, keys: list[str], seconds: float) -> None:
         """Wait until every key exists or `seconds` pass (whichever comes first)."""
@@ -148,92 +162,122 @@ class Transport:
         except dist.DistStoreError:
             pass
 
-    def _agreed(self, round_index: int) -> RoundView:
-        return RoundView.from_json(self.store.get(f"members/{round_index}"))
+    def _saw(self, view: RoundView | None) -> RoundView | None:
+        if view is not None and (self.seen is None or view.round >= self.seen.round):
+            self.seen = view
+        return view
+
+    def _agreed(self, round_index: int) -> RoundView | None:
+        """Round `round_index`'s agreed view; None when absent (or forged)."""
+        return self._saw(self.control.get(f"members/{round_index}", partial(self._view, round_index=round_index)))
 
     def _propose(self, key: str, round_index: int, records: dict[int, dict[str, Any]],
-                 previous: RoundView | None) -> RoundView:
-        """Write the view made of `records` under `key` unless a view is there already; returns the one there."""
-        layout = self.store.get(FINGERPRINT).decode()
+                 previous: RoundView | None, layout: str) -> RoundView | None:
+        """Write the view made of `records` under `key` unless a view is there already; returns the one there
+        (None if none could be agreed: the store's value keeps being replaced)."""
         members = {j: r["incarnation"] for j, r in records.items() if r["fingerprint"] == layout}
         for j in sorted(set(records) - set(members)):
             self.record_event(round_index, "refused", f"agent {j} refused: its message layout differs from the run's",
                               agent=j)
         fresh = previous is None or members != previous.members or any(records[j].get("broken") for j in members)
         view = RoundView(round_index, members, round_index if fresh else previous.group)
-        return RoundView.from_json(self.store.compare_set(key, "", view.to_json()))
+        return self._saw(self.control.agree(key, view.to_json(), partial(self._view, round_index=round_index)))
 
     @property
     def latest(self) -> int:
-        """The newest round whose membership has been agreed (-1 before the first round)."""
-        return int(self.store.get(LATEST))
+        """The newest round whose membership has been agreed (-1 before the first round): the store's value, or
+        the newest this agent has seen when that one is older, absent or forged."""
+        stored = self.control.get(LATEST, parse_int)
+        self._latest = self._latest if stored is None else max(self._latest, stored)
+        return self._latest
 
-    def _request_join(self) -> None:
-        self.store.set(f"join/{self.agent}", str(self.incarnation))
+    def _request_join(self, round_index: int) -> None:
+        """Ask to be waited for; the request expires after round `round_index` + 1 (see :meth:`_joiners`)."""
+        self.control.set(f"join/{self.agent}", self._record(round=round_index))
         self.joining = True
+
+    def _joiners(self, round_index: int) -> set[int]:
+        """Agents whose join request was filed in round `round_index` or the one before (a live agent left out
+        re-files every round); older requests (their agent died) are deleted, so they cost one round only."""
+        joiners = set()
+        for j in range(self.n_agents):
+            request = self.control.get(f"join/{j}", partial(parse_record, needs_round=True))
+            if request is not None and request["round"] < round_index - 1:
+                self.control.delete(f"join/{j}")
+            elif request is not None and request["round"] <= round_index:
+                joiners.add(j)
+        return joiners
 
     def start(self, rounds_done: int) -> int:
         """Enter the run with `rounds_done` rounds behind this agent (0, or a checkpoint's count).
 
         The first agents wait up to startup_timeout for each other, fix the run's message layout (the most
-        common among them) and continue together from the newest checkpoint among them; an agent arriving later
-        (or restarted) joins the running group. Returns the number of rounds done from which this agent
-        continues (the group's, not necessarily its own). ValueError if this agent's layout is not the run's.
+        common among them), its nonce, and continue together from the newest checkpoint among them; an agent
+        arriving later (or restarted) joins the running group. Returns the number of rounds done from which this
+        agent continues (the group's, not necessarily its own). ValueError if this agent's layout is not the run's.
         """
-        self.nonce = bytes.fromhex(self.store.compare_set(NONCE, "", os.urandom(16).hex()).decode())
-        self.store.set(f"start/{self.agent}", self._record(round=rounds_done))
-        if not self.store.check([STARTUP]):
+        own = self._record(round=rounds_done)
+        self.control.set(f"start/{self.agent}", own)
+        startup, layout = self.control.get(STARTUP, self._view), self.control.get(FINGERPRINT)
+        if startup is None or layout is None:
             self._wait([f"start/{j}" for j in range(self.n_agents)], self.startup_timeout)
-            records = self._present("start")
+            records = {**self._present("start", partial(parse_record, needs_round=True)), self.agent: json.loads(own)}
             votes = Counter(r["fingerprint"] for r in records.values())  # the most common layout, then lowest agent
-            self.store.compare_set(FINGERPRINT, "", max(votes, key=lambda f: (votes[f], -min(
+            layout = self.control.agree(FINGERPRINT, max(votes, key=lambda f: (votes[f], -min(
                 j for j, r in records.items() if r["fingerprint"] == f))))
             first = max(r["round"] for r in records.values()) - 1
-            view = self._propose(STARTUP, first, records, None)
-            self.store.compare_set(f"members/{view.round}", "", view.to_json())
-            self.store.compare_set(LATEST, "", str(view.round))
-        if self.store.get(FINGERPRINT).decode() != self.fingerprint:
+            startup = self._propose(STARTUP, first, records, None, layout)
+            if startup is not None:
+                self._saw(self.control.agree(f"members/{first}", startup.to_json(),
+                                             partial(self._view, round_index=first)))
+                self.control.agree(LATEST, str(first), parse_int)
+        self._layout, self._nonce = layout, self.control.agree(NONCE, os.urandom(16).hex(), parse_nonce)
+        if layout is None or startup is None or self._nonce is None:
+            raise ValueError("store: the run's layout, members or nonce could not be agreed (their values in the "
+                             "store keep being replaced by values that are not the run's)")
+        if layout != self.fingerprint:
             raise ValueError(f"fingerprint: this agent's message layout ({self.fingerprint}) differs from the run's "
-                             f"({self.store.get(FINGERPRINT).decode()}); every agent must use the same model and "
-                             "configuration")
+                             f"({layout}); every agent must use the same model and configuration")
         latest = self.latest
-        view = self._agreed(latest)
+        view = self._agreed(latest) or startup
         if view.members.get(self.agent) != self.incarnation:
             self.record_event(latest, "joining", f"joining the running group after round {latest + 1}")
-            self._request_join()
+            self._request_join(latest)
         return latest + 1
 
     def current_view(self) -> RoundView:
         """The newest agreed view (after :meth:`start`: the members the run starts or continues with)."""
-        return self._agreed(self.latest)
+        return self._agreed(self.latest) or self.seen
 
     def agree(self, round_index: int) -> RoundView | None:
         """Post readiness for round `round_index` and return the agreed view (who takes part, which group).
 
         Waits up to the round timeout for the previous round's members and for agents asking to join; the
         first agent whose wait ends writes the view. Returns None when this agent is left out (it came too
-        late); it then asks to join and is waited for from the next round on. The previous round's view must
+        late); it then asks to join and is waited for in the next round. The previous round's view must
         have been agreed (by :meth:`start` or an earlier call).
         """
-        key = f"members/{round_index}"
-        self.store.set(f"ready/{round_index}/{self.agent}", self._record(broken=self.broken))
-        previous = self._agreed(round_index - 1)
-        if not self.store.check([key]):
-            joiners = {j for j in range(self.n_agents) if self.store.check([f"join/{j}"])}
-            self._wait([f"ready/{round_index}/{j}" for j in sorted(set(previous.members) | joiners)], self.timeout)
-            self._propose(key, round_index, self._present(f"ready/{round_index}"), previous)
+        self.round_now, key = round_index, f"members/{round_index}"
+        self.control.set(f"ready/{round_index}/{self.agent}", self._record(broken=self.broken))
+        previous = self._agreed(round_index - 1) or self.seen
         view = self._agreed(round_index)
+        if view is None:
+            waited = set(previous.members) | self._joiners(round_index)
+            self._wait([f"ready/{round_index}/{j}" for j in sorted(waited)], self.timeout)
+            layout = self._layout if self._layout is not None else self.control.get(FINGERPRINT)
+            view = self._propose(key, round_index, self._present(f"ready/{round_index}"), previous, layout)
         if round_index > self.latest:
-            self.store.set(LATEST, str(round_index))
-        if view.members.get(self.agent) != self.incarnation:
+            self.control.set(LATEST, str(round_index))
+            self._latest = round_index
+        if view is None or view.members.get(self.agent) != self.incarnation:
             self.record_event(round_index, "left_out", "left out of the round (late); asking to join the next one")
-            self._request_join()
+            self._request_join(round_index)
             return None
         for j in sorted(set(previous.members) - set(view.members)):
             self.record_event(round_index, "peer_lost", f"agent {j} missed the round timeout and is left out",
                               agent=j)
         if self.joining:
-            self.store.delete_key(f"join/{self.agent}")
+            self.control.delete(f"join/{self.agent}")
             self.joining = False
         return view
 

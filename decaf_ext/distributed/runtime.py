@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from decaf_ext.comm.agent_comm import AgentComm, HooksFactory
+from decaf_ext.comm.control_store import shared_value
 from decaf_ext.comm.guard import BROADCAST, TagContext, load_run_key
 from decaf_ext.comm.transport import BACKENDS, RoundView, check_backend, check_timeout
 from decaf_ext.config import TrainConfig, resolve_device
@@ -336,7 +337,12 @@ def run_distributed(config: TrainConfig, *, resume: bool = False, options: Distr
         rendezvous, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=options.startup_timeout)))
         store = dist.PrefixStore("decaf_ext", rendezvous)
     default_dir = default_run_dir(f"{config.algorithm}-{config.topology}")
-    output_dir = config.output_dir or store.compare_set("output_dir", "", default_dir).decode()
+    # signed with the run key: a process without it cannot send the agents' files elsewhere
+    output_dir = config.output_dir or shared_value(store, load_run_key(config.run_key_file), "output_dir",
+                                                   default_dir)
+    if output_dir is None:
+        raise ConfigError("output_dir: the agents could not agree on a run folder (the store's value keeps being "
+                          "replaced); name one with --output-dir")
     # torchrun restarts every worker at once and keeps its store: each attempt gets its own namespace
     store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     config = dataclasses.replace(config, output_dir=output_dir, device=str(device)).with_absolute_paths()
