@@ -349,8 +349,9 @@ def test_launched_agents_import_nothing_from_the_current_folder(tiny_paths, tmp_
     (cwd / "tensorboard" / "__init__.py").write_text(f"import os\n{marker.format('rogue')}\nraise ImportError\n")
     (cwd / "user_plugin.py").write_text(f"import os\n{marker.format('plugin')}\n")
     flags = tiny_flags(tiny_paths, tmp_path / "run", "--agents", "1", "--algorithm", "local", "--rounds", "1")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    # an empty PYTHONPATH entry would itself mean "the current folder": join only the non-empty ones
+    paths = [str(Path(__file__).parents[1]), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     done = subprocess.run([sys.executable, "-P", "-m", "decaf_ext.distributed", "--nproc", "1", "--tensorboard",
                            "--import", "user_plugin", *flags], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)

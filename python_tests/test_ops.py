@@ -118,7 +118,7 @@ def test_value_checks_find_one_bad_entry_and_accept_sums_that_overflow():
         decaf_ext.consensus_tsvd(args["A"], B, args["W"], 2)
     huge = torch.full((4, 2, 6), 1e308, dtype=torch.float64)
     assert not torch.isfinite(huge.sum())
-    decaf_ext.ops._check_values(args["W"], A=huge)  # finite entries: no error
+    decaf_ext.ops.consensus._check_values(args["W"], A=huge)  # finite entries: no error
 
 
 def test_too_many_stacked_columns_names_W_and_the_limit():
