@@ -8,7 +8,9 @@ W [N, N], every method computes the rank-`rank` truncated SVD of M_i = sum_j W[i
   (d) randomized: consensus_tsvd(method="randomized", check_values=False);
   (e) floor:      the all-pairs Gram products of the stacked factors in the input dtype (any method
                   that uses every factor reads them at least once), plus a memory-bandwidth estimate;
-  (f) floor:      one GEMM pass forming each agent's Gram products of its neighbor-stacked factors.
+  (f) floor:      each agent's Gram products of its neighbor-stacked factors, the faster of two ways
+                  (one bmm over the contiguous neighbor stacks; (e) and a gather of each agent's blocks).
+Each floor's inputs are laid out untimed, and each is the fastest implementation measured of its work.
 `--scaling` instead prints a table of (c), (d), (e) and (f) over agents and topologies.
 Times are medians over repeats after warmup (CUDA synchronized). Accuracy is measured against (a)
 on the modules and agents where (a) ran. Run `python bench/tsvd.py --help` for the options.
@@ -249,25 +251,47 @@ def gram_floor(A_stack: torch.Tensor, B_stack: torch.Tensor) -> tuple[torch.Tens
     return torch.bmm(A_stack, A_stack.mT), torch.bmm(B_stack, B_stack.mT)
 
 
-def neighbor_stacks(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each agent's neighbor-stacked factors, grouped by neighbor count k: A rows [modules, agents, k r, n]
-    and B columns as rows [modules, agents, k r, m] (the layout of (f), prepared untimed)."""
+def neighbor_rows(W: torch.Tensor, r: int) -> list[torch.Tensor]:
+    """Each agent's neighbor-stacked rows of the stacked factors (indices < N r), grouped by neighbor
+    count k: one [agents, k r] index tensor per k, on W's device."""
     by_k: dict[int, list[list[int]]] = {}
     for i in range(W.shape[0]):
         nbrs = torch.nonzero(W[i].cpu()).flatten().tolist()
-        by_k.setdefault(len(nbrs), []).append(nbrs)
-    out = []
-    for rows in by_k.values():
-        idx = torch.tensor(rows, device=A.device)
-        At = A[:, idx].flatten(2, 3)                          # [modules, agents, k r, n]
-        Bt = B[:, idx].transpose(-1, -2).flatten(2, 3)        # [modules, agents, k r, m]
-        out.append((At.contiguous(), Bt.contiguous()))
-    return out
+        by_k.setdefault(len(nbrs), []).append([j * r + x for j in nbrs for x in range(r)])
+    return [torch.tensor(rows, device=W.device) for rows in by_k.values()]
 
 
-def neighbor_gram_floor(stacks: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """(f) every agent's Gram matrices of its neighbor-stacked A rows and B columns, input dtype."""
-    return [g for At, Bt in stacks for g in (At @ At.mT, Bt @ Bt.mT)]
+def floor_implementations(A_stack: torch.Tensor, B_stack: torch.Tensor,
+                          rows: list[torch.Tensor]) -> dict[str, dict[str, Callable[[], object]]]:
+    """The floors' work, each in the ways timed, inputs laid out here (untimed): (e) the all-pairs Grams;
+    (f) every agent's Grams of its neighbor-stacked factors [modules, agents, k r, k r], either as one
+    bmm over the neighbor stacks laid out contiguously (A rows and B columns as rows, [modules agents,
+    k r, n | m]) or as (e) and a gather of each agent's blocks, which computes each product of agents
+    that share neighbors once and reads the factors once (the faster where neighbor sets overlap)."""
+    stacks = [S[:, idx].flatten(0, 1).contiguous() for idx in rows for S in (A_stack, B_stack)]
+    NR = A_stack.shape[1]
+    # Each agent's block as entries of the flattened all-pairs Gram: one index_select per neighbor count.
+    blocks = [((idx.unsqueeze(-1) * NR + idx.unsqueeze(-2)).flatten(), (*idx.shape, idx.shape[1])) for idx in rows]
+
+    def gathered() -> list[torch.Tensor]:
+        grams = gram_floor(A_stack, B_stack)
+        return [G.flatten(1).index_select(1, flat).view(G.shape[0], *shape) for flat, shape in blocks for G in grams]
+
+    return {"e": {"bmm": lambda: gram_floor(A_stack, B_stack)},
+            "f": {"neighbor stacks bmm": lambda: [torch.bmm(S, S.mT) for S in stacks],
+                  "all-pairs bmm + gather": gathered}}
+
+
+def fastest(ways: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+            warmup: int) -> tuple[list[float], str]:
+    """Times each way of doing one piece of work; returns the fastest one's times and a note naming it,
+    with every way's median when there are several."""
+    timed = {name: time_call(fn, device, repeats, warmup)[0] for name, fn in ways.items()}
+    best = min(timed, key=lambda name: statistics.median(timed[name]))
+    if len(timed) == 1:
+        return timed[best], best
+    medians = ", ".join(f"{name} {statistics.median(t) * 1e3:.3f} ms" for name, t in timed.items())
+    return timed[best], f"fastest of: {medians}"
 
 
 def copy_bandwidth(device: torch.device, warmup: int) -> float:
@@ -362,11 +386,10 @@ def run_topology(topology: str, A: torch.Tensor, B: torch.Tensor, args: argparse
         record("c_cpu_w", "    exact, W on the CPU", times, note="check_values=False")
     A_stack = A.reshape(args.modules, args.agents * args.r, args.n)
     B_stack = B.mT.reshape(args.modules, args.agents * args.r, args.m).contiguous()
-    times, _ = time_call(lambda: gram_floor(A_stack, B_stack), repeats=args.repeats, **run)
-    record("e", f"(e) floor: Gram bmm {args.dtype}", times, note="stacked layout prepared untimed")
-    stacks = neighbor_stacks(A, B, W)
-    times, _ = time_call(lambda: neighbor_gram_floor(stacks), repeats=args.repeats, **run)
-    record("f", f"(f) floor: neighbor Gram {args.dtype}", times, note="neighbor stacks gathered untimed")
+    floors = floor_implementations(A_stack, B_stack, neighbor_rows(W, args.r))
+    for key, work in (("e", "all-pairs Gram"), ("f", "neighbor Gram")):
+        times, note = fastest(floors[key], repeats=args.repeats, **run)
+        record(key, f"({key}) floor: {work} {args.dtype}", times, note=f"{note}; inputs laid out untimed")
     factor_bytes = (A.numel() + B.numel()) * A.element_size()
     record("bw", "    bandwidth floor", [factor_bytes / bandwidth],
            note=f"{factor_bytes / 1e6:.1f} MB read once at {bandwidth / 1e9:.1f} GB/s ({bandwidth_note})")
@@ -454,17 +477,16 @@ def scaling_table(args: argparse.Namespace, device: torch.device) -> list[dict]:
         B_stack = B.mT.reshape(args.modules, agents * args.r, args.m).contiguous()
         for topology in args.topology:
             W = mixing_matrix(build_graph(topology, agents)).to(device, svd_dtype(A.dtype))
-            stacks = neighbor_stacks(A, B, W)
-            med = {}
+            floors = floor_implementations(A_stack, B_stack, neighbor_rows(W, args.r))
             W_cpu = W.cpu()
             calls = [("c", lambda: consensus(A, B, W, args.rank, "exact", args))]
             if cpu_w:
                 calls.append(("c_cpu_w", lambda: consensus(A, B, W_cpu, args.rank, "exact", args)))
-            calls += [("e", lambda: gram_floor(A_stack, B_stack)), ("f", lambda: neighbor_gram_floor(stacks)),
-                      ("d", lambda: consensus(A, B, W, args.rank, "randomized", args))]
-            for key, fn in calls:
-                times, _ = time_call(fn, device, args.repeats, args.warmup)
-                med[key] = statistics.median(times) * 1e3
+            calls.append(("d", lambda: consensus(A, B, W, args.rank, "randomized", args)))
+            med = {key: statistics.median(time_call(fn, device, args.repeats, args.warmup)[0]) * 1e3
+                   for key, fn in calls}
+            for key, ways in floors.items():
+                med[key] = statistics.median(fastest(ways, device, args.repeats, args.warmup)[0]) * 1e3
             kr = int((W != 0).sum(1).max()) * args.r
             rows.append({"agents": agents, "topology": topology, "kr": kr, **{f"{k}_ms": v for k, v in med.items()}})
             print(f"| {agents} | {topology} | {kr} | {med['c']:.1f} | " +

@@ -78,8 +78,9 @@ struct Backend {
   // gram_svd's Gram matrices are formed from float64 copies of the factors (a gram_svd without a
   // pivot check needs zero and repeated columns to give Grams singular to float64 rounding).
   bool float64_grams;
-  // Above this k * r, method "auto" uses the randomized method (CPU: 128; CUDA: 256): where randomized
-  // starts to pay off on each (bench/RESULTS.md).
+  // Above this k * r, method "auto" uses the randomized method. CPU: 128, where randomized starts to pay
+  // off; CUDA: kMaxStackedColumns (never), since randomized was measured slower than exact at every k * r
+  // a GPU run covered (bench/RESULTS.md) and the exact path takes every k * r the op accepts.
   int64_t auto_exact_max_columns;
   // Where support_grams or times_stacks is nullptr, the stacks are gathered for chunks of modules of at
   // most this many bytes (CUDA: 256 MiB, a bound on memory, since every chunk costs a gather and a GEMM

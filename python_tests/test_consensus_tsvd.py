@@ -101,7 +101,7 @@ def test_splits(device, split):
 
 
 def test_randomized_is_near_optimal_and_exact_on_low_rank(device):
-    # N_in r = 160 > 128: "auto" takes the randomized path too.
+    # N_in r = 160 > 128: on the CPU "auto" takes the randomized path too (on CUDA the exact one).
     A, B = factors((2,), 16, 10, 200, 150, device=device, seed=5)
     W = complete_weights(16).to(device)
     M = weighted_product_sum_dense(A.cpu(), B.cpu(), W.cpu())
@@ -281,6 +281,16 @@ def test_never_nan_on_extreme_scales(device):
     out = decaf_ext.consensus_tsvd(A, B2, ring_weights(5).to(device), 4)
     assert all(torch.isfinite(t).all() for t in out)
     assert_matches_reference(A, B2, ring_weights(5).to(device), 4, out, 1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_auto_is_exact():
+    """On CUDA "auto" takes the exact path at every k*r, also above the CPU's randomized threshold."""
+    A, B = factors((2,), 40, 8, 96, 80, torch.float32, "cuda", seed=21)  # k*r = 320
+    W = complete_weights(40).to("cuda", torch.float32)
+    auto = decaf_ext.consensus_tsvd(A, B, W, 4, method="auto")
+    for x, y in zip(auto, decaf_ext.consensus_tsvd(A, B, W, 4, method="exact")):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -131,7 +131,7 @@ const Backend kCudaBackend{.complete_rows = complete_rows_cuda,
                            .support_grams = nullptr,
                            .times_stacks = nullptr,
                            .float64_grams = true,
-                           .auto_exact_max_columns = 256,
+                           .auto_exact_max_columns = kMaxStackedColumns,
                            .stack_chunk_bytes = int64_t{256} << 20,
                            .module_chunk_bytes = std::numeric_limits<int64_t>::max()};
 

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
+#include <algorithm>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -17,6 +18,9 @@
 #include "../cuda/gram_svd_batched.h"
 
 namespace decaf {
+
+// The most Jacobi sweeps of a matrix solved by small_eigh_serial since the caller last reset it.
+inline int small_eigh_most_sweeps = 0;
 
 // The CUDA backend's eigh on the CPU: common/small_eigh.h per float64 matrix up to kSmallEighMax
 // (one-thread team), ATen otherwise.
@@ -31,8 +35,9 @@ inline std::tuple<at::Tensor, at::Tensor> small_eigh_serial(const at::Tensor& H)
   double scratch = 0.0;
   const SerialTeam team{&scratch};
   for (int64_t p = 0; p < count; ++p)
-    small_eigh(team, h.data_ptr<double>() + p * n * n, (int)n, work.data(), values.data_ptr<double>() + p * n,
-               vectors.data_ptr<double>() + p * n * n);
+    small_eigh_most_sweeps =
+        std::max(small_eigh_most_sweeps, small_eigh(team, h.data_ptr<double>() + p * n * n, (int)n, work.data(),
+                                                     values.data_ptr<double>() + p * n, vectors.data_ptr<double>() + p * n * n));
   return {values, vectors};
 }
 

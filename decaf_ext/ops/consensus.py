@@ -109,9 +109,9 @@ def consensus_tsvd(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rank: int,
             Cholesky factorization of the float64 Gram (float32 inputs) or the QR (float64); then the
             top singular triplets of the small core R_B diag(W[i]) R_A^T per distinct row of W),
             "randomized" (range finder on the factored M_i with `oversample` extra columns and
-            `n_iter` power iterations, test matrix from `seed`), "auto" (exact while a row stacks
-            k*r <= 128 factor columns on the CPU, 256 on CUDA, k = its nonzero weights (k = N_in for
-            W on a GPU), else randomized), or "dense" (forms M_i and calls
+            `n_iter` power iterations, test matrix from `seed`), "auto" (on the CPU exact while a row
+            stacks k*r <= 128 factor columns, k = its nonzero weights, else randomized; on CUDA always
+            exact, where randomized was measured slower at every k*r: bench/RESULTS.md), or "dense" (forms M_i and calls
             torch.linalg.svd: the reference, no zero-direction completion). k*r above 2048 raises
             ValueError.
         split: "balanced" (B = U sqrt(S), A = sqrt(S) V^T), "left" (B = U S, A = V^T) or
