@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decaf_ext.comm.codec import MESSAGE_DTYPES, Codec, dequantize, quantize
+from decaf_ext.comm.codec import MAX_INT8_SCALE, MESSAGE_DTYPES, Codec, dequantize, quantize
 from decaf_ext.errors import ConfigError
 from decaf_ext.comm.transport import check_buffer, unfilled
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, write_factors
@@ -74,6 +74,12 @@ def test_received_int8_messages_are_checked():
     bad_code[0] = 128  # int8 -128
     assert "-128" in codec.check(bad_code)
     assert "scales" in codec.check(unfilled(wire))  # a receive buffer the transfer did not fill
+    for scale in (3e38, float(torch.tensor(MAX_INT8_SCALE, dtype=torch.float32))):  # at the boundary too
+        overflow = wire.clone()
+        overflow[:12] = 127
+        overflow[-12:] = torch.full((3,), scale).view(torch.uint8)
+        assert not torch.isfinite(codec.decode(overflow[None])[0]).all()  # what it would decode to
+        assert "decodes beyond float32" in codec.check(overflow)
 
 
 def test_int8_messages_carry_a_message_tag():

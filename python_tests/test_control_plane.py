@@ -233,7 +233,8 @@ def test_forged_values_are_ignored_with_a_run_key(server):
 
 GARBAGE = {"startup": b"{not json", "members/-1": b"\xff\xfe", "members/1": b"[]", "latest": b"seven",
            "nonce": b"xyz", "incarnation/1": b"garbage", "start/3": b'{"incarnation": "x"}',
-           "ready/0/3": b"null", "ready/1/3": b'{"fingerprint": 5}', "join/3": b"{]"}
+           "ready/0/3": b"null", "ready/1/3": b'{"fingerprint": 5}', "join/3": b"{]",
+           "members/0": b"[" * 100_000}  # nested too deep for json.loads (RecursionError)
 
 
 def test_garbage_values_do_not_crash_an_agent_without_a_key(server):

@@ -28,6 +28,7 @@ from decaf_ext.config import TrainConfig
 from decaf_ext.errors import ConfigError
 from decaf_ext.cli import main as cli_main
 from decaf_ext.distributed import DistributedOptions, launch, run_distributed
+from decaf_ext.distributed.runtime import check_evaluation
 from decaf_ext.comm.transport import Transport, check_buffer
 from faults import Faults
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, product_norm
@@ -358,6 +359,25 @@ def test_short_run_keys_are_refused(tmp_path):
         load_run_key(str(tmp_path / "key"))
     with pytest.raises(ValueError, match="at least 16"):
         MessageGuard(b"fifteen bytes!!")
+
+
+def test_evaluation_buffers_with_implausible_numbers_are_rejected():
+    groups, extras = random_agents(2)
+    own = select(groups, extras, [0])
+    layout = MessageLayout(*own, trains_A=True)
+    factors = layout.pack(*select(groups, extras, [1])).double()
+    guard = MessageGuard(None, norm_cap=1e3)
+
+    def buffer(loss_sum=2.5, loss_steps=3, bytes_sent=100, accuracy=0.5, macro_f1=0.4, scale=1.0):
+        return torch.cat([torch.tensor([loss_sum, loss_steps, bytes_sent, accuracy, macro_f1], dtype=torch.float64),
+                          factors * scale])
+
+    assert check_evaluation(buffer(), layout, guard, *own) is None
+    for bad in (dict(loss_sum=-1.0), dict(loss_steps=-1), dict(loss_steps=2.5), dict(bytes_sent=1.5),
+                dict(accuracy=1.5), dict(macro_f1=-0.1)):
+        assert "implausible" in check_evaluation(buffer(**bad), layout, guard, *own), bad
+    assert "NaN" in check_evaluation(buffer(bytes_sent=float("nan")), layout, guard, *own)
+    assert "norm_cap" in check_evaluation(buffer(scale=1e6), layout, guard, *own)
 
 
 def test_norm_bounds_absolute_and_relative_to_the_median():

@@ -22,7 +22,7 @@ import torch
 
 MESSAGE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8")
 INT8_LEVELS = 127
-MAX_INT8_SCALE = torch.finfo(torch.float32).max / INT8_LEVELS  # larger scales decode code 127 to Inf
+MAX_INT8_SCALE = torch.finfo(torch.float32).max / INT8_LEVELS  # about where code 127 starts decoding to Inf
 
 
 def check_message_dtype(message_dtype: str) -> None:
@@ -113,8 +113,8 @@ class Codec:
         codes, scales = self._split(wire[None])
         if not all(bool((torch.isfinite(s) & (s >= 0)).all()) for s in scales):
             return "NaN, Inf or negative int8 scales"
-        if not all(bool((s <= MAX_INT8_SCALE).all()) for s in scales):
-            return f"int8 scale above {MAX_INT8_SCALE:.4g} (decodes beyond float32)"
+        if not all(bool(torch.isfinite(s * INT8_LEVELS).all()) for s in scales):
+            return f"int8 scale above {MAX_INT8_SCALE:.4g} (code 127 decodes beyond float32)"
         if any(bool((c == -INT8_LEVELS - 1).any()) for c in codes):
             return "int8 code -128"
         return None

@@ -38,7 +38,8 @@ Report = Callable[[str, str, str], None]  # (key, kind: "forged" or "malformed",
 ABSENT = "\x00decaf_ext: no such key\x00"  # compare_set(key, ABSENT, ABSENT) reads a key without creating it
 TAG_CHARS = 2 * hashlib.sha256().digest_size
 ATTEMPTS = 4  # compare_set tries against a value that keeps being replaced
-PARSE_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError)  # json's errors are ValueErrors
+PARSE_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError,  # json's errors are ValueErrors
+                RecursionError)  # json.loads of deeply nested brackets
 
 
 def parse_int(text: str) -> int:

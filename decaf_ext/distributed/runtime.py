@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 
 from decaf_ext.comm.agent_comm import AgentComm, HooksFactory
 from decaf_ext.comm.control_store import shared_value
-from decaf_ext.comm.guard import BROADCAST, TagContext, load_run_key
+from decaf_ext.comm.guard import BROADCAST, MessageGuard, TagContext, load_run_key
+from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.comm.transport import BACKENDS, RoundView, check_backend, check_timeout
 from decaf_ext.config import TrainConfig, resolve_device
 from decaf_ext.errors import ConfigError
-from decaf_ext.lora import collect_extras, write_extras
+from decaf_ext.lora import Extras, FactorGroup, collect_extras, write_extras
 from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.evaluation import MetricsLog, build_summary, evaluation_record
 from decaf_ext.sim.resume import open_run_dir, write_checkpoint
@@ -60,6 +61,20 @@ class DistributedOptions:
             raise ConfigError(f"backend must be one of {', '.join(('auto', *BACKENDS))}; got {self.backend!r}")
         for name in ("round_timeout", "startup_timeout"):
             check_timeout(name, getattr(self, name))
+
+
+def check_evaluation(data: torch.Tensor, layout: MessageLayout, guard: MessageGuard, groups: list[FactorGroup],
+                     extras: Extras) -> str | None:
+    """Why a member's evaluation buffer (float64 [STATS + layout.data_numel]: loss_sum, loss_steps, bytes_sent,
+    accuracy, macro_f1, then its factors) must not be used, or None. groups / extras: this agent's (names)."""
+    if not bool(torch.isfinite(data).all()):
+        return "NaN or Inf values"
+    loss_sum, loss_steps, bytes_sent, accuracy, macro_f1 = data[:STATS].tolist()
+    if not (loss_sum >= 0 and loss_steps >= 0 and loss_steps == int(loss_steps) and bytes_sent >= 0
+            and bytes_sent == int(bytes_sent) and 0 <= accuracy <= 1 and 0 <= macro_f1 <= 1):
+        return "implausible statistics (a negative loss or count, a fractional count, a score outside [0, 1])"
+    theirs, their_extras = layout.unpack(data[None, STATS:].to(layout.dtype), groups, extras)
+    return guard.check_values(theirs, their_extras)
 
 
 class AgentRuntime:
@@ -138,7 +153,7 @@ class AgentRuntime:
                 data, reason = mine, None
             else:
                 data, reason = guard.open(gathered[k], context(j))
-                reason = reason or self._check_evaluation(data, groups, extras)
+                reason = reason or check_evaluation(data, self.comm.layout, guard, groups, extras)
             if reason is None:
                 accepted.append(data)
                 members.append(j)
@@ -159,17 +174,6 @@ class AgentRuntime:
         self.log.add({**record, "members": members})
         if self.agent == view.agents[0]:
             self._report_metrics()
-
-    def _check_evaluation(self, data: torch.Tensor, groups: list, extras: dict) -> str | None:
-        """Why a member's evaluation buffer [STATS + data_numel] (float64) must not be used, or None."""
-        if not bool(torch.isfinite(data).all()):
-            return "NaN or Inf values"
-        loss_sum, loss_steps, bytes_sent, accuracy, macro_f1 = data[:STATS].tolist()
-        if not (loss_steps >= 0 and loss_steps == int(loss_steps) and bytes_sent >= 0
-                and bytes_sent == int(bytes_sent) and 0 <= accuracy <= 1 and 0 <= macro_f1 <= 1):
-            return "implausible statistics (negative or fractional counts, a score outside [0, 1])"
-        theirs, their_extras = self.comm.layout.unpack(data[None, STATS:].to(self.comm.layout.dtype), groups, extras)
-        return self.comm.guard.check_values(theirs, their_extras)
 
     def _report_metrics(self) -> None:
         """Merge this agent's history into <output_dir>/metrics.jsonl (by round; records it missed are kept)."""
