@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 from decaf_ext.comm.transport import RoundView, Transport
-from decaf_ext.lora import Extras, FactorGroup, product_norm, select_agent
-from decaf_ext.comm.guard import BROADCAST, MessageGuard, TagContext
+from decaf_ext.lora import Extras, FactorGroup, select_agent
+from decaf_ext.comm.guard import BROADCAST, MessageGuard, TagContext, message_norm
 from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.strategies import Strategy
 
@@ -133,8 +133,8 @@ class AgentRound:
             if reason is None:
                 decoded[j] = self.layout.decode(data[None, :self.layout.wire_numel_of(j)].to(self.device), j)[0]
                 theirs, their_extras = self.layout.unpack(decoded[j][None], groups, extras)
-                reason = self.guard.check_values(theirs, their_extras)
-                norms[j] = float(product_norm(theirs)[0]) if theirs else 0.0
+                norms[j] = message_norm(theirs)
+                reason = self.guard.check_values(theirs, their_extras, norms[j])
             return reason
 
         if decentralized:
@@ -144,8 +144,9 @@ class AgentRound:
             buffer = sealed(BROADCAST)
             padded = torch.cat([buffer, buffer.new_zeros(self.layout.numel - buffer.numel())])
             received = self.transport.gather_checked(view, padded, validate)
-        own_norm = float(product_norm(groups)[0]) if groups else 0.0
-        for j, reason in self.guard.check_relative({j: norms[j] for j in received}, own_norm).items():
+        if self.guard.norm_bound is None:
+            return {j: decoded[j] for j in received}
+        for j, reason in self.guard.check_relative({j: norms[j] for j in received}, message_norm(groups)).items():
             self.transport.record_event(view.round, "rejected", f"buffer of agent {j} rejected ({reason})",
                                         agent=j, reason=reason)
             del received[j]

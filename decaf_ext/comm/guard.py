@@ -64,6 +64,11 @@ def check_bound(name: str, value: float | None, minimum: float) -> None:
         raise ValueError(f"{name} must be a finite number >= {minimum:g} or None, got {value!r}")
 
 
+def message_norm(groups: list[FactorGroup]) -> float:
+    """sqrt(sum over modules ||B A||_F^2) of one agent's factors (A [M, 1, r, n], B [M, 1, m, r]); 0 without any."""
+    return float(product_norm(groups)[0]) if groups else 0.0
+
+
 class TagContext(NamedTuple):
     """What a tag binds besides the data: purpose ("mix" or "eval"), round, process group, sender, the sender's
     incarnation, receiver (BROADCAST for every member)."""
@@ -131,15 +136,16 @@ class MessageGuard:
             return data, "wrong message tag"
         return data, None
 
-    def check_values(self, groups: list[FactorGroup], extras: Extras) -> str | None:
+    def check_values(self, groups: list[FactorGroup], extras: Extras, norm: float | None = None) -> str | None:
         """Why one agent's decoded factors (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...] must be rejected
-        on their own (non-finite values, norms above norm_cap), or None."""
+        on their own (non-finite values, norms above norm_cap), or None. norm: their product norm
+        (:func:`message_norm`), when the caller has it already."""
         tensors = {f"{factor} of {g.names[0]}": getattr(g, factor) for g in groups for factor in "AB"}
         tensors.update({f"extra {name}": x for name, x in extras.items()})
         for name, tensor in tensors.items():
             if not bool(torch.isfinite(tensor).all()):
                 return f"NaN or Inf in {name}"
-        norm = float(product_norm(groups)[0]) if groups else 0.0
+        norm = message_norm(groups) if norm is None else norm
         if not math.isfinite(norm):
             return "LoRA product norm is not finite"
         if self.norm_cap is None:
