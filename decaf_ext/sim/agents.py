@@ -29,7 +29,8 @@ from peft import get_peft_model
 from torch import nn
 
 from decaf_ext.comm.layout import MessageLayout
-from decaf_ext.config import TrainConfig, resolve_device
+from decaf_ext.config import TrainConfig
+from decaf_ext.device import resolve_device
 from decaf_ext.data.partition import partition
 from decaf_ext.errors import ConfigError, first_line
 from decaf_ext.lora import FactorGroup, RankPadding, collect_extras, collect_factors, share_and_freeze_A, \
