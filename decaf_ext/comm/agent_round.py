@@ -153,17 +153,28 @@ class AgentRound:
         return {j: decoded[j] for j in received}
 
 
-def round_inputs(strategy: Strategy, agent: int, row: torch.Tensor, heard: list[int], missing: list[int]
-                 ) -> tuple[list[int], torch.Tensor]:
+def round_inputs(strategy: Strategy, agent: int, row: torch.Tensor, heard: list[int], missing: list[int],
+                 joining: bool = False) -> tuple[list[int], torch.Tensor]:
     """The agents whose factors enter `agent`'s call of the strategy, in input order, and the W of that call.
 
-    row: float64 [N], the agent's row of the round's W; heard: the agents it received from; missing: graph
-    neighbours it did not (their weight stays with its own factors). Decentralized: ([agent, *heard], W [1, k]);
-    a server strategy: (every agent in ascending order, the uniform W [k, k]) as the server would compute it.
-    The agent's own output is row ``order.index(agent)`` of the call.
+    row: float64 [N], the agent's row of the round's W; heard: the agents it received from (and mixes with);
+    missing: graph neighbours it did not (their weight stays with its own factors). Decentralized:
+    ([agent, *heard], W [1, k]); a server strategy: (every agent in ascending order, the uniform W [k, k]) as the
+    server would compute it. The agent's own output is row :func:`output_index` of the call. A `joining` agent
+    (see :mod:`decaf_ext.elastic`) starts from the consensus of what it heard: weight 0 on its own factors, its
+    row renormalized over `heard` (decentralized), or the server's mean of the others.
     """
     if strategy.decentralized:
+        if joining and heard:
+            weights = row[heard] / row[heard].sum()
+            return [agent, *heard], torch.cat([weights.new_zeros(1), weights])[None]
         own = (row[agent] + row[missing].sum()).reshape(1)
         return [agent, *heard], torch.cat([own, row[heard]])[None]
-    order = sorted([agent, *heard])
+    order = sorted(heard) if joining and heard else sorted([agent, *heard])
     return order, torch.full((len(order), len(order)), 1.0 / len(order), dtype=torch.float64)
+
+
+def output_index(order: list[int], agent: int) -> int:
+    """Which output row of the strategy call of :func:`round_inputs` is `agent`'s (0 when a joining agent is not
+    among the inputs: every output row of a server call is the same)."""
+    return order.index(agent) if agent in order else 0
