@@ -82,24 +82,26 @@ class AgentRound:
         message dtype)."""
         if self.strategy.bytes_per_message(groups, extras) == 0:
             return None
-        row = W[self.agent].to(torch.float64).cpu()
-        if self.strategy.decentralized:
+        W = W.to(torch.float64).cpu()
+        row, joining = W[self.agent], self.agent in view.joining
+        if self.strategy.decentralized:  # its row's neighbours, and a joiner listening to it (its column)
             neighbours = [j for j in range(len(row)) if j != self.agent and row[j] > 0]
+            peers = [j for j in range(len(row)) if j != self.agent and (row[j] > 0 or W[j, self.agent] > 0)]
         else:
-            neighbours = [j for j in view.agents if j != self.agent]
-        peers = [j for j in neighbours if j in view.members]
+            neighbours = peers = [j for j in view.agents if j != self.agent]
+        peers = [j for j in peers if j in view.members]
         own = self.layout.pack(groups, extras)
         wire = self.layout.encode(own, self.agent).to(self.buffer_device)
         heard = self._exchange(view, round_index, own, wire, peers, groups, extras)
-        live = sorted(heard)
+        live = [j for j in sorted(heard) if j in neighbours and j not in view.joining]
         missing = [j for j in neighbours if j not in heard] if self.strategy.decentralized else []
         if missing:
             log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
                      self.agent, round_index, missing, float(row[missing].sum()))
-        order, W_round = round_inputs(self.strategy, self.agent, row, live, missing)
+        order, W_round = round_inputs(self.strategy, self.agent, row, live, missing, joining)
         data = torch.stack([own if j == self.agent else heard[j] for j in order])
         mixed = self.strategy.communicate(*self.layout.unpack(data, groups, extras), W_round)
-        new_groups, new_extras = select_agent(*mixed, order.index(self.agent))
+        new_groups, new_extras = select_agent(*mixed, output_index(order, self.agent))
         sent = self.layout.sent_bytes_of(self.agent, server=not self.strategy.decentralized) * (
             len(peers) if self.strategy.decentralized else 1)
         return MixResult(new_groups, new_extras, [self.agent, *live], sent)
