@@ -122,6 +122,14 @@ def test_everybody_live_is_the_configured_W_bitwise(topology):
     torch.testing.assert_close(mixing.at(0, range(8), []), mixing_matrix(mixing.graph(0, range(8)), "metropolis"))
 
 
+def test_rules_other_than_metropolis_keep_the_configured_W():
+    """uniform / max_degree are not re-weighted (a missing neighbour's weight stays with the agent instead)."""
+    for rule in ("uniform", "max_degree"):
+        mixing = LiveMixing("ring", 6, rule=rule)
+        assert not mixing.reweights and torch.equal(mixing.at(2, [0, 1, 4, 5], [3]), mixing.schedule.at(2))
+    assert LiveMixing("ring", 6, rule="metropolis").reweights
+
+
 # ----------------------------------------------------------------------------------------- schedule, input
 
 

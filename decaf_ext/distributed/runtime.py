@@ -38,7 +38,6 @@ from decaf_ext.elastic import LiveMixing
 from decaf_ext.errors import ConfigError
 from decaf_ext.lora import Extras, FactorGroup, collect_extras, write_extras
 from decaf_ext.sim.agents import Agents
-from decaf_ext.sim.elastic import membership_fields
 from decaf_ext.sim.evaluation import MetricsLog, build_summary, evaluation_record
 from decaf_ext.sim.resume import open_run_dir, write_checkpoint
 from decaf_ext.sim.tensorboard_log import TensorBoardLog
@@ -189,10 +188,11 @@ class AgentRuntime:
         counters["time_eval"] += agents.clock() - start
         record = evaluation_record(agents, rounds_done, per_agent, average, all_groups, loss_sum, loss_steps,
                                    int(bytes_sent))
-        if self.churn.active:
-            record.update(membership_fields(self.mixing, max(view.round, 0), view.live, view.joining))
-            own = {"mixing_row": None if self.row is None else self.row.tolist()}  # this agent's log only
-        self.log.add({**record, "members": members, **(own if self.churn.active else {})})
+        record["members"] = members
+        if self.churn.active:  # the mixing row goes to this agent's own log only
+            record.update(self.mixing.fields(max(view.round, 0), view.live, view.joining),
+                          mixing_row=None if self.row is None else self.row.tolist())
+        self.log.add(record)
         if self.agent == view.agents[0]:
             self._report_metrics()
 

@@ -18,7 +18,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -113,6 +113,12 @@ class LiveMixing:
             for i in joining:
                 W[i] = joiner_row(extended, i, live)
         return W
+
+    def fields(self, round_index: int, live: Sequence[int], joining: Sequence[int] = ()) -> dict[str, Any]:
+        """What a metrics record says of round `round_index`'s membership: the live agents, the joining ones and
+        the spectral gap of W over the live agents."""
+        W = self.at(round_index, live, joining)
+        return {"live": sorted(live), "joining": sorted(joining), "spectral_gap": self.spectral_gap(W, live)}
 
     @staticmethod
     def spectral_gap(W: torch.Tensor, live: Sequence[int]) -> float:

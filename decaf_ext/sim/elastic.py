@@ -26,14 +26,6 @@ from decaf_ext.sim.evaluation import evaluation_record
 SENT = "sent_by_agent"  # counters key: bytes each agent has sent so far (checkpointed with the counters)
 
 
-def membership_fields(mixing: LiveMixing, round_index: int, live: tuple[int, ...], joining: tuple[int, ...]
-                      ) -> dict[str, Any]:
-    """What a metrics record says of round `round_index`'s membership: the live agents, the joining ones and the
-    spectral gap of W over the live agents."""
-    W = mixing.at(round_index, live, joining)
-    return {"live": list(live), "joining": list(joining), "spectral_gap": mixing.spectral_gap(W, live)}
-
-
 class ElasticRounds:
     """The simulated rounds of `agents` (every agent of the run) under `churn`."""
 
@@ -106,8 +98,8 @@ class ElasticRounds:
                                    agents.counters["loss_steps"], sum(agents.counters[SENT][i] for i in present))
         agents.counters["loss_sum"], agents.counters["loss_steps"] = 0.0, 0
         live = self.churn.live(round_index) if rounds_done else self.churn.initial
-        return {**record, **membership_fields(self.mixing, round_index, live,
-                                               self.churn.joining(round_index) if rounds_done else ())}
+        joining = self.churn.joining(round_index) if rounds_done else ()
+        return {**record, **self.mixing.fields(round_index, live, joining)}
 
     def _select(self, present: tuple[int, ...]) -> tuple[list[FactorGroup], Extras]:
         """The present agents' factors and extras, stacked (A [M, k, r, n], B [M, k, m, r], extras [k, ...])."""
