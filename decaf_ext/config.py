@@ -23,6 +23,7 @@ from decaf_ext.device import check_device, cuda_available
 from decaf_ext.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
+    from decaf_ext.elastic import ChurnSchedule
     from decaf_ext.strategies import Strategy
 
 COMM_ORDERS: tuple[str, ...] = ("train_then_mix", "mix_then_train")
@@ -146,6 +147,9 @@ class TrainConfig:
                                            "the median of the agent's own and the round's messages")
     norm_cap: float | None = _knob(None, "reject a message any of whose factors, extras or LoRA product has a "
                                          "Frobenius norm above this absolute value")
+    # elastic membership
+    churn: str | None = _knob(None, "agents joining and leaving a running run, e.g. 'join:5@3,leave:2@5,kill:3@6' "
+                                    "(0-based rounds; see docs/membership.md)")
 
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the argument) for values that are invalid on their own."""
@@ -198,6 +202,7 @@ class TrainConfig:
         if self.norm_cap is not None and not (math.isfinite(self.norm_cap) and self.norm_cap > 0):
             raise ConfigError(f"norm_cap must be a finite number > 0 or none, got {self.norm_cap}")
         check_device(self.device)
+        self.churn_schedule()
         if self.dtype == "float16" and (self.device == "cpu" or (self.device == "auto" and not cuda_available())):
             raise ConfigError("dtype: float16 cannot train on a CPU (use bfloat16 or float32)")
 
@@ -225,6 +230,18 @@ class TrainConfig:
         if min(ranks) < 1:
             raise ConfigError(f"rank must be >= 1, got {spec!r}")
         return ranks
+
+    def churn_schedule(self) -> ChurnSchedule:
+        """The run's :class:`~decaf_ext.elastic.ChurnSchedule` (ConfigError naming churn, or mixing when a churn
+        schedule meets a rule that cannot be re-weighted on the live graph)."""
+        from decaf_ext.elastic import ChurnSchedule
+        from decaf_ext.elastic.live_graph import REWEIGHTED_RULES
+
+        schedule = ChurnSchedule.parse(self.churn, self.agents)
+        if schedule.active and self.mixing not in REWEIGHTED_RULES:
+            raise ConfigError(f"mixing: --churn re-weights W on the live graph (Metropolis-Hastings); use "
+                              f"{' or '.join(REWEIGHTED_RULES)}, not {self.mixing!r}")
+        return schedule
 
     def strategy(self) -> Strategy:
         """The configured strategy, with the decaf_* options it takes (the built-in decaf takes all five)."""

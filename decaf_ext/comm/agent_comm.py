@@ -60,10 +60,10 @@ class AgentComm:
         self.agent_round = AgentRound(strategy, self.transport, self.layout, guard=self.guard, device=device,
                                       hooks=self.hooks)
 
-    def start(self, rounds_done: int) -> int:
+    def start(self, rounds_done: int, join_at: int = 0, starters: list[int] | None = None) -> int:
         """Enter the run (:meth:`Transport.start <decaf_ext.comm.transport.Transport.start>`) and bind the message
         tags to its nonce; returns the number of rounds done from which this agent continues."""
-        done = self.transport.start(rounds_done)
+        done = self.transport.start(rounds_done, join_at, starters)
         self.guard.bind(self.transport.nonce)
         return done
 
@@ -72,11 +72,12 @@ class AgentComm:
         if self.hooks is not None:
             self.hooks.after_local_steps(round_index)
 
-    def round(self, round_index: int, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
-              ) -> tuple[RoundView | None, MixResult | None]:
+    def round(self, round_index: int, groups: list[FactorGroup], extras: Extras,
+              W: torch.Tensor | Callable[[RoundView], torch.Tensor]) -> tuple[RoundView | None, MixResult | None]:
         """Agree on round `round_index`'s members, hold their process group and mix this agent's groups / extras
-        with theirs (W [N, N]: the round's mixing matrix). Returns (view, mixed): view None when this agent is
-        left out of the round; mixed None when left out or the strategy sends nothing."""
+        with theirs (W [N, N]: the round's mixing matrix, or a function of the agreed view giving it, e.g. the
+        live graph's, :class:`~decaf_ext.elastic.LiveMixing`). Returns (view, mixed): view None when this agent
+        is left out of the round; mixed None when left out or the strategy sends nothing."""
         if self.hooks is not None:
             self.hooks.before_communication(round_index)
         view = self.transport.agree(round_index)
@@ -84,4 +85,4 @@ class AgentComm:
             view = None
         if view is None:
             return None, None
-        return view, self.agent_round.communicate(view, round_index, groups, extras, W)
+        return view, self.agent_round.communicate(view, round_index, groups, extras, W(view) if callable(W) else W)

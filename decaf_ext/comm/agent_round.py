@@ -82,24 +82,26 @@ class AgentRound:
         message dtype)."""
         if self.strategy.bytes_per_message(groups, extras) == 0:
             return None
-        row = W[self.agent].to(torch.float64).cpu()
-        if self.strategy.decentralized:
+        W = W.to(torch.float64).cpu()
+        row, joining = W[self.agent], self.agent in view.joining
+        if self.strategy.decentralized:  # its row's neighbours, and a joiner listening to it (its column)
             neighbours = [j for j in range(len(row)) if j != self.agent and row[j] > 0]
+            peers = [j for j in range(len(row)) if j != self.agent and (row[j] > 0 or W[j, self.agent] > 0)]
         else:
-            neighbours = [j for j in view.agents if j != self.agent]
-        peers = [j for j in neighbours if j in view.members]
+            neighbours = peers = [j for j in view.agents if j != self.agent]
+        peers = [j for j in peers if j in view.members]
         own = self.layout.pack(groups, extras)
         wire = self.layout.encode(own, self.agent).to(self.buffer_device)
         heard = self._exchange(view, round_index, own, wire, peers, groups, extras)
-        live = sorted(heard)
+        live = [j for j in sorted(heard) if j in neighbours and j not in view.joining]
         missing = [j for j in neighbours if j not in heard] if self.strategy.decentralized else []
         if missing:
             log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
                      self.agent, round_index, missing, float(row[missing].sum()))
-        order, W_round = round_inputs(self.strategy, self.agent, row, live, missing)
+        order, W_round = round_inputs(self.strategy, self.agent, row, live, missing, joining)
         data = torch.stack([own if j == self.agent else heard[j] for j in order])
         mixed = self.strategy.communicate(*self.layout.unpack(data, groups, extras), W_round)
-        new_groups, new_extras = select_agent(*mixed, order.index(self.agent))
+        new_groups, new_extras = select_agent(*mixed, output_index(order, self.agent))
         sent = self.layout.sent_bytes_of(self.agent, server=not self.strategy.decentralized) * (
             len(peers) if self.strategy.decentralized else 1)
         return MixResult(new_groups, new_extras, [self.agent, *live], sent)
@@ -153,17 +155,28 @@ class AgentRound:
         return {j: decoded[j] for j in received}
 
 
-def round_inputs(strategy: Strategy, agent: int, row: torch.Tensor, heard: list[int], missing: list[int]
-                 ) -> tuple[list[int], torch.Tensor]:
+def round_inputs(strategy: Strategy, agent: int, row: torch.Tensor, heard: list[int], missing: list[int],
+                 joining: bool = False) -> tuple[list[int], torch.Tensor]:
     """The agents whose factors enter `agent`'s call of the strategy, in input order, and the W of that call.
 
-    row: float64 [N], the agent's row of the round's W; heard: the agents it received from; missing: graph
-    neighbours it did not (their weight stays with its own factors). Decentralized: ([agent, *heard], W [1, k]);
-    a server strategy: (every agent in ascending order, the uniform W [k, k]) as the server would compute it.
-    The agent's own output is row ``order.index(agent)`` of the call.
+    row: float64 [N], the agent's row of the round's W; heard: the agents it received from (and mixes with);
+    missing: graph neighbours it did not (their weight stays with its own factors). Decentralized:
+    ([agent, *heard], W [1, k]); a server strategy: (every agent in ascending order, the uniform W [k, k]) as the
+    server would compute it. The agent's own output is row :func:`output_index` of the call. A `joining` agent
+    (see :mod:`decaf_ext.elastic`) starts from the consensus of what it heard: weight 0 on its own factors, its
+    row renormalized over `heard` (decentralized), or the server's mean of the others.
     """
     if strategy.decentralized:
+        if joining and heard:
+            weights = row[heard] / row[heard].sum()
+            return [agent, *heard], torch.cat([weights.new_zeros(1), weights])[None]
         own = (row[agent] + row[missing].sum()).reshape(1)
         return [agent, *heard], torch.cat([own, row[heard]])[None]
-    order = sorted([agent, *heard])
+    order = sorted(heard) if joining and heard else sorted([agent, *heard])
     return order, torch.full((len(order), len(order)), 1.0 / len(order), dtype=torch.float64)
+
+
+def output_index(order: list[int], agent: int) -> int:
+    """Which output row of the strategy call of :func:`round_inputs` is `agent`'s (0 when a joining agent is not
+    among the inputs: every output row of a server call is the same)."""
+    return order.index(agent) if agent in order else 0

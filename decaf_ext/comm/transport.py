@@ -3,16 +3,16 @@
 Control plane: the rendezvous store (torchrun's TCPStore, or the one ``python -m decaf_ext.distributed`` hosts).
 Each round every agent posts a readiness record (incarnation, layout fingerprint, whether its process group
 failed); the first agent whose wait ends writes the round's membership with ``compare_set`` and everybody reads
-that single agreed :class:`RoundView`. An agent that misses the round timeout (dead, stalled, restarting) is
-left out of the round; an agent that finds itself left out files a join request and is waited for again.
-The message layout (size, dtype, entries) is fixed at startup and an agent with another one is never admitted:
-gloo aborts a process that receives a message larger than its receive buffer, so sizes are agreed before any
-data moves.
+that single agreed :class:`RoundView`. An agent that misses the round timeout (dead, stalled, restarting) is left
+out of the round; one that finds itself left out files a join request and is waited for again; one that announced
+leaving is not waited for (:mod:`~decaf_ext.comm.membership`). The message layout (size, dtype, entries) is fixed
+at startup and an agent with another one is never admitted: gloo aborts a process that receives a message larger
+than its receive buffer, so sizes are agreed before any data moves.
 
 Data plane: a torch.distributed process group object over exactly the round's members (never the default group,
-which stays the user's), formed anew (fresh store prefix) whenever membership changes or a member reports a
-failed group — gloo closes a pair for good after a timeout, so a group that saw one is never reused. Every wait
-has a deadline of one round timeout.
+which stays the user's), formed anew (fresh store prefix) whenever membership changes or a member reports a failed
+group — gloo closes a pair for good after a timeout, so a group that saw one is never reused. Every wait has a
+deadline of one round timeout.
 
 Trust: store values go through :class:`~decaf_ext.comm.control_store.ControlStore` (signed with a run key; a
 forged or unreadable one is treated as absent). Not covered: gloo's rendezvous keys (``group/...``) and the data
@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from decaf_ext.comm.control_store import ControlStore, parse_int, parse_nonce
+from decaf_ext.comm.membership import departed
 from decaf_ext.comm.round_view import RoundView, parse_record
 from decaf_ext.errors import ConfigError
 
@@ -110,15 +111,14 @@ class Transport:
         self.fingerprint, self.backend = fingerprint, backend
         self.timeout, self.startup_timeout = timeout, startup_timeout
         self.events: list[dict[str, Any]] = []
-        self.round_now = -1  # the round whose events are being recorded
+        self.round_now = self._latest = -1  # the round whose events are being recorded; the newest agreed round
         self.control = ControlStore(store, run_key, report=self._ignored)
         self.incarnation = self.control.increment(f"incarnation/{agent}")
         self.group: int | None = None
         self.process_group: dist.ProcessGroup | None = None
-        self.broken = False
-        self.joining = False
+        self.broken = self.joining = False
+        self.fresh = False  # joining without a state of its own: it listens first (RoundView.joining)
         self.seen: RoundView | None = None  # the newest agreed view this agent has read
-        self._latest = -1
         self._nonce: bytes | None = None
         self._layout: str | None = None  # the run's fingerprint, once start() has read it (maybe not this one's)
 
@@ -180,7 +180,8 @@ class Transport:
             self.record_event(round_index, "refused", f"agent {j} refused: its message layout differs from the run's",
                               agent=j)
         fresh = previous is None or members != previous.members or any(records[j].get("broken") for j in members)
-        view = RoundView(round_index, members, round_index if fresh else previous.group)
+        view = RoundView(round_index, members, round_index if fresh else previous.group,
+                         tuple(j for j in sorted(members) if records[j].get("fresh")))
         return self._saw(self.control.agree(key, view.to_json(), partial(self._view, round_index=round_index)))
 
     @property
@@ -208,8 +209,10 @@ class Transport:
                 joiners.add(j)
         return joiners
 
-    def start(self, rounds_done: int) -> int:
-        """Enter the run with `rounds_done` rounds behind this agent (0, or a checkpoint's count).
+    def start(self, rounds_done: int, join_at: int = 0, starters: list[int] | None = None) -> int:
+        """Enter the run with `rounds_done` rounds behind this agent (0, or a checkpoint's count), not before round
+        `join_at` when the run is running (a scheduled joiner: waited for from that round on); `starters`: the
+        agents the run starts with (default: all).
 
         The first agents wait up to startup_timeout for each other, fix the run's message layout (the most
         common among them), its nonce, and continue together from the newest checkpoint among them; an agent
@@ -220,7 +223,7 @@ class Transport:
         self.control.set(f"start/{self.agent}", own)
         startup, layout = self.control.get(STARTUP, self._view), self.control.get(FINGERPRINT)
         if startup is None or layout is None:
-            self._wait([f"start/{j}" for j in range(self.n_agents)], self.startup_timeout)
+            self._wait([f"start/{j}" for j in starters or range(self.n_agents)], self.startup_timeout)
             records = {**self._present("start", partial(parse_record, needs_round=True)), self.agent: json.loads(own)}
             votes = Counter(r["fingerprint"] for r in records.values())  # the most common layout, then lowest agent
             layout = self.control.agree(FINGERPRINT, max(votes, key=lambda f: (votes[f], -min(
@@ -241,9 +244,9 @@ class Transport:
         latest = self.latest
         view = self._agreed(latest) or startup
         if view.members.get(self.agent) != self.incarnation:
-            self.record_event(latest, "joining", f"joining the running group after round {latest + 1}")
-            self._request_join(latest)
-        return latest + 1
+            self.record_event(latest, "joining", f"joining the running group in round {max(latest + 1, join_at)}")
+            self._request_join(max(latest, join_at))
+        return max(latest + 1, join_at)
 
     def current_view(self) -> RoundView:
         """The newest agreed view (after :meth:`start`: the members the run starts or continues with)."""
@@ -252,17 +255,19 @@ class Transport:
     def agree(self, round_index: int) -> RoundView | None:
         """Post readiness for round `round_index` and return the agreed view (who takes part, which group).
 
-        Waits up to the round timeout for the previous round's members and for agents asking to join; the
-        first agent whose wait ends writes the view. Returns None when this agent is left out (it came too
-        late); it then asks to join and is waited for in the next round. The previous round's view must
-        have been agreed (by :meth:`start` or an earlier call).
+        Waits up to the round timeout for the previous round's members and joiners (not those that announced
+        leaving); the first whose wait ends writes the view (a ``fresh`` joiner waits for it). None when this
+        agent is left out (too late): it then asks to join the next round. Needs the previous round's view.
         """
         self.round_now, key = round_index, f"members/{round_index}"
-        self.control.set(f"ready/{round_index}/{self.agent}", self._record(broken=self.broken))
+        self.control.set(f"ready/{round_index}/{self.agent}", self._record(broken=self.broken, fresh=self.fresh))
         previous = self._agreed(round_index - 1) or self.seen
-        view = self._agreed(round_index)
+        view, left = self._agreed(round_index), departed(self.control, self.n_agents, round_index)
+        if view is None and self.fresh:  # a joiner without a state of its own lets the members decide
+            self._wait([key], self.startup_timeout)
+            view = self._agreed(round_index)
         if view is None:
-            waited = set(previous.members) | self._joiners(round_index)
+            waited = (set(previous.members) | self._joiners(round_index)) - left
             self._wait([f"ready/{round_index}/{j}" for j in sorted(waited)], self.timeout)
             layout = self._layout if self._layout is not None else self.control.get(FINGERPRINT)
             view = self._propose(key, round_index, self._present(f"ready/{round_index}"), previous, layout)
@@ -274,8 +279,8 @@ class Transport:
             self._request_join(round_index)
             return None
         for j in sorted(set(previous.members) - set(view.members)):
-            self.record_event(round_index, "peer_lost", f"agent {j} missed the round timeout and is left out",
-                              agent=j)
+            self.record_event(round_index, *(("peer_left", f"agent {j} left the run") if j in left else (
+                "peer_lost", f"agent {j} missed the round timeout and is left out")), agent=j)
         if self.joining:
             self.control.delete(f"join/{self.agent}")
             self.joining = False
@@ -300,8 +305,7 @@ class Transport:
 
         The group is a process group object of its own (never the default group, which belongs to the user):
         forming it involves only the members, through the store under a prefix named after the view's group."""
-        self.process_group, self.group = None, None
-        agents = view.agents
+        self.process_group, self.group, agents = None, None, view.agents
         store = dist.PrefixStore(f"group/{view.group}", self.store)
         store.set_timeout(timedelta(seconds=self.timeout))  # connecting to a dead member gives up after this
         try:
@@ -387,6 +391,9 @@ class Transport:
             self._failure(view.round, "all_gather", error)
             return None
         return gathered.view(len(view.members), buffer.numel())
+
+    def leave(self, round_index: int) -> None:  # nobody waits for it in rounds from `round_index` on
+        self.control.set(f"leave/{self.agent}", self._record(round=round_index))
 
     def close(self) -> None:
         """Leave the run: drop the process group (the store belongs to the launcher)."""

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,9 +30,11 @@ from decaf_ext.comm.agent_comm import AgentComm, HooksFactory
 from decaf_ext.comm.control_store import shared_value
 from decaf_ext.comm.guard import BROADCAST, MessageGuard, TagContext, load_run_key
 from decaf_ext.comm.layout import MessageLayout
-from decaf_ext.comm.transport import BACKENDS, RoundView, check_backend, check_timeout
+from decaf_ext.comm.membership import wait_for
+from decaf_ext.comm.transport import BACKENDS, STARTUP, RoundView, check_backend, check_timeout
 from decaf_ext.config import TrainConfig
 from decaf_ext.device import resolve_device
+from decaf_ext.elastic import LiveMixing
 from decaf_ext.errors import ConfigError
 from decaf_ext.lora import Extras, FactorGroup, collect_extras, write_extras
 from decaf_ext.sim.agents import Agents
@@ -107,6 +110,11 @@ class AgentRuntime:
                               test_hooks=test_hooks)
         self.transport = self.comm.transport
         self.view: RoundView | None = None
+        self.churn = config.churn_schedule()  # scheduled joins and departures (docs/membership.md)
+        self.mixing = LiveMixing(config.topology, config.agents, rule=config.mixing, schedule=self.agents.schedule,
+                                 seed=config.seed, p=config.topology_p, path=config.topology_file)
+        self.row: torch.Tensor | None = None  # this agent's row of W [N] in its last round
+        self.joined_round: int | None = None  # the round this agent joined in without a state of its own
 
     # ----------------------------------------------------------------------------------- communication
 
@@ -115,7 +123,9 @@ class AgentRuntime:
         agents = self.agents
         start = agents.clock()
         groups, extras = agents.collect(agents.models), collect_extras(agents.models)
-        view, mixed = self.comm.round(round_index, groups, extras, agents.schedule.at(round_index))
+        view, mixed = self.comm.round(round_index, groups, extras, lambda view: self._mixing(round_index, view))
+        if view is not None and self.transport.fresh:
+            self.transport.fresh, self.joined_round = False, round_index
         if mixed is not None:
             agents.write(agents.models, mixed.groups)
             write_extras(agents.models, mixed.extras)
@@ -124,6 +134,12 @@ class AgentRuntime:
                 agents.optimizers[0].state.clear()
         agents.counters["time_comm"] += agents.clock() - start
         return view
+
+    def _mixing(self, round_index: int, view: RoundView) -> torch.Tensor:
+        """W [N, N] of round `round_index` on the view's live graph (the configured W while all are live)."""
+        W = self.mixing.at(round_index, view.live, view.joining)
+        self.row = W[self.agent]
+        return W
 
     # -------------------------------------------------------------------------------------- evaluation
 
@@ -172,7 +188,11 @@ class AgentRuntime:
         counters["time_eval"] += agents.clock() - start
         record = evaluation_record(agents, rounds_done, per_agent, average, all_groups, loss_sum, loss_steps,
                                    int(bytes_sent))
-        self.log.add({**record, "members": members})
+        record["members"] = members
+        if self.churn.active:  # the mixing row goes to this agent's own log only
+            record.update(self.mixing.fields(max(view.round, 0), view.live, view.joining),
+                          mixing_row=None if self.row is None else self.row.tolist())
+        self.log.add(record)
         if self.agent == view.agents[0]:
             self._report_metrics()
 
@@ -183,7 +203,7 @@ class AgentRuntime:
         if os.path.exists(path):
             with open(path, encoding="utf-8") as handle:
                 records = {r["round"]: r for r in map(json.loads, handle.read().splitlines())}
-        records.update({r["round"]: r for r in self.log.history})
+        records.update({r["round"]: {k: v for k, v in r.items() if k != "mixing_row"} for r in self.log.history})
         write_json(path, [records[k] for k in sorted(records)], lines=True)
 
     # --------------------------------------------------------------------------------------------- run
@@ -221,7 +241,15 @@ class AgentRuntime:
 
     def _train(self, resume: bool) -> dict[str, Any]:
         cfg, agents = self.config, self.agents
-        done = self.comm.start(self._open(resume))
+        own, join_at = self._open(resume), self.churn.joined_at(self.agent)
+        if join_at and not own:  # a scheduled joiner enters a run that has started
+            wait_for(self.transport.store, STARTUP, self.transport.startup_timeout)
+        done = self.comm.start(own, join_at, list(self.churn.initial))
+        self.transport.fresh = done > 0 and own == 0  # no state of its own: it starts from its neighbours'
+        kind, at = self.churn.departure(self.agent) or ("", cfg.rounds)
+        stop = at if kind == "leave" or self.comm.restarted else cfg.rounds  # a restarted crasher leaves instead
+        if stop < cfg.rounds:  # announced now: nobody waits for it from that round on
+            self.transport.leave(stop)
         wall = time.perf_counter()
         if cfg.eval_at_start and done == 0:  # round 0: the members agreed at startup, before any training
             view = self.transport.current_view()
@@ -230,13 +258,16 @@ class AgentRuntime:
         bar = tqdm(total=cfg.rounds, initial=done, unit="round", dynamic_ncols=True,
                    disable=not cfg.progress or self.agent != 0,
                    desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents} (distributed)")
-        while done < cfg.rounds:
-            round_index = done
+        while done < stop:
+            round_index, listening = done, self.transport.fresh  # a joiner listens first, then trains
             if cfg.comm_order == "mix_then_train":
+                self._crash_if_scheduled(round_index)
                 self.view = self.communicate(round_index)
-            agents.local_round(round_index)
+            if not listening:
+                agents.local_round(round_index)
             self.comm.after_local_steps(round_index)
             if cfg.comm_order == "train_then_mix":
+                self._crash_if_scheduled(round_index)
                 self.view = self.communicate(round_index)
             done = round_index + 1
             if self.view is None:  # left out: continue with the group's round
@@ -248,7 +279,15 @@ class AgentRuntime:
                     write_checkpoint(self.run_dir, agents, self.log.history, done)
             bar.update(min(done, cfg.rounds) - bar.n)
         bar.close()
+        if done < cfg.rounds and not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            write_checkpoint(self.run_dir, agents, self.log.history, done)  # left the run
         return self._finish(time.perf_counter() - wall)
+
+    def _crash_if_scheduled(self, round_index: int) -> None:
+        """``--churn kill:A@R``: agent A's process kills itself (SIGKILL, unannounced) before communicating in
+        round R, as a crash would; a restarted process does not (it has announced leaving instead)."""
+        if self.churn.departure(self.agent) == ("kill", round_index) and not self.comm.restarted:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _labelled_base(self) -> str | None:
         """<output_dir>/adapters/base, the labelled base model folder the adapters name (as the simulator's, see
@@ -288,6 +327,7 @@ class AgentRuntime:
                    else {"algorithm": self.config.algorithm, "final": None})
         summary["distributed"] = {"agent": self.agent, "incarnation": self.transport.incarnation,
                                   "backend": self.transport.backend, "reporter": reporter,
+                                  "joined_round": self.joined_round,
                                   "members": self.view.agents if self.view else None, "events": self.transport.events}
         write_json(os.path.join(self.run_dir, SUMMARY), summary)
         if reporter:

@@ -21,7 +21,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import numpy as np
 import torch
@@ -243,10 +243,13 @@ class Agents:
                 torch.cuda.default_generators[index].manual_seed(seed)
             yield
 
-    def local_round(self, round_index: int) -> None:
-        """`local_steps` optimizer steps per agent on its own data (0-based round_index)."""
+    def local_round(self, round_index: int, only: Collection[int] | None = None) -> None:
+        """`local_steps` optimizer steps per agent on its own data (0-based round_index); with `only`, of the
+        agents whose ids it holds (the live agents of a churn schedule)."""
         start = self.clock()
         for agent, model, optimizer, sampler in zip(self.agent_ids, self.models, self.optimizers, self.samplers):
+            if only is not None and agent not in only:
+                continue
             model.train()
             with self.agent_rng(agent, round_index):
                 for _ in range(self.config.local_steps):

@@ -24,6 +24,7 @@ from decaf_ext.comm.agent_round import round_inputs
 from decaf_ext.config import TrainConfig
 from decaf_ext.lora import FactorGroup, Extras, collect_extras, select_agent, stack_agents, write_extras
 from decaf_ext.sim.agents import Agents
+from decaf_ext.sim.elastic import ElasticRounds
 from decaf_ext.sim.evaluation import MetricsLog, build_summary, evaluation_record, export_adapters
 from decaf_ext.sim.resume import check_simulated, open_run_dir, write_checkpoint
 from decaf_ext.sim.tensorboard_log import TensorBoardLog
@@ -55,6 +56,8 @@ class Trainer:
             TensorBoardLog.writer_class()
         self.agents = Agents(config)
         self.log = MetricsLog(self.run_dir, tensorboard=config.tensorboard)
+        churn = config.churn_schedule()
+        self.elastic = ElasticRounds(self.agents, churn) if churn.active else None  # --churn: docs/membership.md
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -65,6 +68,8 @@ class Trainer:
 
     def communicate(self, round_index: int) -> None:
         """One mixing step of the strategy on every agent's factors and extras (0-based round_index)."""
+        if self.elastic is not None:
+            return self.elastic.communicate(round_index)
         agents = self.agents
         start = agents.clock()
         groups, extras = agents.collect(agents.models), collect_extras(agents.models)
@@ -117,6 +122,10 @@ class Trainer:
 
     def evaluate(self, rounds_done: int) -> dict[str, Any]:
         """Test metrics of every agent and of the averaged model; appended to the metrics log."""
+        if self.elastic is not None:
+            record = self.elastic.evaluate(rounds_done)
+            self.log.add(record)
+            return record
         agents = self.agents
         start = agents.clock()
         per_agent = [agents.evaluate_model(model) for model in agents.models]
@@ -149,7 +158,7 @@ class Trainer:
             for round_index in bar:
                 if cfg.comm_order == "mix_then_train":
                     self.communicate(round_index)
-                agents.local_round(round_index)
+                agents.local_round(round_index) if self.elastic is None else self.elastic.local_round(round_index)
                 if cfg.comm_order == "train_then_mix":
                     self.communicate(round_index)
                 rounds_done = round_index + 1
