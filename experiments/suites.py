@@ -44,6 +44,7 @@ VIT_TASK: dict[str, Any] = {"task": "image_classification", "model": "dinov2-sma
                             "dataset": "fashion-mnist", "image_size": 112, "rank": 4, "lr": 3e-3, "rounds": 6,
                             "local_steps": 2, "batch_size": 8, "max_train": 500, "max_test": 100, "eval_every": 3}
 
+
 @dataclass(frozen=True)
 class Run:
     """One training run of a suite: its folder name under experiments/results/<suite>/ and its overrides."""
