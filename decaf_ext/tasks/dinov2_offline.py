@@ -92,7 +92,7 @@ def backbone_state_dict(graph) -> dict:
             module = node.name[len(PREFIX) + 1:].rsplit("/", 1)[0].replace("/", ".")
             state[f"{module}.weight"] = array(node.input[1]).T
     state["embeddings.position_embeddings"] = np.concatenate([array(name) for name in POSITION_PARTS], axis=1)
-    return {name: torch.from_numpy(np.array(value, dtype=np.float32)) for name, value in state.items()}
+    return {name: torch.from_numpy(np.array(value, dtype=np.float32, order="C")) for name, value in state.items()}
 
 
 def convert(graph, folder: str | Path) -> None:
