@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from decaf_ext.data.images import FASHION_MNIST
 from decaf_ext.data.partition import SCHEMES
 from decaf_ext.data.text import OFFLINE_DEFAULT
 from decaf_ext.device import check_device, cuda_available
@@ -33,8 +34,8 @@ CLIP_ENCODERS: tuple[str, ...] = ("vision", "text", "both")
 RENAMED: dict[str, str] = {"alpha": "dirichlet_alpha"}
 #: fields holding a local path, stored absolute so that a run resumes from any working directory
 PATH_FIELDS: tuple[str, ...] = ("dataset", "model", "topology_file")
-#: (max_train, max_test) used when they are not set: a budget for the offline default only
-DEFAULT_CAPS: dict[str, tuple[int, int]] = {OFFLINE_DEFAULT: (600, 200)}
+#: (max_train, max_test) used when they are not set: a budget for the offline default and Fashion-MNIST
+DEFAULT_CAPS: dict[str, tuple[int, int]] = {OFFLINE_DEFAULT: (600, 200), FASHION_MNIST: (2000, 500)}
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 #: options a resumed run may change; every other one must be the run's own (output_dir aside: a run moves)
 RESUMABLE: tuple[str, ...] = ("rounds", "eval_every", "checkpoint_every", "device", "progress")
@@ -105,6 +106,11 @@ class TrainConfig:
     clip_lora_on: str = _knob("both", f"clip: encoders carrying LoRA: {', '.join(CLIP_ENCODERS)}")
     shots_per_class: int | None = _knob(None, "clip: training images per class in all (seeded), before the "
                                               "split over agents")
+    # image_classification task
+    encoder_layers: int | None = _knob(None, "image_classification: keep the backbone's first N transformer layers "
+                                             "(none: all of a model, 8 of the offline dinov2-small-offline)")
+    image_size: int | None = _knob(None, "image_classification: side of the square images the model sees (none: "
+                                         "its processor's crop size, 224 for the offline DINOv2)")
     # data
     dataset: str = _knob(OFFLINE_DEFAULT, f"'{OFFLINE_DEFAULT}' (offline), a local csv/json/jsonl/parquet file or "
                                           "folder, or a hub id")
@@ -112,9 +118,9 @@ class TrainConfig:
     label_column: str = _knob("label", "label column of a csv/json/jsonl/parquet or hub dataset")
     test_fraction: float = _knob(0.2, "held-out fraction of the dataset")
     max_train: int | None = _knob(None, "training examples used, a seeded subset (none: 600 of the offline "
-                                        "bbcnews, all of any other dataset; 0: all)")
+                                        "bbcnews, 2000 of fashion-mnist, all of any other dataset; 0: all)")
     max_test: int | None = _knob(None, "held-out examples evaluated, a seeded subset (none: 200 of the offline "
-                                       "bbcnews, all of any other dataset; 0: all)")
+                                       "bbcnews, 500 of fashion-mnist, all of any other dataset; 0: all)")
     partition: str = _knob("dirichlet", f"how training data is split over agents: {', '.join(SCHEMES)}")
     dirichlet_alpha: float = _knob(0.5, "concentration of the 'dirichlet' partition, smaller = more non-IID "
                                         "(was --alpha)")
@@ -177,6 +183,9 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: all) or none, got {getattr(self, name)}")
         for name in ("shots", "shots_per_class"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 or none, got {getattr(self, name)}")
+        for name in ("encoder_layers", "image_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or none, got {getattr(self, name)}")
         for name in ("text_column", "label_column"):

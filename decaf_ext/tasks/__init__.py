@@ -14,10 +14,12 @@ from typing import Any
 from decaf_ext.tasks.base import Batch, Encoded, Task, classification_metrics
 from decaf_ext.tasks.causal_lm import CausalLM
 from decaf_ext.tasks.clip import CLIPClassification
+from decaf_ext.tasks.image_classification import ImageClassification
 from decaf_ext.tasks.text_classification import TextClassification
 
 #: task name -> Task class
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (TextClassification, CausalLM, CLIPClassification)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (TextClassification, CausalLM, CLIPClassification,
+                                                             ImageClassification)}
 
 __all__ = ["TASKS", "Batch", "Encoded", "Task", "classification_metrics", "get_task"]
 
