@@ -195,17 +195,17 @@ def test_causal_lm_inputs_that_miss_a_field_are_one_line(finished_lm, capsys):
 
 # ------------------------------------------------------------------------------------------ own loop
 
-def test_save_adapter_of_a_users_loop_loads_alone(tiny_paths, tmp_path, monkeypatch):
+def test_save_adapter_of_a_users_loop_loads_alone(tiny_paths, tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(tiny_paths[0], num_labels=3)
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
     torch.nn.init.normal_(model.base_model.model.classifier.modules_to_save["default"].weight)
     save_adapter(model, str(tmp_path / "mine"), task="text_classification", label_names=["x", "y", "z"],
                  max_len=16)
-    monkeypatch.chdir(tmp_path)
-    loaded = AutoPeftModelForSequenceClassification.from_pretrained("mine").eval()
+    mine = str(tmp_path / "mine")  # absolute: peft looks a relative folder's tokenizer up on the hub
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(mine).eval()
     assert loaded.config.id2label == {0: "x", 1: "y", 2: "z"}
-    predictor = load_predictor("mine")
-    assert predictor.task.max_len == 16 and AdapterCard.read("mine").model == tiny_paths[0]
+    predictor = load_predictor(mine)
+    assert predictor.task.max_len == 16 and AdapterCard.read(mine).model == tiny_paths[0]
     tokens = predictor.task.tokenizer(TEXTS, truncation=True, max_length=16, padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = torch.softmax(model.eval()(**tokens).logits, dim=-1)
@@ -246,9 +246,14 @@ def test_a_moved_unfinished_run_resumes_from_its_new_place(tiny_paths, tmp_path,
     monkeypatch.undo()
     moved = tmp_path / "elsewhere"
     shutil.move(tmp_path / "run", moved)
-    for path in moved.rglob("*"):  # nothing in the run names its old place
-        assert not path.is_symlink() and (not path.is_file() or str(tmp_path / "run").encode() not in
-                                          path.read_bytes()), path
+    old = str(tmp_path / "run").encode()
+    for path in moved.rglob("*"):  # nothing in the run links out of it or names its old place (but output_dir)
+        assert not path.is_symlink(), path
+        if path.name == "config.json" and path.parent == moved:
+            assert json.loads(path.read_bytes())["output_dir"] == str(tmp_path / "run")  # resume replaces it
+            assert old not in path.read_bytes().replace(b'"output_dir": "%s"' % old, b"")
+        elif path.is_file():
+            assert old not in path.read_bytes(), path
     assert main(["--resume", str(moved)]) == 0
     assert json.loads((moved / "summary.json").read_text())["final"]["round"] == 3
     assert main(["predict", str(moved / "adapters" / "average"), "--text", TEXTS[0]]) == 0
@@ -281,8 +286,8 @@ def damage(folder: Path, kind: str, tiny_paths) -> str:
     ("a model, not an adapter", "is not an exported adapter (no adapter_config.json)"),
     ("a damaged card", "its decaf_adapter.json is damaged (JSONDecodeError)"),
     ("a card of the wrong shape", "its decaf_adapter.json is damaged"),
-    ("truncated weights", "cannot load the adapter in"),
-    ("no weights", "cannot load the adapter in"),
+    ("truncated weights", "cannot load the adapter onto its base model"),
+    ("no weights", "cannot load the adapter onto its base model"),
 ])
 def test_bad_adapter_folders_are_one_line(finished, tiny_paths, tmp_path, capsys, kind, expected):
     shutil.copytree(adapter(finished), tmp_path / "adapter")

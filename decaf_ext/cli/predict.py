@@ -56,8 +56,10 @@ def load_predictor(adapter_dir: str, *, device: str = "auto", max_len: int | Non
             if task.labels_in_config:
                 set_label_names(base.config, card.label_names)
             model = PeftModel.from_pretrained(base, adapter_dir)
+    except ConfigError:
+        raise
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
-        raise ConfigError(f"adapter_dir: cannot load the adapter in {adapter_dir!r} on its base model {path!r} "
+        raise ConfigError(f"adapter_dir: {adapter_dir!r}: cannot load the adapter onto its base model {path!r} "
                           f"({first_line(error)})") from None
     return task.predictor(model.to(target).eval(), card.label_names, target)
 
