@@ -344,3 +344,39 @@ def test_max_len_above_the_models_positions(finished, tmp_path, capsys):
     shutil.copytree(adapter(finished), tmp_path / "copied")
     predictor = load_predictor(str(tmp_path / "copied"))
     assert predictor.task.max_len == finished.config.max_len and predictor.predict([long_text])[0].label in CLASSES
+
+
+HUB_RUN = """
+import json, sys
+from peft import AutoPeftModelForSequenceClassification
+from decaf_ext.config import TrainConfig
+from decaf_ext.sim.trainer import Trainer
+from decaf_ext.cli.predict import load_predictor
+Trainer(TrainConfig(**json.loads(sys.argv[1]))).run()
+adapter = sys.argv[2]
+model = AutoPeftModelForSequenceClassification.from_pretrained(adapter)
+print(json.dumps([model.config.id2label[i] for i in range(model.config.num_labels)]))
+print(json.dumps(load_predictor(adapter).label_names))
+"""
+
+
+def test_an_adapter_of_a_hub_model_names_its_labels(tiny_paths, tmp_path):
+    """A model given by hub id (here from a local hub cache, offline) gets a labelled base too."""
+    import os
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--decaf-test--tiny-bert" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_paths[0], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    config = tiny_config(tiny_paths, tmp_path / "run", model="decaf-test/tiny-bert", **LEAN)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "DECAF_CACHE": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", HUB_RUN, json.dumps(config.to_dict()),
+                             str(tmp_path / "run" / "adapters" / "average")], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    names = sorted(CLASSES)
+    assert result.stdout.splitlines()[-2:] == [json.dumps(names)] * 2
+    assert AdapterCard.read(str(tmp_path / "run" / "adapters" / "average")).model == "decaf-test/tiny-bert"
+    assert len(list((tmp_path / "cache" / "labelled").iterdir())) == 1
