@@ -29,6 +29,7 @@ from test_clip import PROMPTS, clip_config, clip_paths  # noqa: F401  (clip_path
 from test_trainer import CLASSES, tiny_config, tiny_paths  # noqa: F401  (tiny_paths is a fixture)
 
 README = Path(__file__).parents[1] / "README.md"
+DOCS = Path(__file__).parents[1] / "docs" / "predict.md"
 TEXTS = ["the cat and a dog", "red of blue", "rice with cheese and soup"]
 LEAN = dict(agents=2, rounds=2, eval_every=2)
 
@@ -278,6 +279,9 @@ def damage(folder: Path, kind: str, tiny_paths) -> str:
         weights.write_bytes(weights.read_bytes()[:100])
     elif kind == "no weights":
         (folder / "adapter_model.safetensors").unlink()
+    elif kind == "a base model that is gone":
+        card = json.loads((folder / "decaf_adapter.json").read_text())
+        (folder / "decaf_adapter.json").write_text(json.dumps({**card, "model": str(folder / "gone")}))
     return str(folder)
 
 
@@ -288,6 +292,7 @@ def damage(folder: Path, kind: str, tiny_paths) -> str:
     ("a card of the wrong shape", "its decaf_adapter.json is damaged"),
     ("truncated weights", "cannot load the adapter onto its base model"),
     ("no weights", "cannot load the adapter onto its base model"),
+    ("a base model that is gone", "cannot load the adapter onto its base model"),
 ])
 def test_bad_adapter_folders_are_one_line(finished, tiny_paths, tmp_path, capsys, kind, expected):
     shutil.copytree(adapter(finished), tmp_path / "adapter")
@@ -380,3 +385,26 @@ def test_an_adapter_of_a_hub_model_names_its_labels(tiny_paths, tmp_path):
     assert result.stdout.splitlines()[-2:] == [json.dumps(names)] * 2
     assert AdapterCard.read(str(tmp_path / "run" / "adapters" / "average")).model == "decaf-test/tiny-bert"
     assert len(list((tmp_path / "cache" / "labelled").iterdir())) == 1
+
+
+def test_the_examples_of_docs_predict_run_as_written(finished, finished_lm, finished_clip, clip_paths, capsys):
+    """docs/predict.md's Python examples, with this module's adapters and images in place of runs/... and photos/."""
+    images = images_of(clip_paths)
+    places = {"runs/x/adapters/average": adapter(finished), "runs/lm/adapters/average": adapter(finished_lm),
+              "runs/clip/adapters/average": adapter(finished_clip), "photos/cat.png": images[0],
+              "photos/dog.png": images[1]}
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S) if "load_predictor(" in b]
+    assert len(blocks) == 3
+    for block in blocks:
+        for place, here in places.items():
+            block = block.replace(f'"{place}"', repr(here))
+        exec(block, {})
+    lines = capsys.readouterr().out.splitlines()
+    text = load_predictor(adapter(finished)).predict(["Shares rose after the bank's results.",
+                                                      "The striker scored twice."])
+    lm = load_predictor(adapter(finished_lm))
+    clip = load_predictor(adapter(finished_clip)).predict(images[:2])
+    assert lines == [*(f"{p.label} {round(p.score, 3)}" for p in text),
+                     repr([(p.label, round(p.score, 3)) for p in lm.predict(["Shares rose after the results."])]),
+                     repr(lm.generate(["Shares rose after the results."], 5)),
+                     *(f"{p.label} {round(p.score, 3)}" for p in clip)]
