@@ -117,6 +117,9 @@ def predict_lines(args: Namespace) -> list[str]:
     if args.generate is not None:
         if not hasattr(predictor, "generate"):
             raise ConfigError(f"generate: {args.adapter_dir!r} is not a causal language model's adapter")
-        return [f"{name}\t{text}" for (name, _), text in zip(named, predictor.generate(inputs, args.generate))]
+        size = max(args.batch_size, 1)
+        texts = [text for start in range(0, len(inputs), size)
+                 for text in predictor.generate(inputs[start:start + size], args.generate)]
+        return [f"{name}\t{text}" for (name, _), text in zip(named, texts)]
     predictions = predictor.predict(inputs, batch_size=args.batch_size)
     return [f"{p.label}\t{p.score:.4f}\t{name}" for (name, _), p in zip(named, predictions)]
