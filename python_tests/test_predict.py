@@ -408,3 +408,16 @@ def test_the_examples_of_docs_predict_run_as_written(finished, finished_lm, fini
                      repr([(p.label, round(p.score, 3)) for p in lm.predict(["Shares rose after the results."])]),
                      repr(lm.generate(["Shares rose after the results."], 5)),
                      *(f"{p.label} {round(p.score, 3)}" for p in clip)]
+
+
+def test_an_offline_alias_in_the_card_resolves(finished_clip, clip_paths, tmp_path, monkeypatch):
+    """A card naming the alias tiny-clip (seeded: the same weights as this module's tiny CLIP folder) loads the
+    alias's own folder, built in the cache, and predicts as the original."""
+    monkeypatch.setenv("DECAF_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(adapter(finished_clip), tmp_path / "adapter")
+    card = json.loads((tmp_path / "adapter" / "decaf_adapter.json").read_text())
+    (tmp_path / "adapter" / "decaf_adapter.json").write_text(json.dumps({**card, "model": "tiny-clip"}))
+    images = images_of(clip_paths)
+    torch.testing.assert_close(load_predictor(str(tmp_path / "adapter")).probabilities(images),
+                               load_predictor(adapter(finished_clip)).probabilities(images))
+    assert (tmp_path / "cache").is_dir() and any((tmp_path / "cache").iterdir())

@@ -108,6 +108,6 @@ def predict_parser(prog: str) -> OneLineParser:
                         help="causal LM: print up to N generated tokens after each prompt instead of a label")
     parser.add_argument("--max-len", type=int, default=None, metavar="LEN",
                         help="tokens per input (default: the run's max_len)")
-    parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="texts per forward pass")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="inputs per forward pass")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     return parser
