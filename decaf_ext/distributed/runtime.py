@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from decaf_ext.sim.resume import open_run_dir, write_checkpoint
 from decaf_ext.sim.tensorboard_log import TensorBoardLog
 from decaf_ext.storage.checkpoint import latest_checkpoint
 from decaf_ext.storage.export import export_adapter
-from decaf_ext.storage.files import fsync_folder, fsync_tree, replacing_folder, write_json
+from decaf_ext.storage.files import replacing_folder, write_json
 from decaf_ext.storage.run_folder import CONFIG, METRICS, SUMMARY, RunLock, agent_folder, check_no_run, \
     default_run_dir
 

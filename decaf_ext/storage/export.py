@@ -24,7 +24,6 @@ import tempfile
 
 from torch import nn
 
-from decaf_ext.storage.adapter_card import AdapterCard
 from decaf_ext.tasks.base import Task
 from decaf_ext.tasks.model_cache import cache_root
 
