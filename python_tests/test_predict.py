@@ -223,6 +223,8 @@ def test_a_moved_finished_run_predicts_and_resumes_from_its_new_place(finished, 
     try:
         assert [(p.label, p.score) for p in load_predictor(str(moved / "adapters" / "average")).predict(TEXTS)] == \
             before
+        loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(moved / "adapters" / "average"))
+        assert loaded.config.id2label == dict(enumerate(finished.agents.label_names))  # peft alone, too
         assert main(["--resume", str(moved), "--rounds", "3"]) == 0
         summary = json.loads((moved / "summary.json").read_text())
         assert summary["rounds"] == 3 and not Path(finished.run_dir).exists()
