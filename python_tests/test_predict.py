@@ -263,6 +263,28 @@ def test_a_moved_unfinished_run_resumes_from_its_new_place(tiny_paths, tmp_path,
     assert capsys.readouterr().out.splitlines()[-1].split("\t")[0] in CLASSES
 
 
+def test_a_moved_distributed_run_resumes_and_predicts_from_its_new_place(tiny_paths, tmp_path, monkeypatch):
+    """One agent process (RANK 0 of 1) with its own folder under agents/: run, moved, extended by a round."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from decaf_ext.distributed import run_distributed
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    config = tiny_config(tiny_paths, tmp_path / "run", algorithm="local", agents=1, rounds=1)
+    run_distributed(config, store=dist.HashStore())
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    assert not [p for p in (tmp_path / "moved").rglob("*") if p.is_symlink()]
+    run_distributed(dataclasses.replace(config, output_dir=str(tmp_path / "moved"), rounds=2), resume=True,
+                    store=dist.HashStore())
+    assert json.loads((tmp_path / "moved" / "summary.json").read_text())["final"]["round"] == 2
+    assert not (tmp_path / "run").exists()
+    predictor = load_predictor(str(tmp_path / "moved" / "adapters" / "average"))
+    assert [p.label in CLASSES for p in predictor.predict(TEXTS)] == [True] * len(TEXTS)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 def damage(folder: Path, kind: str, tiny_paths) -> str:
@@ -288,7 +310,7 @@ def damage(folder: Path, kind: str, tiny_paths) -> str:
 
 
 @pytest.mark.parametrize("kind, expected", [
-    ("another library's adapter", "decaf_ext did not export (no decaf_adapter.json)"),
+    ("another library's adapter", "holds a peft adapter without decaf_adapter.json (exported by another library"),
     ("a model, not an adapter", "is not an exported adapter (no adapter_config.json)"),
     ("a damaged card", "its decaf_adapter.json is damaged (JSONDecodeError)"),
     ("a card of the wrong shape", "its decaf_adapter.json is damaged"),

@@ -57,8 +57,8 @@ class AdapterCard:
             raise ConfigError(f"{where} is not an exported adapter (no {ADAPTER_CONFIG})")
         path = os.path.join(folder, CARD)
         if not os.path.isfile(path):
-            raise ConfigError(f"{where} holds a peft adapter that decaf_ext did not export (no {CARD}); load it "
-                              "with peft")
+            raise ConfigError(f"{where} holds a peft adapter without {CARD} (exported by another library or an "
+                              "older decaf_ext); load it with peft")
         try:
             with open(path, encoding="utf-8") as handle:
                 values = json.load(handle)
