@@ -445,3 +445,17 @@ def test_an_offline_alias_in_the_card_resolves(finished_clip, clip_paths, tmp_pa
     torch.testing.assert_close(load_predictor(str(tmp_path / "adapter")).probabilities(images),
                                load_predictor(adapter(finished_clip)).probabilities(images))
     assert (tmp_path / "cache").is_dir() and any((tmp_path / "cache").iterdir())
+
+
+def test_a_task_without_a_predictor_says_so_in_one_line():
+    from decaf_ext.config import TrainConfig
+    from decaf_ext.errors import ConfigError
+    from decaf_ext.tasks import Task
+    from decaf_ext.tasks.text_classification import TextClassification
+
+    class Silent(TextClassification):
+        name = "silent"
+        predictor = Task.predictor  # the interface's default: no predictor of its own
+
+    with pytest.raises(ConfigError, match=r"^adapter_dir: the silent task cannot predict yet$"):
+        Silent(TrainConfig()).predictor(None, ["a", "b"], torch.device("cpu"))
