@@ -171,10 +171,14 @@ def test_distributed_run_matches_the_simulator(launched, tmp_path, run):
     if run == "decaf":  # the adapters name a labelled base folder: they load on their own, with the run's labels
         from peft import AutoPeftModelForSequenceClassification
 
+        from decaf_ext.storage.adapter_card import AdapterCard
+
         for name in ("agent_01", "average"):
             loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(Path(config.output_dir, "adapters",
                                                                                      name)))
             assert loaded.config.id2label == dict(enumerate(simulator.agents.label_names))
+            card = AdapterCard.read(str(Path(config.output_dir, "adapters", name)))  # decaf-train predict reads it
+            assert card.label_names == simulator.agents.label_names and card.model == config.model
 
 
 def test_survivors_finish_without_a_killed_and_a_stalled_agent(launched):

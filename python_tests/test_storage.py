@@ -193,7 +193,7 @@ def finished(tiny_paths, tmp_path) -> Trainer:
     return trainer
 
 
-def full_disk_export(model, folder: str, base) -> None:
+def full_disk_export(model, folder: str, *card_source) -> None:
     """Stands in for export_adapter: the disk fills up while the adapter's weights are written."""
     os.makedirs(folder, exist_ok=True)
     full_disk(None, os.path.join(folder, "adapter_model.safetensors"))
@@ -246,24 +246,26 @@ def test_a_failed_agent_export_leaves_its_previous_adapter(tiny_paths, tmp_path,
     with pytest.raises(OSError):
         run_distributed(dataclasses.replace(config, rounds=2), resume=True, store=dist.HashStore())
     monkeypatch.undo()
-    assert files_of(adapters) == before and sorted(os.listdir(adapters)) == ["agent_00", "average", "base"]
+    assert files_of(adapters) == before and sorted(os.listdir(adapters)) == ["agent_00", "average"]
 
 
 def test_a_full_disk_while_an_agent_writes_the_labelled_base_leaves_no_temporary(tiny_paths, tmp_path, monkeypatch):
-    """Before: adapters/base.tmp-PID (the labelled base model folder, half-written) stayed behind."""
-    import decaf_ext.distributed.runtime as runtime
+    """The labelled base model folder (in the cache) half-written: no temporary stays behind, in the cache or in
+    the run's adapters."""
+    from transformers import PretrainedConfig
 
-    def full_base(model_path, model_config, folder):
-        os.makedirs(folder)
+    def full_base(model_config, folder, *args, **kwargs):
         full_disk(None, os.path.join(folder, "config.json"))
 
+    monkeypatch.setenv("DECAF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setattr(runtime, "labelled_base", full_base)
+    monkeypatch.setattr(PretrainedConfig, "save_pretrained", full_base)
     with pytest.raises(OSError):
         run_distributed(tiny_config(tiny_paths, tmp_path / "run", algorithm="local", agents=1, rounds=1),
                         store=dist.HashStore())
     assert os.listdir(tmp_path / "run" / "adapters") == []
+    assert os.listdir(tmp_path / "cache" / "labelled") == []
 
 
 # ------------------------------------------------------------------------------------------- one run per folder

@@ -7,7 +7,7 @@
     decaf-train --resume RUN_DIR [--rounds N] continue a run from its newest checkpoint
     decaf-train --launcher dist --nproc 4 ... one process per agent (torchrun: see docs/distributed.md)
     decaf-train plot RUN_DIR... -o acc.png    accuracy vs round per run
-    decaf-train predict ADAPTER_DIR --text T  label names predicted by an exported adapter
+    decaf-train predict ADAPTER_DIR --text T  the class an exported adapter predicts (--image I for CLIP)
 
 Nothing heavy (torch, transformers) is imported before the arguments are parsed, so ``--help`` and mistakes in
 the flags answer at once. User mistakes (:class:`~decaf_ext.errors.ConfigError`, argparse errors) print one
@@ -250,25 +250,13 @@ def plot_command(argv: Sequence[str], prog: str = f"{PROG} plot") -> int:
 
 
 def predict_command(argv: Sequence[str], prog: str = f"{PROG} predict") -> int:
-    """``predict ADAPTER_DIR (--text T ... | --file F)``: one line per text, label name TAB text."""
+    """``predict ADAPTER_DIR (--text T ... | --file F | --image I ...)``: one line per input (see cli/predict.py)."""
     args = predict_parser(prog).parse_args(argv)
-    if bool(args.text) == bool(args.file):
-        raise ConfigError("predict: give texts with --text or a file with --file (one of the two)")
-    if args.file is not None:
-        try:
-            handle = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
-            with handle:
-                texts = [line.rstrip("\n") for line in handle if line.strip()]
-        except OSError as error:
-            raise ConfigError(f"file: cannot read {args.file!r} ({error.strerror})") from None
-    else:
-        texts = args.text
     _quiet_terminal(prog, "sim")
-    from decaf_ext.cli.predict import Classifier
+    from decaf_ext.cli.predict import predict_lines
 
-    classifier = Classifier.load(args.adapter_dir, device=args.device, max_len=args.max_len)
-    for label, text in zip(classifier.predict(texts, batch_size=args.batch_size), texts):
-        print(f"{label}\t{text}")
+    for line in predict_lines(args):
+        print(line)
     return 0
 
 

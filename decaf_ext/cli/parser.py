@@ -95,13 +95,19 @@ def plot_parser(prog: str) -> OneLineParser:
 
 
 def predict_parser(prog: str) -> OneLineParser:
-    parser = OneLineParser(prog=prog, description="Classify texts with an exported adapter; prints one label "
-                                                  "name per text (tab, then the text).")
+    parser = OneLineParser(prog=prog, description="Classify texts or images with an exported adapter of any task; "
+                                                  "prints per input its label name, probability and the input, "
+                                                  "tab-separated (with --generate: the input and its continuation).")
     parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="an exported adapter, e.g. RUN/adapters/average")
     parser.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text to classify (repeatable)")
-    parser.add_argument("--file", metavar="FILE", help="a file with one text per line ('-': standard input)")
+    parser.add_argument("--file", metavar="FILE", help="a file with one text per line ('-': standard input); for "
+                                                       "a causal-LM template with several fields, one JSON object each")
+    parser.add_argument("--image", action="append", default=[], metavar="IMAGE",
+                        help="an image file, or a folder of them, to classify (repeatable; CLIP adapters)")
+    parser.add_argument("--generate", type=int, default=None, metavar="N",
+                        help="causal LM: print up to N generated tokens after each prompt instead of a label")
     parser.add_argument("--max-len", type=int, default=None, metavar="LEN",
-                        help="tokens per text (default: the run's max_len)")
-    parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="texts per forward pass")
+                        help="tokens per input (default: the run's max_len)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="inputs per forward pass")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     return parser

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from decaf_ext.data.text import _stratified_order
+from decaf_ext.errors import ConfigError, first_line
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FASHION_MNIST = "fashion-mnist"  # the dataset name that means Debian's Fashion-MNIST files
@@ -58,6 +59,18 @@ class ImageDataset:
         if isinstance(item, np.ndarray):
             item = Image.fromarray(item)
         return item.convert("RGB")
+
+
+def decode_image(item: str | Path | Image.Image) -> Image.Image:
+    """`item` (an image file or a PIL image) as an RGB PIL image; ConfigError naming ``image`` and the file when it
+    cannot be read or decoded."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    try:
+        with Image.open(item) as opened:
+            return opened.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:  # UnidentifiedImageError, a truncated file, a folder
+        raise ConfigError(f"image: cannot decode {str(item)!r} ({first_line(error)})") from None
 
 
 class _Column(Sequence):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -42,8 +41,8 @@ from decaf_ext.sim.evaluation import MetricsLog, build_summary, evaluation_recor
 from decaf_ext.sim.resume import open_run_dir, write_checkpoint
 from decaf_ext.sim.tensorboard_log import TensorBoardLog
 from decaf_ext.storage.checkpoint import latest_checkpoint
-from decaf_ext.storage.export import export_adapter, labelled_base
-from decaf_ext.storage.files import fsync_folder, fsync_tree, replacing_folder, write_json
+from decaf_ext.storage.export import export_adapter
+from decaf_ext.storage.files import replacing_folder, write_json
 from decaf_ext.storage.run_folder import CONFIG, METRICS, SUMMARY, RunLock, agent_folder, check_no_run, \
     default_run_dir
 
@@ -289,34 +288,11 @@ class AgentRuntime:
         if self.churn.departure(self.agent) == ("kill", round_index) and not self.comm.restarted:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _labelled_base(self) -> str | None:
-        """<output_dir>/adapters/base, the labelled base model folder the adapters name (as the simulator's, see
-        :mod:`decaf_ext.storage.export`), made by whichever agent comes first; None for a model that is not a
-        local folder."""
-        folder = os.path.join(self.output_dir, "adapters", "base")
-        if os.path.isdir(folder):
-            return os.path.abspath(folder)
-        temporary = f"{folder}.tmp-{os.getpid()}"
-        shutil.rmtree(temporary, ignore_errors=True)
-        try:
-            if labelled_base(self.agents.model_path, self.agents.models[0].get_base_model().config, temporary) is None:
-                return None
-            fsync_tree(temporary)
-            os.rename(temporary, folder)
-            fsync_folder(os.path.dirname(folder))
-        except OSError:
-            if not os.path.isdir(folder):  # else another agent renamed its identical folder first
-                raise
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
-        return os.path.abspath(folder)
-
     def _export(self, model: torch.nn.Module, name: str) -> None:
-        """peft adapter of `model` into <output_dir>/adapters/<name> (written to a temporary folder, then put in
-        place), naming the labelled base folder."""
-        base = self._labelled_base()
+        """peft adapter of `model` and its card into <output_dir>/adapters/<name> (written to a temporary folder,
+        then put in place; see :mod:`decaf_ext.storage.export`)."""
         with replacing_folder(os.path.join(self.output_dir, "adapters", name)) as temporary:
-            export_adapter(model, temporary, base)
+            export_adapter(model, temporary, self.agents.task, self.agents.label_names, self.agents.model_path)
 
     def _finish(self, wall_seconds: float) -> dict[str, Any]:
         """Export adapters and write the summaries."""

@@ -19,7 +19,7 @@ import torch
 from decaf_ext.lora import FactorGroup, consensus_error, consensus_interference
 from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.tensorboard_log import TensorBoardLog
-from decaf_ext.storage.export import export_adapter, labelled_base
+from decaf_ext.storage.export import export_adapter
 from decaf_ext.storage.files import replacing_folder, write_json
 from decaf_ext.storage.run_folder import METRICS
 
@@ -76,18 +76,16 @@ class MetricsLog:
 
 
 def export_adapters(agents: Agents, folder: str) -> None:
-    """peft-format adapters (``PeftModel.from_pretrained``, ``AutoPeftModelFor...from_pretrained``):
-    agent_XX/ for each agent, average/ for the averaged model, and base/, the base model folder they name
-    (its config carries the label names; see :mod:`decaf_ext.storage.export`). Written to a temporary folder,
-    then put in place of the previous one (:func:`~decaf_ext.storage.files.replacing_folder`)."""
-    folder = os.path.abspath(folder)
+    """peft-format adapters (``PeftModel.from_pretrained``, ``AutoPeftModelFor...from_pretrained``), each with its
+    card (label names, base model, prediction options; see :mod:`decaf_ext.storage.export`): agent_XX/ for each
+    agent and average/ for the averaged model. Written to a temporary folder, then put in place of the previous
+    one (:func:`~decaf_ext.storage.files.replacing_folder`)."""
     with replacing_folder(folder) as temporary:
-        made = labelled_base(agents.model_path, agents.models[0].get_base_model().config,
-                             os.path.join(temporary, "base"))
-        base = None if made is None else os.path.join(folder, "base")
         for i, model in zip(agents.agent_ids, agents.models):
-            export_adapter(model, os.path.join(temporary, f"agent_{i:02d}"), base)
-        export_adapter(agents.average_model(), os.path.join(temporary, "average"), base)
+            export_adapter(model, os.path.join(temporary, f"agent_{i:02d}"), agents.task, agents.label_names,
+                           agents.model_path)
+        export_adapter(agents.average_model(), os.path.join(temporary, "average"), agents.task, agents.label_names,
+                       agents.model_path)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -17,6 +17,11 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
+from decaf_ext.errors import ConfigError
+from decaf_ext.storage.adapter_card import AdapterCard
+from decaf_ext.tasks.predictor import Predictor
+
+
 class LabeledDataset(Protocol):
     """What the trainer needs from a task's dataset: int64 labels [n] and one name per class."""
 
@@ -48,6 +53,10 @@ class Task(ABC):
     peft_task_type: ClassVar[str]
     #: short model names accepted by ``--model`` (alias -> function returning a local folder or hub id)
     model_aliases: ClassVar[dict[str, Callable[[], str]]] = {}
+    #: TrainConfig fields the task reads to predict: written to an exported adapter's card, read back to predict
+    predict_options: ClassVar[tuple[str, ...]] = ("max_len",)
+    #: whether the model's config names the classes (a classification head): its adapters name a labelled base
+    labels_in_config: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -99,6 +108,21 @@ class Task(ABC):
     @abstractmethod
     def predict(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Predicted class ids int64 [b]."""
+
+    def describe(self, label_names: list[str]) -> dict[str, Any]:
+        """The prediction options spelled out for people (template text, class prompts), for the adapter's card."""
+        return {}
+
+    def card(self, label_names: list[str]) -> AdapterCard:
+        """What an exported adapter of this task needs to be used alone (see :mod:`decaf_ext.storage.adapter_card`)."""
+        return AdapterCard(task=self.name, label_names=list(label_names), model=self.config.model,
+                           options={name: getattr(self.config, name) for name in self.predict_options},
+                           described=self.describe(label_names))
+
+    def predictor(self, model: nn.Module, label_names: list[str], device: torch.device) -> Predictor:
+        """The predictor of a loaded adapter `model` (built by :meth:`build_model`, adapter loaded, on `device`, in
+        eval mode): what ``decaf-train predict`` and ``load_predictor`` hand back. A task without one says so."""
+        raise ConfigError(f"adapter_dir: the {self.name} task cannot predict yet")
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, encoded: Encoded, *, batch_size: int, device: torch.device,

@@ -12,6 +12,9 @@ on the attention ``q_proj`` / ``v_proj`` (found in the model), BBC News with the
 
 from __future__ import annotations
 
+import json
+from typing import Any, Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -23,6 +26,7 @@ from decaf_ext.data.text import RecordDataset, load_record_dataset
 from decaf_ext.tasks.model_cache import gemma3_270m
 from decaf_ext.tasks.prompts import resolve_template
 from decaf_ext.tasks.base import Batch, Encoded, Task
+from decaf_ext.tasks.predictor import Predictor
 
 
 def water_fill(lengths: list[int], room: int) -> list[int]:
@@ -58,6 +62,7 @@ class CausalLM(Task):
     default_target_modules = ("q_proj", "v_proj")
     peft_task_type = "CAUSAL_LM"
     model_aliases = {"gemma3-270m": gemma3_270m}
+    predict_options = ("max_len", "template", "label_words", "dtype")
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -213,3 +218,56 @@ class CausalLM(Task):
 
     def predict(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.label_scores(model, inputs).argmax(dim=-1)
+
+    # ------------------------------------------------------------------------------------- prediction
+
+    def describe(self, label_names: list[str]) -> dict[str, Any]:
+        """The template text and the word of each label."""
+        return {"template": self.template.text, "label_words": [w.strip() for w in self.template.targets(label_names)]}
+
+    def predictor(self, model: nn.Module, label_names: list[str], device: torch.device) -> CausalLMPredictor:
+        return CausalLMPredictor(self, model, label_names, device)
+
+
+class CausalLMPredictor(Predictor):
+    """Inputs -> the label words' log-likelihoods after each prompt [b, C]; :meth:`generate` continues the prompts
+    freely. An input is the text of a one-field template (``topic``), or a mapping, or a JSON object string, of
+    the template's fields (``{"passage": ..., "question": ...}``)."""
+
+    def fields(self, item: str | dict[str, Any]) -> dict[str, str]:
+        """The template's field values of one input (ConfigError naming ``text`` if it does not fill them)."""
+        fields = self.task.template.fields
+        if isinstance(item, str) and item.lstrip().startswith("{"):
+            try:
+                item = json.loads(item)
+            except json.JSONDecodeError:
+                raise ConfigError(f"text: {item[:40]!r} starts with '{{' but is not a JSON object") from None
+        if isinstance(item, str):
+            if len(fields) != 1:
+                raise ConfigError(f"text: the template has the fields {', '.join(fields)}; give each input as a "
+                                  "JSON object of them")
+            return {fields[0]: item}
+        missing = [field for field in fields if not isinstance(item, dict) or field not in item]
+        if missing:
+            raise ConfigError(f"text: an input lacks the template's field {', '.join(missing)}")
+        return {field: str(item[field]) for field in fields}
+
+    def prompts(self, inputs: Sequence[str | dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask int64 [b, P] of the prompts, left-padded, fields shortened to max_len."""
+        ids = [self.task.prompt_ids(self.fields(item)) for item in inputs]
+        tokens = self.task.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        return {k: tokens[k].long().to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def scores(self, inputs: Sequence[str | dict[str, Any]]) -> torch.Tensor:
+        return self.task.label_scores(self.model, self.prompts(inputs))
+
+    @torch.no_grad()
+    def generate(self, inputs: Sequence[str | dict[str, Any]], max_new_tokens: int) -> list[str]:
+        """The greedy continuation of each input's prompt: at most `max_new_tokens` tokens, decoded."""
+        if max_new_tokens < 1:
+            raise ConfigError(f"generate must be >= 1 tokens, got {max_new_tokens}")
+        prompts = self.prompts(inputs)
+        tokenizer = self.task.tokenizer
+        out = self.model.generate(**prompts, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.batch_decode(out[:, prompts["input_ids"].shape[1]:], skip_special_tokens=True)

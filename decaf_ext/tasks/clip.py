@@ -20,11 +20,12 @@ import string
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from peft import LoraConfig
+from PIL import Image
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
@@ -34,8 +35,9 @@ except ImportError:
     from transformers import CLIPImageProcessor
 
 from decaf_ext.errors import ConfigError
-from decaf_ext.data.images import ImageDataset, load_image_dataset, shots_per_class
+from decaf_ext.data.images import ImageDataset, decode_image, load_image_dataset, shots_per_class
 from decaf_ext.tasks.base import Batch, Encoded, Task
+from decaf_ext.tasks.predictor import Predictor
 
 TEMPLATES: dict[str, str] = {
     "flowers": "a photo of a {}, a type of flower.",
@@ -123,6 +125,7 @@ class CLIPClassification(Task):
     default_target_modules = ("q_proj", "k_proj", "v_proj")
     peft_task_type = None  # no head: every trainable parameter is a LoRA factor
     model_aliases = {"tiny-clip": tiny_clip_path}
+    predict_options = ("max_len", "prompt_template", "clip_lora_on")
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -247,6 +250,26 @@ class CLIPClassification(Task):
             return super().evaluate(model, encoded, **options)
         finally:
             self._evaluation_prompts = None
+
+    def describe(self, label_names: list[str]) -> dict[str, Any]:
+        """The prompt of each class."""
+        return {"class_prompts": class_prompts(self.template, label_names)}
+
+    def predictor(self, model: nn.Module, label_names: list[str], device: torch.device) -> CLIPPredictor:
+        return CLIPPredictor(self, model, label_names, device)
+
+
+class CLIPPredictor(Predictor):
+    """Images (files or PIL images) -> logit scale times the cosine similarity to each class prompt [b, C]."""
+
+    input_kind = "image"
+
+    def scores(self, images: Sequence[str | Image.Image]) -> torch.Tensor:
+        images = [decode_image(image) for image in images]
+        dataset = ImageDataset(images, np.arange(len(images)), np.zeros(len(images)), self.label_names)
+        inputs, _ = self.task.batch(self.task.encode(dataset, np.arange(len(images))), torch.arange(len(images)),
+                                    self.device)
+        return self.task.logits(self.model, inputs["pixel_values"])
 
 
 @contextmanager

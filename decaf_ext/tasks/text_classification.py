@@ -14,6 +14,16 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from decaf_ext.errors import ConfigError
 from decaf_ext.data.text import TextDataset, load_text_dataset
 from decaf_ext.tasks.base import Batch, Encoded, Task
+from decaf_ext.tasks.predictor import Predictor
+
+
+class TextPredictor(Predictor):
+    """Texts -> the classification head's logits [b, C], each text cut to the run's max_len tokens."""
+
+    def scores(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.task.tokenizer(list(texts), truncation=True, max_length=self.task.max_len, padding=True,
+                                     return_tensors="pt").to(self.device)
+        return self.model(**tokens).logits
 
 
 class TextClassification(Task):
@@ -22,6 +32,7 @@ class TextClassification(Task):
     name = "text_classification"
     default_target_modules = ("query", "value")
     peft_task_type = "SEQ_CLS"
+    labels_in_config = True
 
     def load_data(self, source: str, *, test_fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
         return load_text_dataset(source, test_fraction=test_fraction, seed=seed,
@@ -65,3 +76,6 @@ class TextClassification(Task):
 
     def predict(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs).logits.argmax(dim=-1)
+
+    def predictor(self, model: nn.Module, label_names: list[str], device: torch.device) -> TextPredictor:
+        return TextPredictor(self, model, label_names, device)
