@@ -15,10 +15,12 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from PIL import Image
 from onnx import TensorProto, helper
 from transformers import AutoModelForImageClassification, Dinov2Model
 
 from decaf_ext.cli.commands import main
+from decaf_ext.cli.predict import load_predictor
 from decaf_ext.config import TrainConfig
 from decaf_ext.data import images
 from decaf_ext.data.images import FASHION_MNIST_NAMES, load_digits_dataset, load_fashion_mnist, read_idx
@@ -212,3 +214,29 @@ def test_too_deep_a_truncation_exits_with_status_2(offline_folder, tmp_path, cap
                  "--encoder-layers", "13", "--output-dir", str(tmp_path / "run"), "--no-progress"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("decaf-train: error: encoder_layers")
+
+
+def test_predict_reads_images_with_the_runs_own_depth_and_size(offline_folder, tmp_path, monkeypatch, capsys):
+    """The exported average adapter predicts image files (library and CLI) as the run's averaged model scores them,
+    rebuilt at the run's truncated depth and image size from the adapter's card alone."""
+    pooled = write_fashion_files(tmp_path / "fashion")
+    monkeypatch.setattr(images, "FASHION_MNIST_DIR", str(tmp_path / "fashion"))
+    trainer = Trainer(tiny_run(offline_folder, tmp_path / "run"))
+    trainer.run()
+    files = []
+    for k in range(3):
+        files.append(str(tmp_path / f"{k}.png"))
+        Image.fromarray(pooled[k]).save(files[-1])
+    average = str(Path(trainer.run_dir) / "adapters" / "average")
+    predictor = load_predictor(average, device="cpu")
+    assert predictor.task.image_size == 28 and len(predictor.model.base_model.model.dinov2.encoder.layer) == 1
+    task, model = trainer.agents.task, trainer.average_model().eval()
+    dataset = images.ImageDataset(files, np.arange(3), np.zeros(3), trainer.agents.label_names)
+    pixels, _ = task.batch(task.encode(dataset, np.arange(3)), torch.arange(3), torch.device("cpu"))
+    with torch.no_grad():
+        expected = torch.softmax(task.logits(model, pixels["pixel_values"]), dim=-1)
+    torch.testing.assert_close(predictor.probabilities(files), expected)
+    assert main(["predict", average, *(a for f in files for a in ("--image", f))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[2] for line in lines] == files
+    assert [line.split("\t")[0] for line in lines] == [p.label for p in predictor.predict(files)]

