@@ -48,6 +48,9 @@ class Task(ABC):
     peft_task_type: ClassVar[str]
     #: short model names accepted by ``--model`` (alias -> function returning a local folder or hub id)
     model_aliases: ClassVar[dict[str, Callable[[], str]]] = {}
+    #: True when the loss is a mean of per-example losses and examples never meet in the forward pass, so that
+    #: DP-SGD's per-sample gradients bound one example's influence (``--dp-epsilon``, docs/privacy.md)
+    dp_sgd: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
