@@ -137,6 +137,15 @@ def test_privacy_composes_with_ranks_dtypes_and_strategies(tiny, tmp_path, chang
     assert math.isfinite(summary["final"]["acc_mean"])
 
 
+def test_privacy_with_an_agent_leaving_the_run(tiny, tmp_path):
+    """--churn: the record lists the epsilon of each agent present, the leaver's until it leaves."""
+    Trainer(tiny_config(tiny, tmp_path / "run", agents=3, rounds=2, churn="leave:2@1", **DP)).run()
+    first, last = read_metrics(str(tmp_path / "run"))
+    assert first["live"] == [0, 1, 2] and last["live"] == [0, 1]
+    assert len(first["dp_epsilon"]) == 3 and len(last["dp_epsilon"]) == 2
+    assert all(0 < a < b <= 3.0 for a, b in zip(first["dp_epsilon"], last["dp_epsilon"]))
+
+
 def test_resumed_run_spends_what_an_uninterrupted_run_spends(tiny, tmp_path, monkeypatch):
     """With the secret seeds fixed (test only), a run killed after its round-1 checkpoint and resumed ends bitwise
     where the uninterrupted run ends: the accountant, the noise multiplier and both generators come back. Asking the
