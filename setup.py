@@ -67,6 +67,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "transformers", "peft", "datasets", "pyyaml", "tqdm", "matplotlib",
                       "safetensors", "networkx", "cryptography"],
-    extras_require={"test": ["pytest", "tensorboard", "scipy"], "tensorboard": ["tensorboard"]},
+    extras_require={"test": ["pytest", "tensorboard", "scipy", "opacus>=1.6", "opt-einsum"],
+                    "tensorboard": ["tensorboard"], "privacy": ["opacus>=1.6", "opt-einsum"]},
     entry_points={"console_scripts": ["decaf-train = decaf_ext.cli:main"]},
 )

@@ -156,6 +156,12 @@ class TrainConfig:
     # elastic membership
     churn: str | None = _knob(None, "agents joining and leaving a running run, e.g. 'join:5@3,leave:2@5,kill:3@6' "
                                     "(0-based rounds; see docs/membership.md)")
+    # differential privacy of each agent's examples (DP-SGD through Opacus, docs/privacy.md)
+    dp_epsilon: float | None = _knob(None, "train every agent with DP-SGD spending at most this epsilon over the "
+                                           "run, per agent (none: no differential privacy)")
+    dp_delta: float | None = _knob(None, "DP-SGD delta (none: 1 / the agent's number of training examples)")
+    dp_max_grad_norm: float = _knob(1.0, "DP-SGD: each example's gradient is clipped to this L2 norm")
+    dp_accountant: str = _knob("rdp", "DP-SGD's Opacus accountant: rdp or prv")
 
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the argument) for values that are invalid on their own."""
@@ -212,6 +218,9 @@ class TrainConfig:
             raise ConfigError(f"norm_cap must be a finite number > 0 or none, got {self.norm_cap}")
         check_device(self.device)
         self.churn_schedule()
+        from decaf_ext.privacy.options import check_privacy
+
+        check_privacy(self)
         if self.dtype == "float16" and (self.device == "cpu" or (self.device == "auto" and not cuda_available())):
             raise ConfigError("dtype: float16 cannot train on a CPU (use bfloat16 or float32)")
 

@@ -29,8 +29,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import stats  # noqa: E402
-from suites import ALGORITHMS, BASE, BASE_RANK, DEFAULT_SEEDS, MESSAGE_DTYPES, MIXED_RANKS, PARTITIONS, RANKS, \
-    SUITES, TOPOLOGIES, AGENT_COUNTS  # noqa: E402
+from suites import ALGORITHMS, BASE, BASE_RANK, DEFAULT_SEEDS, DP_EPSILONS, MESSAGE_DTYPES, MIXED_RANKS, PARTITIONS, \
+    RANKS, SUITES, TOPOLOGIES, AGENT_COUNTS, dp_cell  # noqa: E402
 
 PLOTS = "results_plots"  # folder of the PNGs, next to RESULTS.md
 
@@ -548,6 +548,21 @@ class Report:
                     self.image("beyond_bytes")]
         return "\n".join(out)
 
+    def privacy(self) -> str:
+        cells = self.suites["dp"]
+        out = ["## 9. Differential privacy per agent (DP-SGD through Opacus)", "",
+               f"Setting: {SUITES['dp'].claim}; what the guarantee covers: docs/privacy.md. Epsilon spent: the "
+               "largest over the agents at the end of the run, by each agent's Opacus accountant (mean over seeds).",
+               ""]
+        rows = []
+        for a in ("decaf", "dlora"):
+            for epsilon in DP_EPSILONS:
+                cell = cells.get(dp_cell(a, epsilon))
+                spent = f"{cell.mean(lambda r: max(r.final['dp_epsilon'])):.2f}" if cell and epsilon else "–"
+                rows.append([a, "∞ (no DP)" if epsilon is None else f"{epsilon:g}", *accuracy_columns(cell), spent])
+        out.append(table(["algorithm", "epsilon", *ACC_HEADER, "epsilon spent"], rows))
+        return "\n".join(out)
+
     def clip_rows(self) -> list[Row]:
         cells = self.suites["clip"]
         return [compare(f"decaf − {b}", cells.get("decaf-dir0.5"), cells.get(f"{b}-dir0.5"), "decaf", b, claimed=None)
@@ -759,7 +774,8 @@ class Report:
         claims, clip_rows = self.claim_list(), self.clip_rows()
         family = adjust([row for claim in claims for row in claim.rows] + clip_rows)
         sections = [self.settings(), self.claims(claims, family), self.algorithms(), self.topologies(), self.rank(),
-                    self.agents(), self.split(), self.bytes(), self.beyond(), self.clip(clip_rows)]
+                    self.agents(), self.split(), self.bytes(), self.beyond(), self.clip(clip_rows),
+                    self.privacy()]
         text = "\n\n".join(["\n".join(header), *sections]) + "\n"
         temporary = self.output + ".tmp"
         with open(temporary, "w", encoding="utf-8") as handle:

@@ -33,6 +33,7 @@ MIXED_RANKS = "cycle:2,4,8,16"  # agent i has LoRA rank (2, 4, 8, 16)[i mod 4]
 BASE_RANK = 8  # TrainConfig's default rank: the rank suite's r = 8 runs are the algorithms suite's dir0.5 runs
 # The CLIP task offline: a small randomly initialized CLIP on scikit-learn digits (600 training / 200 held-out
 # images from BASE), the README's CLIP example settings (rank 4, lr 3e-3, 10 local steps, 20 rounds).
+DP_EPSILONS = (1.0, 3.0, 8.0, None)  # None: no differential privacy (epsilon = inf); delta = 1 / n per agent
 CLIP_TASK: dict[str, Any] = {"task": "clip", "model": "tiny-clip", "dataset": "digits", "rank": 4, "lr": 3e-3,
                              "local_steps": 10, "rounds": 20}
 
@@ -75,6 +76,11 @@ class Suite:
                 for seed in seeds for cell, overrides in self.cells.items()]
 
 
+def dp_cell(algorithm: str, epsilon: float | None) -> str:
+    """Name of the dp suite's cell of `algorithm` at `epsilon` (None: no differential privacy, 'epsinf')."""
+    return f"{algorithm}-eps{'inf' if epsilon is None else f'{epsilon:g}'}"
+
+
 def _grid() -> dict[str, Suite]:
     algorithms = {f"{a}-{p}": {"algorithm": a, **PARTITIONS[p]} for p in PARTITIONS for a in ALGORITHMS}
     topologies = {f"{a}-{t}-{p}": {"algorithm": a, "topology": t, "agents": TOPOLOGY_AGENTS, **PARTITIONS[p]}
@@ -89,6 +95,8 @@ def _grid() -> dict[str, Suite]:
                    for d in MESSAGE_DTYPES for a in ("decaf", "dlora")}
     mixed_ranks = {f"{a}-mixed": {"algorithm": a, "rank": MIXED_RANKS, **PARTITIONS["dir0.5"]}
                    for a in ("decaf", "dlora")}
+    dp = {dp_cell(a, e): {"algorithm": a, "dp_epsilon": e, **PARTITIONS["dir0.5"]}
+          for e in DP_EPSILONS for a in ("decaf", "dlora")}
     clip = {f"{a}-dir0.5": {"algorithm": a, **CLIP_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
     vit = {f"{a}-dir0.5": {"algorithm": a, **VIT_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
     suites = [
@@ -111,6 +119,8 @@ def _grid() -> dict[str, Suite]:
         Suite("vit", "the algorithms on a 10-agent ring, Dirichlet 0.5, with a pretrained vision transformer "
               "offline: DINOv2-S/14 (`dinov2-small-offline`, truncated to its best-probed layer) on Fashion-MNIST",
               vit, needs_field=("encoder_layers",)),
+        Suite("dp", "decaf and dlora with DP-SGD per agent (Opacus) at epsilon 1, 3, 8 and inf, delta = 1/n "
+              "(ring, Dirichlet 0.5)", dp, needs_field=("dp_epsilon",)),
     ]
     return {suite.name: suite for suite in suites}
 

@@ -372,13 +372,13 @@ def test_evaluation_buffers_with_implausible_numbers_are_rejected():
     factors = layout.pack(*select(groups, extras, [1])).double()
     guard = MessageGuard(None, norm_cap=1e3)
 
-    def buffer(loss_sum=2.5, loss_steps=3, bytes_sent=100, accuracy=0.5, macro_f1=0.4, scale=1.0):
-        return torch.cat([torch.tensor([loss_sum, loss_steps, bytes_sent, accuracy, macro_f1], dtype=torch.float64),
-                          factors * scale])
+    def buffer(loss_sum=2.5, loss_steps=3, bytes_sent=100, accuracy=0.5, macro_f1=0.4, dp_epsilon=0.0, scale=1.0):
+        numbers = [loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, dp_epsilon]
+        return torch.cat([torch.tensor(numbers, dtype=torch.float64), factors * scale])
 
     assert check_evaluation(buffer(), layout, guard, *own) is None
     for bad in (dict(loss_sum=-1.0), dict(loss_steps=-1), dict(loss_steps=2.5), dict(bytes_sent=1.5),
-                dict(accuracy=1.5), dict(macro_f1=-0.1)):
+                dict(accuracy=1.5), dict(macro_f1=-0.1), dict(dp_epsilon=-1.0)):
         assert "implausible" in check_evaluation(buffer(**bad), layout, guard, *own), bad
     assert "NaN" in check_evaluation(buffer(bytes_sent=float("nan")), layout, guard, *own)
     assert "norm_cap" in check_evaluation(buffer(scale=1e6), layout, guard, *own)

@@ -18,13 +18,14 @@ def _reports_f1(summary: dict[str, Any]) -> bool:
 
 def format_result(summary: dict[str, Any]) -> str:
     """One line: final mean test accuracy ± std (and macro-F1 where the task reports it), averaged-model
-    accuracy, consensus error, bytes, timings."""
+    accuracy, the largest epsilon spent (with differential privacy), consensus error, bytes, timings."""
     final, per_round = summary["final"], summary["seconds_per_round"]
     f1 = (f" | macro-F1 {final['macro_f1_mean']:.4f}, averaged model {final['avg_model_macro_f1']:.4f}"
           if _reports_f1(summary) else "")
+    privacy = f" | DP epsilon spent <= {max(final['dp_epsilon']):.3g}" if "dp_epsilon" in final else ""
     return (f"{summary['algorithm']} {summary['topology']} x{summary['agents']} | round {final['round']}: "
             f"test acc {final['acc_mean']:.4f} ± {final['acc_std']:.4f} | averaged model {final['avg_model_acc']:.4f}"
-            f"{f1} | consensus error {final['consensus_error']:.3g} | sent {final['bytes_sent'] / 1e6:.2f} MB"
+            f"{f1}{privacy} | consensus error {final['consensus_error']:.3g} | sent {final['bytes_sent'] / 1e6:.2f} MB"
             f" | {per_round['local']:.2f} s local + {per_round['comm']:.3f} s comm per round"
             f" | {summary['run_dir']}")
 

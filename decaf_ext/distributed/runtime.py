@@ -46,7 +46,7 @@ from decaf_ext.storage.files import replacing_folder, write_json
 from decaf_ext.storage.run_folder import CONFIG, METRICS, SUMMARY, RunLock, agent_folder, check_no_run, \
     default_run_dir
 
-STATS = 5  # loss_sum, loss_steps, bytes_sent, accuracy, macro_f1: the per-agent numbers gathered at evaluation
+STATS = 6  # loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, dp_epsilon (0 without DP): gathered at evaluation
 
 
 @dataclass
@@ -69,12 +69,12 @@ class DistributedOptions:
 def check_evaluation(data: torch.Tensor, layout: MessageLayout, guard: MessageGuard, groups: list[FactorGroup],
                      extras: Extras) -> str | None:
     """Why a member's evaluation buffer (float64 [STATS + layout.data_numel]: loss_sum, loss_steps, bytes_sent,
-    accuracy, macro_f1, then its factors) must not be used, or None. groups / extras: this agent's (names)."""
+    accuracy, macro_f1, dp_epsilon, then its factors) must not be used, or None. groups / extras: this agent's (names)."""
     if not bool(torch.isfinite(data).all()):
         return "NaN or Inf values"
-    loss_sum, loss_steps, bytes_sent, accuracy, macro_f1 = data[:STATS].tolist()
+    loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, epsilon = data[:STATS].tolist()
     if not (loss_sum >= 0 and loss_steps >= 0 and loss_steps == int(loss_steps) and bytes_sent >= 0
-            and bytes_sent == int(bytes_sent) and 0 <= accuracy <= 1 and 0 <= macro_f1 <= 1):
+            and bytes_sent == int(bytes_sent) and 0 <= accuracy <= 1 and 0 <= macro_f1 <= 1 and epsilon >= 0):
         return "implausible statistics (a negative loss or count, a fractional count, a score outside [0, 1])"
     theirs, their_extras = layout.unpack(data[None, STATS:].to(layout.dtype), groups, extras)
     return guard.check_values(theirs, their_extras)
@@ -153,7 +153,7 @@ class AgentRuntime:
         groups, extras = agents.collect(agents.models), collect_extras(agents.models)
         counters = agents.counters
         numbers = [counters["loss_sum"], counters["loss_steps"], counters["bytes_sent"], own["accuracy"],
-                   own["macro_f1"]]
+                   own["macro_f1"], agents.spent(0).get("dp_epsilon", 0.0)]
         mine = torch.cat([torch.tensor(numbers, dtype=torch.float64), layout.pack(groups, extras).double().cpu()])
         context = lambda j: TagContext("eval", view.round, view.group, j, view.members[j], BROADCAST)  # noqa: E731
         hooks, seal = self.comm.hooks, lambda data: guard.seal(data, context(self.agent))  # noqa: E731
@@ -178,8 +178,8 @@ class AgentRuntime:
                                             agent=j, reason=reason, what="evaluation")
         stacked = torch.stack(accepted)
         loss_sum, loss_steps, bytes_sent = stacked[:, :3].sum(dim=0).tolist()
-        per_agent = [{"accuracy": accuracy, "macro_f1": macro_f1}
-                     for accuracy, macro_f1 in stacked[:, 3:STATS].tolist()]
+        per_agent = [{"accuracy": accuracy, "macro_f1": macro_f1, "dp_epsilon": epsilon}
+                     for accuracy, macro_f1, epsilon in stacked[:, 3:STATS].tolist()]
         buffers = stacked[:, STATS:].to(layout.dtype).to(agents.device)
         # names, and the shared A of a strategy that does not send A: the scratch model's (largest rank)
         all_groups, all_extras = layout.unpack(buffers, agents.collect([agents.scratch]), extras)
@@ -220,6 +220,9 @@ class AgentRuntime:
             return done
         if latest_checkpoint(self.run_dir) is not None:
             done = open_run_dir(self.run_dir, self.agents, self.log, resume=True)  # checks the configuration first
+        elif self.agents.privacy is not None:  # its messages so far are spent, by an accountant that is gone
+            raise ConfigError(f"dp_epsilon: agent {self.agent} restarted without a checkpoint cannot account what it "
+                              "already sent; it leaves the run")
         else:
             self.transport.record_event(-1, "no_checkpoint", "restarted without a checkpoint: from the initial adapter")
             done = 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import os
 import random
@@ -35,6 +36,7 @@ from decaf_ext.data.partition import partition
 from decaf_ext.errors import ConfigError, first_line
 from decaf_ext.lora import FactorGroup, RankPadding, collect_extras, collect_factors, share_and_freeze_A, \
     write_extras, write_factors
+from decaf_ext.privacy import PrivateAgent, check_privacy, private_agents
 from decaf_ext.quiet import quiet_transformers
 from decaf_ext.storage.export import set_label_names
 from decaf_ext.strategies import Strategy
@@ -116,6 +118,12 @@ class Agents:
                                              weight_decay=config.weight_decay) for m in self.models]
         self.samplers = [AgentSampler(np.arange(len(self.parts[i])) if keep is not None else self.parts[i],
                                       config.batch_size, config.seed, i) for i in self.agent_ids]
+        # DP-SGD (dp_epsilon): Opacus's optimizers replace the plain ones; None without differential privacy
+        self.privacy: list[PrivateAgent] | None = private_agents(
+            check_privacy(config), self.models, self.optimizers, [s.indices for s in self.samplers],
+            batch_size=config.batch_size, steps=config.rounds * config.local_steps, device=self.device)
+        if self.privacy is not None:
+            self.optimizers = [private.optimizer for private in self.privacy]
         self.counters = {"bytes_sent": 0, "loss_sum": 0.0, "loss_steps": 0,
                          "time_local": 0.0, "time_comm": 0.0, "time_eval": 0.0}
 
@@ -245,21 +253,35 @@ class Agents:
 
     def local_round(self, round_index: int, only: Collection[int] | None = None) -> None:
         """`local_steps` optimizer steps per agent on its own data (0-based round_index); with `only`, of the
-        agents whose ids it holds (the live agents of a churn schedule)."""
+        agents whose ids it holds (the live agents of a churn schedule); DP-SGD steps
+        (:class:`~decaf_ext.privacy.PrivateAgent`) when the run has a dp_epsilon."""
         start = self.clock()
-        for agent, model, optimizer, sampler in zip(self.agent_ids, self.models, self.optimizers, self.samplers):
+        for k, (agent, model, optimizer, sampler) in enumerate(zip(self.agent_ids, self.models, self.optimizers,
+                                                                   self.samplers)):
             if only is not None and agent not in only:
                 continue
             model.train()
+            loss_of = functools.partial(self.loss, model)
             with self.agent_rng(agent, round_index):
                 for _ in range(self.config.local_steps):
-                    loss = self.task.loss(model, self.task.batch(self.train_set, sampler.next_batch(), self.device))
+                    if self.privacy is not None:  # its training loss is not private: not recorded
+                        self.privacy[k].step(loss_of)
+                        continue
+                    loss = loss_of(sampler.next_batch())
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     self.counters["loss_sum"] += loss.item()
                     self.counters["loss_steps"] += 1
         self.counters["time_local"] += self.clock() - start
+
+    def loss(self, model: nn.Module, examples: torch.Tensor) -> torch.Tensor:
+        """The task's training loss of `model` on training examples `examples` (int64 [b])."""
+        return self.task.loss(model, self.task.batch(self.train_set, examples, self.device))
+
+    def spent(self, k: int) -> dict[str, float]:
+        """{"dp_epsilon": epsilon model k has spent so far}, or {} without differential privacy."""
+        return {} if self.privacy is None else {"dp_epsilon": self.privacy[k].epsilon()}
 
     def average_model(self, groups: list[FactorGroup] | None = None,
                       extras: dict[str, torch.Tensor] | None = None) -> nn.Module:

@@ -90,7 +90,7 @@ class ElasticRounds:
         round_index = max(rounds_done - 1, 0)
         present = self.present(round_index) if rounds_done else self.churn.initial
         start = agents.clock()
-        per_agent = [agents.evaluate_model(agents.models[i]) for i in present]
+        per_agent = [{**agents.evaluate_model(agents.models[i]), **agents.spent(i)} for i in present]
         groups, extras = self._select(present)
         average = agents.evaluate_model(agents.average_model(groups, extras))
         agents.counters["time_eval"] += agents.clock() - start

@@ -29,8 +29,10 @@ def evaluation_record(agents: Agents, rounds_done: int, per_agent: list[dict[str
                       bytes_sent: int) -> dict[str, Any]:
     """One metrics.jsonl record: per-agent test metrics `per_agent`, the averaged model's `average`, the agents'
     factors `groups` (A [M, N, r, n], B [M, N, m, r]) for the consensus error, the training loss summed over
-    `loss_steps` steps since the last evaluation, the bytes sent so far, the timings of `agents.counters`."""
+    `loss_steps` steps since the last evaluation, the bytes sent so far, the timings of `agents.counters`; with
+    differential privacy, each agent's spent epsilon (``dp_epsilon`` of `per_agent`)."""
     accuracy = np.array([m["accuracy"] for m in per_agent])
+    privacy = {"dp_epsilon": [m["dp_epsilon"] for m in per_agent]} if agents.privacy is not None else {}
     return {
         "round": rounds_done,
         "train_loss": loss_sum / loss_steps if loss_steps else None,  # None before any local step
@@ -43,6 +45,7 @@ def evaluation_record(agents: Agents, rounds_done: int, per_agent: list[dict[str
         "consensus_interference": consensus_interference(groups),
         "bytes_sent": bytes_sent,
         "acc_agents": accuracy.tolist(),
+        **privacy,
         "time": {k[5:]: round(v, 3) for k, v in agents.counters.items() if k.startswith("time_")},
     }
 
@@ -113,4 +116,17 @@ def build_summary(agents: Agents, history: list[dict[str, Any]], run_dir: str, w
         "examples": {"train": len(agents.train_labels), "test": len(agents.test_set),
                      "per_agent": [len(p) for p in agents.parts]},
         "run_dir": run_dir,
+        **privacy_summary(agents),
     }
+
+
+def privacy_summary(agents: Agents) -> dict[str, Any]:
+    """{"privacy": the budget and, per agent of `agents`, its spent epsilon, delta, noise multiplier, sample rate
+    and steps}, or {} without differential privacy."""
+    if agents.privacy is None:
+        return {}
+    cfg = agents.config
+    return {"privacy": {"epsilon_target": cfg.dp_epsilon, "max_grad_norm": cfg.dp_max_grad_norm,
+                        "accountant": cfg.dp_accountant,
+                        "agents": [{"agent": i, **private.summary()}
+                                   for i, private in zip(agents.agent_ids, agents.privacy)]}}

@@ -30,6 +30,8 @@ def write_checkpoint(run_dir: str, agents: Agents, history: list[dict], rounds_d
     tensors = {f"factors/{k}/{factor}": getattr(g, factor) for k, g in enumerate(groups) for factor in "AB"}
     tensors.update({f"extras/{name}": x for name, x in extras.items()})
     state = {"samplers": [s.state_dict() for s in agents.samplers], "history": history, "counters": agents.counters}
+    if agents.privacy is not None:  # accountants, calibration and the secret generators (docs/privacy.md)
+        state["privacy"] = [private.state_dict() for private in agents.privacy]
     save_checkpoint(run_dir, Checkpoint(round=rounds_done, tensors=tensors,
                                         optimizers=[o.state_dict() for o in agents.optimizers],
                                         state=state, rng=capture_rng()))
@@ -51,6 +53,8 @@ def restore(run_dir: str, agents: Agents) -> tuple[int, list[dict]]:
         optimizer.load_state_dict(state)
     for sampler, state in zip(agents.samplers, saved.state["samplers"]):
         sampler.load_state_dict(state)
+    for private, state in zip(agents.privacy or [], saved.state.get("privacy", [])):
+        private.load_state_dict(state)
     agents.counters = saved.state["counters"]
     restore_rng(saved.rng)
     return saved.round, saved.state["history"]

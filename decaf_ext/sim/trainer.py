@@ -128,7 +128,7 @@ class Trainer:
             return record
         agents = self.agents
         start = agents.clock()
-        per_agent = [agents.evaluate_model(model) for model in agents.models]
+        per_agent = [{**agents.evaluate_model(model), **agents.spent(k)} for k, model in enumerate(agents.models)]
         average = agents.evaluate_model(agents.average_model())
         agents.counters["time_eval"] += agents.clock() - start
         record = evaluation_record(agents, rounds_done, per_agent, average, agents.collect(agents.models),
@@ -164,8 +164,9 @@ class Trainer:
                 rounds_done = round_index + 1
                 if rounds_done % cfg.eval_every == 0 or rounds_done == cfg.rounds:
                     record = self.evaluate(rounds_done)
+                    loss = record["train_loss"]  # None: no step recorded (DP-SGD does not record its loss)
                     bar.set_postfix(acc=f"{record['acc_mean']:.3f}", avg=f"{record['avg_model_acc']:.3f}",
-                                    loss=f"{record['train_loss']:.3f}")
+                                    loss="-" if loss is None else f"{loss:.3f}")
                 if (cfg.checkpoint_every and rounds_done % cfg.checkpoint_every == 0) or rounds_done == cfg.rounds:
                     write_checkpoint(self.run_dir, agents, self.history, rounds_done)
             bar.close()

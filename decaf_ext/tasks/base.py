@@ -57,6 +57,9 @@ class Task(ABC):
     predict_options: ClassVar[tuple[str, ...]] = ("max_len",)
     #: whether the model's config names the classes (a classification head): its adapters name a labelled base
     labels_in_config: ClassVar[bool] = False
+    #: True when the loss is a mean of per-example losses and examples never meet in the forward pass, so that
+    #: DP-SGD's per-sample gradients bound one example's influence (``--dp-epsilon``, docs/privacy.md)
+    dp_sgd: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -33,6 +33,7 @@ class TextClassification(Task):
     default_target_modules = ("query", "value")
     peft_task_type = "SEQ_CLS"
     labels_in_config = True
+    dp_sgd = True  # mean cross-entropy over examples; an encoder without batch statistics
 
     def load_data(self, source: str, *, test_fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
         return load_text_dataset(source, test_fraction=test_fraction, seed=seed,
