@@ -13,6 +13,7 @@ import os
 import socket
 import ssl
 import stat
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +29,7 @@ from decaf_ext.comm.round_view import RoundView
 from decaf_ext.comm.tls_transport import TlsTransport
 from decaf_ext.errors import ConfigError
 from test_trainer import tiny_config, tiny_paths  # noqa: F401 (a fixture)
+from test_user_loop import PERIOD, STEPS, check_rounds, save_round, snapshot, tiny_agent
 
 PORTS = iter(range(47300, 47900, 5))  # loopback ports of this module, a fresh group per kit
 
@@ -279,3 +281,51 @@ def test_a_push_for_a_round_the_receiver_left_is_stale(star):
     assert made[1].send_and_receive(view, {0: torch.ones(6)}) == {}
     assert [(e["event"], e["reason"][:19]) for e in made[1].events if e["event"] == "transport"] \
         == [("transport", "FAILED_PRECONDITION")]
+
+
+# ------------------------------------------------------------------------------------------- user loop
+
+
+def averager_main(spec: dict) -> None:
+    """One agent process of the user's loop (test_user_loop's), its averager talking over TLS: no process group,
+    no RANK, no store; the agent is the one its kit names."""
+    from decaf_ext.comm.kit import load_kit as read_kit
+    from decaf_ext.integrations.averager import DecentralizedAverager
+
+    torch.set_num_threads(1)
+    rank = read_kit(spec["kit"]).agent
+    model, ids, mask, labels = tiny_agent(spec["model"], spec["data"], rank)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    averager = DecentralizedAverager(model, algorithm="decaf", topology="ring", period=PERIOD, optimizer=optimizer,
+                                     round_timeout=30.0, kit=spec["kit"])
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(STEPS):
+        batch = torch.randperm(len(labels), generator=generator)[:8]
+        model(input_ids=ids[batch], attention_mask=mask[batch], labels=labels[batch]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        before = snapshot(model)
+        stats = averager.step()
+        if stats is not None:
+            save_round(Path(spec["out"]), rank, stats, before, snapshot(model))
+    averager.close()
+
+
+def test_the_user_loop_averager_mixes_as_the_strategy_over_tls(tiny_paths, tmp_path):
+    import subprocess
+
+    folders = provision(3, [f"127.0.0.{21 + k}:47950" for k in range(3)], str(tmp_path / "kit"), topology="ring")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1]), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    environment = {k: v for k, v in environment.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    agents = [subprocess.Popen([sys.executable, __file__, json.dumps(
+        {"kit": folder, "model": tiny_paths[0], "data": tiny_paths[1], "out": str(tmp_path / "out")})],
+        env=environment) for folder in folders]
+    assert [agent.wait(timeout=600) for agent in agents] == [0, 0, 0]
+    seen = check_rounds(tmp_path / "out", "decaf", [0, 1, 2])  # every agent's new factors are the strategy's
+    assert len(seen) == 3 * STEPS // PERIOD and all(s["mixed_with"][0] in (0, 1, 2) and len(s["mixed_with"]) == 3
+                                                      for s in seen)
+
+
+if __name__ == "__main__":
+    averager_main(json.loads(sys.argv[1]))

@@ -248,18 +248,32 @@ def load_kit(folder: str | None, *, now: datetime.datetime | None = None) -> Kit
                {i: sorted(n) for i, (_, n) in listed.items()})
 
 
+def schedule_neighbours(matrices) -> dict[int, list[int]]:
+    """Every agent's neighbours under mixing matrices W [n, n] (any round of a schedule: W[i, j] > 0, j != i)."""
+    return neighbours_of([[any(float(W[i][j]) > 0 for W in matrices) for j in range(len(matrices[0]))]
+                          for i in range(len(matrices[0]))])
+
+
+def check_neighbours(kit: Kit, expected: dict[int, list[int]], source: str) -> None:
+    """ConfigError naming the kit's peers list unless it lists the agents of `expected` ({agent: neighbours},
+    from `source`) with those neighbours."""
+    peers_path = os.path.join(kit.folder, PEERS)
+    if kit.n_agents != len(expected):
+        raise ConfigError(f"kit: {peers_path!r} lists {kit.n_agents} agents but the run has {len(expected)}")
+    for agent, listed in kit.all_neighbours.items():
+        if listed != expected[agent]:
+            raise ConfigError(f"kit: {peers_path!r} gives agent {agent} the neighbours {listed} but {source} "
+                              f"gives {expected[agent]}")
+
+
 def check_topology(kit: Kit, n_agents: int, topology: str, *, seed: int = 0, p: float | None = None,
                    path: str | None = None) -> None:
     """ConfigError naming the kit's peers list unless it lists `n_agents` agents with the neighbours `topology`
     gives them."""
-    peers_path = os.path.join(kit.folder, PEERS)
     if kit.n_agents != n_agents:
-        raise ConfigError(f"kit: {peers_path!r} lists {kit.n_agents} agents but the run has {n_agents}")
-    expected = topology_neighbours(topology, n_agents, seed=seed, p=p, path=path)
-    for agent, listed in kit.all_neighbours.items():
-        if listed != expected[agent]:
-            raise ConfigError(f"kit: {peers_path!r} gives agent {agent} the neighbours {listed} but topology "
-                              f"{topology!r} gives {expected[agent]}")
+        raise ConfigError(f"kit: {os.path.join(kit.folder, PEERS)!r} lists {kit.n_agents} agents but the run has "
+                          f"{n_agents}")
+    check_neighbours(kit, topology_neighbours(topology, n_agents, seed=seed, p=p, path=path), f"topology {topology!r}")
 
 
 def load_checked_kit(config) -> Kit:
