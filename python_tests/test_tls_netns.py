@@ -278,36 +278,38 @@ def test_a_rogue_and_a_non_neighbour_are_refused_and_the_run_goes_on(launched):
 
 @pytest.fixture(scope="module")
 def restarted(network, tiny_paths, tmp_path_factory):
-    """Agent 2 kills itself after its local steps of round 2 and is started again (--resume) once it is dead."""
+    """Three sites, each with its own run folder; agent 2 kills itself after its local steps of round 2 and is
+    started again, once dead, with the command docs/deploy.md gives: decaf-train --resume FOLDER --launcher dist."""
     root = tmp_path_factory.mktemp("tls-restart")
     config = tiny_config(tiny_paths, root / "run", agents=AGENTS, algorithm="dlora", rounds=8, eval_every=1)
     kits = kit_of(network, root, "restart", 47300)
-    specs = [{"runs": [(c, "2:exit@2")], "options": {"round_timeout": 6.0, "startup_timeout": 120.0}}
-             for c in per_agent(config, kits)]
+    sites = [dict(c, output_dir=str(root / f"site{k}")) for k, c in enumerate(per_agent(config, kits))]
+    specs = [{"runs": [(c, "2:exit@2")], "options": {"round_timeout": 6.0, "startup_timeout": 120.0}} for c in sites]
     agents = [start_agent(network, a, specs[a]) for a in range(AGENTS)]
     try:
         first = agents[2].wait(timeout=600)
-        agents[2] = start_agent(network, 2, {**specs[2], "resume": True}, TORCHELASTIC_RESTART_COUNT="1")
+        agents[2] = subprocess.Popen([*network.prefixes[2], sys.executable, "-m", "decaf_ext.cli", "--resume",
+                                      sites[2]["output_dir"], "--launcher", "dist"], env=environment())
         statuses = [agent.wait(timeout=600) for agent in agents]
     finally:
         for agent in agents:
             if agent.poll() is None:
                 agent.kill()
                 agent.wait()
-    return config, first, statuses
+    return [site["output_dir"] for site in sites], config.rounds, first, statuses
 
 
 def test_a_killed_agent_restarted_rejoins_the_run(restarted):
-    config, first, statuses = restarted
+    sites, rounds, first, statuses = restarted
     assert first == -signal.SIGKILL and statuses == [0] * AGENTS
-    members = [r["members"] for r in read_metrics(config.output_dir)]
+    members = [r["members"] for r in read_metrics(sites[0])]  # agent 0 reports
     assert members[:2] == [[0, 1, 2]] * 2 and [0, 1] in members  # rounds 1, 2 with agent 2, then without it
     assert members[-1] == [0, 1, 2]  # back again
-    own = [r["round"] for r in read_metrics(os.path.join(config.output_dir, "agents", "agent_02"))]
-    assert own[:2] == [1, 2] and own[-1] == config.rounds and len(own) < config.rounds  # it skipped the missed rounds
-    joined = [e for e in summary_of(config.output_dir, 2)["distributed"]["events"] if e["event"] == "joining"]
+    own = [r["round"] for r in read_metrics(os.path.join(sites[2], "agents", "agent_02"))]
+    assert own[:2] == [1, 2] and own[-1] == rounds and len(own) < rounds  # it skipped the rounds it missed
+    joined = [e for e in summary_of(sites[2], 2)["distributed"]["events"] if e["event"] == "joining"]
     assert len(joined) == 1 and joined[0]["round"] >= 2
-    assert (2, 2) in events_of(config.output_dir, 0, "peer_lost")
+    assert (2, 2) in events_of(sites[0], 0, "peer_lost")
 
 
 def test_a_capture_on_a_link_holds_tls_1_3_and_no_factor_bytes(launched):

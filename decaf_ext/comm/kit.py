@@ -28,10 +28,12 @@ import datetime
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -136,22 +138,27 @@ def provision(n: int, hosts: str | Sequence[str], out: str, *, topology: str = "
     described = {"name": topology, "seed": seed, "p": topology_p,
                  "file": None if topology_file is None else os.path.basename(topology_file)}
     temporary = f"{out}.tmp-{os.getpid()}"
-    os.makedirs(os.path.join(temporary, "ca"))
-    _write_secret(os.path.join(temporary, "ca", "ca.key"), _pem(ca_key))
-    folders = []
-    for i in range(n):
-        folder = os.path.join(temporary, f"agent_{i:02d}")
-        os.makedirs(folder)
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _certificate(agent_name(i), key.public_key(), ca_name, ca_key, days=days, ca=False, start=start)
-        _write_secret(os.path.join(folder, KEY), _pem(key))
-        for name, value in ((CA, ca_cert), (CERT, cert)):
-            with open(os.path.join(folder, name), "wb") as handle:
-                handle.write(value.public_bytes(serialization.Encoding.PEM))
-        write_json(os.path.join(folder, PEERS), {"run": run, "self": i, "topology": described, "peers": peers})
-        folders.append(os.path.join(out, f"agent_{i:02d}"))
-    os.rename(temporary, out)
-    return folders
+    try:
+        os.makedirs(os.path.join(temporary, "ca"))
+        _write_secret(os.path.join(temporary, "ca", "ca.key"), _pem(ca_key))
+        for i in range(n):
+            folder = os.path.join(temporary, f"agent_{i:02d}")
+            os.makedirs(folder)
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = _certificate(agent_name(i), key.public_key(), ca_name, ca_key, days=days, ca=False, start=start)
+            _write_secret(os.path.join(folder, KEY), _pem(key))
+            for name, value in ((CA, ca_cert), (CERT, cert)):
+                with open(os.path.join(folder, name), "wb") as handle:
+                    handle.write(value.public_bytes(serialization.Encoding.PEM))
+            write_json(os.path.join(folder, PEERS), {"run": run, "self": i, "topology": described, "peers": peers})
+        os.rename(temporary, out)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise ConfigError(f"out: cannot write the kit into {out!r} ({error.strerror})") from None
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return [os.path.join(out, f"agent_{i:02d}") for i in range(n)]
 
 
 @dataclass(frozen=True)
@@ -225,7 +232,7 @@ def load_kit(folder: str | None, *, now: datetime.datetime | None = None) -> Kit
         raise ConfigError(f"kit: {os.path.join(folder, KEY)!r} is not the key of {cert_path!r}")
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, Exception) as error:  # InvalidSignature carries no message
+    except (ValueError, TypeError, InvalidSignature) as error:
         raise ConfigError(f"kit: {cert_path!r} is not signed by {os.path.join(folder, CA)!r} "
                           f"({type(error).__name__})") from None
     now = now or datetime.datetime.now(datetime.timezone.utc)

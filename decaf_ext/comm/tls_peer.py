@@ -10,7 +10,7 @@ then chunks of at most :data:`CHUNK` bytes).
 
 Example::
 
-    >>> server = serve(kit, {"Hello": unary(hello)})               # listening on kit.address(kit.agent)
+    >>> server = serve(kit, {"Hello": unary(hello)}, workers=8)    # listening on kit.address(kit.agent)
     >>> call = channel_to(kit, 2).stream_unary(method("Mix"))      # push to agent 2
     >>> call(messages(header, tensor), timeout=5.0, wait_for_ready=True)
 """
