@@ -287,17 +287,29 @@ def test_a_push_for_a_round_the_receiver_left_is_stale(star):
 
 
 def averager_main(spec: dict) -> None:
-    """One agent process of the user's loop (test_user_loop's), its averager talking over TLS: no process group,
-    no RANK, no store; the agent is the one its kit names."""
+    """One agent process of the user's loop (test_user_loop's), talking over TLS: no process group, no RANK, no
+    store; the agent is the one its kit names. Agents 0 and 2 use DecentralizedAverager, agent 1
+    DecentralizedCallback."""
     from decaf_ext.comm.kit import load_kit as read_kit
     from decaf_ext.integrations.averager import DecentralizedAverager
+    from decaf_ext.integrations.hf_callback import DecentralizedCallback
 
     torch.set_num_threads(1)
     rank = read_kit(spec["kit"]).agent
     model, ids, mask, labels = tiny_agent(spec["model"], spec["data"], rank)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    averager = DecentralizedAverager(model, algorithm="decaf", topology="ring", period=PERIOD, optimizer=optimizer,
-                                     round_timeout=30.0, kit=spec["kit"])
+    options = dict(algorithm="decaf", topology="ring", period=PERIOD, round_timeout=30.0, kit=spec["kit"])
+    if rank == 1:  # agent 1 is the Hugging Face user: the callback, called as the Trainer calls it
+        callback = DecentralizedCallback(model, **options)
+        averager = callback.averager
+
+        def step():
+            done = averager.stats.rounds
+            callback.on_step_end(None, None, None, optimizer=optimizer)
+            return averager.stats.last if averager.stats.rounds > done else None
+    else:
+        averager = DecentralizedAverager(model, optimizer=optimizer, **options)
+        step = averager.step
     generator = torch.Generator().manual_seed(rank)
     for _ in range(STEPS):
         batch = torch.randperm(len(labels), generator=generator)[:8]
@@ -305,13 +317,13 @@ def averager_main(spec: dict) -> None:
         optimizer.step()
         optimizer.zero_grad()
         before = snapshot(model)
-        stats = averager.step()
+        stats = step()
         if stats is not None:
             save_round(Path(spec["out"]), rank, stats, before, snapshot(model))
     averager.close()
 
 
-def test_the_user_loop_averager_mixes_as_the_strategy_over_tls(tiny_paths, tmp_path):
+def test_the_user_loop_averager_and_callback_mix_as_the_strategy_over_tls(tiny_paths, tmp_path):
     import subprocess
 
     folders = provision(3, [f"127.0.0.{21 + k}:47950" for k in range(3)], str(tmp_path / "kit"), topology="ring")
