@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -52,8 +53,11 @@ def gloo_agents(n: int, timeout: float) -> list[Transport]:
 
 
 def tls_agents(n: int, timeout: float, folder: str) -> list[TlsTransport]:
-    folders = provision(n, [f"127.0.0.1:{46000 + j}" for j in range(n)], os.path.join(folder, "kit"),
-                        topology="ring")
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(n)]  # ports free now
+    addresses = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    folders = provision(n, addresses, os.path.join(folder, "kit"), topology="ring")
     with ThreadPoolExecutor(n) as pool:
         return list(pool.map(lambda f: TlsTransport(load_kit(f), fingerprint="bench", timeout=timeout,
                                                     startup_timeout=timeout), folders))

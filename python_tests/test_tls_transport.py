@@ -31,12 +31,20 @@ from decaf_ext.errors import ConfigError
 from test_trainer import tiny_config, tiny_paths  # noqa: F401 (a fixture)
 from test_user_loop import PERIOD, STEPS, check_rounds, save_round, snapshot, tiny_agent
 
-PORTS = iter(range(47300, 47900, 5))  # loopback ports of this module, a fresh group per kit
+def free_addresses(hosts: list[str]) -> list[str]:
+    """host:port with a port free on each host now (asked of the system: no clash with other jobs' sockets)."""
+    sockets = [socket.socket() for _ in hosts]
+    try:
+        for host, sock in zip(hosts, sockets):
+            sock.bind((host, 0))
+        return [f"{host}:{sock.getsockname()[1]}" for host, sock in zip(hosts, sockets)]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def loopback_kit(root: Path, n: int = 3, topology: str = "star", name: str = "kit") -> list[str]:
-    port = next(PORTS)
-    return provision(n, [f"127.0.0.1:{port + i}" for i in range(n)], str(root / name), topology=topology)
+    return provision(n, free_addresses(["127.0.0.1"] * n), str(root / name), topology=topology)
 
 
 def transports(folders: list[str], timeout: float = 5.0) -> list[TlsTransport]:
@@ -177,6 +185,12 @@ def test_the_command_line_refuses_a_bad_kit_with_status_2_and_writes_nothing(tin
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and ("--kit" if how == "no kit" else culprit) in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_address_already_in_use_is_one_line_naming_the_agent(star):
+    folders, _ = star
+    with pytest.raises(ConfigError, match=r"kit: agent 1 cannot listen on 127\.0\.0\.1:\d+ .*peers.json"):
+        TlsTransport(load_kit(folders[1]), fingerprint="same", timeout=2.0, startup_timeout=2.0)
 
 
 # ------------------------------------------------------------------------------- attacks on the server
@@ -326,7 +340,8 @@ def averager_main(spec: dict) -> None:
 def test_the_user_loop_averager_and_callback_mix_as_the_strategy_over_tls(tiny_paths, tmp_path):
     import subprocess
 
-    folders = provision(3, [f"127.0.0.{21 + k}:47950" for k in range(3)], str(tmp_path / "kit"), topology="ring")
+    folders = provision(3, free_addresses([f"127.0.0.{21 + k}" for k in range(3)]), str(tmp_path / "kit"),
+                        topology="ring")
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parents[1]), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     environment = {k: v for k, v in environment.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}

@@ -63,10 +63,12 @@ def serve(kit: Kit, handlers: dict[str, grpc.RpcMethodHandler], workers: int) ->
                                               require_client_auth=True)
     address = kit.address(kit.agent)
     try:
-        server.add_secure_port(address, credentials)
+        port, reason = server.add_secure_port(address, credentials), "address in use or not this host's"
     except RuntimeError as error:
+        port, reason = 0, str(error).splitlines()[0] if str(error) else "refused"
+    if port == 0:
         server.stop(None)
-        raise OSError(f"cannot listen on {address} ({error})") from None
+        raise OSError(f"cannot listen on {address} ({reason})")
     server.start()
     return server
 
