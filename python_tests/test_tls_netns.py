@@ -45,7 +45,8 @@ from user_strategy import NAME as USER_STRATEGY
 ROOT = Path(__file__).resolve().parents[1]
 AGENTS = 3
 EQUAL = {**{name: dict(algorithm=name) for name in strategy_names()},
-         "decaf-ranks": dict(algorithm="decaf", rank="2,4,8"), "decaf-int8": dict(algorithm="decaf", message_dtype="int8")}
+         "decaf-ranks": dict(algorithm="decaf", rank="2,4,8"),
+         "decaf-int8": dict(algorithm="decaf", message_dtype="int8")}
 GUARDED, GUARDED_FAULTS = dict(algorithm="dlora"), "1:badtag@0,2:nan@1"  # with a run key
 ATTACKED = dict(algorithm="decaf", topology="star")  # agents 1 and 2 are not neighbours
 CONTROL = os.urandom(48)  # sent in plaintext over agent 1's link before the run: the capture must see it
@@ -220,10 +221,12 @@ def launched(network, tiny_paths, tmp_path_factory):
                 if process is not None and process.poll() is None:
                     process.send_signal(signal.SIGINT if process is capture else signal.SIGTERM)
                     process.wait(timeout=60)
-    gloo = {name: dataclasses.replace(configs[name], output_dir=str(root / f"gloo-{name}")) for name in (*EQUAL, "attacked")}
+    gloo = {name: dataclasses.replace(configs[name], output_dir=str(root / f"gloo-{name}"))
+            for name in (*EQUAL, "attacked")}
     assert launch([sys.executable, __file__, "gloo", json.dumps([c.to_dict() for c in gloo.values()])], AGENTS,
                   env={"PYTHONPATH": environment()["PYTHONPATH"]}) == [0] * AGENTS
-    return configs, statuses, json.loads((root / "rogue.json").read_text()), root / "link.pcap" if capture else None, gloo
+    pcap = root / "link.pcap" if capture else None
+    return configs, statuses, json.loads((root / "rogue.json").read_text()), pcap, gloo
 
 
 def test_the_gloo_runs_equal_the_simulator_on_the_exact_fields(launched, tmp_path):

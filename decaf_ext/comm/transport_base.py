@@ -70,14 +70,15 @@ class TransportBase(ABC):
         return reason is None
 
     def gather_checked(self, view: RoundView, buffer: torch.Tensor, validate: Validator | None = None
-               ) -> dict[int, torch.Tensor]:
-        """Every other member's `buffer` that passed the checks (as :meth:`send_and_receive`), by agent; {} on failure."""
+                       ) -> dict[int, torch.Tensor]:
+        """Every other member's `buffer` that passed the checks (as ``send_and_receive``), by agent; {} on failure
+        (a member in ``absent`` did not send one)."""
         gathered = self.all_gather(view, buffer)
         if gathered is None:
             return {}
         return {j: gathered[k] for k, j in enumerate(view.agents)
-                if j != self.agent and j not in self.absent and self._accept(view.round, j, gathered[k], buffer.numel(), buffer.dtype,
-                                                    validate)}
+                if j != self.agent and j not in self.absent
+                and self._accept(view.round, j, gathered[k], buffer.numel(), buffer.dtype, validate)}
 
     @abstractmethod
     def all_gather(self, view: RoundView, buffer: torch.Tensor) -> torch.Tensor | None:
