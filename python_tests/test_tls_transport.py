@@ -193,6 +193,19 @@ def test_an_address_already_in_use_is_one_line_naming_the_agent(star):
         TlsTransport(load_kit(folders[1]), fingerprint="same", timeout=2.0, startup_timeout=2.0)
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--transport", "tls", "--kit", "k"], "transport: --transport tls needs --launcher dist"),
+    (["--transport", "tls", "--kit", "k", "--launcher", "dist", "--nproc", "3", "--agents", "3"],
+     "nproc: with --transport tls start each agent on its own"),
+    (["--transport", "udp"], "transport"),
+])
+def test_transport_flag_mistakes_are_one_line(tmp_path, capsys, flags, expected):
+    assert cli_main([*flags, "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------- attacks on the server
 
 
