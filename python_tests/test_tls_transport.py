@@ -300,6 +300,16 @@ def test_the_server_negotiates_tls_1_3_and_still_accepts_1_2(star):
     assert seen == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}
 
 
+def test_an_agent_starting_up_joins_after_the_lowest_running_round(star):
+    """Agent 1 (a keyed insider) answers Hello with a far later round; agent 2 runs round 4."""
+    _, made = star
+    made[1].round_now, made[2].round_now = 10**6, 4
+    assert made[0].start(0) == 5
+    assert made[0].start(7) == 7  # its own checkpoint is newer: it keeps it
+    made[2].round_now = -1  # the insider is the only running agent: it is believed (docs/security.md)
+    assert made[0].start(0) == 10**6 + 1
+
+
 def test_a_push_for_a_round_the_receiver_left_is_stale(star):
     _, made = star
     exchange(made, round_index=0)

@@ -14,7 +14,7 @@ receiver (a client stream: JSON header {run, round, seq, numel, dtype}, then chu
 a push until the receiver has entered that exchange, checks the declared size against the one it expects from
 that sender before it keeps any chunk (larger or smaller is a logged rejection, never a crash), and refuses
 pushes of rounds it has left (stale) and duplicates. At start an agent asks every agent for the round it is in
-(``Hello``) and continues after the newest one (a restarted agent rejoins the running group); at a fresh start
+(``Hello``) and continues after the lowest round a running agent reports (a restarted agent rejoins); at a fresh start
 its graph neighbours must answer within startup_timeout with the same message layout, or it stops with one line
 naming the neighbour. The run's nonce (message tags) is the kit's run id.
 
@@ -136,10 +136,12 @@ class TlsTransport(TransportBase):
 
     def start(self, rounds_done: int) -> int:
         """Enter the run with `rounds_done` rounds behind this agent; returns the round to continue from: its
-        own, or the one after the newest round a running agent is in (a restarted agent rejoins)."""
+        own, or the one after the round the running agents are in (the lowest they report; a restarted agent
+        rejoins)."""
         futures = [self._pool.submit(self._ask, j, HELLO_TIMEOUT) for j in sorted(self.others)]
         rounds = [f.result().get("round", -1) for f in futures if isinstance(f.result(), dict)]
-        running = max([r for r in rounds if type(r) is int], default=-1)
+        # the lowest round a running agent is in: one agent announcing a far later round cannot make it skip
+        running = min([r for r in rounds if type(r) is int and r >= 0], default=-1)
         done = running + 1 if running > rounds_done else rounds_done
         if done > rounds_done:
             self.record_event(done - 1, "joining", f"joining the running group after round {done}")
