@@ -198,6 +198,8 @@ def test_an_address_already_in_use_is_one_line_naming_the_agent(star):
     (["--transport", "tls", "--kit", "k", "--launcher", "dist", "--nproc", "3", "--agents", "3"],
      "nproc: with --transport tls start each agent on its own"),
     (["--transport", "udp"], "transport"),
+    (["--transport", "tls", "--kit", "k", "--launcher", "dist", "--agents", "3", "--churn", "leave:2@1"],
+     "churn: scheduled joins and departures run over --transport gloo only"),
 ])
 def test_transport_flag_mistakes_are_one_line(tmp_path, capsys, flags, expected):
     assert cli_main([*flags, "--output-dir", str(tmp_path / "run")]) == 2

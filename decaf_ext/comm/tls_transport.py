@@ -70,6 +70,7 @@ class TlsTransport(TransportBase):
         self.senders = {"Mix": self.others if server_strategy else frozenset(kit.neighbours), "Gather": self.others}
         self.events: list[dict[str, Any]] = []
         self.incarnation, self.group, self.round_now, self._latest = 1, 0, -1, -1
+        self.fresh = False  # the runtime's flag for a joiner without a state (no scheduled joins over TLS)
         self.absent: frozenset[int] = frozenset()
         self._cond = threading.Condition()
         self._expected: dict[Key, dict[int, tuple[int, torch.dtype]]] = {}
@@ -134,10 +135,12 @@ class TlsTransport(TransportBase):
                 raise ConfigError(f"kit: {where} belongs to another run or has another message layout (every "
                                   "agent must use the same kit, model and configuration)")
 
-    def start(self, rounds_done: int) -> int:
+    def start(self, rounds_done: int, join_at: int = 0, starters: list[int] | None = None) -> int:
         """Enter the run with `rounds_done` rounds behind this agent; returns the round to continue from: its
         own, or the one after the round the running agents are in (the lowest they report; a restarted agent
-        rejoins)."""
+        rejoins). Scheduled joins (`join_at`, `starters`: :mod:`decaf_ext.elastic`) are not supported over TLS."""
+        if join_at or starters not in (None, list(range(self.n_agents))):
+            raise ConfigError("churn: scheduled joins and departures run over --transport gloo only")
         futures = [self._pool.submit(self._ask, j, HELLO_TIMEOUT) for j in sorted(self.others)]
         rounds = [f.result().get("round", -1) for f in futures if isinstance(f.result(), dict)]
         # the lowest round a running agent is in: one agent announcing a far later round cannot make it skip
