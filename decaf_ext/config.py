@@ -33,7 +33,8 @@ CLIP_ENCODERS: tuple[str, ...] = ("vision", "text", "both")
 #: old option names still read from YAML, config.json and the command line -> their current names
 RENAMED: dict[str, str] = {"alpha": "dirichlet_alpha"}
 #: fields holding a local path, stored absolute so that a run resumes from any working directory
-PATH_FIELDS: tuple[str, ...] = ("dataset", "model", "topology_file")
+PATH_FIELDS: tuple[str, ...] = ("dataset", "model", "topology_file", "kit")
+TRANSPORTS: tuple[str, ...] = ("gloo", "tls")
 #: (max_train, max_test) used when they are not set: a budget for the offline default and Fashion-MNIST
 DEFAULT_CAPS: dict[str, tuple[int, int]] = {OFFLINE_DEFAULT: (600, 200), FASHION_MNIST: (2000, 500)}
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -162,6 +163,11 @@ class TrainConfig:
     dp_delta: float | None = _knob(None, "DP-SGD delta (none: 1 / the agent's number of training examples)")
     dp_max_grad_norm: float = _knob(1.0, "DP-SGD: each example's gradient is clipped to this L2 norm")
     dp_accountant: str = _knob("rdp", "DP-SGD's Opacus accountant: rdp or prv")
+    # transport of a distributed run (--launcher dist)
+    transport: str = _knob("gloo", "how agents of a distributed run reach each other: gloo (torch.distributed "
+                                   "and a shared store, trusted networks) or tls (mutual TLS between sites, "
+                                   "needs --kit; see docs/deploy.md)")
+    kit: str | None = _knob(None, "with --transport tls: this agent's kit folder made by 'decaf-train provision'")
 
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the argument) for values that are invalid on their own."""
@@ -171,6 +177,12 @@ class TrainConfig:
         for name, choices in registry_names().items():
             _check_choice(name, getattr(self, name), choices)
         _check_choice("comm_order", self.comm_order, COMM_ORDERS)
+        _check_choice("transport", self.transport, TRANSPORTS)
+        if self.transport == "tls" and not self.kit:
+            raise ConfigError("kit: --transport tls needs --kit FOLDER (this agent's folder made by decaf-train "
+                              "provision)")
+        if self.transport == "tls" and self.churn:
+            raise ConfigError("churn: scheduled joins and departures run over --transport gloo only")
         from decaf_ext.comm.codec import MESSAGE_DTYPES
 
         _check_choice("message_dtype", self.message_dtype, MESSAGE_DTYPES)

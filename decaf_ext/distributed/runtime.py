@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from decaf_ext.comm.agent_comm import AgentComm, HooksFactory
 from decaf_ext.comm.control_store import shared_value
+from decaf_ext.comm.kit import Kit, load_checked_kit
 from decaf_ext.comm.guard import BROADCAST, MessageGuard, TagContext, load_run_key
 from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.comm.membership import wait_for
@@ -90,8 +91,8 @@ class AgentRuntime:
     adapters/agent_XX.
     """
 
-    def __init__(self, config: TrainConfig, agent: int, store: dist.Store, options: DistributedOptions,
-                 backend: str, test_hooks: HooksFactory | None = None) -> None:
+    def __init__(self, config: TrainConfig, agent: int, store: dist.Store | None, options: DistributedOptions,
+                 backend: str, test_hooks: HooksFactory | None = None, kit: Kit | None = None) -> None:
         self.config, self.agent = config, agent
         self.output_dir = config.output_dir
         self.run_dir = agent_folder(self.output_dir, agent)
@@ -106,7 +107,7 @@ class AgentRuntime:
                               message_dtype=config.message_dtype, ranks=config.agent_ranks(),
                               round_timeout=options.round_timeout, startup_timeout=options.startup_timeout,
                               restarted=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0,
-                              test_hooks=test_hooks)
+                              test_hooks=test_hooks, kit=kit)
         self.transport = self.comm.transport
         self.view: RoundView | None = None
         self.churn = config.churn_schedule()  # scheduled joins and departures (docs/membership.md)
@@ -332,7 +333,8 @@ def run_distributed(config: TrainConfig, *, resume: bool = False, options: Distr
         config: the run's configuration; this process is agent RANK of WORLD_SIZE (which must equal
             config.agents), as torchrun or ``python -m decaf_ext.distributed --nproc N`` set it. Without
             output_dir the agents agree on one runs/<algorithm>-<topology>-<time> folder (name it explicitly with
-            torchrun --max-restarts).
+            torchrun --max-restarts). With ``transport="tls"`` the agent is the one its kit names (started on
+            its own, no RANK, no store; see docs/deploy.md) and the run folder is local to it.
         resume: continue every agent from its newest checkpoint in config.output_dir.
         options: backend and timeouts.
         store: the run's store (default: the env:// rendezvous store, under the prefix "decaf_ext"); pass a
@@ -346,7 +348,8 @@ def run_distributed(config: TrainConfig, *, resume: bool = False, options: Distr
     options = options or DistributedOptions()
     options.validate()
     config.validate()
-    agent, world, local_rank = _process_rank()
+    kit = load_checked_kit(config) if config.transport == "tls" else None  # before anything is written
+    agent, world, local_rank = (kit.agent, config.agents, 0) if kit is not None else _process_rank()
     if world != config.agents:
         raise ConfigError(f"agents: the run has {config.agents} agents but {world} processes (WORLD_SIZE); "
                           "start one process per agent")
@@ -357,17 +360,18 @@ def run_distributed(config: TrainConfig, *, resume: bool = False, options: Distr
         TensorBoardLog.writer_class()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if store is None:
+    if store is None and kit is None:
         rendezvous, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=options.startup_timeout)))
         store = dist.PrefixStore("decaf_ext", rendezvous)
     default_dir = default_run_dir(f"{config.algorithm}-{config.topology}")
     # signed with the run key: a process without it cannot send the agents' files elsewhere
-    output_dir = config.output_dir or shared_value(store, load_run_key(config.run_key_file), "output_dir",
-                                                   default_dir)
+    output_dir = config.output_dir or (default_dir if kit is not None else shared_value(
+        store, load_run_key(config.run_key_file), "output_dir", default_dir))
     if output_dir is None:
         raise ConfigError("output_dir: the agents could not agree on a run folder (the store's value keeps being "
                           "replaced); name one with --output-dir")
     # torchrun restarts every worker at once and keeps its store: each attempt gets its own namespace
-    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if kit is None:
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     config = dataclasses.replace(config, output_dir=output_dir, device=str(device)).with_absolute_paths()
-    return AgentRuntime(config, agent, store, options, backend, test_hooks).run(resume=resume)
+    return AgentRuntime(config, agent, store, options, backend, test_hooks, kit).run(resume=resume)

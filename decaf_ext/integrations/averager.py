@@ -20,6 +20,7 @@ from torch import nn
 from decaf_ext.comm.agent_comm import AgentComm, HooksFactory
 from decaf_ext.comm.codec import check_message_dtype
 from decaf_ext.comm.guard import load_run_key
+from decaf_ext.comm.kit import check_neighbours, load_kit, schedule_neighbours
 from decaf_ext.comm.transport import BACKENDS, check_backend
 from decaf_ext.config import OPTIMIZER_STATE_POLICIES
 from decaf_ext.errors import first_line
@@ -99,6 +100,9 @@ class DecentralizedAverager:
     averager when several run in one process. optimizer / optimizer_state: "reset" drops the optimizer state of
     the communicated parameters after every round (DeCAF changes the factors' gauge); "keep" leaves it.
     test_hooks: test-only fault injection (see :class:`~decaf_ext.comm.agent_comm.AgentComm`); leave it None.
+    kit: an agent's TLS kit folder (``decaf-train provision``): the agents talk over mutual TLS
+    (:class:`~decaf_ext.comm.tls_transport.TlsTransport`), this agent is the one the kit names, and no process
+    group, store or RANK is needed; the topology must give the neighbours the kit's peers list gives.
     run_key_file / norm_bound / norm_cap: message safety (a shared key of at least 16 bytes for the message tags,
     also from DECAF_RUN_KEY; a bound on a neighbour's LoRA product norm as a multiple of the round's median; an
     absolute bound on every factor, extra and product norm of a message; see docs/security.md). message_dtype: float32 (uncompressed), bfloat16
@@ -129,7 +133,8 @@ class DecentralizedAverager:
                  backend: str = "gloo", run_key_file: str | None = None, norm_bound: float | None = None,
                  norm_cap: float | None = None,
                  message_dtype: str = "float32", ranks: list[int] | None = None,
-                 adapter_name: str = DEFAULT_ADAPTER, test_hooks: HooksFactory | None = None) -> None:
+                 adapter_name: str = DEFAULT_ADAPTER, test_hooks: HooksFactory | None = None,
+                 kit: str | None = None) -> None:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"period must be an integer >= 1, got {period!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -144,7 +149,8 @@ class DecentralizedAverager:
             raise ValueError(f"options must be a dict of the strategy's options (or None), got {options!r}")
         self.strategy = get_strategy(algorithm, **(options or {}))
         self.model, self.adapter_name = model, adapter_name
-        self.agent, n_agents = _rank_and_size(process_group)
+        tls = None if kit is None else load_kit(kit)  # the agent is the one its kit names; no store, no group
+        self.agent, n_agents = _rank_and_size(process_group) if tls is None else (tls.agent, tls.n_agents)
         self.padding = None
         if ranks is not None:
             if not (isinstance(ranks, (list, tuple)) and len(ranks) == n_agents
@@ -173,14 +179,18 @@ class DecentralizedAverager:
         if self.schedule.n_agents != n_agents:
             raise ValueError(f"process_group: {n_agents} processes but the topology has "
                              f"{self.schedule.n_agents} agents (one process per agent)")
+        if tls is not None:
+            check_neighbours(tls, schedule_neighbours(self.schedule.matrices), "the topology")
         if not self.strategy.trains_A:
             share_and_freeze_A([model], seed, adapter_name=adapter_name, rank=max(ranks) if ranks else None)
-        store = dist.PrefixStore(f"decaf_ext/averager/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
-                                 _store_of(process_group, store))
+        if tls is None:
+            store = dist.PrefixStore(f"decaf_ext/averager/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                                     _store_of(process_group, store))
         self.comm = AgentComm(self.strategy, groups, extras, store=store, agent=self.agent, n_agents=n_agents,
                               backend=backend, device=device, run_key=load_run_key(run_key_file),
                               norm_bound=norm_bound, norm_cap=norm_cap, message_dtype=message_dtype, ranks=ranks,
-                              round_timeout=round_timeout, startup_timeout=startup_timeout, test_hooks=test_hooks)
+                              round_timeout=round_timeout, startup_timeout=startup_timeout, test_hooks=test_hooks,
+                              kit=tls)
         self.transport = self.comm.transport
         self.period, self.warmup_steps = period, warmup_steps
         self.optimizer, self.optimizer_state = optimizer, optimizer_state

@@ -1,0 +1,296 @@
+"""The mutual-TLS transport of a distributed run across sites: agents talk to each other directly over gRPC, with
+no store and no other central point (see docs/deploy.md and docs/security.md).
+
+Identity: each agent holds its kit (:mod:`decaf_ext.comm.kit`): a certificate naming it, signed by the run's CA,
+and the peers list. Both ends of every connection verify the other's certificate against that CA only; the
+client checks that it reached the agent it dialled, the server reads the caller's agent id from its certificate
+and aborts (PERMISSION_DENIED) before reading any message of a caller that may not send it: ``Mix`` messages
+are taken from the agent's graph neighbours only (from every run agent for a server strategy such as fedavg),
+``Gather`` messages (the evaluation, a server strategy's round) from the run's agents.
+
+Membership and rounds: every run agent is a member of every round (:class:`RoundView` over all of them, group
+0, incarnation 1); who took part is what arrived within the round timeout. Each agent pushes its buffer to each
+receiver (a client stream: JSON header {run, round, seq, numel, dtype}, then chunks); the receiver's handler holds
+a push until the receiver has entered that exchange, checks the declared size against the one it expects from
+that sender before it keeps any chunk (larger or smaller is a logged rejection, never a crash), and refuses
+pushes of rounds it has left (stale) and duplicates. At start an agent asks every agent for the round it is in
+(``Hello``) and continues after the lowest round a running agent reports (a restarted agent rejoins); at a fresh start
+its graph neighbours must answer within startup_timeout with the same message layout, or it stops with one line
+naming the neighbour. The run's nonce (message tags) is the kit's run id.
+
+Example::
+
+    >>> transport = TlsTransport(load_kit("kit/agent_01"), fingerprint=layout.fingerprint, timeout=60.0,
+    ...                          startup_timeout=600.0)
+    >>> done = transport.start(0)
+    >>> view = transport.agree(done)
+    >>> received = transport.send_and_receive(view, {0: buffer, 2: buffer})
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, Iterator
+
+import grpc
+import torch
+
+from decaf_ext.comm import tls_peer
+from decaf_ext.comm.kit import Kit
+from decaf_ext.comm.round_view import RoundView
+from decaf_ext.comm.transport import check_timeout
+from decaf_ext.comm.transport_base import TransportBase, Validator, unfilled
+from decaf_ext.errors import ConfigError
+
+Key = tuple[str, int, int]  # (method, round, sequence number of the round's gathers)
+HELLO_TIMEOUT = 5.0  # seconds to ask a running agent for its round at start
+
+
+class TlsTransport(TransportBase):
+    """Agent kit.agent's end of a run over mutual TLS (module docstring).
+
+    kit: this agent's loaded kit; fingerprint: the message layout's; timeout: seconds of one round's exchange;
+    startup_timeout: seconds to wait for the graph neighbours at start; server_strategy: the strategy mixes
+    with every member (its Mix-equivalent messages come from every run agent). ConfigError (after closing what
+    it opened) if the agent cannot listen on its address, or a neighbour does not answer or has another layout.
+    """
+
+    backend = "tls"
+
+    def __init__(self, kit: Kit, *, fingerprint: str, timeout: float, startup_timeout: float,
+                 server_strategy: bool = False) -> None:
+        check_timeout("round_timeout", timeout)
+        check_timeout("startup_timeout", startup_timeout)
+        self.kit, self.agent, self.n_agents = kit, kit.agent, kit.n_agents
+        self.fingerprint, self.timeout, self.startup_timeout = fingerprint, timeout, startup_timeout
+        self.others = frozenset(j for j in range(self.n_agents) if j != self.agent)
+        self.senders = {"Mix": self.others if server_strategy else frozenset(kit.neighbours), "Gather": self.others}
+        self.events: list[dict[str, Any]] = []
+        self.incarnation, self.group, self.round_now, self._latest = 1, 0, -1, -1
+        self.fresh = False  # the runtime's flag for a joiner without a state (no scheduled joins over TLS)
+        self.absent: frozenset[int] = frozenset()
+        self._cond = threading.Condition()
+        self._expected: dict[Key, dict[int, tuple[int, torch.dtype]]] = {}
+        self._inbox: dict[Key, dict[int, torch.Tensor]] = {}
+        self._done: set[Key] = set()
+        self._gathers = 0  # gathers so far in round_now
+        self._channels = {j: tls_peer.channel_to(kit, j) for j in self.others}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, 2 * len(self.others)))
+        workers = 4 * self.n_agents + 4
+        handlers = {"Hello": tls_peer.unary(self._hello), "Mix": tls_peer.streaming(self._receiver("Mix")),
+                    "Gather": tls_peer.streaming(self._receiver("Gather"))}
+        try:
+            self._server = tls_peer.serve(kit, handlers, workers)
+        except OSError as error:
+            self._close_channels()
+            raise ConfigError(f"kit: agent {self.agent} {error} (its address in {kit.folder}/peers.json)") from None
+        try:
+            self._check_neighbours()
+        except ConfigError:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------------------------- control plane
+
+    @property
+    def nonce(self) -> bytes:
+        """The run's 16 bytes: the kit's run id (message tags are bound to it)."""
+        return self.kit.run
+
+    @property
+    def latest(self) -> int:
+        """The newest round this agent has entered (-1 before the first)."""
+        return self._latest
+
+    def _hello(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        if tls_peer.caller(context) not in self.others:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an agent of this run")
+        return json.dumps({"round": self.round_now, "fingerprint": self.fingerprint,
+                           "run": self.kit.run.hex()}).encode()
+
+    def _ask(self, j: int, timeout: float) -> dict[str, Any] | str:
+        """Agent j's state {round, fingerprint, run}, or why it could not be had."""
+        try:
+            answer = self._channels[j].unary_unary(tls_peer.method("Hello"))(b"", timeout=timeout,
+                                                                          wait_for_ready=True)
+            return json.loads(answer)
+        except grpc.RpcError as error:
+            return f"{error.code().name}: {error.details()}"
+        except ValueError:
+            return "an unreadable answer"
+
+    def _check_neighbours(self) -> None:
+        """Every graph neighbour answers within startup_timeout, for this run, with this layout."""
+        futures = {j: self._pool.submit(self._ask, j, self.startup_timeout) for j in self.kit.neighbours}
+        for j, future in sorted(futures.items()):
+            state = future.result()
+            where = f"neighbour agent {j} at {self.kit.address(j)}"
+            if isinstance(state, str):
+                raise ConfigError(f"kit: {where} unreachable within startup_timeout {self.startup_timeout:g} s "
+                                  f"({state[:160]})")
+            if state.get("run") != self.kit.run.hex() or state.get("fingerprint") != self.fingerprint:
+                raise ConfigError(f"kit: {where} belongs to another run or has another message layout (every "
+                                  "agent must use the same kit, model and configuration)")
+
+    def start(self, rounds_done: int, join_at: int = 0, starters: list[int] | None = None) -> int:
+        """Enter the run with `rounds_done` rounds behind this agent; returns the round to continue from: its
+        own, or the one after the round the running agents are in (the lowest they report; a restarted agent
+        rejoins). Scheduled joins (`join_at`, `starters`: :mod:`decaf_ext.elastic`) are not supported over TLS."""
+        if join_at or starters not in (None, list(range(self.n_agents))):
+            raise ConfigError("churn: scheduled joins and departures run over --transport gloo only")
+        futures = [self._pool.submit(self._ask, j, HELLO_TIMEOUT) for j in sorted(self.others)]
+        rounds = [f.result().get("round", -1) for f in futures if isinstance(f.result(), dict)]
+        # the lowest round a running agent is in: one agent announcing a far later round cannot make it skip
+        running = min([r for r in rounds if type(r) is int and r >= 0], default=-1)
+        done = running + 1 if running > rounds_done else rounds_done
+        if done > rounds_done:
+            self.record_event(done - 1, "joining", f"joining the running group after round {done}")
+        self.round_now = self._latest = done - 1
+        return done
+
+    def current_view(self) -> RoundView:
+        """The view of the newest round entered (every run agent a member)."""
+        return RoundView(self._latest, dict.fromkeys(range(self.n_agents), 1), self.group)
+
+    def agree(self, round_index: int) -> RoundView:
+        """Enter round `round_index`: every run agent is a member (who took part is what arrives)."""
+        with self._cond:
+            if round_index != self.round_now:
+                self._gathers = 0
+            self.round_now = round_index
+            self._latest = max(self._latest, round_index)
+            self._done = {key for key in self._done if key[1] >= round_index - 1}
+            self._cond.notify_all()  # pushes of older rounds waiting here are now stale
+        return self.current_view()
+
+    def connect(self, view: RoundView) -> bool:
+        """Nothing to form: connections are per neighbour and made (again) on demand."""
+        return True
+
+    # ----------------------------------------------------------------------------------------- data plane
+
+    def _stale(self, key: Key) -> bool:
+        return key[1] < self.round_now or key in self._done
+
+    def _receiver(self, name: str):
+        def receive(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+            sender = tls_peer.caller(context)
+            if sender not in self.senders[name]:  # before reading any message of the stream
+                self.record_event(self.round_now, "refused", f"{name} push from {sender_name(sender)} refused "
+                                  "(not a sender this agent expects)", agent=sender, what=name)
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {self.agent} takes no {name} messages "
+                                                                 f"from {sender_name(sender)}")
+            try:
+                header = tls_peer.parse_header(next(requests, None))
+            except ValueError as error:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"header: {error}")
+            if header["run"] != self.kit.run.hex():
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another run")
+            key = (name, header["round"], header["seq"])
+            with self._cond:
+                self._cond.wait_for(lambda: key in self._expected or self._stale(key),
+                                    timeout=min(context.time_remaining() or self.timeout, self.timeout))
+                if key not in self._expected:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"agent {self.agent} is in round {self.round_now}, not in {key}")
+                wanted = self._expected[key].get(sender)
+                if wanted is None or sender in self._inbox[key]:
+                    context.abort(grpc.StatusCode.ALREADY_EXISTS, "not expected in this exchange, or a duplicate")
+            declared = (header["numel"], tls_peer.DTYPES[header["dtype"]])
+            if declared != wanted:
+                return self._reject(context, key, sender, f"declared {declared[0]} x {header['dtype']} instead "
+                                                          f"of {wanted[0]} x {str(wanted[1]).removeprefix('torch.')}")
+            tensor, reason = tls_peer.receive(requests, *wanted)
+            if tensor is None:
+                return self._reject(context, key, sender, reason)
+            with self._cond:
+                if key not in self._expected or sender in self._inbox[key]:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the exchange ended meanwhile")
+                self._inbox[key][sender] = tensor
+                self._cond.notify_all()
+            return b""
+
+        return receive
+
+    def _reject(self, context: grpc.ServicerContext, key: Key, sender: int, reason: str) -> bytes:
+        self.record_event(key[1], "rejected", f"buffer of agent {sender} rejected ({reason})", agent=sender,
+                          reason=reason)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+    def _push(self, j: int, key: Key, tensor: torch.Tensor, deadline: float) -> str | None:
+        """Stream `tensor` to agent j; None when it took it, else why not."""
+        header = {"run": self.kit.run.hex(), "round": key[1], "seq": key[2]}
+        call = self._channels[j].stream_unary(tls_peer.method(key[0]))
+        try:
+            call(tls_peer.messages(header, tensor), timeout=max(deadline - time.monotonic(), 0.001),
+                 wait_for_ready=True)
+            return None
+        except grpc.RpcError as error:
+            return f"{error.code().name}: {error.details()}"
+
+    def _exchange(self, key: Key, outgoing: dict[int, torch.Tensor], expected: dict[int, tuple[int, torch.dtype]]
+                  ) -> dict[int, torch.Tensor]:
+        """Push outgoing[j] to each j and collect what the `expected` senders pushed, within one round timeout."""
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            self._expected[key], self._inbox[key] = expected, {}
+            self._cond.notify_all()
+        pushes = {j: self._pool.submit(self._push, j, key, tensor, deadline) for j, tensor in outgoing.items()}
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._inbox[key]) == len(expected), timeout=self.timeout)
+        wait(pushes.values(), timeout=max(deadline - time.monotonic(), 0.0) + 1.0)
+        with self._cond:
+            del self._expected[key]
+            received = self._inbox.pop(key)
+            self._done.add(key)
+            self._cond.notify_all()
+        for j, push in sorted(pushes.items()):
+            failure = push.result() if push.done() else "no answer"
+            if failure is not None:
+                self.record_event(key[1], "transport", f"{key[0]} push to agent {j} failed ({failure[:200]})",
+                                  agents=[j], what=key[0], reason=failure[:200])
+        for j in sorted(set(expected) - set(received)):
+            self.record_event(key[1], "peer_lost", f"no {key[0]} message from agent {j} within the round timeout",
+                              agent=j)
+        return received
+
+    def send_and_receive(self, view: RoundView, buffers: dict[int, torch.Tensor], validate: Validator | None = None,
+                         sizes: dict[int, int] | None = None) -> dict[int, torch.Tensor]:
+        """Send buffers[j] (1-D) to every agent j in `buffers` and receive theirs, of `sizes[j]` elements (default:
+        as many as buffers[j]); returns those that arrived within the round timeout and passed the checks (as
+        :meth:`Transport.send_and_receive <decaf_ext.comm.transport.Transport.send_and_receive>`)."""
+        sizes = sizes or {j: buffer.numel() for j, buffer in buffers.items()}
+        expected = {j: (sizes[j], buffer.dtype) for j, buffer in buffers.items()}
+        received = self._exchange(("Mix", view.round, 0), {j: b.cpu() for j, b in buffers.items()}, expected)
+        return {j: tensor for j, tensor in sorted(received.items())
+                if self._accept(view.round, j, tensor, sizes[j], buffers[j].dtype, validate)}
+
+    def all_gather(self, view: RoundView, buffer: torch.Tensor) -> torch.Tensor:
+        """Every member's `buffer` [n] stacked as [len(view.members), n] in view.agents order; a member whose
+        buffer did not arrive has an :func:`unfilled` row (and is listed in ``absent``)."""
+        with self._cond:
+            seq = self._gathers
+            self._gathers += 1
+        others = [j for j in view.agents if j != self.agent]
+        received = self._exchange(("Gather", view.round, seq), dict.fromkeys(others, buffer.cpu()),
+                                  dict.fromkeys(others, (buffer.numel(), buffer.dtype)))
+        self.absent = frozenset(set(others) - set(received))
+        rows = [buffer.cpu() if j == self.agent else received.get(j, unfilled(buffer.cpu())) for j in view.agents]
+        return torch.stack(rows).to(buffer.device)
+
+    def _close_channels(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Stop this agent's server (a second of grace for pushes under way) and close its channels."""
+        self._server.stop(grace=1.0).wait()
+        self._close_channels()
+
+
+def sender_name(sender: int | None) -> str:
+    return "a caller without an agent identity" if sender is None else f"agent {sender}"
