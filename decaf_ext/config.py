@@ -8,20 +8,18 @@ sized to finish in under ten minutes on two CPU cores.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from decaf_ext.data.images import FASHION_MNIST
 from decaf_ext.data.partition import SCHEMES
 from decaf_ext.data.text import OFFLINE_DEFAULT
 from decaf_ext.device import check_device, cuda_available
 from decaf_ext.errors import ConfigError, first_line
+from decaf_ext.storage.loading import load_yaml
 
 if TYPE_CHECKING:
     from decaf_ext.elastic import ChurnSchedule
@@ -372,30 +370,6 @@ def convert_value(name: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} expects {getattr(base, '__name__', base)}, got {value!r}") from None
-
-
-def load_saved(path: str) -> dict[str, Any]:
-    """A JSON file a run saved (its config.json, a checkpoint's state.json); ConfigError naming resume and the
-    file if it cannot be read (missing, truncated, overwritten)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"resume: cannot read {path!r} ({first_line(error)})") from None
-
-
-def load_yaml(path: str) -> dict[str, Any]:
-    """Options mapping read from a YAML file (ConfigError if unreadable or malformed)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle)
-    except OSError as error:
-        raise ConfigError(f"config: cannot read {path!r} ({error.strerror})") from None
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"config: {path!r} is not valid YAML{at}") from None
-    return {} if values is None else values
 
 
 def build_config(yaml_path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

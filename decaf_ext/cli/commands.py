@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 from decaf_ext.cli.parser import PROG, build_parser, plot_parser, predict_parser
 from decaf_ext.cli.provision import provision_command
 from decaf_ext.cli.tables import across_seeds, format_result, format_seed_table, format_table
-from decaf_ext.config import RESUMABLE, TrainConfig, build_config, convert_value, load_saved, registry_names
+from decaf_ext.config import RESUMABLE, TrainConfig, build_config, convert_value, registry_names
+from decaf_ext.storage.loading import load_saved
 from decaf_ext.errors import ConfigError, first_line
 
 DISTRIBUTED_FLAGS = ("nproc", "max_restarts", "backend", "round_timeout", "startup_timeout")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from decaf_ext.errors import ConfigError
-from decaf_ext.config import load_saved
+from decaf_ext.storage.loading import load_saved
 from decaf_ext.lora import FactorGroup, collect_extras, write_extras
 from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.evaluation import MetricsLog

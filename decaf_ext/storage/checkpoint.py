@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from decaf_ext.config import load_saved
+from decaf_ext.storage.loading import load_saved
 from decaf_ext.errors import ConfigError, first_line
 from decaf_ext.storage.files import replacing_folder
 
