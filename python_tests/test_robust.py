@@ -13,12 +13,16 @@ import user_strategy
 from attacker import Ring
 from conftest import ring_weights
 from faults import BYZANTINE_KINDS, ByzantineAgents, Faults, byzantine
+from decaf_ext.cli.commands import main
 from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.config import TrainConfig
 from decaf_ext.errors import ConfigError
-from decaf_ext.lora import FactorGroup, select_agent
+from decaf_ext.lora import FactorGroup, product_norm, select_agent
 from decaf_ext.robust import ClippedGossip, automatic_tau, distances, parse_robust, with_robust
+from decaf_ext.sim.trainer import Trainer
 from decaf_ext.strategies import get_strategy
+from test_cli import tiny_flags
+from test_trainer import tiny_config, tiny_paths  # noqa: F401  (tiny_paths is a fixture)
 
 STRATEGIES = ("decaf", "dlora", "dlora_fa", "fedavg", "local", user_strategy.NAME)
 MOVING = ("decaf", "dlora", "dlora_fa", "fedavg", user_strategy.NAME)  # the ones that send something
@@ -290,3 +294,36 @@ def test_byzantine_agents_keep_their_own_factors_in_the_simulator():
     head[1] = -head[1]
     expected = strategy.communicate(flipped, {"head": head}, ring_weights(4))
     torch.testing.assert_close(got[0][0].B[:, 0], expected[0][0].B[:, 0])
+
+
+@pytest.mark.parametrize("spec", ["clipped_gossip:0", "clipped_gossip:-2", "clipped_gossip:two", "trimmed_mean"])
+def test_a_bad_robust_flag_is_one_line_and_status_2_before_training(tiny_paths, tmp_path, capsys, spec):
+    assert main(tiny_flags(tiny_paths, tmp_path / "run", "--robust", spec)) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("decaf-train: error: robust: ")
+    assert "Traceback" not in captured.err + captured.out and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("algorithm, changes", [
+    ("decaf", {"message_dtype": "int8", "rank": "2,4,4,2"}),
+    ("dlora_fa", {"message_dtype": "bfloat16", "rank": "cycle:2,4"}),
+])
+def test_the_simulator_runs_robust_with_ranks_and_compressed_messages(tiny_paths, tmp_path, algorithm, changes):
+    """--robust composes with unequal ranks and int8 / bfloat16 messages (each agent's own call on what it decodes)."""
+    summary = Trainer(tiny_config(tiny_paths, tmp_path / "run", algorithm=algorithm, robust="clipped_gossip",
+                                  **changes)).run()
+    assert 0 <= summary["final"]["acc_mean"] <= 1 and math.isfinite(summary["final"]["consensus_error"])
+
+
+def test_a_byzantine_agent_in_the_simulator_is_held_by_robust(tiny_paths, tmp_path):
+    """The experiments' fault (ByzantineAgents: agent 0 sends its factors x1e3 every round): unclipped, the honest
+    agents' LoRA products blow up; with --robust (automatic tau) they stay a thousand times smaller."""
+    norms = {}
+    for robust in (None, "clipped_gossip"):
+        trainer = Trainer(tiny_config(tiny_paths, tmp_path / str(robust), algorithm="decaf", robust=robust))
+        agents = trainer.agents
+        agents.strategy = ByzantineAgents(agents.strategy, [0], "scale", agents.layout)
+        trainer.run()
+        norms[robust] = product_norm(agents.collect(agents.models[1:])).max().item()
+    assert math.isfinite(norms["clipped_gossip"]) and norms[None] > 1000 * norms["clipped_gossip"]
