@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         final = summary["final"]
         honest = f"honest {summary['honest_acc']:.4f}, " if "honest_acc" in summary else ""
-        print(f"[{index}/{len(todo)}] {run.suite}/{run.key}: {honest}acc {final['acc_mean']:.4f} ± {final['acc_std']:.4f}, "
+        print(f"[{index}/{len(todo)}] {run.suite}/{run.key}: {honest}acc {final['acc_mean']:.4f} ± "
+              f"{final['acc_std']:.4f}, "
               f"averaged {final['avg_model_acc']:.4f}, {time.perf_counter() - start:.0f} s wall, "
               f"{cpu_seconds() - cpu:.0f} CPU s", flush=True)
     return 0

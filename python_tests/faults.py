@@ -74,7 +74,8 @@ class Faults(RoundHooks):
                     events.setdefault(kind, {})[int(round_index)] = float(value) if value else None
             except ValueError:
                 raise ConfigError(f"faults: cannot read {item!r} (expected AGENT:KIND@ROUND with KIND one of "
-                                  "exit, nan, badtag, flip, random, or AGENT:stall@ROUND=SECONDS, AGENT:scale@ROUND=FACTOR)"
+                                  "exit, nan, badtag, flip, random, or AGENT:stall@ROUND=SECONDS, "
+                                  "AGENT:scale@ROUND=FACTOR)"
                                   ) from None
         return cls(events)
 

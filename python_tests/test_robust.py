@@ -252,7 +252,8 @@ def test_the_faults_harness_sends_byzantine_messages():
     seal = lambda sent: sent  # noqa: E731  (the key's tag is added by the real seal)
     assert torch.equal(faults.outgoing(0, data, seal), data)
     flipped = layout.unpack(faults.outgoing(1, data, seal)[None], *select_agent(groups, extras, 0))
-    assert torch.equal(flipped[0][0].A[:, 0], groups[0].A[:, 0]) and torch.equal(flipped[0][0].B[:, 0], -groups[0].B[:, 0])
+    assert torch.equal(flipped[0][0].A[:, 0], groups[0].A[:, 0])
+    assert torch.equal(flipped[0][0].B[:, 0], -groups[0].B[:, 0])
     assert torch.equal(flipped[1]["head"][0], -extras["head"][0])
     noise = faults.outgoing(2, data, seal)
     assert torch.equal(noise, faults.outgoing(2, data, seal)) and abs(noise.std().item() - 1) < 0.3
