@@ -91,8 +91,8 @@ def _flat_kernel(x: torch.Tensor) -> torch.Tensor:
 
 
 def distances(strategy: Strategy, groups: list[FactorGroup], extras: Extras, n_out: int) -> torch.Tensor:
-    """float64 [n_out, N_in]: ||x_j - x_i|| in the strategy's space (see the module docstring), from the Gram
-    matrix of the agents' messages, in float64."""
+    """float64 [n_out, N_in] on the CPU: ||x_j - x_i|| in the strategy's space (see the module docstring), from the
+    Gram matrix of the agents' messages, computed in float64 where the factors live."""
     if strategy.mixes_products:
         kernels = [product_kernel(g) for g in groups] + [_flat_kernel(x) for x in extras.values()]
     else:
@@ -101,7 +101,7 @@ def distances(strategy: Strategy, groups: list[FactorGroup], extras: Extras, n_o
     diagonal = K.diagonal()
     squared = diagonal[:n_out, None] + diagonal[None, :] - 2 * K[:n_out]
     squared.diagonal().zero_()
-    return squared.clamp_min(0).sqrt()
+    return squared.clamp_min(0).sqrt().cpu()
 
 
 def automatic_tau(D: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,30 @@ def test_the_automatic_tau_stays_at_the_honest_distances(name):
         assert move(strategy, inputs, after, i) <= bound * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("name", ["decaf", "dlora", "fedavg"])
+def test_robust_mixing_runs_where_the_factors_live(name, device):
+    """Factors on `device` (W on the CPU, as the runtimes pass it): the same result as on the CPU."""
+    strategy, inputs = byzantine_agents(name, "random")
+    robust, W = with_robust(strategy, "clipped_gossip"), ring_weights(6)
+    expected = robust.communicate(*inputs, W)
+    moved = ([FactorGroup(g.names, g.A.to(device), g.B.to(device)) for g in inputs[0]],
+             {k: x.to(device) for k, x in inputs[1].items()})
+    got = robust.communicate(*moved, W)
+    torch.testing.assert_close((got[0][0].B @ got[0][0].A).cpu(), expected[0][0].B @ expected[0][0].A)
+    torch.testing.assert_close(got[1]["head"].cpu(), expected[1]["head"])
+
+
+def test_a_strategy_cannot_be_clipped_twice_nor_a_server_strategy_in_product_space():
+    with pytest.raises(ValueError, match="^robust: "):
+        with_robust(with_robust(get_strategy("dlora"), "clipped_gossip"), "clipped_gossip")
+
+    class ServerProducts(type(get_strategy("fedavg"))):
+        mixes_products = True
+
+    with pytest.raises(ValueError, match="^robust: .*server strategy"):
+        with_robust(ServerProducts(), "clipped_gossip")
+
+
 def test_automatic_tau_is_the_weighted_lower_median():
     D = torch.tensor([[0.0, 5.0, 1.0, 3.0]], dtype=torch.float64)
     assert automatic_tau(D, torch.tensor([[0.25, 0.25, 0.25, 0.25]])).item() == 3.0
