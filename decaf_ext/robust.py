@@ -16,7 +16,8 @@ x_j -> x_i + c_ij (x_j - x_i) with c_ij = min(1, tau_i / ||x_j - x_i||) (c_ij = 
 
 One c_ij per (agent, input) pair clips the whole message, so one W' serves every tensor. W' is row-stochastic
 whenever W is, but no longer symmetric (each row is clipped around its own agent): the doubly-stochastic
-assumption of DeCAF's and DLoRA's convergence proofs no longer holds; ClippedGossip's own analysis covers it.
+assumption of DeCAF's and DLoRA's convergence proofs no longer holds; ClippedGossip's analysis, which accounts for
+the clipping, is the one that applies.
 
 Per round, while sum_j W_ij = 1: ||x_i' - x_i|| <= tau_i * sum_{j != i} W_ij for the mixed x (dlora, dlora_fa, a
 user strategy linear in the mix; fedavg: tau_i (k - 1) / k); for decaf the mixed product is then truncated to rank
@@ -28,7 +29,7 @@ at most half of i's weight on others, tau_i is at most the largest honest distan
 Example::
 
     >>> robust = with_robust(get_strategy("decaf"), "clipped_gossip:0.5")
-    >>> groups, extras = robust.communicate(groups, extras, W)   # every agent moves <= 0.5 * (1 - W_ii)
+    >>> groups, extras = robust.communicate(groups, extras, W)   # agent i moves <= 2 * 0.5 * (1 - W_ii)
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.config import TrainConfig
 from decaf_ext.errors import ConfigError
 from decaf_ext.lora import FactorGroup, product_norm, select_agent
-from decaf_ext.robust import ClippedGossip, automatic_tau, distances, parse_robust, with_robust
+from decaf_ext.robust import ClippedGossip, automatic_tau, distances, fold, parse_robust, with_robust
 from decaf_ext.sim.trainer import Trainer
 from decaf_ext.strategies import get_strategy
 from test_cli import tiny_flags
@@ -171,6 +171,12 @@ def test_a_byzantine_neighbour_moves_an_honest_agent_at_most_tau_per_round(name,
         assert move(strategy, inputs, clipped, i) <= bound[i] * (1 + 1e-9) + 1e-12
     victim = 1  # a ring neighbour of agent 0 (every agent hears it under a server strategy)
     assert move(strategy, inputs, plain, victim) > 20 * bound[victim]
+    if strategy.mixes_products:  # before the truncation: ||M_i - B_iA_i|| <= tau sum_{j != i} W_ij itself
+        robust = with_robust(strategy, f"clipped_gossip:{tau}")
+        folded = fold(W, robust.coefficients(*inputs, W))
+        x = dense(strategy, *inputs)
+        for i in range(1, 6):
+            assert (folded[i] @ x - x[i]).norm() <= tau * others[i] * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("name", ["decaf", "dlora"])
