@@ -47,8 +47,9 @@ class Crafted(RoundHooks):
 class Ring:
     """n agents on a ring (W = 1/3 on self and both neighbours), each an AgentComm in this process.
 
-    attackers: agent -> Craft; robust: every agent's ``--robust`` rule (None: none). Every agent keeps its own current factors; :meth:`round` runs one round for all of
-    them at once (threads) and writes back what each agent's round returned."""
+    attackers: agent -> Craft; robust: every agent's ``--robust`` rule (None: none). Every agent keeps its own
+    current factors; :meth:`round` runs one round for all of them at once (threads) and writes back what each
+    agent's round returned."""
 
     def __init__(self, n: int, *, algorithm: str = "decaf", attackers: dict[int, Craft] | None = None,
                  key: bytes | None = KEY, store: dist.Store | None = None, timeout: float = 5.0,
