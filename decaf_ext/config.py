@@ -166,6 +166,9 @@ class TrainConfig:
                                    "and a shared store, trusted networks) or tls (mutual TLS between sites, "
                                    "needs --kit; see docs/deploy.md)")
     kit: str | None = _knob(None, "with --transport tls: this agent's kit folder made by 'decaf-train provision'")
+    robust: str | None = _knob(None, "Byzantine-robust mixing: clipped_gossip (tau automatic: the weighted median "
+                                     "of the round's distances to the neighbours) or clipped_gossip:TAU (each agent "
+                                     "moves at most TAU toward each neighbour per round); see docs/robust.md")
 
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the argument) for values that are invalid on their own."""
@@ -272,15 +275,22 @@ class TrainConfig:
         return schedule
 
     def strategy(self) -> Strategy:
-        """The configured strategy, with the decaf_* options it takes (the built-in decaf takes all five)."""
+        """The configured strategy, with the decaf_* options it takes (the built-in decaf takes all five), under
+        the `robust` rule when one is set (:func:`decaf_ext.robust.with_robust`)."""
         from decaf_ext.strategies import get_strategy, strategy_options
 
         options = {name: getattr(self, f"decaf_{name}") for name in strategy_options(self.algorithm)
                    if hasattr(self, f"decaf_{name}")}
         try:
-            return get_strategy(self.algorithm, **options)
+            strategy = get_strategy(self.algorithm, **options)
         except ValueError as error:
             raise ConfigError(f"decaf_{first_line(error)}") from None
+        from decaf_ext.robust import with_robust
+
+        try:
+            return with_robust(strategy, self.robust)
+        except ValueError as error:
+            raise ConfigError(first_line(error)) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-ready dict of every field."""

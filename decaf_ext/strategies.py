@@ -83,12 +83,14 @@ class Strategy(ABC):
     Class attributes: name (registry name, set by :func:`register_strategy`); trains_A: whether agents train A
     locally (False: A is shared and frozen, only B travels); decentralized: True when an agent mixes with its
     graph neighbours by W, False when it needs every agent of the round (the runtime then gathers all members
-    and W's values are not used).
+    and W's values are not used); mixes_products: True when the strategy mixes the products B A rather than the
+    factors (what :mod:`decaf_ext.robust` measures distances in).
     """
 
     name: str = ""
     trains_A: bool = True
     decentralized: bool = True
+    mixes_products: bool = False
 
     @abstractmethod
     def communicate(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
@@ -236,6 +238,8 @@ class DeCAF(Strategy):
     B_i A_i <- best rank-r approximation of sum_j W_ij B_j A_j, r = the adapter's rank; extras gossip-averaged
     with W. The fields are passed on to ``consensus_tsvd`` (method, oversample, n_iter, seed, split).
     """
+
+    mixes_products = True
 
     method: str = "auto"
     oversample: int = 10

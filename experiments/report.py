@@ -31,6 +31,7 @@ sys.path.insert(0, HERE)
 import stats  # noqa: E402
 from suites import ALGORITHMS, BASE, BASE_RANK, DEFAULT_SEEDS, DP_EPSILONS, MESSAGE_DTYPES, MIXED_RANKS, PARTITIONS, \
     RANKS, SUITES, TOPOLOGIES, AGENT_COUNTS, dp_cell  # noqa: E402
+from suites import ROBUST_SETTINGS  # noqa: E402
 
 PLOTS = "results_plots"  # folder of the PNGs, next to RESULTS.md
 
@@ -589,6 +590,30 @@ class Report:
                     self.image("clip_acc")]
         return "\n".join(out)
 
+    def byzantine(self) -> str:
+        """Honest agents' final accuracy with 0, 1, 2 Byzantine agents, without and with --robust."""
+        cells = self.suites["byzantine"]
+        out = ["## 10. Byzantine agents and `--robust`", "",
+               f"{SUITES['byzantine'].claim}. Test accuracy at the last evaluation, mean over the honest agents "
+               "(± std over seeds); the Byzantine fault is test-only (docs/robust.md).", ""]
+        if (missing := self.not_run("byzantine")) is not None:
+            return "\n".join(out + [missing])
+        rows = []
+        for name, overrides in SUITES["byzantine"].cells.items():
+            if not name.endswith("-plain"):
+                continue
+            fault = overrides.get("byzantine", {"agents": [], "kind": "–"})
+
+            def honest(run: Seeded, bad: list[int] = fault["agents"]) -> float:
+                return statistics.fmean(a for i, a in enumerate(run.final["acc_agents"]) if i not in bad)
+
+            settings = [cells.get(f"{name[:-len('-plain')]}-{setting}") for setting in ROBUST_SETTINGS]
+            rows.append([overrides["algorithm"], str(len(fault["agents"])), fault["kind"],
+                         *(pm(cell, honest) if cell else "" for cell in settings)])
+        out.append(table(["algorithm", "Byzantine agents", "they send",
+                          *(f"honest acc, {setting}" for setting in ROBUST_SETTINGS)], rows))
+        return "\n".join(out)
+
     def claim_list(self) -> list[Claim]:
         """Every claim the report judges, with its paired comparisons (statistics computed, Holm not yet)."""
         alg, rank, topo, agents = (self.suites[s] for s in ("algorithms", "rank", "topologies", "agents"))
@@ -775,7 +800,7 @@ class Report:
         family = adjust([row for claim in claims for row in claim.rows] + clip_rows)
         sections = [self.settings(), self.claims(claims, family), self.algorithms(), self.topologies(), self.rank(),
                     self.agents(), self.split(), self.bytes(), self.beyond(), self.clip(clip_rows),
-                    self.privacy()]
+                    self.privacy(), self.byzantine()]
         text = "\n\n".join(["\n".join(header), *sections]) + "\n"
         temporary = self.output + ".tmp"
         with open(temporary, "w", encoding="utf-8") as handle:

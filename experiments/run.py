@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import json
 import os
 import resource
 import shutil
@@ -53,32 +54,60 @@ def adapt_overrides(run: Run, fields: set[str]) -> dict:
     return overrides
 
 
+def make_trainer(config, byzantine: dict | None):
+    """A Trainer for `config`; with `byzantine` ({"agents": [...], "kind": ...}, a cell of the byzantine suite) its
+    strategy is wrapped in the test-only fault of python_tests/faults.py (imported only here, only then)."""
+    from decaf_ext.sim.trainer import Trainer
+
+    trainer = Trainer(config)
+    if byzantine:
+        sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python_tests"))
+        from faults import ByzantineAgents
+
+        agents = trainer.agents
+        agents.strategy = ByzantineAgents(agents.strategy, byzantine["agents"], byzantine["kind"], agents.layout)
+    return trainer
+
+
+def honest_accuracy(scratch: str, byzantine: dict) -> float:
+    """Mean final accuracy of the agents that are not Byzantine."""
+    with open(os.path.join(scratch, "metrics.jsonl")) as lines:
+        accuracies = json.loads(lines.read().splitlines()[-1])["acc_agents"]
+    honest = [a for i, a in enumerate(accuracies) if i not in byzantine["agents"]]
+    return sum(honest) / len(honest)
+
+
 def train_one(run: Run, device: str, fields: set[str]) -> dict:
-    """Train (or resume) `run` in its scratch folder, then copy the kept files to its result folder."""
+    """Train (or resume) `run` in its scratch folder, then copy the kept files to its result folder (with a
+    Byzantine fault, also byzantine.json: the Byzantine agents, what they send and the honest agents' accuracy)."""
     from decaf_ext.config import TrainConfig
     from decaf_ext.errors import ConfigError
-    from decaf_ext.sim.trainer import Trainer
 
     scratch = os.path.join(SCRATCH, run.suite, run.key)
     overrides = {**adapt_overrides(run, fields), "device": device, "output_dir": scratch,
                  "checkpoint_every": run.overrides["eval_every"]}
+    byzantine = overrides.pop("byzantine", None)
     config = TrainConfig.from_dict(overrides)
     config.validate()
     resume = os.path.isdir(os.path.join(scratch, "checkpoints"))
     if not resume:
         shutil.rmtree(scratch, ignore_errors=True)
     try:
-        summary = Trainer(config).run(resume=resume)
+        summary = make_trainer(config, byzantine).run(resume=resume)
     except ConfigError:
         if not resume:
             raise
         print(f"  {run.key}: its checkpoint cannot be resumed; restarting from scratch", flush=True)
         shutil.rmtree(scratch, ignore_errors=True)
-        summary = Trainer(config).run()
+        summary = make_trainer(config, byzantine).run()
     target = result_dir(run)
     temporary = target + ".tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     os.makedirs(temporary)
+    if byzantine:
+        summary["honest_acc"] = honest_accuracy(scratch, byzantine)
+        with open(os.path.join(temporary, "byzantine.json"), "w") as out:
+            json.dump({**byzantine, "honest_acc": summary["honest_acc"]}, out)
     for name in KEPT:
         shutil.copyfile(os.path.join(scratch, name), os.path.join(temporary, name))
     shutil.rmtree(target, ignore_errors=True)
@@ -152,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{parser.prog}: error: {first_line(error)}", file=sys.stderr)
             return 2
         final = summary["final"]
-        print(f"[{index}/{len(todo)}] {run.suite}/{run.key}: acc {final['acc_mean']:.4f} ± {final['acc_std']:.4f}, "
+        honest = f"honest {summary['honest_acc']:.4f}, " if "honest_acc" in summary else ""
+        print(f"[{index}/{len(todo)}] {run.suite}/{run.key}: {honest}acc {final['acc_mean']:.4f} ± "
+              f"{final['acc_std']:.4f}, "
               f"averaged {final['avg_model_acc']:.4f}, {time.perf_counter() - start:.0f} s wall, "
               f"{cpu_seconds() - cpu:.0f} CPU s", flush=True)
     return 0

@@ -31,6 +31,12 @@ DEFAULT_SEEDS = (0, 1, 2)
 MESSAGE_DTYPES = ("bfloat16", "int8")  # float32 (uncompressed) runs are the algorithms suite's dir0.5 cells
 MIXED_RANKS = "cycle:2,4,8,16"  # agent i has LoRA rank (2, 4, 8, 16)[i mod 4]
 BASE_RANK = 8  # TrainConfig's default rank: the rank suite's r = 8 runs are the algorithms suite's dir0.5 runs
+# Byzantine agents (a test-only fault, python_tests/faults.py's ByzantineAgents, installed by run.py for a cell's
+# "byzantine" entry; never a TrainConfig field): what they send, and who they are on the 10-agent ring (agents 0
+# and 5 are not neighbours, so no honest agent hears two of them)
+BYZANTINE_KINDS = ("scale", "flip", "random")
+BYZANTINE_AGENTS: dict[int, tuple[int, ...]] = {0: (), 1: (0,), 2: (0, 5)}
+ROBUST_SETTINGS: dict[str, str | None] = {"plain": None, "robust": "clipped_gossip"}
 # The CLIP task offline: a small randomly initialized CLIP on scikit-learn digits (600 training / 200 held-out
 # images from BASE), the README's CLIP example settings (rank 4, lr 3e-3, 10 local steps, 20 rounds).
 DP_EPSILONS = (1.0, 3.0, 8.0, None)  # None: no differential privacy (epsilon = inf); delta = 1 / n per agent
@@ -97,6 +103,11 @@ def _grid() -> dict[str, Suite]:
                    for a in ("decaf", "dlora")}
     dp = {dp_cell(a, e): {"algorithm": a, "dp_epsilon": e, **PARTITIONS["dir0.5"]}
           for e in DP_EPSILONS for a in ("decaf", "dlora")}
+    byzantine = {f"{a}-byz{count}{'-' + kind if count else ''}-{setting}": {
+        "algorithm": a, "robust": ROBUST_SETTINGS[setting], **PARTITIONS["dir0.5"],
+        **({"byzantine": {"agents": list(BYZANTINE_AGENTS[count]), "kind": kind}} if count else {})}
+        for a in ("decaf", "dlora") for setting in ROBUST_SETTINGS for count in BYZANTINE_AGENTS
+        for kind in (BYZANTINE_KINDS if count else BYZANTINE_KINDS[:1])}
     clip = {f"{a}-dir0.5": {"algorithm": a, **CLIP_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
     vit = {f"{a}-dir0.5": {"algorithm": a, **VIT_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
     suites = [
@@ -111,6 +122,9 @@ def _grid() -> dict[str, Suite]:
               "runs are the algorithms suite's", compression, needs_field=("message_dtype",)),
         Suite("mixed_ranks", "agents cycling through LoRA ranks 2, 4, 8, 16 (ring, Dirichlet 0.5): decaf vs dlora "
               "with zero-padding; everyone at 2 and at 16 are the rank suite's runs", mixed_ranks),
+        Suite("byzantine", "decaf and dlora on a 10-agent ring (Dirichlet 0.5) with 0, 1 or 2 Byzantine agents "
+              "sending their factors x1e3, sign-flipped (B and head) or random, with and without --robust "
+              "clipped_gossip (automatic tau); the honest agents' accuracy", byzantine, needs_field=("robust",)),
         Suite("bytes", "accuracy against bytes sent, per algorithm (reads the algorithms suite)", {},
               source="algorithms"),
         Suite("clip", "the algorithms on a 10-agent ring, Dirichlet 0.5, with the CLIP task: a small randomly "

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from decaf_ext.comm.agent_comm import AgentComm
 from decaf_ext.comm.agent_round import RoundHooks
 from decaf_ext.lora import FactorGroup, product_norm, select_agent, stack_agents
+from decaf_ext.robust import with_robust
 from decaf_ext.strategies import get_strategy
 from decaf_ext.topology import make_schedule
 
@@ -46,13 +47,15 @@ class Crafted(RoundHooks):
 class Ring:
     """n agents on a ring (W = 1/3 on self and both neighbours), each an AgentComm in this process.
 
-    attackers: agent -> Craft. Every agent keeps its own current factors; :meth:`round` runs one round for all of
-    them at once (threads) and writes back what each agent's round returned."""
+    attackers: agent -> Craft; robust: every agent's ``--robust`` rule (None: none). Every agent keeps its own
+    current factors; :meth:`round` runs one round for all of them at once (threads) and writes back what each
+    agent's round returned."""
 
     def __init__(self, n: int, *, algorithm: str = "decaf", attackers: dict[int, Craft] | None = None,
                  key: bytes | None = KEY, store: dist.Store | None = None, timeout: float = 5.0,
-                 factors: tuple[list[FactorGroup], dict[str, torch.Tensor]] | None = None, **guard) -> None:
-        self.n, self.strategy = n, get_strategy(algorithm)
+                 factors: tuple[list[FactorGroup], dict[str, torch.Tensor]] | None = None, robust: str | None = None,
+                 **guard) -> None:
+        self.n, self.strategy = n, with_robust(get_strategy(algorithm), robust)
         self.groups, self.extras = factors or agents(n)
         self.schedule = make_schedule("ring", n)
         store = store if store is not None else dist.HashStore()

@@ -7,16 +7,40 @@ import dataclasses
 import os
 import signal
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
 from decaf_ext.comm.agent_round import RoundHooks
+from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.errors import ConfigError
+from decaf_ext.lora import select_agent, stack_agents
+from decaf_ext.strategies import Strategy
 
 KINDS = {"exit": False, "nan": False, "badtag": False, "stall": True, "scale": True, "evalnan": False,
-         "evalbadtag": False}  # kind -> takes =VALUE
+         "evalbadtag": False, "flip": False, "random": False}  # kind -> takes =VALUE
+BYZANTINE_KINDS = ("scale", "flip", "random")  # what a Byzantine agent sends (see byzantine())
+BYZANTINE_SCALE = 1e3
+
+
+def byzantine(kind: str, data: torch.Tensor, layout: MessageLayout, factor: float = BYZANTINE_SCALE) -> torch.Tensor:
+    """What a Byzantine agent sends instead of its packed data [data_numel] (`layout`'s packing); it is then
+    sealed with the run key like any message. "scale": data * factor; "flip": B and extras negated, A kept (so the
+    product B A is negated too: negating both factors would leave it unchanged); "random": N(0, 1) entries,
+    seeded by the data itself (the same state sends the same message, also after a resume)."""
+    if kind == "scale":
+        return data * factor
+    if kind == "flip":
+        is_A = [k < layout.n_factors and layout.trains_A and k % 2 == 0 for k in range(len(layout.sizes))]
+        sign = torch.cat([torch.full((size,), 1.0 if a else -1.0) for a, size in zip(is_A, layout.sizes)])
+        return data * sign.to(device=data.device, dtype=data.dtype)
+    if kind == "random":
+        seed = zlib.crc32(data.detach().cpu().contiguous().numpy().tobytes())
+        noise = torch.randn(data.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return noise.to(device=data.device, dtype=data.dtype)
+    raise ValueError(f"kind must be one of {', '.join(BYZANTINE_KINDS)}, got {kind!r}")
 
 
 @dataclass
@@ -26,7 +50,8 @@ class Faults(RoundHooks):
     in round 1; agent 3 sleeps 5 s before communicating in round 2; agent 0 sends a wrong message tag in round 1;
     agent 1 sends its factors times 100 in round 2 (finite, correctly tagged); agent 2 sends NaN as its
     bytes_sent count in the evaluation after round 1 (correctly tagged), agent 3 a wrong tag on its evaluation
-    after round 0. A restarted process runs cleanly.
+    after round 0. ``1:flip@2`` and ``1:random@2``: agent 1 is Byzantine in round 2 (:func:`byzantine`; its
+    x1e3 fault is ``1:scale@2=1000``), its message tagged with the run key. A restarted process runs cleanly.
     ``events`` maps kind -> {round: value (seconds or factor; None for the others)}."""
 
     events: Mapping[str, Mapping[int, float | None]] = dataclasses.field(default_factory=dict)
@@ -49,7 +74,8 @@ class Faults(RoundHooks):
                     events.setdefault(kind, {})[int(round_index)] = float(value) if value else None
             except ValueError:
                 raise ConfigError(f"faults: cannot read {item!r} (expected AGENT:KIND@ROUND with KIND one of "
-                                  "exit, nan, badtag, or AGENT:stall@ROUND=SECONDS, AGENT:scale@ROUND=FACTOR)"
+                                  "exit, nan, badtag, flip, random, or AGENT:stall@ROUND=SECONDS, "
+                                  "AGENT:scale@ROUND=FACTOR)"
                                   ) from None
         return cls(events)
 
@@ -70,7 +96,10 @@ class Faults(RoundHooks):
         if self.at("nan", round_index):
             data = torch.full_like(data, float("nan"))
         if self.at("scale", round_index):
-            data = data * self.events["scale"][round_index]
+            data = byzantine("scale", data, self.layout, self.events["scale"][round_index])
+        for kind in ("flip", "random"):
+            if self.at(kind, round_index):
+                data = byzantine(kind, data, self.layout)
         buffer = seal(data)
         if self.at("badtag", round_index):
             buffer = buffer.clone()
@@ -88,3 +117,40 @@ class Faults(RoundHooks):
             buffer = buffer.clone()
             buffer[-1] = 255 - buffer[-1]
         return buffer
+
+
+class ByzantineAgents(Strategy):
+    """Test-only fault of the simulator: `inner` with agents `byzantine` sending byzantine(kind, ...) of their
+    packed factors (`layout`) to everyone else every round; a Byzantine agent keeps its own factors (it trains
+    locally and is left out of the honest agents' metrics). Takes the simulator's [N, N] call (float32 messages);
+    installed by replacing a Trainer's ``agents.strategy`` (experiments/run.py does so for a cell's "byzantine")."""
+
+    def __init__(self, inner: Strategy, byzantine: list[int], kind: str, layout: MessageLayout) -> None:
+        if kind not in BYZANTINE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(BYZANTINE_KINDS)}, got {kind!r}")
+        self.inner, self.byzantine, self.kind, self.layout = inner, sorted(byzantine), kind, layout
+        self.name, self.trains_A = inner.name, inner.trains_A
+        self.decentralized, self.mixes_products = inner.decentralized, inner.mixes_products
+
+    def communicate(self, groups, extras, W):
+        n = self.check_agents(groups, extras, W)
+        if W.shape[0] != n:
+            raise ValueError("ByzantineAgents takes the simulator's [N, N] call (use float32 messages)")
+        data = self.layout.pack_each(groups, extras)
+        for j in self.byzantine:
+            data[j] = byzantine(self.kind, data[j], self.layout)
+        mixed = self.inner.communicate(*self.layout.unpack(data, *select_agent(groups, extras, 0)), W)
+        rows = []
+        for i in range(n):
+            source, row = (select_agent(groups, extras, i), 0) if i in self.byzantine else (mixed, i)
+            rows.append(select_agent(*source, row))
+        return stack_agents(rows)
+
+    def consensus(self, groups, extras):
+        return self.inner.consensus(groups, extras)
+
+    def bytes_per_message(self, groups, extras):
+        return self.inner.bytes_per_message(groups, extras)
+
+    def bytes_sent(self, groups, extras, W, message_bytes=None):
+        return self.inner.bytes_sent(groups, extras, W, message_bytes)

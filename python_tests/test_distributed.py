@@ -53,6 +53,11 @@ RANKED = {"decaf-ranks": dict(algorithm="decaf", rank="cycle:2,4"),
           "decaf-ranks-int8": dict(algorithm="decaf", rank="cycle:2,4", message_dtype="int8"),
           "dlora_fa-ranks": dict(algorithm="dlora_fa", rank="cycle:2,4"),
           "fedavg-ranks": dict(algorithm="fedavg", rank="cycle:2,4")}
+# --robust in the agents' own processes against the simulator (the automatic tau; product space with unequal ranks
+# and int8 messages; a server strategy clipped around each agent)
+ROBUST = {"decaf-robust-ranks-int8": dict(algorithm="decaf", robust="clipped_gossip", rank="cycle:2,4",
+                                          message_dtype="int8"),
+          "fedavg-robust": dict(algorithm="fedavg", robust="clipped_gossip")}
 
 AGENTS = 4
 KEY = b"a run key of 16+ bytes"
@@ -109,7 +114,7 @@ def launched(tiny, tmp_path_factory):
     then the faulty dlora run."""
     root = tmp_path_factory.mktemp("distributed")
     assert USER_STRATEGY in ALGORITHMS
-    variants = {**COMPRESSED, **RANKED, **EVAL_AT_START}
+    variants = {**COMPRESSED, **RANKED, **EVAL_AT_START, **ROBUST}
     runs = {name: tiny_config(tiny, root / name, **{"algorithm": name, **variants.get(name, {})},
                               lora_dropout=0.1, rounds=3) for name in (*ALGORITHMS, *variants)}
     faulty = tiny_config(tiny, root / "faulty", **FAULTY)
@@ -135,7 +140,7 @@ def events_of(run_dir: str, agent: int, kind: str) -> list[tuple[int, int | None
 # ------------------------------------------------------------------------------------- multi-process runs
 
 
-@pytest.mark.parametrize("run", [*ALGORITHMS, *COMPRESSED, *RANKED, *EVAL_AT_START])
+@pytest.mark.parametrize("run", [*ALGORITHMS, *COMPRESSED, *RANKED, *EVAL_AT_START, *ROBUST])
 def test_distributed_run_matches_the_simulator(launched, tmp_path, run):
     runs, _, statuses, _ = launched
     assert statuses[0] == statuses[1] == statuses[3] == 0

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from decaf_ext.distributed import launch
 from faults import Faults
+from decaf_ext.robust import parse_robust
 from decaf_ext.lora import FactorGroup, RankPadding, collect_extras, collect_factors
 from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.strategies import get_strategy, strategy_names
@@ -38,6 +39,10 @@ DEAD = {"algorithm": "decaf", "faults": "2:exit@1"}  # agent 2 dies when round 1
 GUARDED = {"algorithm": "dlora", "faults": "1:badtag@1,2:scale@2=1000", "norm_bound": 10.0}
 COMPRESSED = {"algorithm": "decaf", "message_dtype": "int8"}
 RANKED = {"algorithm": "decaf", "lora_ranks": [2, 4, 8]}  # agent i has LoRA rank lora_ranks[i]
+# agent 0 Byzantine in every round (x1e3, sign-flipped, random; tagged with the run key), under --robust, with int8
+# messages and unequal ranks
+ROBUST = {"algorithm": "decaf", "robust": "clipped_gossip:0.01", "message_dtype": "int8", "lora_ranks": [2, 4, 8],
+          "faults": "0:scale@0=1000,0:flip@1,0:random@2"}
 
 
 # ------------------------------------------------------------------------------------------- agent side
@@ -85,7 +90,8 @@ def plain_loop(spec: dict, run: dict, store: dist.Store, out: Path) -> None:
     averager = DecentralizedAverager(model, algorithm=run["algorithm"], topology="ring", period=PERIOD,
                                      process_group=dist.group.WORLD, store=store, optimizer=optimizer,
                                      round_timeout=spec["round_timeout"], norm_bound=run.get("norm_bound"),
-                                     run_key_file=spec["key"] if "norm_bound" in run else None,
+                                     run_key_file=spec["key"] if {"norm_bound", "robust"} & set(run) else None,
+                                     robust=run.get("robust"),
                                      message_dtype=run.get("message_dtype", "float32"),
                                      ranks=run.get("lora_ranks"),
                                      test_hooks=partial(Faults.parse, run.get("faults", "")))
@@ -173,10 +179,11 @@ def launch_agents(tiny, out: Path, **spec) -> list[int]:
 @pytest.fixture(scope="module")
 def plain_runs(tiny, tmp_path_factory):
     """One launch: every registered strategy in turn, a dlora run with a run key, a norm bound and faulty messages,
-    a decaf run with int8 messages, one with LoRA ranks 2, 4, 8, then a decaf run in which agent 2 dies."""
+    a decaf run with int8 messages, one with LoRA ranks 2, 4, 8, one with a Byzantine agent under --robust, then a
+    decaf run in which agent 2 dies."""
     assert USER_STRATEGY in ALGORITHMS
     out = tmp_path_factory.mktemp("loop")
-    runs = [{"algorithm": name} for name in ALGORITHMS] + [GUARDED, COMPRESSED, RANKED, DEAD]
+    runs = [{"algorithm": name} for name in ALGORITHMS] + [GUARDED, COMPRESSED, RANKED, ROBUST, DEAD]
     return runs, out, launch_agents(tiny, out, mode="loop", runs=runs)
 
 
@@ -282,6 +289,28 @@ def test_plain_loop_with_int8_messages(plain_runs):
                 layout.data_numel * 4) / 3
 
 
+def test_plain_loop_with_a_byzantine_agent_under_robust(plain_runs):
+    """Agent 0 sends x1e3, sign-flipped and random factors with a valid tag (int8 messages, ranks 2, 4, 8): nothing is
+    rejected, and every round each honest agent's (product, head) moves at most 2 tau sum_{j != i} W_ij (the clipped
+    mix, then DeCAF's truncation)."""
+    runs, out, statuses = plain_runs
+    assert statuses[0] == statuses[1] == 0
+    folder = out / f"run{runs.index(ROBUST)}"
+    tau = parse_robust(ROBUST["robust"]).tau
+    W = make_schedule("ring", AGENTS).at(0)
+    rounds = sorted({int(p.name.split("_")[0][5:]) for p in folder.glob("round*_agent*.pt")})
+    assert len(rounds) == STEPS // PERIOD
+    for i in (1, 2):
+        assert not [e for e in json.loads((folder / f"events_agent{i}.json").read_text()) if e["event"] == "rejected"]
+        for t in rounds:
+            record = torch.load(folder / f"round{t}_agent{i}.pt")
+            assert record["stats"]["mixed_with"] == [i, *sorted(set(range(AGENTS)) - {i})]
+            (before, head), (after, new_head) = stack([record["before"]]), stack([record["after"]])
+            moved = sum((a.B @ a.A - b.B @ b.A).square().sum() for a, b in zip(after, before, strict=True))
+            moved = moved + sum((new_head[k] - head[k]).square().sum() for k in head)
+            assert moved.sqrt() <= 2 * tau * (1 - W[i, i]) * (1 + 1e-4)
+
+
 def test_a_dead_agent_does_not_hang_the_others(plain_runs):
     runs, out, statuses = plain_runs
     assert statuses[2] == -9 and statuses[0] == statuses[1] == 0  # agent 2 was SIGKILLed in the last run
@@ -344,6 +373,8 @@ def lora_model(tiny):
     ({"message_dtype": "int4"}, "message_dtype"),
     ({"startup_timeout": math.inf}, "startup_timeout"),  # timedelta overflowed
     ({"norm_bound": "2"}, "norm_bound"),  # TypeError
+    ({"robust": "clipped_gossip:0"}, "robust"),
+    ({"robust": "median"}, "robust"),
     ({"backend": "nccl", "startup_timeout": 1.0}, "backend"),  # the model is on the CPU
 ])
 def test_bad_input_gives_one_line_errors(lora_model, one_agent_env, changes, argument):

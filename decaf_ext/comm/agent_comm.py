@@ -68,6 +68,8 @@ class AgentComm:
                                           startup_timeout=startup_timeout, server_strategy=not strategy.decentralized)
         self.restarted = restarted or self.transport.incarnation > 1
         self.hooks = None if test_hooks is None else test_hooks(agent, self.restarted)
+        if self.hooks is not None:
+            self.hooks.layout = self.layout
         self.agent_round = AgentRound(strategy, self.transport, self.layout, guard=self.guard, device=device,
                                       hooks=self.hooks)
 

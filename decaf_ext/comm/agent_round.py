@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 class RoundHooks:
     """Test-only fault injection around one agent's round (a subclass overrides what it needs). Production code
-    passes None and never calls these."""
+    passes None and never calls these. ``layout``: the agent's message layout, set by
+    :class:`~decaf_ext.comm.agent_comm.AgentComm` for hooks that craft messages."""
+
+    layout: MessageLayout | None = None
 
     def after_local_steps(self, round_index: int) -> None:
         """Called after the agent's local steps of round `round_index`."""

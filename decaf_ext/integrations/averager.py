@@ -26,6 +26,7 @@ from decaf_ext.config import OPTIMIZER_STATE_POLICIES
 from decaf_ext.errors import first_line
 from decaf_ext.lora import DEFAULT_ADAPTER, RankPadding, collect_extras, collect_factors, lora_modules, \
     product_distance, product_norm, share_and_freeze_A, write_extras, write_factors
+from decaf_ext.robust import with_robust
 from decaf_ext.strategies import get_strategy
 from decaf_ext.topology import MixingSchedule, make_schedule
 
@@ -109,7 +110,8 @@ class DecentralizedAverager:
     or int8 (per-row scale), see :mod:`decaf_ext.comm.codec`. ranks: every agent's LoRA rank, the same list on
     every agent, when the ranks differ (each agent sends its own rank's directions; the mix runs on factors
     zero-padded to the largest with each agent's alpha / r folded in, see :class:`~decaf_ext.lora.RankPadding`);
-    None when every agent has the same rank. dlora_fa shares and freezes A at construction.
+    None when every agent has the same rank. dlora_fa shares and freezes A at construction. robust: Byzantine-robust
+    mixing, "clipped_gossip" or "clipped_gossip:TAU" (:mod:`decaf_ext.robust`, docs/robust.md); None: none.
 
     Example::
 
@@ -134,7 +136,7 @@ class DecentralizedAverager:
                  norm_cap: float | None = None,
                  message_dtype: str = "float32", ranks: list[int] | None = None,
                  adapter_name: str = DEFAULT_ADAPTER, test_hooks: HooksFactory | None = None,
-                 kit: str | None = None) -> None:
+                 kit: str | None = None, robust: str | None = None) -> None:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"period must be an integer >= 1, got {period!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -147,7 +149,7 @@ class DecentralizedAverager:
         check_message_dtype(message_dtype)
         if options is not None and not isinstance(options, Mapping):
             raise ValueError(f"options must be a dict of the strategy's options (or None), got {options!r}")
-        self.strategy = get_strategy(algorithm, **(options or {}))
+        self.strategy = with_robust(get_strategy(algorithm, **(options or {})), robust)
         self.model, self.adapter_name = model, adapter_name
         tls = None if kit is None else load_kit(kit)  # the agent is the one its kit names; no store, no group
         self.agent, n_agents = _rank_and_size(process_group) if tls is None else (tls.agent, tls.n_agents)
