@@ -45,7 +45,7 @@ struct GramProblems {
 // One launch of the fused exact path's core (common/gram_core.h; csrc/solve_fused.cpp): the Grams GB, GA
 // [batch, NR + 1, NR + 1] (float64, with the column sums), W [n_out, n_in] (float64, on the device: W on
 // a GPU) or the host plan's table (float64), outputs coef_B, coef_A [batch, n_out, rank, NR] (float64),
-// S [batch, n_out, rank] (output dtype) and missing int32 [batch, n_out].
+// S [batch, n_out, rank] (float64) and missing int32 [batch, n_out].
 struct FusedCore {
   at::Tensor GB, GA, W, table, coef_B, coef_A, S, missing;
   int64_t problems, n_out, n_in, r, rank, kmax, mn;
@@ -64,10 +64,10 @@ struct FusedKernels {
   void (*core)(const FusedCore& call);
   // One team per (module, output row) (common/fused_io.h): completes A64 [batch, n_out, rank, n] in
   // place (candidates A_in [batch, NR, n], any batch stride, W [n_out, n_in] float64, both float64 on
-  // the device), then writes A_out [batch, n_out, rank, n] and B_out [batch, n_out, m, rank] (output
-  // dtype) from A64 and BT [batch, n_out, rank, m].
-  void (*finish)(at::Tensor& A64, const at::Tensor& BT, const at::Tensor& missing, const at::Tensor& A_in,
-                 const at::Tensor& W, at::Tensor& A_out, at::Tensor& B_out);
+  // the device), then writes A_out [batch, n_out, rank, n], B_out [batch, n_out, m, rank] and S_out
+  // [batch, n_out, rank] (output dtype) from A64, BT [batch, n_out, rank, m] and S (float64).
+  void (*finish)(at::Tensor& A64, const at::Tensor& BT, const at::Tensor& S, const at::Tensor& missing,
+                 const at::Tensor& A_in, const at::Tensor& W, at::Tensor& A_out, at::Tensor& B_out, at::Tensor& S_out);
 };
 
 struct Backend {

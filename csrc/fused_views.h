@@ -21,15 +21,14 @@ StageView<T> stage_view(const at::Tensor& A, const at::Tensor& B, at::Tensor& XA
   return v;
 }
 
-template <class TS>
-CoreView<TS> core_view(const FusedCore& c, double* work) {
-  return CoreView<TS>{c.GB.data_ptr<double>(),
+inline CoreView core_view(const FusedCore& c, double* work) {
+  return CoreView{c.GB.data_ptr<double>(),
                       c.GA.data_ptr<double>(),
                       c.W.defined() ? c.W.data_ptr<double>() : nullptr,
                       c.table.defined() ? c.table.data_ptr<double>() : nullptr,
                       c.coef_B.data_ptr<double>(),
                       c.coef_A.data_ptr<double>(),
-                      c.S.data_ptr<TS>(),
+                      c.S.data_ptr<double>(),
                       c.missing.data_ptr<int>(),
                       work,
                       c.problems,
@@ -48,13 +47,15 @@ CoreView<TS> core_view(const FusedCore& c, double* work) {
 inline int64_t core_workspace_of(const FusedCore& c) { return core_workspace(c.kmax, std::min(c.rank, c.kmax)); }
 
 template <class T>
-FinishView<T> finish_view(at::Tensor& A64, const at::Tensor& BT, const at::Tensor& missing, const at::Tensor& A_in,
-                          const at::Tensor& W, at::Tensor& A_out, at::Tensor& B_out) {
+FinishView<T> finish_view(at::Tensor& A64, const at::Tensor& BT, const at::Tensor& S, const at::Tensor& missing,
+                          const at::Tensor& A_in, const at::Tensor& W, at::Tensor& A_out, at::Tensor& B_out,
+                          at::Tensor& S_out) {
   const CompletionView<double> completion{A64.data_ptr<double>(), missing.data_ptr<int>(), A_in.data_ptr<double>(),
                                           W.data_ptr<double>(),   missing.numel(),         W.size(0),
                                           W.size(1),              A_in.size(1) / W.size(1), A64.size(2),
                                           A64.size(3),            A_in.stride(0)};
-  return FinishView<T>{completion, BT.data_ptr<double>(), A_out.data_ptr<T>(), B_out.data_ptr<T>(), B_out.size(2)};
+  return FinishView<T>{completion,       BT.data_ptr<double>(), A_out.data_ptr<T>(), B_out.data_ptr<T>(),
+                       S.data_ptr<double>(), S_out.data_ptr<T>(), B_out.size(2)};
 }
 
 }  // namespace decaf

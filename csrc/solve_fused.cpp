@@ -77,7 +77,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> solve_fused(
   call.mn = std::max(s.m, s.n), call.exp_b = o.exp_b, call.exp_a = o.exp_a, call.eps = eps_of(at::kFloat);
   call.coef_B = at::empty({s.batch, s.n_out, o.rank, NR}, f64);
   call.coef_A = at::empty({s.batch, s.n_out, o.rank, NR}, f64);
-  call.S = at::empty({s.batch, s.n_out, o.rank}, A.options());
+  call.S = at::empty({s.batch, s.n_out, o.rank}, f64);
   call.missing = at::empty({s.batch, s.n_out}, A.options().dtype(at::kInt));
   backend.fused->core(call);
   const at::Tensor BT = at::bmm(call.coef_B.view({s.batch, s.n_out * o.rank, NR}), XB.narrow(1, 0, NR));
@@ -85,8 +85,9 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> solve_fused(
                        .view({s.batch, s.n_out, o.rank, s.n});
   at::Tensor A_out = at::empty({s.batch, s.n_out, o.rank, s.n}, A.options());
   at::Tensor B_out = at::empty({s.batch, s.n_out, s.m, o.rank}, A.options());
-  backend.fused->finish(A64, BT, call.missing, XA.narrow(1, 0, NR), W_dev, A_out, B_out);
-  return std::make_tuple(A_out, B_out, call.S);
+  at::Tensor S_out = at::empty({s.batch, s.n_out, o.rank}, A.options());
+  backend.fused->finish(A64, BT, call.S, call.missing, XA.narrow(1, 0, NR), W_dev, A_out, B_out, S_out);
+  return std::make_tuple(A_out, B_out, S_out);
 }
 
 }  // namespace decaf

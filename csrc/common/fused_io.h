@@ -5,8 +5,8 @@
 //           column t of B; row NR: ones, so that the Grams' last row holds the column sums), one element
 //           per call of stage_element;
 //   finish: per (module, output row), a Team (team.h): the completion of zero directions
-//           (completion.h) on the float64 A_new, then A_new and B_new (transposed from [rank, m]) written
-//           in the output dtype.
+//           (completion.h) on the float64 A_new, then A_new, B_new (transposed from [rank, m]) and S
+//           written in the output dtype.
 #pragma once
 
 #include <stdint.h>
@@ -49,6 +49,8 @@ struct FinishView {
   const double* BT;                   // [batch, n_out, rank, m]: B_new transposed
   T* A_out;                           // [batch, n_out, rank, n]
   T* B_out;                           // [batch, n_out, m, rank]
+  const double* S;                    // [batch, n_out, rank]
+  T* S_out;                           // [batch, n_out, rank]
   int64_t m;
 };
 
@@ -62,6 +64,7 @@ DECAF_HD void finish_row(const Team& team, const FinishView<T>& v, int64_t p) {
   const double* bt = v.BT + p * rank * m;
   for (int64_t e = team.rank(); e < m * rank; e += team.size())
     v.B_out[p * m * rank + e] = (T)(float)bt[(e % rank) * m + e / rank];
+  for (int64_t j = team.rank(); j < rank; j += team.size()) v.S_out[p * rank + j] = (T)(float)v.S[p * rank + j];
 }
 
 }  // namespace decaf

@@ -39,7 +39,6 @@ constexpr int kKrylovCycles = 24;
 constexpr double kKrylovTolerance = 1e-9;
 
 // A call's problems as the core reads them; item = module * problems + problem.
-template <class TS>
 struct CoreView {
   const double* GB;     // [batch, NR + 1, NR + 1]
   const double* GA;     // [batch, NR + 1, NR + 1]
@@ -47,7 +46,7 @@ struct CoreView {
   const double* table;  // W on the host: fused_table's layout (csrc/solve_fused.cpp); or null
   double* coef_B;       // [batch, n_out, rank, NR]: B_new^T of row i = coef_B[i] X_B[:NR]
   double* coef_A;       // [batch, n_out, rank, NR]: A_new of row i = coef_A[i] X_A[:NR]
-  TS* S;                // [batch, n_out, rank]
+  double* S;            // [batch, n_out, rank]
   int* missing;         // [batch, n_out]: trailing zero-sigma rows of A_new to complete
   double* work;         // per team: core_workspace(kmax, min(rank, kmax)) doubles
   int64_t problems, n_out, n_in, r, rank, kmax, mn;  // mn = max(m, n)
@@ -245,8 +244,8 @@ DECAF_HD int krylov_top(const Team& team, const double* L, const double* F, int 
 // One (module, problem) item: the coefficients, S and missing counts of every output row it serves.
 // eig_work: small_eigh_workspace(min(kmax, kSmallEighMax)) doubles private to the team (shared memory
 // on the GPU). Returns the Krylov cycles run (0: Jacobi on H).
-template <class Team, class TS>
-DECAF_HD int gram_core(const Team& team, const CoreView<TS>& v, int64_t item, double* work, double* eig_work) {
+template <class Team>
+DECAF_HD int gram_core(const Team& team, const CoreView& v, int64_t item, double* work, double* eig_work) {
   const int64_t b = item / v.problems, p = item % v.problems;
   const int NR = (int)(v.n_in * v.r), ldg = NR + 1, rank = (int)v.rank, r = (int)v.r;
   const double* GB = v.GB + b * ldg * ldg;
@@ -360,7 +359,7 @@ DECAF_HD int gram_core(const Team& team, const CoreView<TS>& v, int64_t item, do
       cB[j * NR + col(i)] = j < q ? U[i * q + j] * red[j] : 0.0;
       cA[j * NR + col(i)] = j < q ? V[i * q + j] * red[q + j] : 0.0;
     }
-    for (int j = team.rank(); j < rank; j += team.size()) v.S[out * rank + j] = (TS)(j < q && K > 0 ? red[2 * q + j] : 0.0);
+    for (int j = team.rank(); j < rank; j += team.size()) v.S[out * rank + j] = j < q && K > 0 ? red[2 * q + j] : 0.0;
     if (team.rank() == 0) v.missing[out] = rank - kept;
   }
   team.sync();

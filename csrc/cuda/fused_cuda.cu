@@ -7,7 +7,6 @@
 #include "fused_cuda.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
@@ -37,8 +36,7 @@ __global__ void stage_kernel(StageView<T> v) {
     stage_element(v, e);
 }
 
-template <class TS>
-__global__ void __launch_bounds__(kCoreThreads) core_kernel(CoreView<TS> v, int64_t items, int64_t work_per_block) {
+__global__ void __launch_bounds__(kCoreThreads) core_kernel(CoreView v, int64_t items, int64_t work_per_block) {
   extern __shared__ double shared[];  // small_eigh_workspace(min(kmax, 64)) + kCoreThreads doubles
   const int eig_n = (int)(v.kmax < kSmallEighMax ? v.kmax : kSmallEighMax);
   const BlockTeam team{shared + small_eigh_workspace(eig_n)};
@@ -57,18 +55,17 @@ size_t core_shared_bytes(int64_t kmax) {
   return (size_t)(small_eigh_workspace((int)std::min<int64_t>(kmax, kSmallEighMax)) + kCoreThreads) * sizeof(double);
 }
 
-// The device's opt-in shared memory per block, read once per device.
-int shared_limit(int device) {
+// A device attribute (cudaDevAttr*), read once per device; 0 for devices beyond the first 64.
+template <cudaDeviceAttr kAttribute>
+int device_attribute(int device) {
   static std::mutex mutex;
-  static int limits[64] = {};
+  static int values[64] = {};
   const std::lock_guard<std::mutex> lock(mutex);
-  if (device < 64 && limits[device] == 0)
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits[device], cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return device < 64 ? limits[device] : 0;
+  if (device < 64 && values[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&values[device], kAttribute, device));
+  return device < 64 ? values[device] : 0;
 }
 
-// Opts core_kernel<TS> in to its largest shared memory once per device (above the default 48 KB).
-template <class TS>
+// Opts core_kernel in to its largest shared memory once per device (above the default 48 KB).
 void opt_in(int device) {
   static std::mutex mutex;
   static bool done[64] = {};
@@ -76,13 +73,13 @@ void opt_in(int device) {
   if (device >= 64 || done[device]) return;
   const size_t bytes = core_shared_bytes(kSmallEighMax);
   if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(core_kernel<TS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(core_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
   done[device] = true;
 }
 
 bool fused_fits_cuda(int64_t kmax) {
   const int device = c10::cuda::current_device();
-  return device < 64 && core_shared_bytes(kSmallEighMax) <= (size_t)shared_limit(device) && kmax <= kFusedMaxColumns;
+  return device < 64 && core_shared_bytes(kSmallEighMax) <= (size_t)device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device) && kmax <= kFusedMaxColumns;
 }
 
 void fused_stage_cuda(const at::Tensor& A, const at::Tensor& B, at::Tensor& XA, at::Tensor& XB) {
@@ -98,25 +95,23 @@ void fused_core_cuda(const FusedCore& call) {
   const int device = c10::cuda::current_device();
   const int64_t items = call.GB.size(0) * call.problems;
   if (items == 0) return;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = device_attribute<cudaDevAttrMultiProcessorCount>(device);
   const int64_t blocks = std::min<int64_t>(items, 2 * sms), per_block = core_workspace_of(call);
   const at::Tensor work = at::empty({blocks * per_block}, call.GB.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.S.scalar_type(), "fused_core_cuda", [&] {
-    opt_in<scalar_t>(device);
-    const CoreView<scalar_t> v = core_view<scalar_t>(call, work.data_ptr<double>());
-    core_kernel<scalar_t><<<(unsigned)blocks, kCoreThreads, core_shared_bytes(call.kmax),
-                            c10::cuda::getCurrentCUDAStream()>>>(v, items, per_block);
-  });
+  opt_in(device);
+  core_kernel<<<(unsigned)blocks, kCoreThreads, core_shared_bytes(call.kmax), c10::cuda::getCurrentCUDAStream()>>>(
+      core_view(call, work.data_ptr<double>()), items, per_block);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void fused_finish_cuda(at::Tensor& A64, const at::Tensor& BT, const at::Tensor& missing, const at::Tensor& A_in,
-                       const at::Tensor& W, at::Tensor& A_out, at::Tensor& B_out) {
+void fused_finish_cuda(at::Tensor& A64, const at::Tensor& BT, const at::Tensor& S, const at::Tensor& missing,
+                       const at::Tensor& A_in, const at::Tensor& W, at::Tensor& A_out, at::Tensor& B_out,
+                       at::Tensor& S_out) {
   const int64_t rows = missing.numel();
   if (rows == 0) return;
   const unsigned blocks = (unsigned)std::min<int64_t>(rows, 65535);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A_out.scalar_type(), "fused_finish_cuda", [&] {
-    const FinishView<scalar_t> v = finish_view<scalar_t>(A64, BT, missing, A_in, W, A_out, B_out);
+    const FinishView<scalar_t> v = finish_view<scalar_t>(A64, BT, S, missing, A_in, W, A_out, B_out, S_out);
     finish_kernel<scalar_t><<<blocks, kFinishThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(v, rows);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -34,20 +34,19 @@ inline void fused_core_serial(const FusedCore& call) {
   std::vector<double> eig_work(small_eigh_workspace((int)std::min<int64_t>(call.kmax, kSmallEighMax)));
   double scratch = 0.0;
   const SerialTeam team{&scratch};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.S.scalar_type(), "fused_core", [&] {
-    const CoreView<scalar_t> v = core_view<scalar_t>(call, work.data());
-    for (int64_t item = 0; item < items; ++item)
-      fused_most_cycles = std::max(fused_most_cycles, gram_core(team, v, item, work.data(), eig_work.data()));
-  });
+  const CoreView v = core_view(call, work.data());
+  for (int64_t item = 0; item < items; ++item)
+    fused_most_cycles = std::max(fused_most_cycles, gram_core(team, v, item, work.data(), eig_work.data()));
 }
 
-inline void fused_finish_serial(at::Tensor& A64, const at::Tensor& BT, const at::Tensor& missing, const at::Tensor& A_in,
-                                const at::Tensor& W, at::Tensor& A_out, at::Tensor& B_out) {
+inline void fused_finish_serial(at::Tensor& A64, const at::Tensor& BT, const at::Tensor& S, const at::Tensor& missing,
+                                const at::Tensor& A_in, const at::Tensor& W, at::Tensor& A_out, at::Tensor& B_out,
+                                at::Tensor& S_out) {
   RECORD_FUNCTION("decaf::fused_finish", std::vector<c10::IValue>({A64, BT}));
   double scratch = 0.0;
   const SerialTeam team{&scratch};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A_out.scalar_type(), "fused_finish", [&] {
-    const FinishView<scalar_t> v = finish_view<scalar_t>(A64, BT, missing, A_in, W, A_out, B_out);
+    const FinishView<scalar_t> v = finish_view<scalar_t>(A64, BT, S, missing, A_in, W, A_out, B_out, S_out);
     for (int64_t p = 0; p < missing.numel(); ++p) finish_row(team, v, p);
   });
 }

@@ -283,7 +283,7 @@ struct CoreCase {
 
 struct CoreResult {
   std::vector<double> coef_B, coef_A;
-  std::vector<float> S;
+  std::vector<double> S;
   std::vector<int> missing;
   int cycles = 0;
 };
@@ -334,12 +334,12 @@ CoreResult run_core(const CoreCase& k, int threads) {
   CoreResult out;
   out.coef_B.assign((size_t)k.modules * k.n_out * k.rank * NR, -1.0);
   out.coef_A = out.coef_B;
-  out.S.assign((size_t)k.modules * k.n_out * k.rank, -1.0f);
+  out.S.assign((size_t)k.modules * k.n_out * k.rank, -1.0);
   out.missing.assign((size_t)k.modules * k.n_out, -1);
   const int64_t q = std::min<int64_t>(k.rank, kmax);
   std::vector<double> work(decaf::core_workspace(kmax, q));
   std::vector<double> eig_work(decaf::small_eigh_workspace((int)std::min<int64_t>(kmax, decaf::kSmallEighMax)));
-  const decaf::CoreView<float> v{GB.data(), GA.data(), k.table ? nullptr : W.data(), k.table ? table.data() : nullptr,
+  const decaf::CoreView v{GB.data(), GA.data(), k.table ? nullptr : W.data(), k.table ? table.data() : nullptr,
                                  out.coef_B.data(), out.coef_A.data(), out.S.data(), out.missing.data(), work.data(),
                                  problems, k.n_out, k.n_in, k.r, k.rank, kmax, k.c, 0.5, 0.5, 1.1920928955078125e-07};
   with_team(threads, [&](const auto& team) {
@@ -358,10 +358,10 @@ void compare_core(const CoreCase& k, int threads) {
   // S descending and nonnegative, every output written, the zero row (table case) all missing.
   bool sane = true;
   for (size_t row = 0; row < team.missing.size(); ++row) {
-    const float* S = team.S.data() + row * k.rank;
-    for (int j = 0; j < k.rank; ++j) sane = sane && S[j] >= 0.0f && (j == 0 || S[j] <= S[j - 1]);
+    const double* S = team.S.data() + row * k.rank;
+    for (int j = 0; j < k.rank; ++j) sane = sane && S[j] >= 0.0 && (j == 0 || S[j] <= S[j - 1]);
     sane = sane && team.missing[row] >= 0 && team.missing[row] <= k.rank;
-    if (k.table && row % k.n_out == 1) sane = sane && team.missing[row] == k.rank && S[0] == 0.0f;
+    if (k.table && row % k.n_out == 1) sane = sane && team.missing[row] == k.rank && S[0] == 0.0;
   }
   for (double x : team.coef_B) sane = sane && x != -1.0 && std::isfinite(x);
   for (double x : team.coef_A) sane = sane && x != -1.0 && std::isfinite(x);
@@ -374,7 +374,7 @@ void compare_core(const CoreCase& k, int threads) {
   check(same && sane && team.cycles < decaf::kKrylovCycles, name);
 }
 
-// finish_row: completion of float64 rows, then A and B (transposed) written as float.
+// finish_row: completion of float64 rows, then A, B (transposed) and S written as float.
 void compare_finish(int threads) {
   const int modules = 2, n_out = 4, n_in = 4, r = 3, rank = 4, n = 20, m = 15, NR = n_in * r;
   std::mt19937_64 gen(99);
@@ -382,6 +382,8 @@ void compare_finish(int threads) {
   std::vector<double> A_in((size_t)modules * (NR + 1) * n), BT((size_t)modules * n_out * rank * m), W((size_t)n_out * n_in, 0.25);
   for (double& x : A_in) x = normal(gen);
   for (double& x : BT) x = normal(gen);
+  std::vector<double> S((size_t)modules * n_out * rank);
+  for (double& x : S) x = normal(gen);
   std::vector<int> missing(modules * n_out);
   std::vector<double> A64((size_t)modules * n_out * rank * n, 0.0);
   for (int p = 0; p < modules * n_out; ++p) {
@@ -390,14 +392,15 @@ void compare_finish(int threads) {
   }
   const auto run = [&](int t) {
     std::vector<double> a = A64;
-    std::vector<float> A_out(a.size()), B_out((size_t)modules * n_out * m * rank);
+    std::vector<float> A_out(a.size()), B_out((size_t)modules * n_out * m * rank), S_out((size_t)modules * n_out * rank);
     const decaf::CompletionView<double> completion{a.data(), missing.data(), A_in.data(), W.data(), (int64_t)missing.size(),
                                                    n_out, n_in, r, rank, n, (int64_t)(NR + 1) * n};
-    const decaf::FinishView<float> v{completion, BT.data(), A_out.data(), B_out.data(), m};
+    const decaf::FinishView<float> v{completion, BT.data(), A_out.data(), B_out.data(), S.data(), S_out.data(), m};
     with_team(t, [&](const auto& team) {
       for (int64_t p = 0; p < (int64_t)missing.size(); ++p) decaf::finish_row(team, v, p);
     });
     A_out.insert(A_out.end(), B_out.begin(), B_out.end());
+    A_out.insert(A_out.end(), S_out.begin(), S_out.end());
     return A_out;
   };
   const std::vector<float> serial = run(0), team = run(threads);
@@ -409,8 +412,10 @@ void compare_finish(int threads) {
     for (int i = 0; i < m; ++i)
       for (int t = 0; t < rank; ++t)
         transposed = transposed && team[a_size + ((size_t)p * m + i) * rank + t] == (float)BT[((size_t)p * rank + t) * m + i];
+  const size_t s_at = a_size + (size_t)modules * n_out * m * rank;
+  for (size_t x = 0; x < S.size(); ++x) transposed = transposed && team[s_at + x] == (float)S[x];
   char name[160];
-  std::snprintf(name, sizeof(name), "finish_row %d threads vs 1: completion, A and B written as float (diff %.1e, B transposed %d)",
+  std::snprintf(name, sizeof(name), "finish_row %d threads vs 1: completion, A, B and S written as float (diff %.1e, B transposed, S %d)",
                 threads, diff, (int)transposed);
   check(diff < 1e-6 && transposed, name);
 }
