@@ -79,7 +79,8 @@ void opt_in(int device) {
 
 bool fused_fits_cuda(int64_t kmax) {
   const int device = c10::cuda::current_device();
-  return device < 64 && core_shared_bytes(kSmallEighMax) <= (size_t)device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device) && kmax <= kFusedMaxColumns;
+  const int limit = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
+  return core_shared_bytes(kSmallEighMax) <= (size_t)limit && kmax <= kFusedMaxColumns;
 }
 
 void fused_stage_cuda(const at::Tensor& A, const at::Tensor& B, at::Tensor& XA, at::Tensor& XB) {
