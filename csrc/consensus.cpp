@@ -42,12 +42,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
   o.seed = (uint64_t)seed;
 
   const at::Tensor Wd = W.to(at::kDouble).contiguous();
-  const Plan plan = Wd.is_cpu() ? host_plan(Wd, s.r, s.m, s.n) : device_plan(s.n_out, s.n_in);
+  const bool read_w = Wd.is_cpu() && !backend.plan_as_device;
+  const Plan plan = read_w ? host_plan(Wd, s.r, s.m, s.n) : device_plan(s.n_out, s.n_in);
   TORCH_CHECK_VALUE(plan.max_agents * s.r <= kMaxStackedColumns, "W: a receiving agent stacks k*r = ",
                     plan.max_agents, "*", s.r, " = ", plan.max_agents * s.r, " factor columns (k = nonzero weights ",
-                    Wd.is_cpu() ? "in its row" : "allowed by W's shape: W on a GPU is not read", "), at most ",
+ read_w ? "in its row" : "allowed by W's shape: W on a GPU is not read", "), at most ",
                     kMaxStackedColumns, " are supported");
   const NoTF32 no_tf32(A.is_cuda());
+  const auto out_dtype = A.scalar_type();
+  if (auto fused = solve_fused(A, B, plan, Wd, read_w, s, o, backend)) {
+    const auto& [A_new, B_new, S] = *fused;
+    return {A_new.reshape(with_lead(s, {s.n_out, rank, s.n})), B_new.reshape(with_lead(s, {s.n_out, s.m, rank})),
+            S.reshape(with_lead(s, {s.n_out, rank}))};
+  }
 
   // A in the compute dtype, batch dims flattened: rows [batch, N_in r, n].
   const at::Tensor Af = A.to(compute_dtype(A.scalar_type())).reshape({s.batch, s.n_in * s.r, s.n}).contiguous();
@@ -55,7 +62,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(
   at::Tensor A_new = out.A_new.contiguous(), B_new = out.B_new, S = out.S, missing = out.missing.contiguous();
   backend.complete_rows(A_new, missing, Af, on_device(Wd, Af.device()));
 
-  const auto out_dtype = A.scalar_type();
   return {A_new.to(out_dtype).reshape(with_lead(s, {s.n_out, rank, s.n})),
           B_new.to(out_dtype).contiguous().reshape(with_lead(s, {s.n_out, s.m, rank})),
           S.to(out_dtype).reshape(with_lead(s, {s.n_out, rank}))};

@@ -42,6 +42,34 @@ struct GramProblems {
   double min_pivot, min_diag;
 };
 
+// One launch of the fused exact path's core (common/gram_core.h; csrc/solve_fused.cpp): the Grams GB, GA
+// [batch, NR + 1, NR + 1] (float64, with the column sums), W [n_out, n_in] (float64, on the device: W on
+// a GPU) or the host plan's table (float64), outputs coef_B, coef_A [batch, n_out, rank, NR] (float64),
+// S [batch, n_out, rank] (float64) and missing int32 [batch, n_out].
+struct FusedCore {
+  at::Tensor GB, GA, W, table, coef_B, coef_A, S, missing;
+  int64_t problems, n_out, n_in, r, rank, kmax, mn;
+  double exp_b, exp_a, eps;
+};
+
+// The kernels of the fused exact path (csrc/solve_fused.cpp), float32-computed inputs, k*r up to
+// kFusedMaxColumns: a handful of launches per call and no host synchronization.
+struct FusedKernels {
+  // Whether the device runs the core for problems of up to kmax stacked columns.
+  bool (*fits)(int64_t kmax);
+  // The float64 stacks XA [batch, NR + 1, n], XB [batch, NR + 1, m] (common/fused_io.h) of
+  // A [batch, NR, n] and B [batch, n_in, m, r] (input dtype, any strides).
+  void (*stage)(const at::Tensor& A, const at::Tensor& B, at::Tensor& XA, at::Tensor& XB);
+  // One team per (module, problem) (common/gram_core.h).
+  void (*core)(const FusedCore& call);
+  // One team per (module, output row) (common/fused_io.h): completes A64 [batch, n_out, rank, n] in
+  // place (candidates A_in [batch, NR, n], any batch stride, W [n_out, n_in] float64, both float64 on
+  // the device), then writes A_out [batch, n_out, rank, n], B_out [batch, n_out, m, rank] and S_out
+  // [batch, n_out, rank] (output dtype) from A64, BT [batch, n_out, rank, m] and S (float64).
+  void (*finish)(at::Tensor& A64, const at::Tensor& BT, const at::Tensor& S, const at::Tensor& missing,
+                 const at::Tensor& A_in, const at::Tensor& W, at::Tensor& A_out, at::Tensor& B_out, at::Tensor& S_out);
+};
+
 struct Backend {
   // Completes the zero-singular-value rows of A_new [batch, N_out, rank, n] (contiguous, float or
   // double) in place: `missing` int32 [batch, N_out] trailing rows each, candidates from
@@ -91,6 +119,11 @@ struct Backend {
   // most this many bytes, so that each pass after the first reads them from cache (CPU: 8 MiB, a
   // share of the last-level cache; CUDA: no limit). Results do not depend on it.
   int64_t module_chunk_bytes;
+  // The fused exact path (csrc/solve_fused.cpp) where the device has one (CUDA), else nullptr.
+  const FusedKernels* fused = nullptr;
+  // Plan every call as for W on a GPU (every row on every agent), W read nowhere on the host: only the
+  // CUDA path run on the CPU sets it (csrc/tests/cuda_path_on_cpu.h), to count and test that case.
+  bool plan_as_device = false;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_impl(

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 #include "checks.h"
 #include "consensus.h"
@@ -59,6 +60,15 @@ std::optional<Solved> solve_gram(const at::Tensor& Bt, const at::Tensor& Af, con
 // Randomized range finder on the stacks (as solve_exact's).
 Solved solve_randomized(const at::Tensor& Bs, const at::Tensor& As, const at::Tensor& d, const Bucket& bk,
                         const Options& o, const Backend& backend);
+
+// The whole call by the backend's fused kernels (Backend::fused; csrc/solve_fused.cpp): A_new
+// [batch, N_out, rank, n], B_new [batch, N_out, m, rank] and S [batch, N_out, rank] in A's dtype,
+// completed; None where the call does not qualify (no fused kernels, float64 inputs, randomized, k*r above
+// kFusedMaxColumns, more than kKrylovMaxRank triplets above kSmallEighMax columns, or the device's
+// shared memory too small). `host_plan`: the plan read W on the host (Wd on the CPU).
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> solve_fused(
+    const at::Tensor& A, const at::Tensor& B, const Plan& plan, const at::Tensor& Wd, bool host_plan,
+    const Shapes& s, const Options& o, const Backend& backend);
 
 // Every bucket of the plan for all modules: Af [batch, N_in r, n] (compute dtype), B as given to the
 // op, Wd W in float64. Returns A_new [batch, N_out, rank, n], B_new [batch, N_out, m, rank],

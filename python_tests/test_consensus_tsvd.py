@@ -371,6 +371,52 @@ def test_cuda_call_without_checks_does_not_synchronize(n_agents, weights_on):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("weights_on", ["cuda", "cpu"])
+@pytest.mark.parametrize("graph", ["ring", "complete"])
+@pytest.mark.parametrize("n_agents", [8, 16, 32])
+def test_cuda_fused_path_matches_reference(n_agents, graph, weights_on):
+    """The fused path (csrc/solve_fused.cpp) at the GPU preset's k*r: 24 (a ring with W on the CPU), 64
+    (Jacobi), 128 and 256 (block Krylov), r = rank = 8, against the float64 reference; bfloat16 factors
+    against the reference of their float32 call."""
+    A, B = factors((2,), n_agents, 8, 300, 280, torch.float32, "cuda", seed=22)
+    W = (ring_weights if graph == "ring" else complete_weights)(n_agents).to(weights_on, torch.float32)
+    out = decaf_ext.consensus_tsvd(A, B, W, 8, method="exact", check_values=False)
+    assert_matches_reference(A, B, W, 8, out, TOL[torch.float32])
+    half = decaf_ext.consensus_tsvd(A.bfloat16(), B.bfloat16(), W, 8, method="exact", check_values=False)
+    assert all(t.dtype == torch.bfloat16 for t in half)
+    assert_matches_reference(A.bfloat16().float(), B.bfloat16().float(), W, 8, half, 1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("n_agents,dtype", [(8, torch.float32), (16, torch.float32), (32, torch.float32),
+                                            (16, torch.bfloat16)])
+def test_cuda_graph_capture_replays_the_eager_call(n_agents, dtype):
+    """With W on the GPU and check_values=False a call (the fused path: k*r = 64, 128, 256) is captured
+    in a CUDA graph; replayed on other factors copied into the captured inputs, it gives the eager call's
+    result (and, float32, the float64 reference's)."""
+    A, B = factors((2,), n_agents, 8, 96, 80, dtype, "cuda", seed=23)
+    W = ring_weights(n_agents).to("cuda", torch.float32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decaf_ext.consensus_tsvd(A, B, W, 8, check_values=False)  # warm-up: handles, device attributes
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decaf_ext.consensus_tsvd(A, B, W, 8, check_values=False)
+    A2, B2 = factors((2,), n_agents, 8, 96, 80, dtype, "cuda", seed=24)
+    A.copy_(A2)
+    B.copy_(B2)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = decaf_ext.consensus_tsvd(A2, B2, W, 8, check_values=False)
+    for x, y in zip(captured, eager):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    if dtype == torch.float32:
+        assert_matches_reference(A2, B2, W, 8, captured, TOL[torch.float32])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_value_checks_synchronize_once():
     A, B = factors((2,), 8, 4, 64, 48, torch.float32, "cuda", seed=19)
     W = ring_weights(8).to("cuda", torch.float32)

@@ -2,12 +2,15 @@
 # One command for a machine with an NVIDIA GPU, torch (CUDA build) and nvcc, and no network:
 #   bash scripts/gpu_check.sh
 # builds the extension with CUDA for the card present, runs the CUDA tests (the CUDA-parametrized op
-# and strategy tests: complete graphs up to k*r = 256, the TF32 setting, sync-free calls), the list of
+# and strategy tests: complete graphs up to k*r = 256, the TF32 setting, sync-free calls, the fused path
+# against the reference and a call captured in a CUDA graph and replayed), the kernel launches of one
+# call counted by the profiler (bench/launch_profile.py; next to the CPU counter's, decaf_launch_count,
+# where build/cmake/launch_count.txt is present), the list of
 # host-blocking CUDA calls inside one op call (bench/sync_probe.py), the GPU benchmark preset (ring and
 # complete) and its agent scaling, a 2-round `decaf-train --device cuda`
 # of the offline CLIP pipeline (tiny CLIP, digits), and writes bench/RESULTS.md with the card, the
 # versions and the figures. Every step runs under its own time limit (LIMIT_BUILD, LIMIT_TESTS,
-# LIMIT_SYNCS, LIMIT_BENCH, LIMIT_SCALING, LIMIT_TRAIN seconds; about 7.5 minutes in all at
+# LIMIT_LAUNCHES, LIMIT_SYNCS, LIMIT_BENCH, LIMIT_SCALING, LIMIT_TRAIN seconds; 7.5 minutes in all at
 # most); a failed or timed-out step is recorded in RESULTS.md and the script goes on. Exit status:
 # 0 when every step passed. Logs: build/gpu_check/*.log.
 set -uo pipefail
@@ -44,13 +47,17 @@ write_results() {
     echo "- build: $(status_of build)"
     echo "- CUDA tests: $(status_of tests): $(tail -1 "$LOG/tests.log" 2>/dev/null)"
     grep -e '^FAILED' -e '^ERROR' "$LOG/tests.log" 2>/dev/null | sed 's/^/  - /'
-    echo "- sync probe: $(status_of syncs); benchmark: $(status_of bench); scaling: $(status_of scaling); training: $(status_of train)"
+    echo "- launch count: $(status_of launches); sync probe: $(status_of syncs); benchmark: $(status_of bench); scaling: $(status_of scaling); training: $(status_of train)"
     if [ "$(cat "$LOG/build.rc" 2>/dev/null)" != 0 ]; then
       echo
       echo "## Build log (last lines)"
       echo
       fenced build 40
     else
+    echo
+    echo "## bench/launch_profile.py (device ops per consensus_tsvd call; CPU counter's in brackets)"
+    echo
+    fenced launches 30
     echo
     echo "## bench/sync_probe.py (host-blocking CUDA calls inside one consensus_tsvd call)"
     echo
@@ -96,11 +103,12 @@ TIMEOUT_FLAG=()
 "$PY" -c 'import pytest_timeout' 2>/dev/null && TIMEOUT_FLAG=(--timeout=120)
 step tests "${LIMIT_TESTS:-80}" "$PY" -m pytest -q -rf -k cuda "${TIMEOUT_FLAG[@]}" python_tests/test_consensus_tsvd.py \
   python_tests/test_ops.py python_tests/test_strategies.py
-step syncs "${LIMIT_SYNCS:-40}" "$PY" bench/sync_probe.py
+step launches "${LIMIT_LAUNCHES:-30}" "$PY" bench/launch_profile.py --cpu-table build/cmake/launch_count.txt
+step syncs "${LIMIT_SYNCS:-30}" "$PY" bench/sync_probe.py
 step bench "${LIMIT_BENCH:-80}" "$PY" bench/tsvd.py --preset gpu --json "$LOG/bench_gpu.json"
-step scaling "${LIMIT_SCALING:-40}" "$PY" bench/tsvd.py --preset gpu --scaling 8 16 32 --modules 16 --json "$LOG/scaling_gpu.json"
+step scaling "${LIMIT_SCALING:-30}" "$PY" bench/tsvd.py --preset gpu --scaling 8 16 32 --modules 16 --json "$LOG/scaling_gpu.json"
 step train "${LIMIT_TRAIN:-40}" "$PY" -c 'import sys; from decaf_ext.cli import main; sys.exit(main())' --device cuda --task clip \
   --model tiny-clip --dataset digits --rounds 2 --output-dir "$LOG/train"
 write_results
-for name in build tests syncs bench scaling train; do [ "$(cat "$LOG/$name.rc")" = 0 ] || exit 1; done
+for name in build tests launches syncs bench scaling train; do [ "$(cat "$LOG/$name.rc")" = 0 ] || exit 1; done
 exit 0

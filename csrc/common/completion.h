@@ -24,9 +24,9 @@ template <class T>
 struct CompletionView {
   T* A_new;          // [problems, rank, n] output rows (completed in place)
   const int* missing;  // [problems] how many trailing rows of each problem to complete
-  const T* A_in;     // [batch, n_in * r, n] the senders' A rows (agent j's row s at j * r + s)
+  const T* A_in;     // [batch, n_in * r, n] the senders' A rows (agent j's row s at j * r + s), batch stride a_in_batch
   const double* W;   // [n_out, n_in]
-  int64_t problems, n_out, n_in, r, rank, n;
+  int64_t problems, n_out, n_in, r, rank, n, a_in_batch;
 };
 
 // True when agent a precedes agent b among the candidates of a row with weights w.
@@ -96,7 +96,7 @@ DECAF_HD void complete_rows(const Team& team, const CompletionView<T>& v, int64_
   const double* w = v.W + i * v.n_in;
   const int self = v.n_out == v.n_in ? (int)i : -1;
   T* rows = v.A_new + p * rank * (int64_t)n;
-  const T* cand = v.A_in + b * v.n_in * v.r * v.n;
+  const T* cand = v.A_in + b * v.a_in_batch;
   int filled = rank - missing;
   for (int j = next_candidate(w, n_in, self, -1); j >= 0 && filled < rank; j = next_candidate(w, n_in, self, j))
     for (int s = 0; s < r && filled < rank; ++s)

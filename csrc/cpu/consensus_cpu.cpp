@@ -24,7 +24,8 @@ void complete_rows_cpu(at::Tensor& A_new, const at::Tensor& missing, const at::T
                                      A_in.data_ptr<scalar_t>(),  W.data_ptr<double>(),
                                      missing.numel(),            W.size(0),
                                      W.size(1),                  A_in.size(1) / W.size(1),
-                                     A_new.size(2),              A_new.size(3)};
+                                     A_new.size(2),              A_new.size(3),
+                                     A_in.stride(0)};
     at::parallel_for(0, v.problems, 1, [&](int64_t begin, int64_t end) {
       double scratch = 0.0;
       const SerialTeam team{&scratch};

@@ -19,6 +19,7 @@
 #include "../common/counter_normal.h"
 #include "../common/small_eigh.h"
 #include "../consensus.h"
+#include "fused_cuda.h"
 #include "gram_svd_batched.h"
 
 namespace decaf {
@@ -50,7 +51,8 @@ void complete_rows_cuda(at::Tensor& A_new, const at::Tensor& missing, const at::
                                      A_in.data_ptr<scalar_t>(),  W.data_ptr<double>(),
                                      problems,                   W.size(0),
                                      W.size(1),                  A_in.size(1) / W.size(1),
-                                     A_new.size(2),              A_new.size(3)};
+                                     A_new.size(2),              A_new.size(3),
+                                     A_in.stride(0)};
     complete_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(v);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -133,7 +135,8 @@ const Backend kCudaBackend{.complete_rows = complete_rows_cuda,
                            .float64_grams = true,
                            .auto_exact_max_columns = kMaxStackedColumns,
                            .stack_chunk_bytes = int64_t{256} << 20,
-                           .module_chunk_bytes = std::numeric_limits<int64_t>::max()};
+                           .module_chunk_bytes = std::numeric_limits<int64_t>::max(),
+                           .fused = &kFusedCuda};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> consensus_tsvd_cuda(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank,

@@ -16,6 +16,7 @@
 #include "../consensus.h"
 #include "../cpu/cpu_backend.h"
 #include "../cuda/gram_svd_batched.h"
+#include "fused_on_cpu.h"
 
 namespace decaf {
 
@@ -41,7 +42,7 @@ inline std::tuple<at::Tensor, at::Tensor> small_eigh_serial(const at::Tensor& H)
   return {values, vectors};
 }
 
-// kCpuBackend with the CUDA backend's small-problem path, Grams, write-back and chunk sizes.
+// kCpuBackend with the CUDA backend's fused path, small-problem path, Grams, write-back and chunk sizes.
 inline Backend cuda_path_on_cpu() {
   Backend backend = kCpuBackend;
   backend.gram_svd = gram_svd_batched;
@@ -51,6 +52,8 @@ inline Backend cuda_path_on_cpu() {
   backend.eigh = small_eigh_serial;
   backend.stack_chunk_bytes = int64_t{256} << 20;
   backend.module_chunk_bytes = std::numeric_limits<int64_t>::max();
+  backend.auto_exact_max_columns = kMaxStackedColumns;
+  backend.fused = &kFusedOnCpu;
   return backend;
 }
 

@@ -1,11 +1,16 @@
 // ATen kernels per consensus_tsvd call on the CUDA backend's path (tests/cuda_path_on_cpu.h), counted
-// on the CPU with a RecordFunction callback around one exact float32 call after a warm-up call: the
-// outermost ATen ops other than views and allocations (a conversion or `contiguous` counts only where
-// it copies), and the Jacobi eigh. On a GPU each is one kernel launch, or a few where cuBLAS/cuSOLVER
-// split one (batched Cholesky, triangular solves). W is on the CPU, so rows are planned on their
-// supports (ring: k*r = 3 r; complete: N r). Built by CMake, not run by ctest:
-//   ./build/cmake/decaf_launch_count            a table over agents and topologies (r = 8, rank 8)
-//   ./build/cmake/decaf_launch_count 8 complete  the kernels of one call by op name
+// on the CPU with a RecordFunction callback around one exact call after a warm-up call: the outermost
+// ATen ops other than views and allocations (a conversion or `contiguous` counts only where it copies),
+// and the backend's own kernels (the fused path's stage, core and finish, the Jacobi eigh) and the
+// copy of a host plan to the device. On a GPU each is one kernel launch or copy, or a few where
+// cuBLAS/cuSOLVER split one (batched Cholesky, triangular solves). W on the CPU: rows are planned on
+// their supports (ring: k*r = 3 r; complete: N r), and W's conversion to float64 (a host op) counts too;
+// W on the GPU: not read on the host, every row on every agent (k*r = N r), the plan the CUDA backend
+// makes for W on a GPU. The GPU preset's shapes: r = rank = 8, 16 modules of 4096 x 4096 (the count
+// does not depend on the modules' number or size; SIZE and MODULES change them). Exits 1 when a row
+// exceeds 10. Built by CMake, not run by ctest (CI runs and prints the table):
+//   ./build/cmake/decaf_launch_count [SIZE [MODULES]]  the table over agents, topologies, W's device, dtypes
+//   ./build/cmake/decaf_launch_count 8 complete gpu   the kernels of one call by op name
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
@@ -68,8 +73,9 @@ void leave(const at::RecordFunction&, at::ObserverContext*) {
   }
 }
 
-// Kernels of one exact float32 call on `agents` agents (ring or complete), 16 modules of 256 x 256, r = 8.
-int count(int64_t agents, bool complete) {
+// Kernels of one exact call on `agents` agents (ring or complete), W float32 on the CPU or (as the CUDA
+// backend plans it) on the GPU, `modules` modules of size x size, r = rank = 8, factors of `dtype`.
+int count(int64_t agents, bool complete, bool w_on_gpu, at::ScalarType dtype, int64_t size, int64_t modules) {
   at::Tensor W = at::zeros({agents, agents}, at::kFloat);
   for (int64_t i = 0; i < agents; ++i)
     for (int64_t j = 0; j < agents; ++j) {
@@ -77,9 +83,11 @@ int count(int64_t agents, bool complete) {
       if (complete || hop <= 1) W[i][j] = complete ? 1.0 / (double)agents : 1.0 / 3.0;
     }
   at::manual_seed(0);
-  const at::Tensor A = at::randn({16, agents, 8, 256}), B = at::randn({16, agents, 256, 8});
-  const decaf::Backend backend = decaf::cuda_path_on_cpu();
-  decaf::consensus_tsvd_impl(A, B, W, 8, "exact", "balanced", 10, 2, 0, backend);  // warm-up
+  const at::Tensor A = at::randn({modules, agents, 8, size}).to(dtype), B = at::randn({modules, agents, size, 8}).to(dtype);
+  decaf::Backend backend = decaf::cuda_path_on_cpu();
+  backend.plan_as_device = w_on_gpu;
+  // Warm-up (ATen's one-time work) on one module.
+  decaf::consensus_tsvd_impl(A.narrow(0, 0, 1), B.narrow(0, 0, 1), W, 8, "exact", "balanced", 10, 2, 0, backend);
   kernels.clear();
   const auto handle = at::addThreadLocalCallback(at::RecordFunctionCallback(enter, leave));
   decaf::consensus_tsvd_impl(A, B, W, 8, "exact", "balanced", 10, 2, 0, backend);
@@ -92,16 +100,29 @@ int count(int64_t agents, bool complete) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc == 3) {
-    const int total = count(std::atoll(argv[1]), std::string(argv[2]) == "complete");
+  if (argc == 4 && std::string(argv[3]).size() == 3) {
+    const int total = count(std::atoll(argv[1]), std::string(argv[2]) == "complete", std::string(argv[3]) == "gpu",
+                            at::kFloat, 256, 16);
     for (const auto& [name, n] : kernels) std::printf("%5d %s\n", n, name.c_str());
     std::printf("%5d kernels\n", total);
     return 0;
   }
-  std::printf("agents topology  k*r  kernels\n");
+  const int64_t size = argc >= 2 ? std::atoll(argv[1]) : 4096, modules = argc >= 3 ? std::atoll(argv[2]) : 16;
+  std::printf("kernels per consensus_tsvd call on the CUDA path (%lld modules of %lld x %lld, r = rank = 8)\n",
+              (long long)modules, (long long)size, (long long)size);
+  std::printf("agents topology W on  k*r  float32  bfloat16\n");
+  int most = 0;
   for (int64_t agents : {8, 16, 32})
     for (bool complete : {false, true})
-      std::printf("%6lld %-8s %5lld %8d\n", (long long)agents, complete ? "complete" : "ring",
-                  (long long)(complete ? agents * 8 : 24), count(agents, complete));
-  return 0;
+      for (bool w_on_gpu : {false, true}) {
+        const int f32 = count(agents, complete, w_on_gpu, at::kFloat, size, modules);
+        const int b16 = count(agents, complete, w_on_gpu, at::kBFloat16, size, modules);
+        most = std::max({most, f32, b16});
+        std::printf("%6lld %-8s %-4s %5lld %8d %9d\n", (long long)agents, complete ? "complete" : "ring",
+                    w_on_gpu ? "gpu" : "cpu", (long long)(complete || w_on_gpu ? agents * 8 : 24), f32, b16);
+      }
+  constexpr int kMostLaunches = 10;  // issue 28's bound for every row
+  std::printf("most kernels in a call: %d (%s: at most %d)\n", most, most <= kMostLaunches ? "PASS" : "FAIL",
+              kMostLaunches);
+  return most <= kMostLaunches ? 0 : 1;
 }

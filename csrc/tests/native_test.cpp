@@ -3,7 +3,8 @@
 // neighbors, agents near consensus (exact and randomized) and zero products; calls run in chunks of
 // modules against whole calls; and the CPU's top eigenpair solver against at::linalg_eigh on spectra
 // from spread out to repeated; the float32 cases again with the CUDA backend's batched Gram path run
-// on the CPU. Prints "N passed, N failed".
+// on the CPU, and its fused path (also planned as for W on a GPU; float32 and bfloat16). Prints "N passed,
+// N failed".
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -22,8 +23,10 @@ namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// Set: calls run consensus_tsvd_impl with this backend instead of the registered operator.
+// Set: calls run consensus_tsvd_impl with this backend instead of the registered operator, and the
+// checks' names start with its label.
 const decaf::Backend* swapped_backend = nullptr;
+std::string swapped_label;
 
 Outputs call_op(const at::Tensor& A, const at::Tensor& B, const at::Tensor& W, int64_t rank, const std::string& method) {
   if (swapped_backend != nullptr)
@@ -67,6 +70,10 @@ void compare_with_dense(Graph graph, int64_t n_agents, int64_t r, int64_t m, int
   at::manual_seed(n_agents * 100 + r);
   at::Tensor A = at::randn({2, n_agents, r, n}, at::kDouble);
   at::Tensor B = at::randn({2, n_agents, m, r}, at::kDouble);
+  if (dtype == at::kBFloat16) {  // the reference of the factors as the op receives them
+    A = A.to(dtype).to(at::kDouble);
+    B = B.to(dtype).to(at::kDouble);
+  }
   // shared = 1: duplicated neighbors (M_i = B_0 A_0); 2: agents near consensus (decaying spectrum);
   // 3: closer still (differences of 1e-6, a few float32 ulps of the factors' scale above rounding).
   if (shared > 0) {
@@ -93,7 +100,7 @@ void compare_with_dense(Graph graph, int64_t n_agents, int64_t r, int64_t m, int
                         : shared == 3 ? " nearer consensus"
                                       : "";
   std::snprintf(name, sizeof(name), "%s%s %s N=%lld r=%lld m=%lld n=%lld rank=%lld %s%s (S err %.2e, product err %.2e)",
-                swapped_backend ? "[batched Gram path] " : "",
+                swapped_label.c_str(),
                 graph == Graph::kRing ? "ring" : graph == Graph::kComplete ? "complete" : "all but the opposite", method.c_str(),
                 (long long)n_agents, (long long)r, (long long)m, (long long)n, (long long)rank, c10::toString(dtype),
                 sharing, s_err, p_err);
@@ -106,9 +113,9 @@ void zero_products() {
   const Outputs out = call_op(A, at::zeros({1, 3, 7, 2}, at::kFloat), ring(3).to(at::kFloat), 2, "exact");
   const auto& [A_new, B_new, S] = out;
   check(S.abs().max().item<float>() == 0.0f && B_new.abs().max().item<float>() == 0.0f,
-        std::string(swapped_backend ? "[batched Gram path] " : "") + "zero products give S = 0 and B = 0");
+        swapped_label + "zero products give S = 0 and B = 0");
   check((A_new.norm(2, -1) - 1.0).abs().max().item<float>() < 1e-5f,
-        std::string(swapped_backend ? "[batched Gram path] " : "") + "zero products keep unit-norm A rows");
+        swapped_label + "zero products keep unit-norm A rows");
 }
 
 // Results do not depend on Backend::module_chunk_bytes: the CPU backend on whole calls against one
@@ -176,23 +183,38 @@ int main() {
   }
   zero_products();
   chunks_match_whole_calls();
-  // The CUDA backend's Gram path (csrc/cuda/gram_svd_batched.cpp) and eigh (common/small_eigh.h) on the CPU:
-  // float32 cases, sparse and dense buckets, duplicated neighbors, agents near consensus, zero products.
-  decaf::Backend batched_backend = decaf::cuda_path_on_cpu();
+  // The CUDA backend's paths on the CPU: its batched Gram path (csrc/cuda/gram_svd_batched.cpp, eigh by
+  // common/small_eigh.h; the fused path switched off) and its fused path (csrc/solve_fused.cpp,
+  // common/gram_core.h), the latter also planned as for W on a GPU (every row on every agent): float32
+  // cases, sparse and dense buckets, duplicated neighbors, agents near consensus, zero products.
+  decaf::Backend batched_backend = decaf::cuda_path_on_cpu(), fused_backend = decaf::cuda_path_on_cpu();
   batched_backend.stack_chunk_bytes = 1;  // one module per chunk: the chunked gathers and their concatenation
-  swapped_backend = &batched_backend;
-  for (Graph graph : {Graph::kRing, Graph::kComplete}) {
-    compare_with_dense(graph, 6, 8, 40, 64, 8, at::kFloat, "exact", 1e-5);
-    compare_with_dense(graph, 16, 8, 200, 160, 8, at::kFloat, "exact", 1e-5);  // complete: k*r = 128
-    compare_with_dense(graph, 32, 8, 300, 280, 8, at::kFloat, "exact", 1e-5);  // complete: k*r = 256
-    compare_with_dense(graph, 5, 4, 30, 30, 6, at::kFloat, "exact", 1e-5, 1);
-    compare_with_dense(graph, 8, 4, 60, 50, 4, at::kFloat, "exact", 1e-5, 2);
-    compare_with_dense(graph, 16, 4, 60, 50, 6, at::kFloat, "exact", 1e-5, 1);    // complete: k*r = 64
-    compare_with_dense(graph, 16, 8, 200, 160, 8, at::kFloat, "exact", 1e-5, 2);  // complete: k*r = 128
-    compare_with_dense(graph, 8, 4, 60, 50, 4, at::kFloat, "exact", 1e-5, 3);
-    compare_with_dense(graph, 16, 8, 200, 160, 8, at::kFloat, "exact", 1e-5, 3);
-    compare_with_dense(graph, 4, 3, 20, 17, 3, at::kDouble, "exact", 1e-10);  // declined: Householder
+  batched_backend.fused = nullptr;
+  decaf::Backend device_plan_backend = fused_backend;
+  device_plan_backend.plan_as_device = true;
+  const std::pair<const decaf::Backend*, const char*> paths[] = {{&batched_backend, "[batched Gram path] "},
+                                                                 {&fused_backend, "[fused path] "},
+                                                                 {&device_plan_backend, "[fused path, W as on a GPU] "}};
+  for (const auto& [backend, label] : paths) {
+    swapped_backend = backend;
+    swapped_label = label;
+    for (Graph graph : {Graph::kRing, Graph::kComplete}) {
+      compare_with_dense(graph, 6, 8, 40, 64, 8, at::kFloat, "exact", 1e-5);
+      compare_with_dense(graph, 16, 8, 200, 160, 8, at::kFloat, "exact", 1e-5);  // complete: k*r = 128
+      compare_with_dense(graph, 32, 8, 300, 280, 8, at::kFloat, "exact", 1e-5);  // complete: k*r = 256
+      compare_with_dense(graph, 5, 4, 30, 30, 6, at::kFloat, "exact", 1e-5, 1);
+      compare_with_dense(graph, 8, 4, 60, 50, 4, at::kFloat, "exact", 1e-5, 2);
+      compare_with_dense(graph, 16, 4, 60, 50, 6, at::kFloat, "exact", 1e-5, 1);    // complete: k*r = 64
+      compare_with_dense(graph, 16, 8, 200, 160, 8, at::kFloat, "exact", 1e-5, 2);  // complete: k*r = 128
+      compare_with_dense(graph, 8, 4, 60, 50, 4, at::kFloat, "exact", 1e-5, 3);
+      compare_with_dense(graph, 16, 8, 200, 160, 8, at::kFloat, "exact", 1e-5, 3);
+      compare_with_dense(graph, 4, 3, 20, 17, 3, at::kDouble, "exact", 1e-10);  // declined: Householder
+      if (backend != &batched_backend) compare_with_dense(graph, 8, 8, 64, 48, 8, at::kBFloat16, "exact", 1e-2);
+    }
+    zero_products();
   }
+  swapped_backend = &batched_backend;
+  swapped_label = "[batched Gram path] ";
   // Cores with a null space (r zero-weight columns of 64): Jacobi's sweeps, which converge only linearly
   // on a cluster such as a null space left inexact by rounding, run after its deflation.
   decaf::small_eigh_most_sweeps = 0;
@@ -200,7 +222,15 @@ int main() {
   check(decaf::small_eigh_most_sweeps <= 12,
         "[batched Gram path] cores with 8 zero-weight columns of 64 converge within 12 Jacobi sweeps (" +
             std::to_string(decaf::small_eigh_most_sweeps) + ")");
-  zero_products();
+  // The fused path's block Krylov (k*r = 128 and 256 on every agent) converges well within its cycle limit.
+  swapped_backend = &device_plan_backend;
+  swapped_label = "[fused path, W as on a GPU] ";
+  decaf::fused_most_cycles = 0;
+  compare_with_dense(Graph::kComplete, 16, 8, 300, 280, 8, at::kFloat, "exact", 1e-5, 2);
+  compare_with_dense(Graph::kRing, 32, 8, 300, 280, 8, at::kFloat, "exact", 1e-5);
+  check(decaf::fused_most_cycles > 0 && decaf::fused_most_cycles < decaf::kKrylovCycles,
+        "[fused path, W as on a GPU] block Krylov converged within " + std::to_string(decaf::fused_most_cycles) +
+            " cycles (limit " + std::to_string(decaf::kKrylovCycles) + ")");
   swapped_backend = nullptr;
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;

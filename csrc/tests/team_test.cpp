@@ -1,8 +1,11 @@
-// The block-level algorithms of the CUDA backend (common/completion.h, common/small_eigh.h) run on
-// the CPU by a team of real threads sharing a std::barrier, as a thread block would, and compared
-// with the one-thread team. No libtorch: this program is also built with ThreadSanitizer (CMake build type TSan).
-// Cases include k*r = 128 and 256 candidate rows per problem, most of them rejected (duplicated
-// neighbors), so every candidate is visited. Prints "N passed, N failed".
+// The block-level algorithms of the CUDA backend (common/completion.h, common/small_eigh.h, the fused
+// path's common/gram_core.h and common/fused_io.h) run on the CPU by a team of real threads sharing a
+// std::barrier, as a thread block would, and compared with the one-thread team. No libtorch: this program
+// is also built with ThreadSanitizer (CMake build type TSan). Cases include k*r = 128 and 256 candidate
+// rows per problem, most of them rejected (duplicated neighbors), so every candidate is visited, and
+// fused cores of k*r = 12 to 256 (Jacobi and block Krylov, workspace in plain memory as in the GPU's
+// global memory). Prints "N passed, N failed".
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdio>
@@ -12,6 +15,8 @@
 #include <vector>
 
 #include "../common/completion.h"
+#include "../common/fused_io.h"
+#include "../common/gram_core.h"
 #include "../common/small_eigh.h"
 
 namespace {
@@ -40,7 +45,8 @@ struct Case {
 std::vector<double> run(const Case& c, const std::vector<double>& A_in, const std::vector<double>& W,
                         const std::vector<int>& missing, std::vector<double> A_new, int threads) {
   decaf::CompletionView<double> v{A_new.data(), missing.data(), A_in.data(), W.data(),
-                                  (int64_t)missing.size(), c.n_out, c.n_in, c.r, c.rank, c.n};
+                                  (int64_t)missing.size(), c.n_out, c.n_in, c.r, c.rank, c.n,
+                                  (int64_t)c.n_in * c.r * c.n};
   if (threads == 0) {
     double scratch = 0.0;
     const decaf::SerialTeam team{&scratch};
@@ -250,6 +256,170 @@ void compare_eigh(int n, int kind, int threads) {
         name);
 }
 
+
+// Runs body(team) on a one-thread team (threads = 0) or a team of `threads` std::threads.
+template <class Body>
+void with_team(int threads, Body body) {
+  if (threads == 0) {
+    double scratch = 0.0;
+    body(decaf::SerialTeam{&scratch});
+    return;
+  }
+  std::vector<double> scratch(threads);
+  std::barrier<> barrier(threads);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { body(ThreadTeam{scratch.data(), t, threads, &barrier}); });
+  for (auto& th : pool) th.join();
+}
+
+// One fused core case: `modules` modules of n_in agents of rank r (m = n = c features), every agent's
+// factors random (`copies` > 0: agents >= copies repeat agent 0's, so stacks are rank-deficient); W
+// [n_out, n_in] on the device plan (table = false: every row on every agent) or as a host plan's table
+// of ring supports (rows i on agents i-1, i, i+1; row 1 all zero: K = 0).
+struct CoreCase {
+  int modules, n_out, n_in, r, rank, c, copies;
+  bool table, complete;
+};
+
+struct CoreResult {
+  std::vector<double> coef_B, coef_A;
+  std::vector<double> S;
+  std::vector<int> missing;
+  int cycles = 0;
+};
+
+CoreResult run_core(const CoreCase& k, int threads) {
+  const int NR = k.n_in * k.r, ld = NR + 1;
+  std::mt19937_64 gen(NR * 7 + k.c);
+  std::normal_distribution<double> normal;
+  // Stacks X [modules, NR + 1, c] (ones last) for B and A, and their Grams.
+  std::vector<double> GB((size_t)k.modules * ld * ld), GA(GB.size());
+  for (int b = 0; b < k.modules; ++b)
+    for (std::vector<double>* G : {&GB, &GA}) {
+      std::vector<double> X((size_t)ld * k.c);
+      for (int row = 0; row < ld; ++row)
+        for (int i = 0; i < k.c; ++i)
+          X[(size_t)row * k.c + i] = row == NR ? 1.0 : (k.copies > 0 && row / k.r >= k.copies) ? X[(size_t)(row % k.r) * k.c + i]
+                                                                                                 : normal(gen);
+      for (int x = 0; x < ld; ++x)
+        for (int y = 0; y < ld; ++y) {
+          double sum = 0.0;
+          for (int i = 0; i < k.c; ++i) sum += X[(size_t)x * k.c + i] * X[(size_t)y * k.c + i];
+          (*G)[(size_t)b * ld * ld + x * ld + y] = sum;
+        }
+    }
+  std::vector<double> W((size_t)k.n_out * k.n_in, 0.0);
+  for (int i = 0; i < k.n_out; ++i)
+    for (int j = 0; j < k.n_in; ++j) {
+      const int hop = std::min((i - j + k.n_in) % k.n_in, (j - i + k.n_in) % k.n_in);
+      W[(size_t)i * k.n_in + j] = k.complete ? 1.0 / k.n_in : hop <= 1 ? (1.0 + 0.1 * j) / 3.0 : 0.0;
+    }
+  const int64_t kmax = k.table ? 3 * k.r : NR, problems = k.n_out;
+  std::vector<double> table;
+  if (k.table) {
+    table.assign(decaf::table_problem(k.n_out, k.n_in, kmax, problems), 0.0);
+    for (int i = 0; i < k.n_out; ++i) table[i] = i;
+    std::copy(W.begin(), W.end(), table.begin() + decaf::table_weights(k.n_out));
+    for (int p = 0; p < problems; ++p) {
+      double* row = table.data() + decaf::table_problem(k.n_out, k.n_in, kmax, p);
+      if (p == 1) continue;  // K = 0
+      row[0] = (double)kmax;
+      for (int x = 0; x < kmax; ++x) {
+        const int agent = (p - 1 + x / k.r + k.n_in) % k.n_in, col = agent * k.r + x % k.r;
+        row[1 + x] = W[(size_t)p * k.n_in + agent];
+        row[1 + kmax + x] = col;
+      }
+    }
+  }
+  CoreResult out;
+  out.coef_B.assign((size_t)k.modules * k.n_out * k.rank * NR, -1.0);
+  out.coef_A = out.coef_B;
+  out.S.assign((size_t)k.modules * k.n_out * k.rank, -1.0);
+  out.missing.assign((size_t)k.modules * k.n_out, -1);
+  const int64_t q = std::min<int64_t>(k.rank, kmax);
+  std::vector<double> work(decaf::core_workspace(kmax, q));
+  std::vector<double> eig_work(decaf::small_eigh_workspace((int)std::min<int64_t>(kmax, decaf::kSmallEighMax)));
+  const decaf::CoreView v{GB.data(), GA.data(), k.table ? nullptr : W.data(), k.table ? table.data() : nullptr,
+                                 out.coef_B.data(), out.coef_A.data(), out.S.data(), out.missing.data(), work.data(),
+                                 problems, k.n_out, k.n_in, k.r, k.rank, kmax, k.c, 0.5, 0.5, 1.1920928955078125e-07};
+  with_team(threads, [&](const auto& team) {
+    int most = 0;
+    for (int64_t item = 0; item < k.modules * problems; ++item)
+      most = std::max(most, decaf::gram_core(team, v, item, work.data(), eig_work.data()));
+    if (team.rank() == 0) out.cycles = most;
+  });
+  return out;
+}
+
+void compare_core(const CoreCase& k, int threads) {
+  const CoreResult serial = run_core(k, 0), team = run_core(k, threads);
+  const bool same = serial.coef_B == team.coef_B && serial.coef_A == team.coef_A && serial.S == team.S &&
+                    serial.missing == team.missing && serial.cycles == team.cycles;
+  // S descending and nonnegative, every output written, the zero row (table case) all missing.
+  bool sane = true;
+  for (size_t row = 0; row < team.missing.size(); ++row) {
+    const double* S = team.S.data() + row * k.rank;
+    for (int j = 0; j < k.rank; ++j) sane = sane && S[j] >= 0.0 && (j == 0 || S[j] <= S[j - 1]);
+    sane = sane && team.missing[row] >= 0 && team.missing[row] <= k.rank;
+    if (k.table && row % k.n_out == 1) sane = sane && team.missing[row] == k.rank && S[0] == 0.0;
+  }
+  for (double x : team.coef_B) sane = sane && x != -1.0 && std::isfinite(x);
+  for (double x : team.coef_A) sane = sane && x != -1.0 && std::isfinite(x);
+  char name[240];
+  std::snprintf(name, sizeof(name),
+                "gram_core %d threads vs 1: %s n_in=%d r=%d (k*r=%d) rank=%d c=%d%s%s (same bits %d, sane %d, %d Krylov cycles)",
+                threads, k.table ? "table (ring supports, a zero row)" : k.complete ? "device plan, complete" : "device plan, ring",
+                k.n_in, k.r, k.table ? 3 * k.r : k.n_in * k.r, k.rank, k.c, k.copies ? " repeated agents" : "", "",
+                (int)same, (int)sane, team.cycles);
+  check(same && sane && team.cycles < decaf::kKrylovCycles, name);
+}
+
+// finish_row: completion of float64 rows, then A, B (transposed) and S written as float.
+void compare_finish(int threads) {
+  const int modules = 2, n_out = 4, n_in = 4, r = 3, rank = 4, n = 20, m = 15, NR = n_in * r;
+  std::mt19937_64 gen(99);
+  std::normal_distribution<double> normal;
+  std::vector<double> A_in((size_t)modules * (NR + 1) * n), BT((size_t)modules * n_out * rank * m), W((size_t)n_out * n_in, 0.25);
+  for (double& x : A_in) x = normal(gen);
+  for (double& x : BT) x = normal(gen);
+  std::vector<double> S((size_t)modules * n_out * rank);
+  for (double& x : S) x = normal(gen);
+  std::vector<int> missing(modules * n_out);
+  std::vector<double> A64((size_t)modules * n_out * rank * n, 0.0);
+  for (int p = 0; p < modules * n_out; ++p) {
+    missing[p] = p % (rank + 1);
+    for (int j = 0; j < rank - missing[p]; ++j) A64[((size_t)p * rank + j) * n + j] = 1.0 + j;  // orthogonal rows
+  }
+  const auto run = [&](int t) {
+    std::vector<double> a = A64;
+    std::vector<float> A_out(a.size()), B_out((size_t)modules * n_out * m * rank), S_out((size_t)modules * n_out * rank);
+    const decaf::CompletionView<double> completion{a.data(), missing.data(), A_in.data(), W.data(), (int64_t)missing.size(),
+                                                   n_out, n_in, r, rank, n, (int64_t)(NR + 1) * n};
+    const decaf::FinishView<float> v{completion, BT.data(), A_out.data(), B_out.data(), S.data(), S_out.data(), m};
+    with_team(t, [&](const auto& team) {
+      for (int64_t p = 0; p < (int64_t)missing.size(); ++p) decaf::finish_row(team, v, p);
+    });
+    A_out.insert(A_out.end(), B_out.begin(), B_out.end());
+    A_out.insert(A_out.end(), S_out.begin(), S_out.end());
+    return A_out;
+  };
+  const std::vector<float> serial = run(0), team = run(threads);
+  double diff = 0.0;
+  for (size_t x = 0; x < serial.size(); ++x) diff = std::fmax(diff, std::fabs(serial[x] - team[x]));
+  bool transposed = true;  // B_out[p][i][t] = BT[p][t][i]
+  const size_t a_size = (size_t)modules * n_out * rank * n;
+  for (int p = 0; p < modules * n_out; ++p)
+    for (int i = 0; i < m; ++i)
+      for (int t = 0; t < rank; ++t)
+        transposed = transposed && team[a_size + ((size_t)p * m + i) * rank + t] == (float)BT[((size_t)p * rank + t) * m + i];
+  const size_t s_at = a_size + (size_t)modules * n_out * m * rank;
+  for (size_t x = 0; x < S.size(); ++x) transposed = transposed && team[s_at + x] == (float)S[x];
+  char name[160];
+  std::snprintf(name, sizeof(name), "finish_row %d threads vs 1: completion, A, B and S written as float (diff %.1e, B transposed, S %d)",
+                threads, diff, (int)transposed);
+  check(diff < 1e-6 && transposed, name);
+}
+
 }  // namespace
 
 int main() {
@@ -261,6 +431,14 @@ int main() {
     compare({4, 16, 8, 12, 150, 1}, threads);     // k*r = 128, one distinct agent: 8 rows, then unit vectors
     compare({3, 32, 8, 16, 150, 2}, threads);     // k*r = 256, two distinct agents
     compare({2, 3, 2, 6, 6, 0}, threads);         // all-zero candidates: unit vectors only
+  }
+  for (int threads : {2, 7}) {
+    compare_core({2, 6, 6, 4, 4, 12, 0, true, false}, threads);     // host plan table: k*r = 12, a zero row
+    compare_core({2, 8, 8, 8, 8, 96, 0, false, false}, threads);    // ring on every agent: k*r = 64, Jacobi
+    compare_core({1, 8, 8, 8, 8, 96, 3, false, true}, threads);     // repeated agents: rank-deficient stacks
+    compare_core({1, 3, 16, 8, 8, 160, 0, false, true}, threads);   // k*r = 128: block Krylov
+    compare_core({1, 2, 32, 8, 8, 300, 0, false, false}, threads);  // k*r = 256: block Krylov, ring weights
+    compare_finish(threads);
   }
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
