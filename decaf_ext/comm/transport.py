@@ -215,7 +215,7 @@ class Transport(TransportBase):
         view = self._agreed(latest) or startup
         if view.members.get(self.agent) != self.incarnation:
             self.record_event(latest, "joining", f"joining the running group in round {max(latest + 1, join_at)}")
-            self._request_join(max(latest, join_at))
+            self._request_join(latest if join_at <= latest + 1 else join_at)  # counted in the round it joins
         return max(latest + 1, join_at)
 
     def current_view(self) -> RoundView:
