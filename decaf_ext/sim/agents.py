@@ -33,8 +33,8 @@ from decaf_ext.config import TrainConfig
 from decaf_ext.device import resolve_device
 from decaf_ext.data.partition import partition
 from decaf_ext.errors import ConfigError, first_line
-from decaf_ext.lora import FactorGroup, RankPadding, collect_extras, collect_factors, share_and_freeze_A, \
-    write_extras, write_factors
+from decaf_ext.lora import FactorGroup, RankPadding, collect_extras, collect_factors, new_mixing_tally, \
+    share_and_freeze_A, write_extras, write_factors
 from decaf_ext.quiet import quiet_transformers
 from decaf_ext.storage.export import set_label_names
 from decaf_ext.strategies import Strategy
@@ -93,7 +93,8 @@ class Agents:
     data shard and its sampler only; the scratch model stays). Attributes: config, device, strategy, task,
     schedule, label_names, train_labels, parts, model_path, train_set / test_set (:class:`Encoded`), models,
     scratch, padding, layout, trainable_params, optimizers, samplers, agent_ids (the agent id of each model),
-    counters (the run's running totals: bytes sent, training loss, seconds per phase).
+    counters (the run's running totals: bytes sent, training loss, seconds per phase, each agent's mixing
+    error tally).
     """
 
     def __init__(self, config: TrainConfig, *, keep: int | None = None) -> None:
@@ -117,7 +118,8 @@ class Agents:
         self.samplers = [AgentSampler(np.arange(len(self.parts[i])) if keep is not None else self.parts[i],
                                       config.batch_size, config.seed, i) for i in self.agent_ids]
         self.counters = {"bytes_sent": 0, "loss_sum": 0.0, "loss_steps": 0,
-                         "time_local": 0.0, "time_comm": 0.0, "time_eval": 0.0}
+                         "time_local": 0.0, "time_comm": 0.0, "time_eval": 0.0,
+                         "mixing": new_mixing_tally(len(self.agent_ids))}  # see decaf_ext.lora.mixing
 
     def _keep(self, agent: int) -> None:
         """Only agent `agent`'s model and training examples (sampled by local position) from here on."""

@@ -51,7 +51,7 @@ def restore(run_dir: str, agents: Agents) -> tuple[int, list[dict]]:
         optimizer.load_state_dict(state)
     for sampler, state in zip(agents.samplers, saved.state["samplers"]):
         sampler.load_state_dict(state)
-    agents.counters = saved.state["counters"]
+    agents.counters = {**agents.counters, **saved.state["counters"]}  # a key newer than the checkpoint starts fresh
     restore_rng(saved.rng)
     return saved.round, saved.state["history"]
 
