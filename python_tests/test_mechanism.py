@@ -155,3 +155,14 @@ def test_records_carry_the_mechanism(tiny_paths, tmp_path, algorithm):
         assert all(0 < rank <= r + 1e-9 for rank, r in zip(ranks, [2, 4, 2, 4]))  # never above the agent's rank
         assert all(0 < e <= 1 + 1e-12 for e in energy)
         assert [e for e, r in zip(energy, [2, 4, 2, 4]) if r == 2] == pytest.approx([1.0, 1.0])  # top 2 of rank 2
+
+
+def test_plot_of_the_mixing_error_draws_every_strategy(tiny_paths, tmp_path):
+    from decaf_ext.cli.plot import plot_runs
+
+    for algorithm in ("local", "decaf"):
+        Trainer(tiny_config(tiny_paths, tmp_path / "cmp" / algorithm, algorithm=algorithm)).run()
+    figure = plot_runs([str(tmp_path / "cmp")], str(tmp_path / "mixing.png"), metric="mixing_error")
+    lines = {line.get_label(): list(line.get_ydata()) for line in figure.axes[0].get_lines()}
+    assert lines["decaf ring (agents)"] == [r["mixing_error"] for r in read_metrics(str(tmp_path / "cmp" / "decaf"))]
+    assert all(math.isnan(y) for y in lines["local ring (agents)"])  # nothing mixed: no point, not 0
