@@ -500,7 +500,10 @@ class Report:
         if plot_panels(cells, panels, "consensus_interference", "interference (sum over modules)",
                        self.plot_path("rank_interference")):
             out += ["", "Consensus interference ‖mean B_iA_i − mean B_i · mean A_i‖_F / ‖mean B_iA_i‖_F, "
-                    "summed over the 12 adapted modules, per round:", "", self.image("rank_interference")]
+                    "summed over the 12 adapted modules, per round. It measures what separate averaging would do to "
+                    "each run's current factors, and DeCAF's factors live in different gauges, so the two panels are "
+                    "not comparable: it is not the mechanism (that is the mixing error, logged by runs from this "
+                    "version on and reported in its own section when they exist):", "", self.image("rank_interference")]
         return "\n".join(out)
 
     def agents(self) -> str:
