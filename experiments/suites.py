@@ -122,7 +122,7 @@ def _grid() -> dict[str, Suite]:
         Suite("llm", "the algorithms on a 4-agent ring, Dirichlet 0.5, with the causal-LM task: Gemma 3 270M "
               "(offline) classifying BBC News by the `topic` prompt, scored by macro-F1", llm),
         Suite("rank_collapse", "every algorithm with agents cycling through LoRA ranks 2, 4, 8, 16 (ring, Dirichlet "
-              "0.5): does each update's energy collapse into the smallest shared rank (2) over rounds?", collapse),
+              "0.5): whether each update's energy collapses into the smallest shared rank (2) over rounds", collapse),
     ]
     return {suite.name: suite for suite in suites}
 
