@@ -137,9 +137,13 @@ def test_the_simulator_tallies_what_each_agent_mixed(tiny_paths, tmp_path, chang
         assert bool((got > 0).all()) and not torch.allclose(got, expected, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("algorithm", ["local", "dlora_fa", "decaf"])
-def test_records_carry_the_mechanism(tiny_paths, tmp_path, algorithm):
-    trainer = Trainer(tiny_config(tiny_paths, tmp_path / "run", algorithm=algorithm, rank="cycle:2,4"))
+@pytest.mark.parametrize("algorithm, message_dtype", [("local", "float32"), ("dlora_fa", "float32"),
+                                                      ("dlora_fa", "int8"), ("decaf", "float32")])
+def test_records_carry_the_mechanism(tiny_paths, tmp_path, algorithm, message_dtype):
+    """With int8 messages each agent mixes what it decoded, and a dlora_fa receiver (which fills the senders' A from
+    its own) still measures against their true products: the shared A's rows beyond its own rank included."""
+    trainer = Trainer(tiny_config(tiny_paths, tmp_path / "run", algorithm=algorithm, rank="cycle:2,4",
+                                  message_dtype=message_dtype))
     trainer.run()
     for record in read_metrics(trainer.run_dir):
         mixing, ranks, energy = (record[k] for k in ("mixing_error_agents", "effective_rank_agents",

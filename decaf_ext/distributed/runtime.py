@@ -136,7 +136,7 @@ class AgentRuntime:
                 agents.optimizers[0].state.clear()
         agents.counters["time_comm"] += agents.clock() - start
         if mixed is not None:
-            squared = mixing_residuals(mixed.received, mixed.weights, agents.collect(agents.models))
+            squared = mixing_residuals(agents.as_sent(mixed.received), mixed.weights, agents.collect(agents.models))
             add_mixing(agents.counters["mixing"][0], *(x.item() for x in squared))
         return view
 

@@ -227,6 +227,16 @@ class Agents:
         """write_factors into `models` from groups in this run's layout (see :meth:`collect`)."""
         write_factors(models, groups, padding=self._layout(raw))
 
+    def as_sent(self, inputs: list[FactorGroup]) -> list[FactorGroup]:
+        """Input groups of a strategy call (A [M, k, r, n], B [M, k, m, r]) with each agent's true factors: when the
+        strategy does not send A, a receiver fills every sender's A from its own, which with unequal ranks lacks the
+        rows beyond its own rank; the shared A (the scratch model's, of the largest rank) gives each B_j A_j exactly
+        (B_j is zero beyond agent j's rank). For the mixing error (:mod:`decaf_ext.lora.mixing`)."""
+        if self.strategy.trains_A or self.padding is None:
+            return inputs
+        shared = self.collect([self.scratch])
+        return [FactorGroup(g.names, s.A.expand_as(g.A), g.B) for g, s in zip(inputs, shared, strict=True)]
+
     def clock(self) -> float:
         """time.perf_counter() after the device's pending work is done."""
         if self.device.type == "cuda":

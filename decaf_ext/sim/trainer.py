@@ -132,7 +132,7 @@ class Trainer:
             inputs = layout.unpack(data, *select_agent(groups, extras, i))
             mixed = strategy.communicate(*inputs, W_round)
             rows.append(select_agent(*mixed, order.index(i)))
-            received.append((inputs[0], W_round[order.index(i)][None]))
+            received.append((self.agents.as_sent(inputs[0]), W_round[order.index(i)][None]))
         return (*stack_agents(rows), received)
 
     # ------------------------------------------------------------------------------------------ evaluation
