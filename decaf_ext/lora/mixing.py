@@ -8,10 +8,12 @@ For output agent i of one call ``strategy.communicate(inputs, extras, W)`` and e
 
 DLoRA's P_i = (sum_j W_ij B_j)(sum_j W_ij A_j), DeCAF's P_i = the rank-r truncation of M_i, DLoRA-FA's (A
 shared) P_i = M_i, FedAvg's P_i = the plain means' product against the plain mean of products (its W is the
-uniform row). Everything is computed in float64 on the R factors of two thin QRs per module (of the stacked
-B's and of the stacked A^T's of inputs and outputs): M_i - P_i = Q_B (core) Q_A^T with a core of at most
-(N_in r + N_out r') columns, whose Frobenius norm is exactly ||M_i - P_i||_F, so no m x n product is formed and
-a tiny error is not lost to cancellation.
+uniform row). M_i - P_i is a sum of rank-one terms b_c a_c^T over the K = N_in r + N_out r' columns of the stacked
+inputs' and outputs' factors, with coefficients c (W_ij for input j's columns, -1 for output i's), so
+||M_i - P_i||_F^2 = c^T (G_B * G_A) c with the K x K Gram matrices G_B = [B ...]^T [B ...] and G_A of the A^T's
+(elementwise product): float64, no m x n product is formed. The quadratic form cannot resolve an error below
+about 1e-8 of ||M_i||_F (cancellation; a negative rounding result counts 0), under the float32 rounding of the
+factors themselves (about 1e-7).
 
 Example::
 
@@ -45,18 +47,16 @@ def mixing_residuals(inputs: list[FactorGroup], W: torch.Tensor, outputs: list[F
                              f"{held.n_agents} agents do not fit W of shape {list(W.shape)}")
         A, B = given.A.detach().cpu().double(), given.B.detach().cpu().double()  # [M, N_in, r, n], [M, N_in, m, r]
         A2, B2 = held.A.detach().cpu().double(), held.B.detach().cpu().double()
-        M, r, r2 = A.shape[0], A.shape[2], A2.shape[2]
+        r, r2 = A.shape[2], A2.shape[2]
         columns = torch.cat([B.permute(0, 2, 1, 3).flatten(2), B2.permute(0, 2, 1, 3).flatten(2)], dim=2)
-        rows = torch.cat([A.flatten(1, 2), A2.flatten(1, 2)], dim=1).mT  # [M, n, N_in r + N_out r']
-        RB = torch.linalg.qr(columns, mode="r")[1]  # [M, k, K]: B's columns in one orthonormal basis
-        RA = torch.linalg.qr(rows, mode="r")[1]  # [M, k', K]
-        cut = n_in * r
-        weights = W.repeat_interleave(r, dim=1)  # [N_out, N_in r]
-        consensus = torch.einsum("mac,oc,mbc->moab", RB[..., :cut], weights, RA[..., :cut])
-        held_core = torch.einsum("maor,mbor->moab", RB[..., cut:].unflatten(-1, (n_out, r2)),
-                                 RA[..., cut:].unflatten(-1, (n_out, r2)))
-        squared_error += torch.linalg.matrix_norm(consensus - held_core).square().sum(dim=0)
-        squared_reference += torch.linalg.matrix_norm(consensus).square().sum(dim=0)
+        rows = torch.cat([A.flatten(1, 2), A2.flatten(1, 2)], dim=1)  # [M, K, n]
+        gram = (columns.mT @ columns) * (rows @ rows.mT)  # [M, K, K]: <b_c, b_d> <a_c, a_d>
+        given_part = W.repeat_interleave(r, dim=1)  # [N_out, N_in r]: M_i's coefficients
+        held_part = -torch.eye(n_out, dtype=torch.float64).repeat_interleave(r2, dim=1)  # [N_out, N_out r']: -P_i's
+        both = torch.cat([given_part, held_part], dim=1)
+        padded = torch.cat([given_part, torch.zeros_like(held_part)], dim=1)
+        squared_error += torch.einsum("ok,mkl,ol->o", both, gram, both).clamp_min(0)
+        squared_reference += torch.einsum("ok,mkl,ol->o", padded, gram, padded).clamp_min(0)
     return squared_error, squared_reference
 
 
