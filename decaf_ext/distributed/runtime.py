@@ -35,8 +35,7 @@ from decaf_ext.config import TrainConfig
 from decaf_ext.device import resolve_device
 from decaf_ext.elastic import LiveMixing
 from decaf_ext.errors import ConfigError
-from decaf_ext.lora import Extras, FactorGroup, add_mixing, collect_extras, mixing_residuals, new_mixing_tally, \
-    write_extras
+from decaf_ext.lora import Extras, FactorGroup, collect_extras, new_mixing_tally, write_extras
 from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.evaluation import MetricsLog, build_summary, evaluation_record
 from decaf_ext.sim.resume import open_run_dir, write_checkpoint
@@ -136,8 +135,7 @@ class AgentRuntime:
                 agents.optimizers[0].state.clear()
         agents.counters["time_comm"] += agents.clock() - start
         if mixed is not None:
-            squared = mixing_residuals(agents.as_sent(mixed.received), mixed.weights, agents.collect(agents.models))
-            add_mixing(agents.counters["mixing"][0], *(x.item() for x in squared))
+            agents.tally_mixing(0, mixed.received, mixed.weights)
         return view
 
     def _mixing(self, round_index: int, view: RoundView) -> torch.Tensor:

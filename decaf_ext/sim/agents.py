@@ -33,8 +33,8 @@ from decaf_ext.config import TrainConfig
 from decaf_ext.device import resolve_device
 from decaf_ext.data.partition import partition
 from decaf_ext.errors import ConfigError, first_line
-from decaf_ext.lora import FactorGroup, RankPadding, collect_extras, collect_factors, new_mixing_tally, \
-    share_and_freeze_A, write_extras, write_factors
+from decaf_ext.lora import FactorGroup, RankPadding, add_mixing, collect_extras, collect_factors, mixing_residuals, \
+    new_mixing_tally, share_and_freeze_A, write_extras, write_factors
 from decaf_ext.quiet import quiet_transformers
 from decaf_ext.storage.export import set_label_names
 from decaf_ext.strategies import Strategy
@@ -236,6 +236,12 @@ class Agents:
             return inputs
         shared = self.collect([self.scratch])
         return [FactorGroup(g.names, s.A.expand_as(g.A), g.B) for g, s in zip(inputs, shared, strict=True)]
+
+    def tally_mixing(self, k: int, inputs: list[FactorGroup], weights: torch.Tensor) -> None:
+        """Add model k's mixing error of this round to its tally (counters["mixing"][k]): `inputs` (A [M, j, r, n],
+        B [M, j, m, r]) and `weights` [1, j] of its call of the strategy, against the factors it holds now."""
+        squared = mixing_residuals(self.as_sent(inputs), weights, self.collect(self.models[k:k + 1]))
+        add_mixing(self.counters["mixing"][k], *(x.item() for x in squared))
 
     def clock(self) -> float:
         """time.perf_counter() after the device's pending work is done."""

@@ -19,8 +19,8 @@ import torch
 
 from decaf_ext.comm.agent_round import output_index, round_inputs
 from decaf_ext.elastic import ChurnSchedule, LiveMixing
-from decaf_ext.lora import Extras, FactorGroup, add_mixing, collect_extras, mixing_residuals, new_mixing_tally, \
-    select_agent, stack_agents, write_extras
+from decaf_ext.lora import Extras, FactorGroup, collect_extras, new_mixing_tally, select_agent, stack_agents, \
+    write_extras
 from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.evaluation import evaluation_record
 
@@ -75,7 +75,7 @@ class ElasticRounds:
             inputs_i = layout.unpack(data, *own)
             mixed = strategy.communicate(*inputs_i, W_round)
             rows.append(select_agent(*mixed, output_index(order, i)))
-            received[i] = (agents.as_sent(inputs_i[0]), W_round[output_index(order, i)][None])
+            received[i] = (inputs_i[0], W_round[output_index(order, i)][None])
             server = not strategy.decentralized
             sent = layout.sent_bytes_of(i, server=server) * (1 if server else len(peers))
             agents.counters[SENT][i] += sent
@@ -85,10 +85,8 @@ class ElasticRounds:
         agents.write(agents.models, new_groups)
         write_extras(agents.models, new_extras)
         agents.counters["time_comm"] += agents.clock() - start
-        held = agents.collect(agents.models)
         for i, (inputs_i, row) in received.items():  # the mixing error of what each agent mixed (lora/mixing.py)
-            squared = mixing_residuals(inputs_i, row, select_agent(held, {}, i)[0])
-            add_mixing(agents.counters["mixing"][i], *(x.item() for x in squared))
+            agents.tally_mixing(i, inputs_i, row)
 
     def evaluate(self, rounds_done: int) -> dict[str, Any]:
         """The metrics record after `rounds_done` rounds over the agents present in the last of them (as the
