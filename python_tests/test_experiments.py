@@ -37,7 +37,8 @@ def test_report_builds_from_the_committed_results(tmp_path):
     # The report's count of finished runs is run.py's (a cell read from another suite is not counted twice).
     reported = int(re.search(r"Finished runs: (\d+) of", text).group(1))
     listed = 0
-    for suite in ("algorithms", "topologies", "rank", "agents", "split", "compression", "mixed_ranks", "clip", "vit"):
+    for suite in ("algorithms", "topologies", "rank", "agents", "split", "compression", "mixed_ranks", "clip", "vit",
+                  "llm", "rank_collapse"):
         dry = _run(os.path.join(EXPERIMENTS, "run.py"), suite, "--dry-run")
         listed += int(re.search(r"runs, (\d+) done", dry.stdout).group(1))
     assert reported == listed
@@ -135,3 +136,51 @@ def test_run_mistakes_are_one_line_and_train_nothing():
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.strip().splitlines() == ["experiments/run.py: error: device must be cpu, cuda, cuda:N or auto, "
                                                "got 'tpu'"]
+
+
+def _write_records(folder, config, records):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "summary.json").write_text("{}")
+
+
+def test_report_sections_for_the_mechanism_the_llm_and_rank_collapse(tmp_path):
+    """The three sections appear only with runs that carry their metrics, from the per-seed numbers; an older run
+    without the mixing error is left out of the mechanism section, not counted as 0."""
+    report = _report()
+    results = tmp_path / "results"
+    for seed in range(3):
+        for algorithm, error in (("dlora", 0.3), ("decaf", 0.1), ("dlora_fa", 1e-8), ("fedavg", 0.5)):
+            records = [{"round": k, "acc_mean": 0.8, "avg_model_acc": 0.8, "mixing_error": error * k + 0.01 * seed}
+                       for k in (2, 4)]
+            _write_records(results / "algorithms" / f"{algorithm}-dir0.5-s{seed}", {"seed": seed, "agents": 10},
+                           records)
+        _write_records(results / "algorithms" / f"dlora-iid-s{seed}", {"seed": seed, "agents": 10},
+                       [{"round": 2, "acc_mean": 0.8, "avg_model_acc": 0.8}])  # committed before the metric
+        for algorithm, f1 in (("decaf", 0.80), ("dlora", 0.75)):
+            _write_records(results / "llm" / f"{algorithm}-dir0.5-s{seed}", {"seed": seed, "agents": 4},
+                           [{"round": 4, "acc_mean": 0.9, "avg_model_acc": 0.9, "macro_f1_mean": f1 + 0.01 * seed,
+                             "avg_model_macro_f1": f1}])
+        ranks = [[1.5, 3.0, 5.0, 9.0], [1.2, 2.0, 2.5, 3.0]]  # agents of ranks 2, 4, 8, 16 at two evaluations
+        _write_records(results / "rank_collapse" / f"decaf-mixed-s{seed}",
+                       {"seed": seed, "agents": 4, "rank": "cycle:2,4,8,16"},
+                       [{"round": k, "acc_mean": 0.8, "avg_model_acc": 0.8, "effective_rank_agents": ranks[i],
+                         "min_rank_energy_agents": [1.0, 0.9, 0.8, 0.5 + 0.2 * i]} for i, k in enumerate((2, 4))])
+    out = tmp_path / "out" / "RESULTS.md"
+    built = report.Report(str(results), str(out))
+    rows = built.llm_rows()
+    report.adjust(rows)
+    mechanism, llm, collapse = built.mechanism(), built.llm(rows), built.rank_collapse()
+    assert "| dir0.5 | dlora | 3 | 1.2100 ± 0.0100 | 0.9100 ± 0.0100 |" in mechanism  # 0.3k + 0.01s, k = 2, 4
+    assert "| 8 | 0.4100 ± 0.0100 | 1.2100 ± 0.0100 |" in mechanism  # r = 8: the algorithms suite's dir0.5
+    assert "| iid | dlora | 0 | not logged yet |" in mechanism
+    assert (tmp_path / "out" / "results_plots" / "mechanism_mixing.png").stat().st_size > 0
+    assert "| decaf | 3 | 0.810 ± 0.010 |" in llm and "| dlora | 3 | 0.760 ± 0.010 |" in llm
+    assert "| decaf − dlora | 3 | +0.050 |" in llm  # paired macro-F1 differences, all 0.05
+    assert "| decaf | 16 | 3 | 9.00 ± 0.00 | 3.00 ± 0.00 | 0.700 ± 0.000 |" in collapse
+    assert "decaf: rank-16 agents' effective rank 9.00 → 3.00" in collapse
+    assert (tmp_path / "out" / "results_plots" / "rank_collapse.png").stat().st_size > 0
+    (tmp_path / "empty" / "algorithms").mkdir(parents=True)
+    bare = report.Report(str(tmp_path / "empty"), str(tmp_path / "none" / "RESULTS.md"))
+    assert bare.llm_rows() == [] and bare.llm([]) is None and bare.mechanism() is None and bare.rank_collapse() is None

@@ -1,6 +1,7 @@
 """Plots of finished or running runs: a metric (default: mean test accuracy) against round or bytes sent.
 
     decaf-train plot RUN_DIR... -o acc.png
+    decaf-train plot runs/cmp --metric mixing_error -o mechanism.png    # every strategy's mixing error per round
 
 A RUN_DIR is a run folder (holding metrics.jsonl) or a folder holding runs (a --compare or --seeds folder:
 every run below it is plotted). Each run is one line (with a ± std band for the agents' mean accuracy); the
@@ -12,6 +13,7 @@ Uses matplotlib's Agg canvas without pyplot, so no display and no global backend
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from typing import TYPE_CHECKING, Sequence
@@ -21,7 +23,8 @@ from decaf_ext.errors import ConfigError, first_line
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-METRICS: tuple[str, ...] = ("acc_mean", "macro_f1_mean", "train_loss", "consensus_error")
+METRICS: tuple[str, ...] = ("acc_mean", "macro_f1_mean", "train_loss", "consensus_error", "mixing_error",
+                             "effective_rank")
 AXES: tuple[str, ...] = ("round", "bytes_sent")
 AVERAGED = {"acc_mean": "avg_model_acc", "macro_f1_mean": "avg_model_macro_f1"}
 
@@ -109,7 +112,8 @@ def plot_runs(paths: Sequence[str], output: str, *, metric: str = "acc_mean", x:
     axes = figure.add_subplot()
     for label, (_, history) in zip(_labels(folders, [label for label, _ in runs]), runs):
         xs = [r[x] / 1e6 if x == "bytes_sent" else r[x] for r in history]
-        (line,) = axes.plot(xs, [r[metric] for r in history], marker="o", label=f"{label} (agents)")
+        ys = [math.nan if r[metric] is None else r[metric] for r in history]  # None: absent (`local` mixes nothing)
+        (line,) = axes.plot(xs, ys, marker="o", label=f"{label} (agents)")
         if metric == "acc_mean":
             mean, std = [r["acc_mean"] for r in history], [r["acc_std"] for r in history]
             axes.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],

@@ -57,12 +57,16 @@ class RoundHooks:
 @dataclass
 class MixResult:
     """One round's outcome for this agent: new groups (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...],
-    the agents it mixed with (this agent first), the bytes it sent."""
+    the agents it mixed with (this agent first), the bytes it sent, and what it mixed: the input groups of its
+    call of the strategy (A [M, k, r, n], B [M, k, m, r]) and its row of that call's W ([1, k]), for the mixing
+    error (:mod:`decaf_ext.lora.mixing`)."""
 
     groups: list[FactorGroup]
     extras: Extras
     agents: list[int]
     bytes_sent: int
+    received: list[FactorGroup]
+    weights: torch.Tensor
 
 
 class AgentRound:
@@ -104,11 +108,13 @@ class AgentRound:
                      self.agent, round_index, missing, float(row[missing].sum()))
         order, W_round = round_inputs(self.strategy, self.agent, row, live, missing, joining)
         data = torch.stack([own if j == self.agent else heard[j] for j in order])
-        mixed = self.strategy.communicate(*self.layout.unpack(data, groups, extras), W_round)
+        inputs = self.layout.unpack(data, groups, extras)
+        mixed = self.strategy.communicate(*inputs, W_round)
         new_groups, new_extras = select_agent(*mixed, output_index(order, self.agent))
         sent = self.layout.sent_bytes_of(self.agent, server=not self.strategy.decentralized) * (
             len(peers) if self.strategy.decentralized else 1)
-        return MixResult(new_groups, new_extras, [self.agent, *live], sent)
+        return MixResult(new_groups, new_extras, [self.agent, *live], sent, inputs[0],
+                         W_round[output_index(order, self.agent)][None])
 
     def _context(self, view: RoundView, purpose: str, sender: int, receiver: int) -> TagContext:
         return TagContext(purpose, view.round, view.group, sender, view.members[sender], receiver)

@@ -36,7 +36,7 @@ from decaf_ext.config import TrainConfig
 from decaf_ext.device import resolve_device
 from decaf_ext.elastic import LiveMixing
 from decaf_ext.errors import ConfigError
-from decaf_ext.lora import Extras, FactorGroup, collect_extras, write_extras
+from decaf_ext.lora import Extras, FactorGroup, collect_extras, new_mixing_tally, write_extras
 from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.evaluation import MetricsLog, build_summary, evaluation_record
 from decaf_ext.sim.resume import open_run_dir, write_checkpoint
@@ -47,7 +47,7 @@ from decaf_ext.storage.files import replacing_folder, write_json
 from decaf_ext.storage.run_folder import CONFIG, METRICS, SUMMARY, RunLock, agent_folder, check_no_run, \
     default_run_dir
 
-STATS = 6  # loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, dp_epsilon (0 without DP): gathered at evaluation
+STATS = 9  # loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, dp_epsilon (0 without DP), mixing tally (3)
 
 
 @dataclass
@@ -70,12 +70,15 @@ class DistributedOptions:
 def check_evaluation(data: torch.Tensor, layout: MessageLayout, guard: MessageGuard, groups: list[FactorGroup],
                      extras: Extras) -> str | None:
     """Why a member's evaluation buffer (float64 [STATS + layout.data_numel]: loss_sum, loss_steps, bytes_sent,
-    accuracy, macro_f1, dp_epsilon, then its factors) must not be used, or None. groups / extras: this agent's (names)."""
+    accuracy, macro_f1, dp_epsilon, its mixing tally (squared error, squared reference, rounds), then its factors)
+    must not be used, or None. groups / extras: this agent's (names)."""
     if not bool(torch.isfinite(data).all()):
         return "NaN or Inf values"
-    loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, epsilon = data[:STATS].tolist()
+    loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, epsilon, mix_error, mix_reference, mix_rounds = \
+        data[:STATS].tolist()
     if not (loss_sum >= 0 and loss_steps >= 0 and loss_steps == int(loss_steps) and bytes_sent >= 0
-            and bytes_sent == int(bytes_sent) and 0 <= accuracy <= 1 and 0 <= macro_f1 <= 1 and epsilon >= 0):
+            and bytes_sent == int(bytes_sent) and 0 <= accuracy <= 1 and 0 <= macro_f1 <= 1 and epsilon >= 0
+            and mix_error >= 0 and mix_reference >= 0 and mix_rounds >= 0 and mix_rounds == int(mix_rounds)):
         return "implausible statistics (a negative loss or count, a fractional count, a score outside [0, 1])"
     theirs, their_extras = layout.unpack(data[None, STATS:].to(layout.dtype), groups, extras)
     return guard.check_values(theirs, their_extras)
@@ -133,6 +136,8 @@ class AgentRuntime:
             if mixed.bytes_sent > 0 and self.config.optimizer_state == "reset":
                 agents.optimizers[0].state.clear()
         agents.counters["time_comm"] += agents.clock() - start
+        if mixed is not None:
+            agents.tally_mixing(0, mixed.received, mixed.weights)
         return view
 
     def _mixing(self, round_index: int, view: RoundView) -> torch.Tensor:
@@ -154,13 +159,13 @@ class AgentRuntime:
         groups, extras = agents.collect(agents.models), collect_extras(agents.models)
         counters = agents.counters
         numbers = [counters["loss_sum"], counters["loss_steps"], counters["bytes_sent"], own["accuracy"],
-                   own["macro_f1"], agents.spent(0).get("dp_epsilon", 0.0)]
+                   own["macro_f1"], agents.spent(0).get("dp_epsilon", 0.0), *counters["mixing"][0]]
         mine = torch.cat([torch.tensor(numbers, dtype=torch.float64), layout.pack(groups, extras).double().cpu()])
         context = lambda j: TagContext("eval", view.round, view.group, j, view.members[j], BROADCAST)  # noqa: E731
         hooks, seal = self.comm.hooks, lambda data: guard.seal(data, context(self.agent))  # noqa: E731
         sealed = seal(mine) if hooks is None else hooks.evaluation(view.round, mine, seal)
         gathered = self.transport.all_gather(view, sealed.to(self.comm.agent_round.buffer_device))
-        counters["loss_sum"], counters["loss_steps"] = 0.0, 0
+        counters["loss_sum"], counters["loss_steps"], counters["mixing"] = 0.0, 0, new_mixing_tally(1)
         if gathered is None:
             self.transport.record_event(view.round, "evaluation_lost", f"evaluation after round {rounds_done} lost")
             return
@@ -180,14 +185,15 @@ class AgentRuntime:
         stacked = torch.stack(accepted)
         loss_sum, loss_steps, bytes_sent = stacked[:, :3].sum(dim=0).tolist()
         per_agent = [{"accuracy": accuracy, "macro_f1": macro_f1, "dp_epsilon": epsilon}
-                     for accuracy, macro_f1, epsilon in stacked[:, 3:STATS].tolist()]
+                     for accuracy, macro_f1, epsilon in stacked[:, 3:6].tolist()]
+        mixing = [[error, reference, int(rounds)] for error, reference, rounds in stacked[:, 6:STATS].tolist()]
         buffers = stacked[:, STATS:].to(layout.dtype).to(agents.device)
         # names, and the shared A of a strategy that does not send A: the scratch model's (largest rank)
         all_groups, all_extras = layout.unpack(buffers, agents.collect([agents.scratch]), extras)
         average = agents.evaluate_model(agents.average_model(all_groups, all_extras))
         counters["time_eval"] += agents.clock() - start
         record = evaluation_record(agents, rounds_done, per_agent, average, all_groups, loss_sum, loss_steps,
-                                   int(bytes_sent))
+                                   int(bytes_sent), mixing)
         record["members"] = members
         if self.churn.active:  # the mixing row goes to this agent's own log only
             record.update(self.mixing.fields(max(view.round, 0), view.live, view.joining),

@@ -34,8 +34,8 @@ from decaf_ext.config import TrainConfig
 from decaf_ext.device import resolve_device
 from decaf_ext.data.partition import partition
 from decaf_ext.errors import ConfigError, first_line
-from decaf_ext.lora import FactorGroup, RankPadding, collect_extras, collect_factors, share_and_freeze_A, \
-    write_extras, write_factors
+from decaf_ext.lora import FactorGroup, RankPadding, add_mixing, collect_extras, collect_factors, mixing_residuals, \
+    new_mixing_tally, share_and_freeze_A, write_extras, write_factors
 from decaf_ext.privacy import PrivateAgent, check_privacy, private_agents
 from decaf_ext.quiet import quiet_transformers
 from decaf_ext.storage.export import set_label_names
@@ -95,7 +95,8 @@ class Agents:
     data shard and its sampler only; the scratch model stays). Attributes: config, device, strategy, task,
     schedule, label_names, train_labels, parts, model_path, train_set / test_set (:class:`Encoded`), models,
     scratch, padding, layout, trainable_params, optimizers, samplers, agent_ids (the agent id of each model),
-    counters (the run's running totals: bytes sent, training loss, seconds per phase).
+    counters (the run's running totals: bytes sent, training loss, seconds per phase, each agent's mixing
+    error tally).
     """
 
     def __init__(self, config: TrainConfig, *, keep: int | None = None) -> None:
@@ -125,7 +126,8 @@ class Agents:
         if self.privacy is not None:
             self.optimizers = [private.optimizer for private in self.privacy]
         self.counters = {"bytes_sent": 0, "loss_sum": 0.0, "loss_steps": 0,
-                         "time_local": 0.0, "time_comm": 0.0, "time_eval": 0.0}
+                         "time_local": 0.0, "time_comm": 0.0, "time_eval": 0.0,
+                         "mixing": new_mixing_tally(len(self.agent_ids))}  # see decaf_ext.lora.mixing
 
     def _keep(self, agent: int) -> None:
         """Only agent `agent`'s model and training examples (sampled by local position) from here on."""
@@ -232,6 +234,22 @@ class Agents:
     def write(self, models: list[nn.Module], groups: list[FactorGroup], *, raw: bool = False) -> None:
         """write_factors into `models` from groups in this run's layout (see :meth:`collect`)."""
         write_factors(models, groups, padding=self._layout(raw))
+
+    def as_sent(self, inputs: list[FactorGroup]) -> list[FactorGroup]:
+        """Input groups of a strategy call (A [M, k, r, n], B [M, k, m, r]) with each agent's true factors: when the
+        strategy does not send A, a receiver fills every sender's A from its own, which with unequal ranks lacks the
+        rows beyond its own rank; the shared A (the scratch model's, of the largest rank) gives each B_j A_j exactly
+        (B_j is zero beyond agent j's rank). For the mixing error (:mod:`decaf_ext.lora.mixing`)."""
+        if self.strategy.trains_A or self.padding is None:
+            return inputs
+        shared = self.collect([self.scratch])
+        return [FactorGroup(g.names, s.A.expand_as(g.A), g.B) for g, s in zip(inputs, shared, strict=True)]
+
+    def tally_mixing(self, k: int, inputs: list[FactorGroup], weights: torch.Tensor) -> None:
+        """Add model k's mixing error of this round to its tally (counters["mixing"][k]): `inputs` (A [M, j, r, n],
+        B [M, j, m, r]) and `weights` [1, j] of its call of the strategy, against the factors it holds now."""
+        squared = mixing_residuals(self.as_sent(inputs), weights, self.collect(self.models[k:k + 1]))
+        add_mixing(self.counters["mixing"][k], *(x.item() for x in squared))
 
     def clock(self) -> float:
         """time.perf_counter() after the device's pending work is done."""

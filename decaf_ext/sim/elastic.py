@@ -19,7 +19,8 @@ import torch
 
 from decaf_ext.comm.agent_round import output_index, round_inputs
 from decaf_ext.elastic import ChurnSchedule, LiveMixing
-from decaf_ext.lora import Extras, FactorGroup, collect_extras, select_agent, stack_agents, write_extras
+from decaf_ext.lora import Extras, FactorGroup, collect_extras, new_mixing_tally, select_agent, stack_agents, \
+    write_extras
 from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.evaluation import evaluation_record
 
@@ -57,7 +58,7 @@ class ElasticRounds:
             return
         exact = layout.pack_each(groups, extras)
         heard = layout.received(exact)
-        rows = []
+        rows, received = [], {}
         for i in range(len(agents.models)):
             own = select_agent(groups, extras, i)
             if i not in present:
@@ -71,8 +72,10 @@ class ElasticRounds:
                 inputs = [j for j in peers if j not in joining]
             order, W_round = round_inputs(strategy, i, W[i], inputs, [], joining=i in joining)
             data = torch.stack([exact[j] if j == i else heard[j] for j in order])
-            mixed = strategy.communicate(*layout.unpack(data, *own), W_round)
+            inputs_i = layout.unpack(data, *own)
+            mixed = strategy.communicate(*inputs_i, W_round)
             rows.append(select_agent(*mixed, output_index(order, i)))
+            received[i] = (inputs_i[0], W_round[output_index(order, i)][None])
             server = not strategy.decentralized
             sent = layout.sent_bytes_of(i, server=server) * (1 if server else len(peers))
             agents.counters[SENT][i] += sent
@@ -82,6 +85,8 @@ class ElasticRounds:
         agents.write(agents.models, new_groups)
         write_extras(agents.models, new_extras)
         agents.counters["time_comm"] += agents.clock() - start
+        for i, (inputs_i, row) in received.items():  # the mixing error of what each agent mixed (lora/mixing.py)
+            agents.tally_mixing(i, inputs_i, row)
 
     def evaluate(self, rounds_done: int) -> dict[str, Any]:
         """The metrics record after `rounds_done` rounds over the agents present in the last of them (as the
@@ -95,8 +100,10 @@ class ElasticRounds:
         average = agents.evaluate_model(agents.average_model(groups, extras))
         agents.counters["time_eval"] += agents.clock() - start
         record = evaluation_record(agents, rounds_done, per_agent, average, groups, agents.counters["loss_sum"],
-                                   agents.counters["loss_steps"], sum(agents.counters[SENT][i] for i in present))
+                                   agents.counters["loss_steps"], sum(agents.counters[SENT][i] for i in present),
+                                   [agents.counters["mixing"][i] for i in present])
         agents.counters["loss_sum"], agents.counters["loss_steps"] = 0.0, 0
+        agents.counters["mixing"] = new_mixing_tally(len(agents.models))
         live = self.churn.live(round_index) if rounds_done else self.churn.initial
         joining = self.churn.joining(round_index) if rounds_done else ()
         return {**record, **self.mixing.fields(round_index, live, joining)}

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from decaf_ext.lora import FactorGroup, consensus_error, consensus_interference
+from decaf_ext.lora import FactorGroup, consensus_error, consensus_interference, update_spectrum
+from decaf_ext.lora.mixing import relative
 from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.tensorboard_log import TensorBoardLog
 from decaf_ext.storage.export import export_adapter
@@ -26,13 +27,17 @@ from decaf_ext.storage.run_folder import METRICS
 
 def evaluation_record(agents: Agents, rounds_done: int, per_agent: list[dict[str, float]],
                       average: dict[str, float], groups: list[FactorGroup], loss_sum: float, loss_steps: float,
-                      bytes_sent: int) -> dict[str, Any]:
+                      bytes_sent: int, mixing: list[list[float]]) -> dict[str, Any]:
     """One metrics.jsonl record: per-agent test metrics `per_agent`, the averaged model's `average`, the agents'
-    factors `groups` (A [M, N, r, n], B [M, N, m, r]) for the consensus error, the training loss summed over
-    `loss_steps` steps since the last evaluation, the bytes sent so far, the timings of `agents.counters`; with
+    factors `groups` (A [M, N, r, n], B [M, N, m, r]) for the consensus error and the update spectrum, the training
+    loss summed over `loss_steps` steps since the last evaluation, the bytes sent so far, each agent's mixing tally
+    since the last evaluation (:func:`~decaf_ext.lora.mixing.add_mixing`), the timings of `agents.counters`; with
     differential privacy, each agent's spent epsilon (``dp_epsilon`` of `per_agent`)."""
     accuracy = np.array([m["accuracy"] for m in per_agent])
     privacy = {"dp_epsilon": [m["dp_epsilon"] for m in per_agent]} if agents.privacy is not None else {}
+    mixing_errors = [None if rounds == 0 else relative(torch.tensor(err), torch.tensor(ref)).item()
+                     for err, ref, rounds in mixing]
+    ranks, energy = update_spectrum(groups, min(agents.config.agent_ranks()))
     return {
         "round": rounds_done,
         "train_loss": loss_sum / loss_steps if loss_steps else None,  # None before any local step
@@ -43,11 +48,27 @@ def evaluation_record(agents: Agents, rounds_done: int, per_agent: list[dict[str
         "avg_model_macro_f1": average["macro_f1"],
         "consensus_error": consensus_error(groups),
         "consensus_interference": consensus_interference(groups),
+        "mixing_error": _mean(mixing_errors),
+        "mixing_error_agents": mixing_errors,
+        "effective_rank": _mean(_values(ranks)),
+        "effective_rank_agents": _values(ranks),
+        "min_rank_energy_agents": _values(energy),
         "bytes_sent": bytes_sent,
         "acc_agents": accuracy.tolist(),
         **privacy,
         "time": {k[5:]: round(v, 3) for k, v in agents.counters.items() if k.startswith("time_")},
     }
+
+
+def _values(x: torch.Tensor) -> list[float | None]:
+    """A float64 [N] as a list, NaN as None."""
+    return [None if value != value else value for value in x.tolist()]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the values that are not None (None when there are none)."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
 
 
 class MetricsLog:

@@ -55,7 +55,7 @@ def restore(run_dir: str, agents: Agents) -> tuple[int, list[dict]]:
         sampler.load_state_dict(state)
     for private, state in zip(agents.privacy or [], saved.state.get("privacy", [])):
         private.load_state_dict(state)
-    agents.counters = saved.state["counters"]
+    agents.counters = {**agents.counters, **saved.state["counters"]}  # a key newer than the checkpoint starts fresh
     restore_rng(saved.rng)
     return saved.round, saved.state["history"]
 

@@ -13,6 +13,8 @@ SCALARS: dict[str, str] = {  # TensorBoard tag -> metrics record key
     "macro_f1/agents_mean": "macro_f1_mean",
     "loss/train": "train_loss",
     "consensus_error": "consensus_error",
+    "mechanism/mixing_error": "mixing_error",
+    "mechanism/effective_rank": "effective_rank",
     "bytes/sent_total": "bytes_sent",
 }
 

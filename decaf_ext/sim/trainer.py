@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from decaf_ext.comm.agent_round import round_inputs
 from decaf_ext.config import TrainConfig
-from decaf_ext.lora import FactorGroup, Extras, collect_extras, select_agent, stack_agents, write_extras
+from decaf_ext.lora import FactorGroup, Extras, add_mixing, collect_extras, mixing_residuals, new_mixing_tally, \
+    select_agent, stack_agents, write_extras
 from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.elastic import ElasticRounds
 from decaf_ext.sim.evaluation import MetricsLog, build_summary, evaluation_record, export_adapters
@@ -76,8 +77,11 @@ class Trainer:
         W = agents.schedule.at(round_index)
         if agents.layout.codec.lossless:
             new_groups, new_extras = agents.strategy.communicate(groups, extras, W)
+            n = W.shape[0]
+            received = [(groups, W if agents.strategy.decentralized
+                         else torch.full((n, n), 1.0 / n, dtype=torch.float64))]
         else:
-            new_groups, new_extras = self._communicate_received(groups, extras, W)
+            new_groups, new_extras, received = self._communicate_received(groups, extras, W)
         agents.write(agents.models, new_groups)
         write_extras(agents.models, new_extras)
         sent = agents.strategy.bytes_sent(groups, extras, W, self.message_bytes())
@@ -87,6 +91,20 @@ class Trainer:
                 if agent_sent > 0:
                     optimizer.state.clear()
         agents.counters["time_comm"] += agents.clock() - start
+        if agents.strategy.bytes_per_message(groups, extras) > 0:  # `local` mixes nothing: no mixing error
+            self._tally_mixing(received)
+
+    def _tally_mixing(self, received: list[tuple[list[FactorGroup], torch.Tensor]]) -> None:
+        """Add each agent's mixing error of this round (:mod:`decaf_ext.lora.mixing`) to its tally: `received` is
+        one (inputs, W [N_out, N_in]) whose N_out rows are agents 0, 1, ... in order, or one per agent (its inputs
+        and its [1, k] row), against the factors the agents hold now."""
+        held = self.agents.collect(self.agents.models)
+        first = 0
+        for inputs, W in received:
+            rows = [FactorGroup(g.names, g.A[:, first:first + len(W)], g.B[:, first:first + len(W)]) for g in held]
+            for k, (err, ref) in enumerate(zip(*mixing_residuals(inputs, W, rows))):
+                add_mixing(self.agents.counters["mixing"][first + k], err.item(), ref.item())
+            first += len(W)
 
     def message_bytes(self) -> int | torch.Tensor:
         """Bytes of one message: an int, or int64 [N] per agent when unequal ranks make messages differ (a server
@@ -98,21 +116,24 @@ class Trainer:
                              for agent in self.agents.agent_ids])
 
     def _communicate_received(self, groups: list[FactorGroup], extras: Extras, W: torch.Tensor
-                              ) -> tuple[list[FactorGroup], Extras]:
+                              ) -> tuple[list[FactorGroup], Extras, list[tuple[list[FactorGroup], torch.Tensor]]]:
         """The round with lossy messages: each agent's own call of the strategy, as the distributed runtime makes
         it (:func:`~decaf_ext.comm.agent_round.round_inputs`), on its own exact factors and the others' as decoded
-        from their messages. groups A [M, N, r, n], B [M, N, m, r], extras [N, ...] -> the same shapes."""
+        from their messages. groups A [M, N, r, n], B [M, N, m, r], extras [N, ...] -> the same shapes, and per
+        agent what it mixed: (its call's input groups, its row of the call's W, [1, k])."""
         strategy, layout = self.agents.strategy, self.agents.layout
         exact = layout.pack_each(groups, extras)
         heard = layout.received(exact)
-        rows = []
+        rows, received = [], []
         for i, row in enumerate(W.to(torch.float64).cpu()):
             others = [j for j in range(len(row)) if j != i and (row[j] > 0 or not strategy.decentralized)]
             order, W_round = round_inputs(strategy, i, row, others, [])
             data = torch.stack([exact[j] if j == i else heard[j] for j in order])
-            mixed = strategy.communicate(*layout.unpack(data, *select_agent(groups, extras, i)), W_round)
+            inputs = layout.unpack(data, *select_agent(groups, extras, i))
+            mixed = strategy.communicate(*inputs, W_round)
             rows.append(select_agent(*mixed, order.index(i)))
-        return stack_agents(rows)
+            received.append((self.agents.as_sent(inputs[0]), W_round[order.index(i)][None]))
+        return (*stack_agents(rows), received)
 
     # ------------------------------------------------------------------------------------------ evaluation
 
@@ -133,8 +154,9 @@ class Trainer:
         agents.counters["time_eval"] += agents.clock() - start
         record = evaluation_record(agents, rounds_done, per_agent, average, agents.collect(agents.models),
                                    agents.counters["loss_sum"], agents.counters["loss_steps"],
-                                   agents.counters["bytes_sent"])
+                                   agents.counters["bytes_sent"], agents.counters["mixing"])
         agents.counters["loss_sum"], agents.counters["loss_steps"] = 0.0, 0
+        agents.counters["mixing"] = new_mixing_tally(len(agents.models))
         self.log.add(record)
         return record
 
