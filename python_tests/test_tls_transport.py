@@ -422,3 +422,16 @@ def test_a_deeply_nested_header_is_a_rejection_not_an_exception(star):
     folders, made = star
     code = raw_push(folders[0], made[1].kit.address(1), "agent-1", "Mix", b"[" * 3000, b"")
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("answer", [b"[1]", b'"a string"', b"{\"run\": 1"])
+def test_a_neighbour_answering_hello_with_no_state_is_one_line_naming_it(tmp_path, answer):
+    """Agent 0 (the hub, its valid certificate) answers Hello with JSON that is not a state: agent 1 stops with
+    one line naming it, not a traceback."""
+    folders = loopback_kit(tmp_path)
+    server = tls_peer.serve(load_kit(folders[0]), {"Hello": tls_peer.unary(lambda request, context: answer)}, 4)
+    try:
+        with pytest.raises(ConfigError, match="neighbour agent 0 at"):
+            TlsTransport(load_kit(folders[1]), fingerprint="same", timeout=5.0, startup_timeout=5.0)
+    finally:
+        server.stop(None)

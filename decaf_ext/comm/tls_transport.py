@@ -118,11 +118,12 @@ class TlsTransport(TransportBase):
         try:
             answer = self._channels[j].unary_unary(tls_peer.method("Hello"))(b"", timeout=timeout,
                                                                           wait_for_ready=True)
-            return json.loads(answer)
+            state = json.loads(answer)
         except grpc.RpcError as error:
             return f"{error.code().name}: {error.details()}"
-        except ValueError:
+        except (ValueError, RecursionError):
             return "an unreadable answer"
+        return state if isinstance(state, dict) else "an answer that is not a state"
 
     def _check_neighbours(self) -> None:
         """Every graph neighbour answers within startup_timeout, for this run, with this layout."""
