@@ -381,3 +381,32 @@ def test_user_loop_recipe_with_opacus_and_the_averager(tiny, tmp_path, algorithm
 
 if __name__ == "__main__":
     recipe_agent(sys.argv[1])
+
+
+def test_an_agent_rejoining_a_run_that_went_on_draws_fresh_noise_and_accounts_the_rounds_it_missed():
+    """An agent process that crashed after its checkpoint had already released the steps after it; restarted, it
+    rejoins a run that went on (the runtime's `start` returns a later round). Restoring the checkpoint's generators
+    alone redraws the very noise of those released steps, now on other inputs (the attack: two outputs with the
+    same noise); `rejoin` draws fresh noise and accounts the missed steps as taken, so epsilon is not reported low."""
+    def noise_of_next_step(private, probe) -> torch.Tensor:
+        private.sampler.sample_rate = 0.0  # an empty sample: the step is noise only
+        before = probe.layer.weight.detach().clone()
+        private.step(probe.loss)
+        private.sampler.sample_rate = 1 / 4
+        return probe.layer.weight.detach() - before
+
+    probe, private = probe_agent()
+    private.step(probe.loss)
+    checkpoint = private.state_dict()
+    released = noise_of_next_step(private, probe)  # sent to the neighbours, then the process crashed
+    probe, restored = probe_agent()
+    restored.load_state_dict(checkpoint)
+    assert torch.allclose(noise_of_next_step(restored, probe), released, atol=1e-6)  # what a plain restore does
+    probe, rejoining = probe_agent()
+    rejoining.load_state_dict(checkpoint)
+    rejoining.rejoin(skipped_steps=3)
+    assert not torch.allclose(noise_of_next_step(rejoining, probe), released, atol=1e-3)
+    steps = sum(n for _, _, n in rejoining.engine.accountant.history)
+    assert steps == 1 + 3 + 1
+    assert rejoining.epsilon() == pytest.approx(opacus_epsilon(rejoining.noise_multiplier, 1 / 4, steps,
+                                                               rejoining.delta))

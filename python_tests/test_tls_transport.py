@@ -67,7 +67,7 @@ def star(tmp_path):
         transport.close()
 
 
-def raw_push(kit_folder: str, address: str, target: str, name: str, header: dict, payload: bytes,
+def raw_push(kit_folder: str, address: str, target: str, name: str, header: dict | bytes, payload: bytes,
              timeout: float = 5.0) -> grpc.StatusCode:
     """Push `payload` after `header` to `address` with the certificate of `kit_folder`, expecting server identity
     `target`; returns the call's status code."""
@@ -77,7 +77,8 @@ def raw_push(kit_folder: str, address: str, target: str, name: str, header: dict
     with grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", target)]) as channel:
         call = channel.stream_unary(tls_peer.method(name))
         try:
-            call(iter([json.dumps(header).encode(), payload]), timeout=timeout)
+            raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+            call(iter([raw, payload]), timeout=timeout)
             return grpc.StatusCode.OK
         except grpc.RpcError as error:
             return error.code()
@@ -381,3 +382,56 @@ def test_the_user_loop_averager_and_callback_mix_as_the_strategy_over_tls(tiny_p
 
 if __name__ == "__main__":
     averager_main(json.loads(sys.argv[1]))
+
+
+# ------------------------------------------------------------------------------- review: resource attacks
+
+
+@pytest.mark.parametrize("deadline", [None, 4.0])
+def test_streams_that_never_end_hold_no_receiver_thread_past_a_round(star, deadline):
+    """Agent 2 (a run agent, its own valid certificate) opens 20 evaluation pushes to agent 1 that send a header
+    and then nothing, never ending (without a deadline, or with one inside the round timeout). Agent 1's pushes
+    from its neighbour still arrive, and each hanging stream is ended by agent 1 within a round timeout."""
+    folders, made = star
+    kit = Path(folders[2])
+    credentials = grpc.ssl_channel_credentials((kit / "ca.pem").read_bytes(), (kit / "key.pem").read_bytes(),
+                                               (kit / "cert.pem").read_bytes())
+    stop = threading.Event()
+    header = json.dumps({"run": made[1].kit.run.hex(), "round": 0, "seq": 0, "numel": 6, "dtype": "float32"})
+
+    def never_ending():
+        yield header.encode()
+        stop.wait()
+
+    channel = grpc.secure_channel(made[1].kit.address(1), credentials,
+                                  options=[("grpc.ssl_target_name_override", "agent-1")])
+    try:
+        call = channel.stream_unary(tls_peer.method("Gather"))
+        hanging = [call.future(never_ending(), timeout=deadline) for _ in range(20)]
+        got = exchange(made)
+        assert torch.equal(got[1][0], torch.full((6,), 1.0)) and set(got[0]) == {1, 2}
+        for future in hanging:
+            assert future.exception(timeout=2 * made[1].timeout) is not None  # ended by the receiver or deadline
+    finally:
+        stop.set()
+        channel.close()
+
+
+def test_a_deeply_nested_header_is_a_rejection_not_an_exception(star):
+    """A neighbour's header of 3000 nested lists (within the header limit) makes json raise RecursionError."""
+    folders, made = star
+    code = raw_push(folders[0], made[1].kit.address(1), "agent-1", "Mix", b"[" * 3000, b"")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("answer", [b"[1]", b'"a string"', b"{\"run\": 1"])
+def test_a_neighbour_answering_hello_with_no_state_is_one_line_naming_it(tmp_path, answer):
+    """Agent 0 (the hub, its valid certificate) answers Hello with JSON that is not a state: agent 1 stops with
+    one line naming it, not a traceback."""
+    folders = loopback_kit(tmp_path)
+    server = tls_peer.serve(load_kit(folders[0]), {"Hello": tls_peer.unary(lambda request, context: answer)}, 4)
+    try:
+        with pytest.raises(ConfigError, match="neighbour agent 0 at"):
+            TlsTransport(load_kit(folders[1]), fingerprint="same", timeout=5.0, startup_timeout=5.0)
+    finally:
+        server.stop(None)

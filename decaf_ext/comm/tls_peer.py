@@ -106,7 +106,10 @@ def parse_header(data: bytes | None) -> dict[str, Any]:
     """A pushed message's header {run, round, seq, numel, dtype}; ValueError if it is not one."""
     if data is None or len(data) > HEADER_LIMIT:
         raise ValueError("no header, or one longer than the header limit")
-    header = json.loads(data)
+    try:
+        header = json.loads(data)
+    except RecursionError:  # nesting deeper than the interpreter's limit, within HEADER_LIMIT bytes
+        raise ValueError("a header nested too deeply") from None
     if not isinstance(header, dict) or not isinstance(header.get("run"), str) or header.get("dtype") not in DTYPES:
         raise ValueError("not a header {run, round, seq, numel, dtype}")
     for name in ("round", "seq", "numel"):

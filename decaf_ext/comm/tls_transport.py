@@ -47,6 +47,7 @@ from decaf_ext.errors import ConfigError
 
 Key = tuple[str, int, int]  # (method, round, sequence number of the round's gathers)
 HELLO_TIMEOUT = 5.0  # seconds to ask a running agent for its round at start
+STREAMS_PER_SENDER = 4  # pushes one sender may have open at once (the server's workers cover every sender's)
 
 
 class TlsTransport(TransportBase):
@@ -77,6 +78,7 @@ class TlsTransport(TransportBase):
         self._inbox: dict[Key, dict[int, torch.Tensor]] = {}
         self._done: set[Key] = set()
         self._gathers = 0  # gathers so far in round_now
+        self._open: dict[int, int] = {}  # pushes being received, per sender
         self._channels = {j: tls_peer.channel_to(kit, j) for j in self.others}
         self._pool = ThreadPoolExecutor(max_workers=max(1, 2 * len(self.others)))
         workers = 4 * self.n_agents + 4
@@ -116,11 +118,12 @@ class TlsTransport(TransportBase):
         try:
             answer = self._channels[j].unary_unary(tls_peer.method("Hello"))(b"", timeout=timeout,
                                                                           wait_for_ready=True)
-            return json.loads(answer)
+            state = json.loads(answer)
         except grpc.RpcError as error:
             return f"{error.code().name}: {error.details()}"
-        except ValueError:
+        except (ValueError, RecursionError):
             return "an unreadable answer"
+        return state if isinstance(state, dict) else "an answer that is not a state"
 
     def _check_neighbours(self) -> None:
         """Every graph neighbour answers within startup_timeout, for this run, with this layout."""
@@ -183,6 +186,22 @@ class TlsTransport(TransportBase):
                                   "(not a sender this agent expects)", agent=sender, what=name)
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {self.agent} takes no {name} messages "
                                                                  f"from {sender_name(sender)}")
+            deadline = context.time_remaining()
+            if deadline is None or deadline > self.timeout + 1.0:  # the gRPC core ends the stream at its deadline
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a push needs a deadline within the round timeout "
+                                                                f"{self.timeout:g} s")
+            with self._cond:
+                if self._open.get(sender, 0) >= STREAMS_PER_SENDER:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{sender_name(sender)} has "
+                                                                      f"{STREAMS_PER_SENDER} pushes open")
+                self._open[sender] = self._open.get(sender, 0) + 1
+            try:
+                return take(requests, context, sender)
+            finally:
+                with self._cond:
+                    self._open[sender] -= 1
+
+        def take(requests: Iterator[bytes], context: grpc.ServicerContext, sender: int) -> bytes:
             try:
                 header = tls_peer.parse_header(next(requests, None))
             except ValueError as error:

@@ -254,6 +254,9 @@ class AgentRuntime:
         if join_at and not own:  # a scheduled joiner enters a run that has started
             wait_for(self.transport.store, STARTUP, self.transport.startup_timeout)
         done = self.comm.start(own, join_at, list(self.churn.initial))
+        if agents.privacy is not None and (resume or self.comm.restarted) and done > own:  # a run that went on
+            for private in agents.privacy:
+                private.rejoin((done - own) * cfg.local_steps)
         self.transport.fresh = done > 0 and own == 0  # no state of its own: it starts from its neighbours'
         kind, at = self.churn.departure(self.agent) or ("", cfg.rounds)
         stop = at if kind == "leave" or self.comm.restarted else cfg.rounds  # a restarted crasher leaves instead

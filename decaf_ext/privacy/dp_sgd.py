@@ -155,6 +155,17 @@ class PrivateAgent:
             generator.set_state(torch.tensor(list(bytes.fromhex(state[name])), dtype=torch.uint8))
 
 
+    def rejoin(self, skipped_steps: int) -> None:
+        """After :meth:`load_state_dict`, for an agent restarted into a run that went on without it: the
+        `skipped_steps` after its checkpoint may have been taken and released before it crashed, so they are
+        accounted as taken, and both generators are reseeded (the checkpoint's would redraw those steps' samples
+        and noise for other inputs)."""
+        if skipped_steps > 0:
+            self.engine.accountant.history.append((self.noise_multiplier, self.sample_rate, skipped_steps))
+        self.sample_generator.manual_seed(_secret_seed())
+        self.noise_generator.manual_seed(_secret_seed())
+
+
 def private_agents(budget: DPBudget | None, models: list[nn.Module], optimizers: list[torch.optim.Optimizer],
                    indices: list[np.ndarray], *, batch_size: int, steps: int, device: torch.device
                    ) -> list[PrivateAgent] | None:
