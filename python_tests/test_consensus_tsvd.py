@@ -388,6 +388,17 @@ def test_cuda_fused_path_matches_reference(n_agents, graph, weights_on):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rank", [16, 32])
+def test_cuda_many_triplets_above_64_columns_match_reference(rank):
+    """k*r = 256 (complete graph, W on the GPU) with rank 16 (fused block Krylov) and 32 (declined by the
+    fused path: two Krylov blocks of 32 left product errors of 0.1 to 0.2) against the float64 reference."""
+    A, B = factors((2,), 32, 8, 300, 280, torch.float32, "cuda", seed=25)
+    W = complete_weights(32).to("cuda", torch.float32)
+    out = decaf_ext.consensus_tsvd(A, B, W, rank, method="exact", check_values=False)
+    assert_matches_reference(A, B, W, rank, out, TOL[torch.float32])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("n_agents,dtype", [(8, torch.float32), (16, torch.float32), (32, torch.float32),
                                             (16, torch.bfloat16)])
 def test_cuda_graph_capture_replays_the_eager_call(n_agents, dtype):
