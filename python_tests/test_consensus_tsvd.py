@@ -390,8 +390,8 @@ def test_cuda_fused_path_matches_reference(n_agents, graph, weights_on):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rank", [16, 32])
 def test_cuda_many_triplets_above_64_columns_match_reference(rank):
-    """k*r = 256 (complete graph, W on the GPU) with rank 16 (fused block Krylov) and 32 (declined by the
-    fused path: two Krylov blocks of 32 left product errors of 0.1 to 0.2) against the float64 reference."""
+    """k*r = 256 (complete graph, W on the GPU) with rank 16 and 32 (both declined by the fused path: its block
+    Krylov method stops above its tolerance from rank 12 up) against the float64 reference."""
     A, B = factors((2,), 32, 8, 300, 280, torch.float32, "cuda", seed=25)
     W = complete_weights(32).to("cuda", torch.float32)
     out = decaf_ext.consensus_tsvd(A, B, W, rank, method="exact", check_values=False)

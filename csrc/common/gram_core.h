@@ -34,10 +34,11 @@ namespace decaf {
 
 constexpr int kFusedMaxColumns = 256;              // largest K of the fused path
 constexpr int kKrylovBasis = kSmallEighMax;        // Krylov subspace dimension (Rayleigh-Ritz by small_eigh)
-// q above kSmallEighMax columns: at least four blocks. With two (q = 32), 24 restarts leave a random
-// complete graph at k*r = 128 or 256 with product errors of 0.1 to 0.2 (native test); such calls take
+// q above kSmallEighMax columns: at least eight blocks. With two (q = 32), 24 restarts leave a random
+// complete graph at k*r = 128 or 256 with product errors of 0.1 to 0.2 (native test); from q = 12 up they
+// stop above the tolerance (product errors near 1e-5 where the batched path reaches 1e-7). Such calls take
 // the batched Gram path.
-constexpr int kKrylovMaxRank = kKrylovBasis / 4;
+constexpr int kKrylovMaxRank = kKrylovBasis / 8;
 constexpr int kKrylovCycles = 24;
 constexpr double kKrylovTolerance = 1e-9;
 

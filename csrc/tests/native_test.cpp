@@ -232,7 +232,7 @@ int main() {
         "[fused path, W as on a GPU] block Krylov converged within " + std::to_string(decaf::fused_most_cycles) +
             " cycles (limit " + std::to_string(decaf::kKrylovCycles) + ")");
   // rank 32 above k*r = 64 (block Krylov with two blocks of 32 converged to product errors of 0.1 to 0.2
-  // within its cycle limit): such calls leave the fused path, rank 16 stays on it.
+  // within its cycle limit; from rank 12 up it stopped above its tolerance): such calls leave the fused path.
   compare_with_dense(Graph::kComplete, 32, 8, 300, 280, 32, at::kFloat, "exact", 1e-5);
   compare_with_dense(Graph::kComplete, 32, 8, 300, 280, 16, at::kFloat, "exact", 1e-5);
   swapped_backend = nullptr;
