@@ -299,7 +299,8 @@ def restarted(network, tiny_paths, tmp_path_factory):
     try:
         first = agents[2].wait(timeout=600)
         agents[2] = subprocess.Popen([*network.prefixes[2], sys.executable, "-m", "decaf_ext.cli", "--resume",
-                                      sites[2]["output_dir"], "--launcher", "dist"], env=environment())
+                                      sites[2]["output_dir"], "--launcher", "dist", "--round-timeout", "6"],
+                                     env=environment())
         statuses = [agent.wait(timeout=600) for agent in agents]
     finally:
         for agent in agents:
