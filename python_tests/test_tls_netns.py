@@ -291,13 +291,20 @@ def restarted(network, tiny_paths, tmp_path_factory):
     """Three sites, each with its own run folder; agent 2 kills itself after its local steps of round 2 and is
     started again, once dead, with the command docs/deploy.md gives: decaf-train --resume FOLDER --launcher dist."""
     root = tmp_path_factory.mktemp("tls-restart")
-    config = tiny_config(tiny_paths, root / "run", agents=AGENTS, algorithm="dlora", rounds=8, eval_every=1)
+    config = tiny_config(tiny_paths, root / "run", agents=AGENTS, algorithm="dlora", rounds=20, eval_every=1)
     kits = kit_of(network, root, "restart", 47300)
     sites = [dict(c, output_dir=str(root / f"site{k}")) for k, c in enumerate(per_agent(config, kits))]
     specs = [{"runs": [(c, "2:exit@2")], "options": {"round_timeout": 6.0, "startup_timeout": 120.0}} for c in sites]
     agents = [start_agent(network, a, specs[a]) for a in range(AGENTS)]
     try:
         first = agents[2].wait(timeout=600)
+        # restart only once agent 0 has finished a round without agent 2, so that the run shows the gap
+        # however fast or slow this machine restarts a process
+        records = Path(sites[0]["output_dir"], "metrics.jsonl")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (records.is_file() and any(
+                json.loads(line)["members"] == [0, 1] for line in records.read_text().splitlines() if line)):
+            time.sleep(0.5)
         agents[2] = subprocess.Popen([*network.prefixes[2], sys.executable, "-m", "decaf_ext.cli", "--resume",
                                       sites[2]["output_dir"], "--launcher", "dist", "--round-timeout", "6"],
                                      env=environment())
@@ -310,6 +317,10 @@ def restarted(network, tiny_paths, tmp_path_factory):
     return [site["output_dir"] for site in sites], config.rounds, first, statuses
 
 
+@pytest.mark.slow  # 20 rounds, most of them waiting a round timeout for the dead agent: minutes
+@pytest.mark.xfail(strict=True, reason="known bug: an agent restarted after its neighbours went on without it "
+                   "is not taken back into their exchanges over TLS (its neighbours' pushes are refused as "
+                   "not expected, round after round); docs/deploy.md says so")
 def test_a_killed_agent_restarted_rejoins_the_run(restarted):
     sites, rounds, first, statuses = restarted
     assert first == -signal.SIGKILL and statuses == [0] * AGENTS
