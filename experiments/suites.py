@@ -14,6 +14,8 @@ BASE: dict[str, Any] = {
     "agents": 10, "topology": "ring", "rounds": 10, "local_steps": 3, "max_len": 48, "eval_every": 2,
     "batch_size": 16, "max_train": 600, "max_test": 200, "progress": False,
 }
+# Suites whose tables read only the last evaluation evaluate only there (evaluation is half of a run's time)
+FINAL_EVAL: dict[str, Any] = {"eval_every": BASE["rounds"]}
 ALGORITHMS = ("local", "fedavg", "dlora", "decaf", "dlora_fa")
 PARTITIONS: dict[str, dict[str, Any]] = {
     "iid": {"partition": "iid"},
@@ -107,10 +109,10 @@ def _grid() -> dict[str, Suite]:
                    for d in MESSAGE_DTYPES for a in ("decaf", "dlora")}
     mixed_ranks = {f"{a}-mixed": {"algorithm": a, "rank": MIXED_RANKS, **PARTITIONS["dir0.5"]}
                    for a in ("decaf", "dlora")}
-    dp = {dp_cell(a, e): {"algorithm": a, "dp_epsilon": e, **PARTITIONS["dir0.5"]}
+    dp = {dp_cell(a, e): {"algorithm": a, "dp_epsilon": e, **FINAL_EVAL, **PARTITIONS["dir0.5"]}
           for e in DP_EPSILONS for a in ("decaf", "dlora")}
     byzantine = {f"{a}-byz{count}{'-' + kind if count else ''}-{setting}": {
-        "algorithm": a, "robust": ROBUST_SETTINGS[setting], **PARTITIONS["dir0.5"],
+        "algorithm": a, "robust": ROBUST_SETTINGS[setting], **FINAL_EVAL, **PARTITIONS["dir0.5"],
         **({"byzantine": {"agents": list(BYZANTINE_AGENTS[count]), "kind": kind}} if count else {})}
         for a in ("decaf", "dlora") for setting in ROBUST_SETTINGS for count in BYZANTINE_AGENTS
         for kind in (BYZANTINE_KINDS if count else BYZANTINE_KINDS[:1])}
