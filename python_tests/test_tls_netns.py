@@ -318,9 +318,6 @@ def restarted(network, tiny_paths, tmp_path_factory):
 
 
 @pytest.mark.slow  # 20 rounds, most of them waiting a round timeout for the dead agent: minutes
-@pytest.mark.xfail(strict=True, reason="known bug: an agent restarted after its neighbours went on without it "
-                   "is not taken back into their exchanges over TLS (its neighbours' pushes are refused as "
-                   "not expected, round after round); docs/deploy.md says so")
 def test_a_killed_agent_restarted_rejoins_the_run(restarted):
     sites, rounds, first, statuses = restarted
     assert first == -signal.SIGKILL and statuses == [0] * AGENTS

@@ -15,7 +15,7 @@ import ssl
 import stat
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -303,14 +303,39 @@ def test_the_server_negotiates_tls_1_3_and_still_accepts_1_2(star):
     assert seen == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}
 
 
+def start_in_background(transport: TlsTransport, rounds_done: int) -> Future:
+    return ThreadPoolExecutor(1).submit(transport.start, rounds_done)
+
+
 def test_an_agent_starting_up_joins_after_the_lowest_running_round(star):
-    """Agent 1 (a keyed insider) answers Hello with a far later round; agent 2 runs round 4."""
+    """Agent 1 (a keyed insider) answers Hello with a far later round; agent 2 runs round 4. Agent 0 joins after
+    round 4, once both neighbours are in round 5."""
     _, made = star
     made[1].round_now, made[2].round_now = 10**6, 4
-    assert made[0].start(0) == 5
+    joining = start_in_background(made[0], 0)
+    with pytest.raises(TimeoutError):
+        joining.result(timeout=1.0)  # agent 2 has not entered round 5 yet
+    made[2].round_now = 5
+    assert joining.result(timeout=10.0) == 5
     assert made[0].start(7) == 7  # its own checkpoint is newer: it keeps it
     made[2].round_now = -1  # the insider is the only running agent: it is believed (docs/security.md)
     assert made[0].start(0) == 10**6 + 1
+
+
+def test_a_restarted_agent_enters_its_first_round_with_its_neighbours(star):
+    """Agent 0 restarts from round 2 while its neighbours are in round 4: it continues with round 5, not before
+    both have entered it, and its first exchange then meets theirs."""
+    _, made = star
+    for neighbour in made[1:]:
+        neighbour.agree(4)
+    joining = start_in_background(made[0], 2)
+    made[1].agree(5)
+    with pytest.raises(TimeoutError):
+        joining.result(timeout=1.0)  # agent 2 is still in round 4
+    made[2].agree(5)
+    assert joining.result(timeout=10.0) == 5
+    assert [e["round"] for e in made[0].events if e["event"] == "joining"] == [4]
+    assert [sorted(received) for received in exchange(made, round_index=5)] == [[1, 2], [0], [0]]
 
 
 def test_a_push_for_a_round_the_receiver_left_is_stale(star):

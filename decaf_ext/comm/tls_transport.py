@@ -14,7 +14,8 @@ receiver (a client stream: JSON header {run, round, seq, numel, dtype}, then chu
 a push until the receiver has entered that exchange, checks the declared size against the one it expects from
 that sender before it keeps any chunk (larger or smaller is a logged rejection, never a crash), and refuses
 pushes of rounds it has left (stale) and duplicates. At start an agent asks every agent for the round it is in
-(``Hello``) and continues after the lowest round a running agent reports (a restarted agent rejoins); at a fresh start
+(``Hello``) and continues after the lowest round a running agent reports (a restarted agent rejoins, once its
+neighbours have entered that round's exchange, so that its exchanges overlap theirs); at a fresh start
 its graph neighbours must answer within startup_timeout with the same message layout, or it stops with one line
 naming the neighbour. The run's nonce (message tags) is the kit's run id.
 
@@ -47,6 +48,7 @@ from decaf_ext.errors import ConfigError
 
 Key = tuple[str, int, int]  # (method, round, sequence number of the round's gathers)
 HELLO_TIMEOUT = 5.0  # seconds to ask a running agent for its round at start
+AWAIT_POLL = 0.1  # seconds between Hellos of a rejoining agent waiting for its neighbours to reach its round
 STREAMS_PER_SENDER = 4  # pushes one sender may have open at once (the server's workers cover every sender's)
 
 
@@ -144,15 +146,33 @@ class TlsTransport(TransportBase):
         rejoins). Scheduled joins (`join_at`, `starters`: :mod:`decaf_ext.elastic`) are not supported over TLS."""
         if join_at or starters not in (None, list(range(self.n_agents))):
             raise ConfigError("churn: scheduled joins and departures run over --transport gloo only")
-        futures = [self._pool.submit(self._ask, j, HELLO_TIMEOUT) for j in sorted(self.others)]
-        rounds = [f.result().get("round", -1) for f in futures if isinstance(f.result(), dict)]
         # the lowest round a running agent is in: one agent announcing a far later round cannot make it skip
-        running = min([r for r in rounds if type(r) is int and r >= 0], default=-1)
+        running = min(self._rounds(self.others).values(), default=-1)
         done = running + 1 if running > rounds_done else rounds_done
+        self.round_now = self._latest = done - 1
         if done > rounds_done:
             self.record_event(done - 1, "joining", f"joining the running group after round {done}")
-        self.round_now = self._latest = done - 1
+            self._await_round(done)
         return done
+
+    def _rounds(self, agents: frozenset[int]) -> dict[int, int]:
+        """The round each of `agents` that answers Hello is in (only those in a round, >= 0)."""
+        futures = {j: self._pool.submit(self._ask, j, HELLO_TIMEOUT) for j in sorted(agents)}
+        states = {j: future.result() for j, future in futures.items()}
+        return {j: s["round"] for j, s in states.items()
+                if isinstance(s, dict) and type(s.get("round")) is int and s["round"] >= 0}
+
+    def _await_round(self, round_index: int) -> None:
+        """Wait (at most startup_timeout) until every running sender of this agent's mixing messages has entered
+        round `round_index`'s exchange, so that this agent's first exchange overlaps theirs: joining earlier,
+        it would run a round timeout ahead of them, and each side's pushes would find the other gone, round
+        after round."""
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            rounds = self._rounds(self.senders["Mix"])
+            if not rounds or min(rounds.values()) >= round_index:
+                return
+            time.sleep(AWAIT_POLL)
 
     def current_view(self) -> RoundView:
         """The view of the newest round entered (every run agent a member)."""
