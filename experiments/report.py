@@ -339,6 +339,30 @@ def plot_points(points: list[tuple[str, Cell]], path: str) -> bool:
     return True
 
 
+def plot_categories(series: dict[str, list[tuple[str, Cell | None]]], xlabel: str, path: str) -> bool:
+    """Final agents' mean accuracy per category (e.g. an epsilon), one line per series (e.g. an algorithm): mean over
+    seeds, error bars ± std over seeds; categories without runs are left out."""
+    series = {label: [(x, cell) for x, cell in points if cell] for label, points in series.items()}
+    series = {label: points for label, points in series.items() if points}
+    if not series:
+        return False
+    categories = list(dict.fromkeys(x for points in series.values() for x, _ in points))
+    figure = Figure(figsize=(5.2, 3.8))
+    axes = figure.add_subplot(1, 1, 1)
+    for label, points in series.items():
+        seeds = min(len(cell.runs) for _, cell in points)
+        axes.errorbar([categories.index(x) for x, _ in points], [cell.mean(final_acc) for _, cell in points],
+                      yerr=[cell.spread(final_acc) or 0.0 for _, cell in points], marker="o", capsize=3,
+                      label=f"{label} (≥ {seeds} seed{'s' * (seeds > 1)})")
+    axes.set_xticks(range(len(categories)), categories)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("final test acc (agents' mean)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="x-small")
+    save_figure(figure, path)
+    return True
+
+
 def save_figure(figure: Figure, path: str) -> None:
     FigureCanvasAgg(figure)
     figure.tight_layout()
@@ -374,6 +398,10 @@ def plot_panels(cells: dict[str, Cell], panels: list[tuple[str, list[tuple[str, 
 
 
 # --------------------------------------------------------------------------------------------- sections
+
+
+def epsilon_label(epsilon: float | None) -> str:
+    return "∞ (no DP)" if epsilon is None else f"{epsilon:g}"
 
 
 def effective_gap(config: dict[str, Any]) -> float:
@@ -590,13 +618,19 @@ class Report:
                f"Setting: {SUITES['dp'].claim}; what the guarantee covers: docs/privacy.md. Epsilon spent: the "
                "largest over the agents at the end of the run, by each agent's Opacus accountant (mean over seeds).",
                ""]
+        if (missing := self.not_run("dp")) is not None:
+            return "\n".join(out + [missing])
         rows = []
         for a in ("decaf", "dlora"):
             for epsilon in DP_EPSILONS:
                 cell = cells.get(dp_cell(a, epsilon))
                 spent = f"{cell.mean(lambda r: max(r.final['dp_epsilon'])):.2f}" if cell and epsilon else "–"
-                rows.append([a, "∞ (no DP)" if epsilon is None else f"{epsilon:g}", *accuracy_columns(cell), spent])
+                rows.append([a, epsilon_label(epsilon), *accuracy_columns(cell), spent])
         out.append(table(["algorithm", "epsilon", *ACC_HEADER, "epsilon spent"], rows))
+        series = {a: [(epsilon_label(e), cells.get(dp_cell(a, e))) for e in DP_EPSILONS] for a in ("decaf", "dlora")}
+        if plot_categories(series, "epsilon (delta = 1/n per agent)", self.plot_path("dp_acc")):
+            out += ["", "Final agents' mean test accuracy against epsilon (mean over seeds, error bars ± std over "
+                    "seeds):", "", self.image("dp_acc")]
         return "\n".join(out)
 
     def clip_rows(self) -> list[Row]:
