@@ -14,6 +14,7 @@ import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 import torch.distributed as dist
@@ -103,13 +104,31 @@ def test_the_tls_receiver_takes_exactly_the_declared_bytes_in_any_chunking(dtype
 # -------------------------------------------------------------------------------------- TLS, two agents
 
 
+def test_two_tls_agents_exchange_chunked_messages_bit_for_bit(tmp_path, monkeypatch):
+    monkeypatch.setattr(tls_peer, "CHUNK", SMALL)
+    made = transports(loopback_kit(tmp_path, n=2, topology="ring"), timeout=5.0)
+    outgoing = [message(NUMEL, seed=1), message(260, seed=2)]  # three chunks one way, two the other
+    sizes = [260, NUMEL]
+
+    def one(k):
+        return made[k].send_and_receive(made[k].agree(0), {1 - k: outgoing[k]}, sizes={1 - k: sizes[k]})
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(one, range(2)))
+    finally:
+        for transport in made:
+            transport.close()
+    assert same_bits(got[1][0], outgoing[0]) and same_bits(got[0][1], outgoing[1])
+
+
 def push(sender, receiver: int, stream: list[bytes]) -> str:
     """Push `stream` (header, chunks) from `sender` to agent `receiver` as a Mix message; the status code's name."""
     call = sender._channels[receiver].stream_unary(tls_peer.method("Mix"))
     try:
         call(iter(stream), timeout=2.0)  # within the receiver's round timeout
         return "OK"
-    except Exception as error:  # grpc.RpcError
+    except grpc.RpcError as error:
         return error.code().name
 
 
@@ -187,13 +206,13 @@ def test_a_gloo_message_a_piece_short_or_a_piece_long_is_not_taken_whole(monkeyp
     receiving process, gloo's own check, as a longer message did before pieces.)"""
     monkeypatch.setattr(gloo_transport, "PIECE_BYTES", SMALL)
     sent = message()
-    made = gloo_pair()
+    made = gloo_pair(timeout=1.5)
     got = gloo_exchange(made, [sent[:500], torch.ones(4)], sizes=[4, NUMEL])  # 2 pieces of 3
     assert got[1] == {} and [e["event"] for e in made[1].events] == ["transport"]
-    made = gloo_pair()
+    made = gloo_pair(timeout=1.5)
     got = gloo_exchange(made, [sent[:650], torch.ones(4)], sizes=[4, NUMEL])  # the last piece 50 values short
     assert got[1] == {} and [e["reason"] for e in made[1].events if e["event"] == "rejected"] == ["NaN or Inf values"]
-    made = gloo_pair()
+    made = gloo_pair(timeout=1.5)
     whole = message(750)  # three whole pieces, then a fourth the receiver does not expect
     got = gloo_exchange(made, [torch.cat([whole, message(250, seed=3)]), torch.ones(4)], sizes=[4, 750])
     assert same_bits(got[1][0], whole)
