@@ -15,8 +15,13 @@ kit and a gRPC server each, on loopback); agent 0 sends the message, agent 1 an 
 The floor is 2.0 message sizes: both agents live in this process, so the sender's tensor and the receiver's
 destination are both counted. A transport holding a second copy of the message at either end shows 3.0 or more.
 
+``--round ALGORITHM`` measures one whole round of the strategy instead (:class:`AgentComm`: pack, encode, seal
+with a run key, exchange over gloo, checks, decode, mix), both agents sending, each with a synthetic adapter of
+4096 x 4096 modules at rank 64 whose message is about --megabytes: what a round holds beyond the transport.
+
     python bench/messages.py                     # 1 GB over gloo and TLS
     python bench/messages.py --megabytes 64 --transports tls
+    python bench/messages.py --megabytes 128 --round decaf
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transport import gloo_agents, tls_agents  # noqa: E402 (bench/transport.py, next to this file)
@@ -97,13 +103,46 @@ def one_way(agents, numel: int) -> tuple[float, int, str]:
     return seconds, peak["bytes"], peak["method"]
 
 
+def one_round(algorithm: str, megabytes: int, timeout: float) -> tuple[float, int, int, str]:
+    """One round of `algorithm` between two agents (threads, gloo, run key), each with modules of 4096 x 4096 at
+    rank 64 (2 MiB of float32 per module): (seconds, message bytes, peak bytes above the baseline, method)."""
+    from decaf_ext.comm.agent_comm import AgentComm
+    from decaf_ext.lora import FactorGroup
+    from decaf_ext.strategies import get_strategy
+
+    rank, side = 64, 4096
+    modules = max(1, megabytes * (1 << 20) // (4 * rank * 2 * side))
+    factors = [[FactorGroup([f"m{i}" for i in range(modules)], torch.randn(modules, 1, rank, side) / side,
+                            torch.randn(modules, 1, side, rank) / side)] for _ in range(2)]
+    strategy, store = get_strategy(algorithm), dist.HashStore()
+    comms = [AgentComm(strategy, factors[j], {}, store=store, agent=j, n_agents=2, backend="gloo",
+                       device=torch.device("cpu"), run_key=bytes(32), round_timeout=timeout) for j in range(2)]
+    W = torch.full((2, 2), 0.5, dtype=torch.float64)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda c: c.start(0), comms))
+        with peak_rss() as peak:
+            start = time.perf_counter()
+            mixed = list(pool.map(lambda j: comms[j].round(0, factors[j], {}, W)[1], range(2)))
+            seconds = time.perf_counter() - start
+    assert all(m is not None and m.agents == [j, 1 - j] for j, m in enumerate(mixed)), "an agent did not mix"
+    return seconds, comms[0].layout.numel * 4, peak["bytes"], peak["method"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--megabytes", type=int, default=1024, help="message size in MB (2**20 bytes), float32")
     parser.add_argument("--transports", nargs="+", choices=("gloo", "tls"), default=["gloo", "tls"])
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds of the round timeout")
+    parser.add_argument("--round", metavar="ALGORITHM", help="one whole round of this strategy instead (gloo)")
     args = parser.parse_args()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if args.round:
+        seconds, size, peak, method = one_round(args.round, args.megabytes, args.timeout)
+        print(f"one {args.round} round, 2 agents each sending a message of {size:,} bytes to the other, threads of "
+              f"one process; cpu_count={os.cpu_count()}, loadavg={[round(x, 2) for x in os.getloadavg()]}")
+        print(f"{seconds:.2f} s; peak {peak / 2**20:.0f} MB above the baseline = {peak / size:.2f} messages for the "
+              f"two agents ({method})")
+        return
     numel = args.megabytes * (1 << 20) // 4
     size = numel * 4
     print(f"one message of {numel:,} float32 values ({size:,} bytes) from agent 0 to agent 1, threads of one "
