@@ -72,7 +72,7 @@ def test_the_tls_receiver_returns_the_one_buffer_it_filled():
     """While the received tensor lives, the buffer the chunks were written into lives (it is that buffer), and
     nothing else the size of the message was allocated on the way."""
     tensor = torch.rand(2 << 20)  # 8 MiB
-    chunks = [chunk for chunk in tls_peer.messages({"run": "r", "round": 0, "seq": 0}, tensor)][1:]
+    chunks = list(tls_peer.messages({"run": "r", "round": 0, "seq": 0}, tensor))[1:]
     size = tensor.numel() * 4
     tracemalloc.start()
     try:
