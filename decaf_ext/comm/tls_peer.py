@@ -89,17 +89,19 @@ def streaming(function: Callable[[Iterator[bytes], grpc.ServicerContext], bytes]
     return grpc.stream_unary_rpc_method_handler(function)
 
 
-def encode(tensor: torch.Tensor) -> bytes:
-    """A 1-D tensor's bytes (any of :data:`DTYPES`)."""
-    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+def encode(tensor: torch.Tensor) -> memoryview:
+    """A 1-D tensor's bytes (any of :data:`DTYPES`) as a view of its memory: no copy for a contiguous CPU tensor."""
+    return memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
 
 
 def messages(header: dict[str, Any], tensor: torch.Tensor) -> Iterator[bytes]:
-    """What a push streams: the JSON header (with the tensor's numel and dtype added), then its bytes in chunks."""
+    """What a push streams: the JSON header (with the tensor's numel and dtype added), then its bytes in chunks of
+    at most :data:`CHUNK` bytes, each copied out of the tensor's memory only when gRPC asks for it (the sender
+    holds the tensor plus the chunks gRPC has not sent yet, never a second copy of the message)."""
     data = encode(tensor)
     yield json.dumps({**header, "numel": tensor.numel(), "dtype": str(tensor.dtype).removeprefix("torch.")}).encode()
     for start in range(0, len(data), CHUNK):
-        yield data[start:start + CHUNK]
+        yield data[start:start + CHUNK].tobytes()
 
 
 def parse_header(data: bytes | None) -> dict[str, Any]:
@@ -121,8 +123,9 @@ def parse_header(data: bytes | None) -> dict[str, Any]:
 
 
 def receive(requests: Iterator[bytes], numel: int, dtype: torch.dtype) -> tuple[torch.Tensor | None, str]:
-    """Read the chunks of a message declared (and checked) as `numel` elements of `dtype` into a buffer of exactly
-    that size: (tensor [numel], "") or (None, why: more or fewer bytes than declared)."""
+    """Read the chunks of a message declared (and checked) as `numel` elements of `dtype` into one buffer of exactly
+    that size, chunk by chunk as they arrive: (tensor [numel] over that very buffer, no copy, "") or (None, why:
+    more or fewer bytes than declared). The receiver holds the buffer plus the chunk in hand."""
     buffer = bytearray(numel * torch.empty(0, dtype=dtype).element_size())
     filled = 0
     for chunk in requests:
@@ -134,4 +137,4 @@ def receive(requests: Iterator[bytes], numel: int, dtype: torch.dtype) -> tuple[
         return None, f"{filled} bytes instead of the {len(buffer)} declared"
     if not buffer:
         return torch.empty(0, dtype=dtype), ""
-    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype), ""
+    return torch.frombuffer(buffer, dtype=dtype), ""

@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from datetime import timedelta
 from functools import partial
+from itertools import zip_longest
 from typing import Any, Callable
 
 import torch
@@ -44,6 +45,7 @@ STARTUP = "startup"
 FINGERPRINT = "fingerprint"
 NONCE = "nonce"
 _MIN_WAIT = timedelta(milliseconds=1)  # gloo reads a zero timeout as "the group's default"
+PIECE_BYTES = 64 << 20  # bytes of one send or recv: a message of any size moves in pieces of at most this
 MAX_TIMEOUT = 365 * 24 * 3600.0  # seconds of any wait: timedelta and gloo overflow far above (inf, 1e14)
 
 
@@ -57,6 +59,18 @@ def check_backend(backend: str, device: torch.device) -> None:
     """ConfigError (a ValueError) naming backend when `backend` cannot move buffers of `device` (nccl off CUDA)."""
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("backend: nccl needs a CUDA device (use gloo on CPU)")
+
+
+def pieces(buffer: torch.Tensor) -> list[torch.Tensor]:
+    """A 1-D buffer [n] as consecutive views of at most :data:`PIECE_BYTES` bytes each (none when n is 0): what one
+    send or recv moves, written in place.
+
+    Example::
+
+        >>> [p.numel() for p in pieces(torch.empty(40 << 20))]   # 160 MiB of float32
+        [16777216, 16777216, 8388608]
+    """
+    return list(buffer.split(max(1, PIECE_BYTES // buffer.element_size())))
 
 
 class Transport(TransportBase):
@@ -303,19 +317,23 @@ class Transport(TransportBase):
 
         Returns the buffers that arrived within the round timeout and passed :func:`check_buffer` and
         `validate(agent, buffer) -> reason or None`, by agent; a peer whose transfer failed or whose buffer was
-        rejected is absent (and logged). Each pair orders its two transfers by rank (the lower rank sends
-        first), so blocking backends cannot deadlock; one failing pair does not cancel the others.
+        rejected is absent (and logged). Every message moves in :func:`pieces` (at most :data:`PIECE_BYTES` per
+        send/recv pair, the pieces of one pair in order under one tag) written straight into the returned
+        buffer, which is filled with :func:`unfilled` first: a piece that never arrived stays NaN and fails the
+        checks. Each pair orders its transfers by rank (the lower rank sends each piece first), so blocking
+        backends cannot deadlock; one failing pair does not cancel the others.
         """
         rank = view.agents.index(self.agent)
         sizes = sizes or {j: buffer.numel() for j, buffer in buffers.items()}
-        received = {j: unfilled(buffer.new_empty(sizes[j])) for j, buffer in buffers.items()}
+        received = {j: unfilled(buffer, sizes[j]) for j, buffer in buffers.items()}
         posted = []
         for j, buffer in buffers.items():
             peer = view.agents.index(j)
-            send = lambda: self.process_group.send([buffer], peer, view.round)  # noqa: E731
-            recv = lambda: self.process_group.recv([received[j]], peer, view.round)  # noqa: E731
+            sends = [partial(self.process_group.send, [part], peer, view.round) for part in pieces(buffer)]
+            recvs = [partial(self.process_group.recv, [part], peer, view.round) for part in pieces(received[j])]
+            pairs = zip_longest(sends, recvs) if rank < peer else zip_longest(recvs, sends)
             try:
-                posted.append((j, [op() for op in ((send, recv) if rank < peer else (recv, send))]))
+                posted.append((j, [op() for pair in pairs for op in pair if op is not None]))
             except RuntimeError as error:
                 self._failure(view.round, f"exchange with agent {j}", error, agents=[j])
         deadline = time.monotonic() + self.timeout

@@ -28,21 +28,24 @@ def check_buffer(buffer: torch.Tensor, numel: int, dtype: torch.dtype) -> str | 
 
     buffer: 1-D [numel] of `dtype` (a floating dtype, or uint8 for a byte message whose own check follows).
     Receive buffers are filled with :func:`unfilled` before a transfer, so a message that was shorter than
-    announced fails the finiteness check (a byte message: its float32 scales read as NaN) too.
+    announced fails the finiteness check (a byte message: its float32 scales read as NaN) too. Finiteness is
+    read from the buffer's smallest and largest value (NaN propagates into both): one pass with no temporary,
+    where torch.isfinite(buffer) allocates temporaries larger than the buffer (its absolute values, bool masks).
     """
     if buffer.dim() != 1 or buffer.numel() != numel:
         return f"size {list(buffer.shape)} instead of [{numel}]"
     if buffer.dtype != dtype:
         return f"dtype {buffer.dtype} instead of {dtype}"
-    if not bool(torch.isfinite(buffer).all()):
+    if numel and not bool(torch.isfinite(torch.stack(buffer.aminmax())).all()):
         return "NaN or Inf values"
     return None
 
 
-def unfilled(buffer: torch.Tensor) -> torch.Tensor:
-    """A receive buffer like `buffer`: NaN for a floating dtype, 255 for uint8 (bytes 0xFF: every float32 read
-    from them is NaN)."""
-    return torch.full_like(buffer, float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).max)
+def unfilled(buffer: torch.Tensor, numel: int | None = None) -> torch.Tensor:
+    """A receive buffer like `buffer` (1-D of `numel` elements when given): NaN for a floating dtype, 255 for uint8
+    (bytes 0xFF: every float32 read from them is NaN)."""
+    value = float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).max
+    return torch.full_like(buffer, value) if numel is None else buffer.new_full((numel,), value)
 
 
 class TransportBase(ABC):
