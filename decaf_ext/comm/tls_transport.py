@@ -332,4 +332,4 @@ class TlsTransport(TransportBase):
 
 
 def sender_name(sender: int | None) -> str:
-    return "a caller without an agent identity" if sender is None else f"agent {sender}"
+    return "a caller without an agent identity over TLS 1.3" if sender is None else f"agent {sender}"
