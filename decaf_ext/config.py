@@ -182,8 +182,6 @@ class TrainConfig:
         if self.transport == "tls" and not self.kit:
             raise ConfigError("kit: --transport tls needs --kit FOLDER (this agent's folder made by decaf-train "
                               "provision)")
-        if self.transport == "tls" and self.churn:
-            raise ConfigError("churn: scheduled joins and departures run over --transport gloo only")
         from decaf_ext.comm.codec import MESSAGE_DTYPES
 
         _check_choice("message_dtype", self.message_dtype, MESSAGE_DTYPES)

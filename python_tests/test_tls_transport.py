@@ -84,6 +84,13 @@ def raw_push(kit_folder: str, address: str, target: str, name: str, header: dict
             return error.code()
 
 
+def told(transport: TlsTransport, round_index: int, *agents: int) -> None:
+    """What the Ready messages of `agents` for round `round_index` do at `transport` (they entered that round), for
+    a test that drives one agent alone."""
+    for j in agents:
+        assert transport.live.on_ready(j, round_index, False, transport.fingerprint) is None
+
+
 def exchange(made: list[TlsTransport], numel: int = 6, round_index: int = 0) -> list[dict[int, torch.Tensor]]:
     """Round `round_index` of the star: every agent sends [numel] ones x (its id + 1) to its neighbours."""
     def one(transport):
@@ -199,8 +206,8 @@ def test_an_address_already_in_use_is_one_line_naming_the_agent(star):
     (["--transport", "tls", "--kit", "k", "--launcher", "dist", "--nproc", "3", "--agents", "3"],
      "nproc: with --transport tls start each agent on its own"),
     (["--transport", "udp"], "transport"),
-    (["--transport", "tls", "--kit", "k", "--launcher", "dist", "--agents", "3", "--churn", "leave:2@1"],
-     "churn: scheduled joins and departures run over --transport gloo only"),
+    (["--transport", "tls", "--kit", "k", "--launcher", "dist", "--agents", "3", "--churn", "leave:3@1"],
+     "churn: agent 3 of 'leave:3@1' is not one of the run's 3 agents"),
 ])
 def test_transport_flag_mistakes_are_one_line(tmp_path, capsys, flags, expected):
     assert cli_main([*flags, "--output-dir", str(tmp_path / "run")]) == 2
@@ -231,6 +238,7 @@ def test_a_non_neighbours_valid_certificate_is_refused_before_any_message_is_rea
     folders, made = star
     header = {"run": made[2].kit.run.hex(), "round": 0, "seq": 0, "numel": 6, "dtype": "float32"}
     payload = torch.ones(6).numpy().tobytes()
+    told(made[2], 0, 0, 1)
     made[2].agree(0)
     # the same push from agent 0 (a neighbour of 2) gets past the identity check: only the round is wrong here
     assert raw_push(folders[0], made[2].kit.address(2), "agent-2", "Mix", {**header, "round": -5}, payload) \
@@ -270,6 +278,7 @@ def test_a_declared_size_other_than_the_expected_is_rejected_before_a_chunk_is_k
     results = {}
 
     def receive():
+        told(made[1], 0, 0, 2)
         view = made[1].agree(0)
         results["got"] = made[1].send_and_receive(view, {0: torch.ones(6)})
 
@@ -369,6 +378,7 @@ def test_a_restarted_agent_enters_its_first_round_with_its_neighbours(star):
 def test_a_push_for_a_round_the_receiver_left_is_stale(star):
     _, made = star
     exchange(made, round_index=0)
+    told(made[0], 1, 1, 2)
     made[0].agree(1)
     view = RoundView(0, {0: 1, 1: 1, 2: 1}, 0)
     assert made[1].send_and_receive(view, {0: torch.ones(6)}) == {}

@@ -20,12 +20,14 @@ import torch.distributed as dist
 from decaf_ext.comm.agent_round import AgentRound, MixResult, RoundHooks
 from decaf_ext.comm.guard import MessageGuard
 from decaf_ext.comm.layout import MessageLayout
+from decaf_ext.comm.run_identity import run_identity
 from decaf_ext.comm.transport import RoundView, Transport
 from decaf_ext.lora import Extras, FactorGroup
 from decaf_ext.strategies import Strategy
 
 if TYPE_CHECKING:
     from decaf_ext.comm.kit import Kit
+    from decaf_ext.elastic import ChurnSchedule, LiveMixing
 
 #: test-only: (agent, restarted) -> the hooks of that agent's process, or None
 HooksFactory = Callable[[int, bool], "RoundHooks | None"]
@@ -48,24 +50,29 @@ class AgentComm:
         test_hooks: test-only fault injection, called as test_hooks(agent, restarted); None in production.
         kit: with an agent's loaded TLS kit, the agents talk over mutual TLS
             (:class:`~decaf_ext.comm.tls_transport.TlsTransport`; store and backend are then unused).
+        churn / mixing: the run's churn schedule and live-graph mixing (TLS: each agent's own membership, see
+            docs/membership.md); None: nobody joins or leaves on schedule, the configured graph.
     """
 
     def __init__(self, strategy: Strategy, groups: list[FactorGroup], extras: Extras, *, store: dist.Store | None,
                  agent: int, n_agents: int, backend: str, device: torch.device, run_key: bytes | None = None,
                  norm_bound: float | None = None, norm_cap: float | None = None, message_dtype: str = "float32",
                  ranks: Sequence[int] | None = None, round_timeout: float = 60.0, startup_timeout: float = 600.0,
-                 restarted: bool = False, test_hooks: HooksFactory | None = None, kit: Kit | None = None) -> None:
+                 restarted: bool = False, test_hooks: HooksFactory | None = None, kit: Kit | None = None,
+                 churn: ChurnSchedule | None = None, mixing: LiveMixing | None = None) -> None:
         self.guard = MessageGuard(run_key, norm_bound, norm_cap)
         self.layout = MessageLayout(groups, extras, trains_A=strategy.trains_A, trailer=self.guard.trailer,
                                     message_dtype=message_dtype, ranks=ranks)
+        identity = run_identity(self.layout.fingerprint, strategy.name, run_key)  # what every agent must share
         if kit is None:
-            self.transport = Transport(store, agent, n_agents, fingerprint=self.layout.fingerprint, backend=backend,
+            self.transport = Transport(store, agent, n_agents, fingerprint=identity, backend=backend,
                                        timeout=round_timeout, startup_timeout=startup_timeout, run_key=run_key)
         else:
             from decaf_ext.comm.tls_transport import TlsTransport
 
-            self.transport = TlsTransport(kit, fingerprint=self.layout.fingerprint, timeout=round_timeout,
-                                          startup_timeout=startup_timeout, server_strategy=not strategy.decentralized)
+            self.transport = TlsTransport(kit, fingerprint=identity, timeout=round_timeout,
+                                          startup_timeout=startup_timeout, server_strategy=not strategy.decentralized,
+                                          churn=churn, mixing=mixing)
         self.restarted = restarted or self.transport.incarnation > 1
         self.hooks = None if test_hooks is None else test_hooks(agent, self.restarted)
         if self.hooks is not None:

@@ -5,19 +5,20 @@ Identity: each agent holds its kit (:mod:`decaf_ext.comm.kit`): a certificate na
 and the peers list. Both ends of every connection verify the other's certificate against that CA only; the
 client checks that it reached the agent it dialled, the server reads the caller's agent id from its certificate
 and aborts (PERMISSION_DENIED) before reading any message of a caller that may not send it: ``Mix`` messages
-are taken from the agent's graph neighbours only (from every run agent for a server strategy such as fedavg),
-``Gather`` messages (the evaluation, a server strategy's round) from the run's agents.
+from the agent's neighbours in the live graph only (from every run agent for a server strategy such as fedavg),
+``Gather`` (the evaluation), ``Hello``, ``Ready`` and ``Bye`` from the run's agents.
 
-Membership and rounds: every run agent is a member of every round (:class:`RoundView` over all of them, group
-0, incarnation 1); who took part is what arrived within the round timeout. Each agent pushes its buffer to each
-receiver (a client stream: JSON header {run, round, seq, numel, dtype}, then chunks); the receiver's handler holds
-a push until the receiver has entered that exchange, checks the declared size against the one it expects from
-that sender before it keeps any chunk (larger or smaller is a logged rejection, never a crash), and refuses
-pushes of rounds it has left (stale) and duplicates. At start an agent asks every agent for the round it is in
-(``Hello``) and continues after the lowest round a running agent reports (a restarted agent rejoins, once its
-neighbours have entered that round's exchange, so that its exchanges overlap theirs); at a fresh start
-its graph neighbours must answer within startup_timeout with the same message layout, or it stops with one line
-naming the neighbour. The run's nonce (message tags) is the kit's run id.
+Membership (:mod:`~decaf_ext.comm.tls_membership`): entering a round an agent tells every agent ``Ready`` and
+waits (at most a round timeout) for its candidates' Readys; the round's :class:`RoundView` (group 0, incarnation
+1) holds those that came. Data: each agent pushes its buffer to each receiver (a client stream: JSON header
+{run, round, seq, numel, dtype}, then chunks); the receiver holds a push until it has entered that exchange,
+checks the declared size against the one it expects from that sender before it keeps any chunk (larger or
+smaller is a logged rejection, never a crash), and refuses pushes of rounds it has left (stale) and duplicates.
+At start an agent asks the others for their round (``Hello``) and continues after the lowest one (a restarted
+agent or a scheduled joiner enters once the others have entered that round, so that its exchanges overlap
+theirs); at construction its graph neighbours expected in its first round must answer within startup_timeout
+with the same run identity (:mod:`~decaf_ext.comm.run_identity`), or it stops with one line naming the neighbour
+and what differs. The run's nonce (message tags) is the kit's run id.
 
 Example::
 
@@ -34,17 +35,21 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import grpc
 import torch
 
-from decaf_ext.comm import tls_peer
+from decaf_ext.comm import tls_membership, tls_peer
 from decaf_ext.comm.kit import Kit
 from decaf_ext.comm.round_view import RoundView
+from decaf_ext.comm.run_identity import difference
 from decaf_ext.comm.transport import check_timeout
 from decaf_ext.comm.transport_base import TransportBase, Validator, unfilled
 from decaf_ext.errors import ConfigError
+
+if TYPE_CHECKING:
+    from decaf_ext.elastic import ChurnSchedule, LiveMixing
 
 Key = tuple[str, int, int]  # (method, round, sequence number of the round's gathers)
 HELLO_TIMEOUT = 5.0  # seconds to ask a running agent for its round at start
@@ -55,26 +60,30 @@ STREAMS_PER_SENDER = 4  # pushes one sender may have open at once (the server's 
 class TlsTransport(TransportBase):
     """Agent kit.agent's end of a run over mutual TLS (module docstring).
 
-    kit: this agent's loaded kit; fingerprint: the message layout's; timeout: seconds of one round's exchange;
-    startup_timeout: seconds to wait for the graph neighbours at start; server_strategy: the strategy mixes
-    with every member (its Mix-equivalent messages come from every run agent). ConfigError (after closing what
-    it opened) if the agent cannot listen on its address, or a neighbour does not answer or has another layout.
-    """
+    kit: this agent's loaded kit; fingerprint: the run identity; timeout: seconds of one round's exchange;
+    startup_timeout: seconds to wait for the others at start; server_strategy: the strategy mixes with every
+    member; churn / mixing: the run's churn schedule and live-graph mixing (None: none; the configured graph).
+    ConfigError (after closing what it opened) if the agent cannot listen on its address, or a neighbour does
+    not answer or has another identity."""
 
     backend = "tls"
 
     def __init__(self, kit: Kit, *, fingerprint: str, timeout: float, startup_timeout: float,
-                 server_strategy: bool = False) -> None:
+                 server_strategy: bool = False, churn: ChurnSchedule | None = None,
+                 mixing: LiveMixing | None = None) -> None:
         check_timeout("round_timeout", timeout)
         check_timeout("startup_timeout", startup_timeout)
         self.kit, self.agent, self.n_agents = kit, kit.agent, kit.n_agents
         self.fingerprint, self.timeout, self.startup_timeout = fingerprint, timeout, startup_timeout
         self.others = frozenset(j for j in range(self.n_agents) if j != self.agent)
-        self.senders = {"Mix": self.others if server_strategy else frozenset(kit.neighbours), "Gather": self.others}
         self.events: list[dict[str, Any]] = []
         self.incarnation, self.group, self.round_now, self._latest = 1, 0, -1, -1
-        self.fresh = False  # the runtime's flag for a joiner without a state (no scheduled joins over TLS)
+        self.fresh = False  # joining without a state of its own: it listens first (RoundView.joining)
         self.absent: frozenset[int] = frozenset()
+        graph = None if server_strategy else tls_membership.live_graph(kit.all_neighbours, mixing)
+        self.live = tls_membership.LiveSet(self.agent, self.n_agents, fingerprint, churn, graph,
+                                           lambda r, kind, text, j: self.record_event(r, kind, text, agent=j))
+        self._view: RoundView | None = None  # the newest agreed view
         self._cond = threading.Condition()
         self._expected: dict[Key, dict[int, tuple[int, torch.dtype]]] = {}
         self._inbox: dict[Key, dict[int, torch.Tensor]] = {}
@@ -83,9 +92,11 @@ class TlsTransport(TransportBase):
         self._open: dict[int, int] = {}  # pushes being received, per sender
         self._channels = {j: tls_peer.channel_to(kit, j) for j in self.others}
         self._pool = ThreadPoolExecutor(max_workers=max(1, 2 * len(self.others)))
-        workers = 4 * self.n_agents + 4
+        self._notices = ThreadPoolExecutor(max_workers=max(1, len(self.others)))  # Ready, Bye
+        workers = 6 * self.n_agents + 4
         handlers = {"Hello": tls_peer.unary(self._hello), "Mix": tls_peer.streaming(self._receiver("Mix")),
-                    "Gather": tls_peer.streaming(self._receiver("Gather"))}
+                    "Gather": tls_peer.streaming(self._receiver("Gather")),
+                    **tls_membership.handlers(self.live, kit.run, self.others)}
         try:
             self._server = tls_peer.serve(kit, handlers, workers)
         except OSError as error:
@@ -110,16 +121,21 @@ class TlsTransport(TransportBase):
         return self._latest
 
     def _hello(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        if tls_peer.caller(context) not in self.others:
+        caller = tls_peer.caller(context)
+        if caller not in self.others:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an agent of this run")
-        return json.dumps({"round": self.round_now, "fingerprint": self.fingerprint,
-                           "run": self.kit.run.hex()}).encode()
+        try:
+            self.live.check(caller, json.loads(request).get("identity"), self.round_now)
+        except (ValueError, RecursionError, AttributeError):
+            self.live.check(caller, None, self.round_now)
+        return json.dumps({"round": self.round_now, "fingerprint": self.fingerprint, "run": self.kit.run.hex(),
+                           "left": dict(self.live.left)}).encode()
 
     def _ask(self, j: int, timeout: float) -> dict[str, Any] | str:
-        """Agent j's state {round, fingerprint, run}, or why it could not be had."""
+        """Agent j's state {round, fingerprint, run, left}, or why it could not be had."""
         try:
-            answer = self._channels[j].unary_unary(tls_peer.method("Hello"))(b"", timeout=timeout,
-                                                                          wait_for_ready=True)
+            answer = self._channels[j].unary_unary(tls_peer.method("Hello"))(
+                json.dumps({"identity": self.fingerprint}).encode(), timeout=timeout, wait_for_ready=True)
             state = json.loads(answer)
         except grpc.RpcError as error:
             return f"{error.code().name}: {error.details()}"
@@ -128,58 +144,79 @@ class TlsTransport(TransportBase):
         return state if isinstance(state, dict) else "an answer that is not a state"
 
     def _check_neighbours(self) -> None:
-        """Every graph neighbour answers within startup_timeout, for this run, with this layout."""
-        futures = {j: self._pool.submit(self._ask, j, self.startup_timeout) for j in self.kit.neighbours}
+        """Every graph neighbour expected in this agent's first round answers within startup_timeout, for this
+        run, with this run identity."""
+        first = self.live.planned(self.live.churn.joined_at(self.agent))
+        futures = {j: self._pool.submit(self._ask, j, self.startup_timeout) for j in self.kit.neighbours
+                   if j in first}
         for j, future in sorted(futures.items()):
             state = future.result()
             where = f"neighbour agent {j} at {self.kit.address(j)}"
             if isinstance(state, str):
                 raise ConfigError(f"kit: {where} unreachable within startup_timeout {self.startup_timeout:g} s "
                                   f"({state[:160]})")
-            if state.get("run") != self.kit.run.hex() or state.get("fingerprint") != self.fingerprint:
-                raise ConfigError(f"kit: {where} belongs to another run or has another message layout (every "
-                                  "agent must use the same kit, model and configuration)")
+            if state.get("run") != self.kit.run.hex():
+                raise ConfigError(f"kit: {where} belongs to another run (every agent must use the same kit)")
+            if state.get("fingerprint") != self.fingerprint:
+                raise ConfigError(f"kit: {where} runs another configuration (it has "
+                                  f"{difference(self.fingerprint, state.get('fingerprint'))}; every agent must use "
+                                  "the same model, rank, algorithm and run key)")
 
     def start(self, rounds_done: int, join_at: int = 0, starters: list[int] | None = None) -> int:
-        """Enter the run with `rounds_done` rounds behind this agent; returns the round to continue from: its
-        own, or the one after the round the running agents are in (the lowest they report; a restarted agent
-        rejoins). Scheduled joins (`join_at`, `starters`: :mod:`decaf_ext.elastic`) are not supported over TLS."""
-        if join_at or starters not in (None, list(range(self.n_agents))):
-            raise ConfigError("churn: scheduled joins and departures run over --transport gloo only")
+        """Enter the run with `rounds_done` rounds behind this agent, not before round `join_at` (a scheduled
+        joiner, :mod:`decaf_ext.elastic`); returns the round to continue from: its own, or the one after the round
+        the running agents are in (the lowest they report; a restarted agent rejoins). At a fresh start it waits
+        (startup_timeout) for the agents planned in round 0 to answer; joining a running run, it tells the others
+        the round it enters (Ready) and waits until they have entered it. `starters`: unused (the schedule says)."""
+        first = max(rounds_done, join_at)
+        states = self._states(self.live.planned(first) - {self.agent}, self.startup_timeout if first == 0 else
+                              HELLO_TIMEOUT)
+        for state in states.values():  # Byes sent before this agent was up to hear them
+            self.live.learn_left(state.get("left"), self.others)
         # the lowest round a running agent is in: one agent announcing a far later round cannot make it skip
-        running = min(self._rounds(self.others).values(), default=-1)
-        done = running + 1 if running > rounds_done else rounds_done
+        lowest = min(running(states).values(), default=-1)
+        done = max(lowest + 1 if lowest > rounds_done else rounds_done, join_at)
         self.round_now = self._latest = done - 1
+        self.fresh = rounds_done == 0 and done > 0
         if done > rounds_done:
-            self.record_event(done - 1, "joining", f"joining the running group after round {done}")
-            self._await_round(done)
+            self.record_event(done - 1, "joining", f"joining the running group in round {done}")
+            tls_membership.tell(self._channels, self._notices, "Ready", self._ready_notice(done), self.others,
+                                HELLO_TIMEOUT)
+            self._await_round(done, scheduled=join_at > 0)
         return done
 
-    def _rounds(self, agents: frozenset[int]) -> dict[int, int]:
-        """The round each of `agents` that answers Hello is in (only those in a round, >= 0)."""
-        futures = {j: self._pool.submit(self._ask, j, HELLO_TIMEOUT) for j in sorted(agents)}
-        states = {j: future.result() for j, future in futures.items()}
-        return {j: s["round"] for j, s in states.items()
-                if isinstance(s, dict) and type(s.get("round")) is int and s["round"] >= 0}
+    def _ready_notice(self, round_index: int) -> bytes:
+        return tls_membership.notice(self.kit.run, round_index, fresh=self.fresh, identity=self.fingerprint)
 
-    def _await_round(self, round_index: int) -> None:
-        """Wait (at most startup_timeout) until every running sender of this agent's mixing messages has entered
-        round `round_index`'s exchange, so that this agent's first exchange overlaps theirs: joining earlier,
-        it would run a round timeout ahead of them, and each side's pushes would find the other gone, round
-        after round."""
+    def _states(self, agents: set[int] | frozenset[int], timeout: float) -> dict[int, dict[str, Any]]:
+        """The states of `agents` that answer Hello within `timeout` for this run with this identity."""
+        futures = {j: self._pool.submit(self._ask, j, timeout) for j in sorted(agents)}
+        states = {j: future.result() for j, future in futures.items()}
+        return {j: s for j, s in states.items() if isinstance(s, dict) and s.get("run") == self.kit.run.hex()
+                and s.get("fingerprint") == self.fingerprint}
+
+    def _await_round(self, round_index: int, scheduled: bool = False) -> None:
+        """Wait (at most startup_timeout) until every running agent expected in round `round_index` has entered
+        it, so that this agent's first exchange overlaps theirs: joining earlier, it would run a round timeout
+        ahead of them, and each side's pushes would find the other gone, round after round. A `scheduled` joiner
+        also waits for the run to have started (some agent in a round)."""
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            rounds = self._rounds(self.senders["Mix"])
-            if not rounds or min(rounds.values()) >= round_index:
+            rounds = running(self._states(self.live.planned(round_index) - {self.agent}, HELLO_TIMEOUT))
+            if (rounds or not scheduled) and min(rounds.values(), default=round_index) >= round_index:
                 return
             time.sleep(AWAIT_POLL)
 
     def current_view(self) -> RoundView:
-        """The view of the newest round entered (every run agent a member)."""
-        return RoundView(self._latest, dict.fromkeys(range(self.n_agents), 1), self.group)
+        """The newest agreed view; before the first round, the agents planned in round 0 that answered."""
+        if self._view is not None:
+            return self._view
+        members = self.live.candidates(max(self._latest, 0)) | {self.agent}
+        return RoundView(self._latest, dict.fromkeys(sorted(members), 1), self.group)
 
     def agree(self, round_index: int) -> RoundView:
-        """Enter round `round_index`: every run agent is a member (who took part is what arrives)."""
+        """Enter round `round_index`: tell every agent (Ready), wait (at most a round timeout) for the candidates'
+        Readys and return the round's view (members: who came; joining: those that came without a state)."""
         with self._cond:
             if round_index != self.round_now:
                 self._gathers = 0
@@ -187,7 +224,21 @@ class TlsTransport(TransportBase):
             self._latest = max(self._latest, round_index)
             self._done = {key for key in self._done if key[1] >= round_index - 1}
             self._cond.notify_all()  # pushes of older rounds waiting here are now stale
-        return self.current_view()
+        tls_membership.tell(self._channels, self._notices, "Ready", self._ready_notice(round_index),
+                            self.others - set(self.live.left), min(self.timeout, HELLO_TIMEOUT))
+        members, joining, _ = self.live.wait(round_index, self.fresh, self.timeout)
+        previous = self._view.agents if self._view is not None else members
+        for j in sorted(set(previous) - set(members)):
+            self.record_event(round_index, *(("peer_left", f"agent {j} left the run") if self.live.departs(
+                j, round_index) else ("peer_lost", f"agent {j} missed the round timeout and is left out")), agent=j)
+        self._view = RoundView(round_index, dict.fromkeys(members, 1), self.group, joining)
+        return self._view
+
+    def leave(self, round_index: int) -> None:
+        """Announce that this agent takes part in rounds before `round_index` only (Bye to every agent, each
+        delivered once it listens, within startup_timeout): nobody waits for it from then on."""
+        tls_membership.tell(self._channels, self._notices, "Bye", tls_membership.notice(self.kit.run, round_index),
+                            self.others, self.startup_timeout, wait_for_ready=True)
 
     def connect(self, view: RoundView) -> bool:
         """Nothing to form: connections are per neighbour and made (again) on demand."""
@@ -198,10 +249,17 @@ class TlsTransport(TransportBase):
     def _stale(self, key: Key) -> bool:
         return key[1] < self.round_now or key in self._done
 
+    def _may_push(self, name: str, sender: int | None) -> bool:
+        """Whether `sender` may push `name` messages now: Gather (and a server strategy's Mix) from any run agent,
+        Mix from the neighbours in the live graph (:meth:`LiveSet.may_push`)."""
+        if sender not in self.others:
+            return False
+        return name == "Gather" or self.live.graph is None or self.live.may_push(sender, self.round_now)
+
     def _receiver(self, name: str):
         def receive(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
             sender = tls_peer.caller(context)
-            if sender not in self.senders[name]:  # before reading any message of the stream
+            if not self._may_push(name, sender):  # before reading any message of the stream
                 self.record_event(self.round_now, "refused", f"{name} push from {sender_name(sender)} refused "
                                   "(not a sender this agent expects)", agent=sender, what=name)
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {self.agent} takes no {name} messages "
@@ -294,6 +352,7 @@ class TlsTransport(TransportBase):
         for j in sorted(set(expected) - set(received)):
             self.record_event(key[1], "peer_lost", f"no {key[0]} message from agent {j} within the round timeout",
                               agent=j)
+            self.live.lose(j)  # not waited for until it speaks again
         return received
 
     def send_and_receive(self, view: RoundView, buffers: dict[int, torch.Tensor], validate: Validator | None = None,
@@ -323,12 +382,18 @@ class TlsTransport(TransportBase):
     def _close_channels(self) -> None:
         for channel in self._channels.values():
             channel.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._notices):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Stop this agent's server (a second of grace for pushes under way) and close its channels."""
         self._server.stop(grace=1.0).wait()
         self._close_channels()
+
+
+def running(states: dict[int, dict[str, Any]]) -> dict[int, int]:
+    """The round each agent whose state is in `states` is in (only those in a round, >= 0)."""
+    return {j: s["round"] for j, s in states.items() if type(s.get("round")) is int and s["round"] >= 0}
 
 
 def sender_name(sender: int | None) -> str:

@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 
 from decaf_ext.comm.control_store import ControlStore, parse_int, parse_nonce
-from decaf_ext.comm.membership import departed
+from decaf_ext.comm.membership import departed, wait_for
 from decaf_ext.comm.round_view import RoundView, parse_record
+from decaf_ext.comm.run_identity import difference
 from decaf_ext.comm.transport_base import TransportBase, Validator, check_buffer, unfilled  # noqa: F401 (re-exported)
 from decaf_ext.errors import ConfigError
 
@@ -203,6 +204,8 @@ class Transport(TransportBase):
         arriving later (or restarted) joins the running group. Returns the number of rounds done from which this
         agent continues (the group's, not necessarily its own). ValueError if this agent's layout is not the run's.
         """
+        if join_at and not rounds_done:  # a scheduled joiner enters a run that has started
+            wait_for(self.store, STARTUP, self.startup_timeout)
         own = self._record(round=rounds_done)
         self.control.set(f"start/{self.agent}", own)
         startup, layout = self.control.get(STARTUP, self._view), self.control.get(FINGERPRINT)
@@ -223,8 +226,9 @@ class Transport(TransportBase):
             raise ValueError("store: the run's layout, members or nonce could not be agreed (their values in the "
                              "store keep being replaced by values that are not the run's)")
         if layout != self.fingerprint:
-            raise ValueError(f"fingerprint: this agent's message layout ({self.fingerprint}) differs from the run's "
-                             f"({layout}); every agent must use the same model and configuration")
+            raise ConfigError(f"fingerprint: this agent's configuration differs from the run's (the run has "
+                              f"{difference(self.fingerprint, layout)}); every agent must use the same model, rank, "
+                              "algorithm and run key")
         latest = self.latest
         view = self._agreed(latest) or startup
         if view.members.get(self.agent) != self.incarnation:

@@ -30,8 +30,7 @@ from decaf_ext.comm.control_store import shared_value
 from decaf_ext.comm.kit import Kit, load_checked_kit
 from decaf_ext.comm.guard import BROADCAST, MessageGuard, TagContext, load_run_key
 from decaf_ext.comm.layout import MessageLayout
-from decaf_ext.comm.membership import wait_for
-from decaf_ext.comm.transport import BACKENDS, STARTUP, RoundView, check_backend, check_timeout
+from decaf_ext.comm.transport import BACKENDS, RoundView, check_backend, check_timeout
 from decaf_ext.config import TrainConfig
 from decaf_ext.device import resolve_device
 from decaf_ext.elastic import LiveMixing
@@ -101,6 +100,9 @@ class AgentRuntime:
         self.run_dir = agent_folder(self.output_dir, agent)
         self.agents = Agents(config, keep=agent)
         self.log = MetricsLog(self.run_dir, tensorboard=config.tensorboard)
+        self.churn = config.churn_schedule()  # scheduled joins and departures (docs/membership.md)
+        self.mixing = LiveMixing(config.topology, config.agents, rule=config.mixing, schedule=self.agents.schedule,
+                                 seed=config.seed, p=config.topology_p, path=config.topology_file)
         models = self.agents.models
         # restarted by the launcher (same store, next incarnation: AgentComm sees it) or by torchrun (new store)
         self.comm = AgentComm(self.agents.strategy, self.agents.collect(models), collect_extras(models), store=store,
@@ -110,12 +112,9 @@ class AgentRuntime:
                               message_dtype=config.message_dtype, ranks=config.agent_ranks(),
                               round_timeout=options.round_timeout, startup_timeout=options.startup_timeout,
                               restarted=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0,
-                              test_hooks=test_hooks, kit=kit)
+                              test_hooks=test_hooks, kit=kit, churn=self.churn, mixing=self.mixing)
         self.transport = self.comm.transport
         self.view: RoundView | None = None
-        self.churn = config.churn_schedule()  # scheduled joins and departures (docs/membership.md)
-        self.mixing = LiveMixing(config.topology, config.agents, rule=config.mixing, schedule=self.agents.schedule,
-                                 seed=config.seed, p=config.topology_p, path=config.topology_file)
         self.row: torch.Tensor | None = None  # this agent's row of W [N] in its last round
         self.joined_round: int | None = None  # the round this agent joined in without a state of its own
 
@@ -251,8 +250,6 @@ class AgentRuntime:
     def _train(self, resume: bool) -> dict[str, Any]:
         cfg, agents = self.config, self.agents
         own, join_at = self._open(resume), self.churn.joined_at(self.agent)
-        if join_at and not own:  # a scheduled joiner enters a run that has started
-            wait_for(self.transport.store, STARTUP, self.transport.startup_timeout)
         done = self.comm.start(own, join_at, list(self.churn.initial))
         if agents.privacy is not None and (resume or self.comm.restarted) and done > own:  # a run that went on
             for private in agents.privacy:
