@@ -149,18 +149,21 @@ class LiveSet:
 
     def may_push(self, j: int, round_now: int) -> bool:
         """Whether agent j may push mixing messages to this agent now: a neighbour in the live graph of the
-        current or the next round (over the live agents, and over the live and joining ones), as this agent
-        knows them."""
+        current or the next round as this agent knows it — over the agents expected or present, or over those
+        present only (the view of an agent that has stopped waiting for the others); with and without the
+        joining ones."""
         with self.cond:
             for round_index in (max(round_now, 0), max(round_now, 0) + 1):
                 present = self.present(round_index)
-                agents = self.candidates(round_index) | set(present) | {self.agent}
-                if j not in agents:
+                joining = {i for i, fresh in present.items() if fresh}
+                expected = self.candidates(round_index) | set(present) | {self.agent}
+                if j not in expected:
                     continue
                 if self.graph is None:
                     return True
-                live = agents - {i for i, fresh in present.items() if fresh}
-                if any(bool(self.graph(round_index, sorted(group))[self.agent, j]) for group in (live, agents)):
+                came = set(present) | {self.agent}
+                if any(j in group and bool(self.graph(round_index, sorted(group))[self.agent, j])
+                       for group in (expected, expected - joining, came, came - joining)):
                     return True
         return False
 
@@ -238,13 +241,15 @@ def handlers(live: LiveSet, run: bytes, others: frozenset[int]) -> dict[str, grp
 
 
 def tell(channels: dict[int, grpc.Channel], pool: ThreadPoolExecutor, name: str, message: bytes,
-         agents: Iterable[int], timeout: float, wait_for_ready: bool = False) -> list[Future]:
+         agents: Iterable[int], timeout: float, waiting: Iterable[int] = ()) -> list[Future]:
     """Send the unary `name` `message` to each of `agents` in the background (a failure is ignored: an agent
-    that is not there misses it)."""
+    that is not there misses it); to those in `waiting` once their channel is (again) connected, within
+    `timeout`, to the others only if it is connected now."""
+    waiting = set(waiting)
 
     def one(j: int) -> None:
         try:
-            channels[j].unary_unary(tls_peer.method(name))(message, timeout=timeout, wait_for_ready=wait_for_ready)
+            channels[j].unary_unary(tls_peer.method(name))(message, timeout=timeout, wait_for_ready=j in waiting)
         except grpc.RpcError:
             pass
 

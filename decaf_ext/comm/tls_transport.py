@@ -75,6 +75,7 @@ class TlsTransport(TransportBase):
         check_timeout("startup_timeout", startup_timeout)
         self.kit, self.agent, self.n_agents = kit, kit.agent, kit.n_agents
         self.fingerprint, self.timeout, self.startup_timeout = fingerprint, timeout, startup_timeout
+        self.window = 2 * timeout  # of an exchange: agents that waited unequally in agree enter it a timeout apart
         self.others = frozenset(j for j in range(self.n_agents) if j != self.agent)
         self.events: list[dict[str, Any]] = []
         self.incarnation, self.group, self.round_now, self._latest = 1, 0, -1, -1
@@ -180,13 +181,14 @@ class TlsTransport(TransportBase):
         self.fresh = rounds_done == 0 and done > 0
         if done > rounds_done:
             self.record_event(done - 1, "joining", f"joining the running group in round {done}")
-            tls_membership.tell(self._channels, self._notices, "Ready", self._ready_notice(done), self.others,
-                                HELLO_TIMEOUT)
+            self._announce(done, self.others)
             self._await_round(done, scheduled=join_at > 0)
         return done
 
-    def _ready_notice(self, round_index: int) -> bytes:
-        return tls_membership.notice(self.kit.run, round_index, fresh=self.fresh, identity=self.fingerprint)
+    def _announce(self, round_index: int, agents) -> None:  # Ready: this agent enters round `round_index`
+        tls_membership.tell(self._channels, self._notices, "Ready", tls_membership.notice(
+            self.kit.run, round_index, fresh=self.fresh, identity=self.fingerprint), agents,
+            min(self.timeout, HELLO_TIMEOUT), waiting=self.live.candidates(round_index))
 
     def _states(self, agents: set[int] | frozenset[int], timeout: float) -> dict[int, dict[str, Any]]:
         """The states of `agents` that answer Hello within `timeout` for this run with this identity."""
@@ -224,8 +226,7 @@ class TlsTransport(TransportBase):
             self._latest = max(self._latest, round_index)
             self._done = {key for key in self._done if key[1] >= round_index - 1}
             self._cond.notify_all()  # pushes of older rounds waiting here are now stale
-        tls_membership.tell(self._channels, self._notices, "Ready", self._ready_notice(round_index),
-                            self.others - set(self.live.left), min(self.timeout, HELLO_TIMEOUT))
+        self._announce(round_index, {j for j in self.others if not self.live.departs(j, round_index)})
         members, joining, _ = self.live.wait(round_index, self.fresh, self.timeout)
         previous = self._view.agents if self._view is not None else members
         for j in sorted(set(previous) - set(members)):
@@ -238,7 +239,7 @@ class TlsTransport(TransportBase):
         """Announce that this agent takes part in rounds before `round_index` only (Bye to every agent, each
         delivered once it listens, within startup_timeout): nobody waits for it from then on."""
         tls_membership.tell(self._channels, self._notices, "Bye", tls_membership.notice(self.kit.run, round_index),
-                            self.others, self.startup_timeout, wait_for_ready=True)
+                            self.others, self.startup_timeout, waiting=self.others)
 
     def connect(self, view: RoundView) -> bool:
         """Nothing to form: connections are per neighbour and made (again) on demand."""
@@ -265,9 +266,8 @@ class TlsTransport(TransportBase):
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {self.agent} takes no {name} messages "
                                                                  f"from {sender_name(sender)}")
             deadline = context.time_remaining()
-            if deadline is None or deadline > self.timeout + 1.0:  # the gRPC core ends the stream at its deadline
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a push needs a deadline within the round timeout "
-                                                                f"{self.timeout:g} s")
+            if deadline is None or deadline > self.window + 1.0:  # the gRPC core ends the stream at its deadline
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a push needs a deadline within {self.window:g} s")
             with self._cond:
                 if self._open.get(sender, 0) >= STREAMS_PER_SENDER:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{sender_name(sender)} has "
@@ -289,7 +289,7 @@ class TlsTransport(TransportBase):
             key = (name, header["round"], header["seq"])
             with self._cond:
                 self._cond.wait_for(lambda: key in self._expected or self._stale(key),
-                                    timeout=min(context.time_remaining() or self.timeout, self.timeout))
+                                    timeout=min(context.time_remaining() or self.window, self.window))
                 if key not in self._expected:
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"agent {self.agent} is in round {self.round_now}, not in {key}")
@@ -331,13 +331,13 @@ class TlsTransport(TransportBase):
     def _exchange(self, key: Key, outgoing: dict[int, torch.Tensor], expected: dict[int, tuple[int, torch.dtype]]
                   ) -> dict[int, torch.Tensor]:
         """Push outgoing[j] to each j and collect what the `expected` senders pushed, within one round timeout."""
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.window
         with self._cond:
             self._expected[key], self._inbox[key] = expected, {}
             self._cond.notify_all()
         pushes = {j: self._pool.submit(self._push, j, key, tensor, deadline) for j, tensor in outgoing.items()}
         with self._cond:
-            self._cond.wait_for(lambda: len(self._inbox[key]) == len(expected), timeout=self.timeout)
+            self._cond.wait_for(lambda: len(self._inbox[key]) == len(expected), timeout=self.window)
         wait(pushes.values(), timeout=max(deadline - time.monotonic(), 0.0) + 1.0)
         with self._cond:
             del self._expected[key]
