@@ -85,6 +85,7 @@ class TlsTransport(TransportBase):
         self.live = tls_membership.LiveSet(self.agent, self.n_agents, fingerprint, churn, graph,
                                            lambda r, kind, text, j: self.record_event(r, kind, text, agent=j))
         self._view: RoundView | None = None  # the newest agreed view
+        self._byes: list = []  # Byes under way
         self._cond = threading.Condition()
         self._expected: dict[Key, dict[int, tuple[int, torch.dtype]]] = {}
         self._inbox: dict[Key, dict[int, torch.Tensor]] = {}
@@ -211,10 +212,8 @@ class TlsTransport(TransportBase):
 
     def current_view(self) -> RoundView:
         """The newest agreed view; before the first round, the agents planned in round 0 that answered."""
-        if self._view is not None:
-            return self._view
         members = self.live.candidates(max(self._latest, 0)) | {self.agent}
-        return RoundView(self._latest, dict.fromkeys(sorted(members), 1), self.group)
+        return self._view or RoundView(self._latest, dict.fromkeys(sorted(members), 1), self.group)
 
     def agree(self, round_index: int) -> RoundView:
         """Enter round `round_index`: tell every agent (Ready), wait (at most a round timeout) for the candidates'
@@ -237,9 +236,9 @@ class TlsTransport(TransportBase):
 
     def leave(self, round_index: int) -> None:
         """Announce that this agent takes part in rounds before `round_index` only (Bye to every agent, each
-        delivered once it listens, within startup_timeout): nobody waits for it from then on."""
-        tls_membership.tell(self._channels, self._notices, "Bye", tls_membership.notice(self.kit.run, round_index),
-                            self.others, self.startup_timeout, waiting=self.others)
+        delivered once it listens, within startup_timeout; close waits for them): nobody waits for it from then on."""
+        self._byes = tls_membership.tell(self._channels, self._notices, "Bye", tls_membership.notice(
+            self.kit.run, round_index), self.others, self.startup_timeout, waiting=self.others)
 
     def connect(self, view: RoundView) -> bool:
         """Nothing to form: connections are per neighbour and made (again) on demand."""
@@ -253,9 +252,8 @@ class TlsTransport(TransportBase):
     def _may_push(self, name: str, sender: int | None) -> bool:
         """Whether `sender` may push `name` messages now: Gather (and a server strategy's Mix) from any run agent,
         Mix from the neighbours in the live graph (:meth:`LiveSet.may_push`)."""
-        if sender not in self.others:
-            return False
-        return name == "Gather" or self.live.graph is None or self.live.may_push(sender, self.round_now)
+        return sender in self.others and (name == "Gather" or self.live.graph is None
+                                          or self.live.may_push(sender, self.round_now))
 
     def _receiver(self, name: str):
         def receive(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
@@ -387,6 +385,7 @@ class TlsTransport(TransportBase):
 
     def close(self) -> None:
         """Stop this agent's server (a second of grace for pushes under way) and close its channels."""
+        wait(self._byes, timeout=HELLO_TIMEOUT)
         self._server.stop(grace=1.0).wait()
         self._close_channels()
 
