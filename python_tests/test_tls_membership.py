@@ -100,6 +100,31 @@ def test_an_absent_agent_is_not_waited_for_until_it_speaks_again():
     assert live.candidates(2) == {0, 1} and live.candidates(3) == {0, 1, 2}
     live.on_ready(1, 3, False, IDENTITY)
     assert live.wait(3, fresh=False, timeout=60.0) == ([0, 1, 2], (2,), set())
+    for round_index in range(4, 40):  # an insider announcing many rounds: only its newest Readys are kept
+        live.on_ready(1, round_index, False, IDENTITY)
+    assert sorted(live.ready[1]) == [36, 37, 38, 39]
+
+
+def test_malformed_membership_messages_are_refused(tmp_path, closing):
+    folders = loopback_kit(tmp_path, n=3, topology="ring")
+    made = started(folders, timeout=3.0)
+    closing.extend(made)
+    kit = Path(folders[1])
+    credentials = grpc.ssl_channel_credentials(*(kit.joinpath(n).read_bytes() for n in ("ca.pem", "key.pem",
+                                                                                        "cert.pem")))
+    codes = []
+    with grpc.secure_channel(made[0].kit.address(0), credentials,
+                             options=[("grpc.ssl_target_name_override", "agent-0")]) as channel:
+        for name, message in (("Ready", b"[" * 3000), ("Ready", b"{}"), ("Bye", notice(b"\0" * 16, 2)),
+                              ("Ready", notice(made[0].kit.run, -1, fresh=False, identity=IDENTITY)),
+                              ("Ready", notice(made[0].kit.run, 1, fresh="yes", identity=IDENTITY))):
+            try:
+                channel.unary_unary(tls_peer.method(name))(message, timeout=5.0)
+                codes.append("OK")
+            except grpc.RpcError as error:
+                codes.append(error.code().name)
+    assert codes == ["INVALID_ARGUMENT"] * 5
+    assert made[0].live.left == {} and made[0].live.ready == {}
 
 
 def test_another_identity_is_refused_and_named():
