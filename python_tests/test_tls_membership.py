@@ -336,3 +336,22 @@ def test_a_gloo_joiner_with_another_algorithm_is_refused_with_one_line_and_the_r
     with ThreadPoolExecutor(3) as pool:
         views = list(pool.map(lambda t: t.agree(1), [*transports, stranger]))
     assert views[0].agents == views[1].agents == [0, 1] and views[2] is None  # never admitted; the run goes on
+
+
+def test_a_gloo_joiner_with_another_run_key_is_refused_with_one_line_and_the_run_goes_on():
+    """Without the run's key it reads every record of the run as forged: refused before it writes anything."""
+    store, layout = dist.HashStore(), "760:torch.float32:0123456789abcdef"
+    transports = [Transport(store, j, 3, fingerprint=run_identity(layout, "decaf", KEY), backend="gloo", timeout=1.0,
+                            startup_timeout=10.0, run_key=KEY) for j in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(lambda t: t.start(0, 0, [0, 1]), transports)) == [0, 0]
+    other = b"another key of this test, 32 b.."
+    stranger = Transport(store, 2, 3, fingerprint=run_identity(layout, "decaf", other), backend="gloo", timeout=1.0,
+                         startup_timeout=5.0, run_key=other)
+    startup = store.get("startup")
+    with pytest.raises(ConfigError, match=r"^run_key: the running run's store records are not signed with this "
+                                          r"agent's run key"):
+        stranger.start(0, join_at=1)
+    assert store.get("startup") == startup  # nothing of the run's was replaced
+    with ThreadPoolExecutor(2) as pool:
+        assert [v.agents for v in pool.map(lambda t: t.agree(0), transports)] == [[0, 1]] * 2

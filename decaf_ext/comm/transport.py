@@ -206,6 +206,9 @@ class Transport(TransportBase):
         """
         if join_at and not rounds_done:  # a scheduled joiner enters a run that has started
             wait_for(self.store, STARTUP, self.startup_timeout)
+        if (join_at or rounds_done) and self.store.check([STARTUP]) and self.control.get(STARTUP, self._view) is None:
+            raise ConfigError("run_key: the running run's store records are not signed with this agent's run key; "
+                              "every agent must use the run's --run-key-file")
         own = self._record(round=rounds_done)
         self.control.set(f"start/{self.agent}", own)
         startup, layout = self.control.get(STARTUP, self._view), self.control.get(FINGERPRINT)
