@@ -149,7 +149,9 @@ def test_the_mix_sender_check_follows_the_relinked_ring():
     assert {j for j in range(6) if j != 4 and live.may_push(j, 0)} == {0, 3}
     assert {j for j in range(6) if j != 4 and live.may_push(j, 2)} == {0, 3, 5}  # round 3 is the next one
     assert {j for j in range(6) if j != 4 and live.may_push(j, 4)} == {3, 5}  # the ring over all six
-    live.lose(3)
+    for j in (0, 1, 2, 5):
+        live.on_ready(j, 4, False, IDENTITY)
+    assert live.wait(4, fresh=False, timeout=0.05)[2] == {3}  # 3 crashed: absent
     # 3 gone: ring 0-1-2-4-5 in round 4, and 0-1-4-5 in round 5 (2 leaves): 2, then 1, re-linked to 4
     assert {j for j in range(6) if j != 4 and live.may_push(j, 4)} == {1, 2, 5}
 

@@ -9,9 +9,9 @@ from what the other agents tell it (see docs/membership.md, "Over TLS").
   timeout) for the Ready of round r of every *candidate*: a planned agent that is not absent. The round's members
   are itself and every planned agent whose Ready of round r arrived by then; those that sent it ``fresh`` (no state
   of their own) are its joining members.
-- An agent that missed a round (no Ready, or no message in an exchange, within the round timeout) is absent: not
-  waited for until it speaks again (a Ready of a later round, e.g. when it restarts) — it is a member of that
-  round as soon as its Ready arrives in time.
+- An agent that missed a round (no Ready within the round timeout) is absent: not waited for until it speaks
+  again (a Ready of a later round, e.g. when it restarts) — it is a member of that round as soon as its Ready
+  arrives in time. One whose Ready came but whose message did not is still waited for: it said it is alive.
 
 Example::
 
@@ -123,12 +123,6 @@ class LiveSet:
         for j, at in (left.items() if isinstance(left, dict) else ()):
             if str(j).isdigit() and int(j) in others and type(at) is int and at >= 0:
                 self.on_bye(int(j), at)
-
-    def lose(self, j: int) -> None:
-        """Agent j missed an exchange: not waited for until it speaks again."""
-        with self.cond:
-            self.absent[j] = None
-            self.cond.notify_all()
 
     # ------------------------------------------------------------------------------------------ the round
 

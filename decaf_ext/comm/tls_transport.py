@@ -157,22 +157,22 @@ class TlsTransport(TransportBase):
             if isinstance(state, str):
                 raise ConfigError(f"kit: {where} unreachable within startup_timeout {self.startup_timeout:g} s "
                                   f"({state[:160]})")
-            if state.get("run") != self.kit.run.hex():
-                raise ConfigError(f"kit: {where} belongs to another run (every agent must use the same kit)")
-            if state.get("fingerprint") != self.fingerprint:
-                raise ConfigError(f"kit: {where} runs another configuration (it has "
-                                  f"{difference(self.fingerprint, state.get('fingerprint'))}; every agent must use "
-                                  "the same model, rank, algorithm and run key)")
+            if state.get("run") != self.kit.run.hex() or state.get("fingerprint") != self.fingerprint:
+                theirs = "another run" if state.get("run") != self.kit.run.hex() else difference(
+                    self.fingerprint, state.get("fingerprint"))
+                raise ConfigError(f"kit: {where} runs another configuration (it has {theirs}; every agent must use "
+                                  "the same kit, model, rank, algorithm and run key)")
 
     def start(self, rounds_done: int, join_at: int = 0, starters: list[int] | None = None) -> int:
         """Enter the run with `rounds_done` rounds behind this agent, not before round `join_at` (a scheduled
         joiner, :mod:`decaf_ext.elastic`); returns the round to continue from: its own, or the one after the round
         the running agents are in (the lowest they report; a restarted agent rejoins). At a fresh start it waits
-        (startup_timeout) for the agents planned in round 0 to answer; joining a running run, it tells the others
-        the round it enters (Ready) and waits until they have entered it. `starters`: unused (the schedule says)."""
-        first = max(rounds_done, join_at)
-        states = self._states(self.live.planned(first) - {self.agent}, self.startup_timeout if first == 0 else
-                              HELLO_TIMEOUT)
+        (startup_timeout) for the agents planned in its first round to answer; joining a running run, it tells the
+        others the round it enters (Ready) and waits until they have entered it. `starters`: the schedule says."""
+        first, asked = max(rounds_done, join_at), self.live.planned(max(rounds_done, join_at)) - {self.agent}
+        states = self._states(asked, HELLO_TIMEOUT if first else self.startup_timeout)
+        if first and not running(states):  # nobody is in a round: the whole run (re)starts, wait for the others
+            states = self._states(asked, self.startup_timeout)
         for state in states.values():  # Byes sent before this agent was up to hear them
             self.live.learn_left(state.get("left"), self.others)
         # the lowest round a running agent is in: one agent announcing a far later round cannot make it skip
@@ -349,8 +349,7 @@ class TlsTransport(TransportBase):
                                   agents=[j], what=key[0], reason=failure[:200])
         for j in sorted(set(expected) - set(received)):
             self.record_event(key[1], "peer_lost", f"no {key[0]} message from agent {j} within the round timeout",
-                              agent=j)
-            self.live.lose(j)  # not waited for until it speaks again
+                              agent=j)  # still waited for next round: its Ready said it is alive
         return received
 
     def send_and_receive(self, view: RoundView, buffers: dict[int, torch.Tensor], validate: Validator | None = None,
