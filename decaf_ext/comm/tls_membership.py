@@ -141,6 +141,14 @@ class LiveSet:
         members = sorted({self.agent, *present})
         return members, tuple(j for j in members if (fresh if j == self.agent else present[j])), missing
 
+    def behind(self, round_index: int, members: list[int]) -> int | None:
+        """The round the others have gone on to, when more agents sent Readys of later rounds only (not joining)
+        than are members of round `round_index` with this agent: it fell behind and continues there; else None."""
+        with self.cond:
+            ahead = {j: max(rounds) for j, rounds in self.ready.items() if rounds and j not in members
+                     and max(rounds) > round_index and not rounds[max(rounds)] and j in self.planned(max(rounds))}
+        return min(ahead.values()) if len(ahead) > len(members) - 1 else None
+
     def may_push(self, j: int, round_now: int) -> bool:
         """Whether agent j may push mixing messages to this agent now: a neighbour in the live graph of the
         current or the next round as this agent knows it — over the agents expected or present, or over those

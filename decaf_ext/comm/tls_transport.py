@@ -146,8 +146,7 @@ class TlsTransport(TransportBase):
         return state if isinstance(state, dict) else "an answer that is not a state"
 
     def _check_neighbours(self) -> None:
-        """Every graph neighbour expected in this agent's first round answers within startup_timeout, for this
-        run, with this run identity."""
+        """Every graph neighbour expected in this agent's first round answers in startup_timeout, of this run."""
         first = self.live.planned(self.live.churn.joined_at(self.agent))
         futures = {j: self._pool.submit(self._ask, j, self.startup_timeout) for j in self.kit.neighbours
                    if j in first}
@@ -200,9 +199,7 @@ class TlsTransport(TransportBase):
 
     def _await_round(self, round_index: int, scheduled: bool = False) -> None:
         """Wait (at most startup_timeout) until every running agent expected in round `round_index` has entered
-        it, so that this agent's first exchange overlaps theirs: joining earlier, it would run a round timeout
-        ahead of them, and each side's pushes would find the other gone, round after round. A `scheduled` joiner
-        also waits for the run to have started (some agent in a round)."""
+        it, so that this agent's first exchange overlaps theirs (a `scheduled` joiner: and some agent is running)."""
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             rounds = running(self._states(self.live.planned(round_index) - {self.agent}, HELLO_TIMEOUT))
@@ -211,13 +208,14 @@ class TlsTransport(TransportBase):
             time.sleep(AWAIT_POLL)
 
     def current_view(self) -> RoundView:
-        """The newest agreed view; before the first round, the agents planned in round 0 that answered."""
+        """The newest agreed view; before the first round, the agents expected in it."""
         members = self.live.candidates(max(self._latest, 0)) | {self.agent}
         return self._view or RoundView(self._latest, dict.fromkeys(sorted(members), 1), self.group)
 
-    def agree(self, round_index: int) -> RoundView:
+    def agree(self, round_index: int) -> RoundView | None:
         """Enter round `round_index`: tell every agent (Ready), wait (at most a round timeout) for the candidates'
-        Readys and return the round's view (members: who came; joining: those that came without a state)."""
+        Readys and return the round's view (members: who came; joining: those that came without a state); None
+        when the others have gone on without it (:meth:`LiveSet.behind`): ``latest`` is then their round - 1."""
         with self._cond:
             if round_index != self.round_now:
                 self._gathers = 0
@@ -227,6 +225,10 @@ class TlsTransport(TransportBase):
             self._cond.notify_all()  # pushes of older rounds waiting here are now stale
         self._announce(round_index, {j for j in self.others if not self.live.departs(j, round_index)})
         members, joining, _ = self.live.wait(round_index, self.fresh, self.timeout)
+        if (ahead := self.live.behind(round_index, members)) is not None:
+            self._latest = ahead - 1
+            self.record_event(round_index, "left_out", f"the others are in round {ahead}: continuing there")
+            return None
         previous = self._view.agents if self._view is not None else members
         for j in sorted(set(previous) - set(members)):
             self.record_event(round_index, *(("peer_left", f"agent {j} left the run") if self.live.departs(
