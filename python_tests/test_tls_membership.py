@@ -105,6 +105,21 @@ def test_an_absent_agent_is_not_waited_for_until_it_speaks_again():
     assert sorted(live.ready[1]) == [36, 37, 38, 39]
 
 
+def test_an_agent_the_others_went_on_without_continues_with_their_round():
+    live = LiveSet(0, 3, IDENTITY)
+    live.on_ready(1, 7, False, IDENTITY)
+    assert live.behind(5, [0, 2]) is None  # one agent ahead, one with it: not behind
+    live.on_ready(2, 8, False, IDENTITY)
+    assert live.behind(5, [0]) == 7  # alone in round 5, both others announced later rounds: it goes to round 7
+    assert LiveSet(0, 3, IDENTITY, run=bytes(16)).behind(5, [0]) is None
+    lone = LiveSet(0, 3, IDENTITY)
+    lone.on_ready(2, 9, False, IDENTITY)
+    assert lone.behind(5, [0]) is None  # one agent that ran ahead alone is not followed
+    joiner = LiveSet(0, 3, IDENTITY)
+    joiner.on_ready(2, 8, True, IDENTITY)  # a joiner announcing its join round is not ahead
+    assert joiner.behind(5, [0, 1]) is None and joiner.behind(5, [0]) is None
+
+
 def test_malformed_membership_messages_are_refused(tmp_path, closing):
     folders = loopback_kit(tmp_path, n=3, topology="ring")
     made = started(folders, timeout=3.0)

@@ -294,9 +294,9 @@ def restarted(network, tiny_paths, tmp_path_factory):
     config = tiny_config(tiny_paths, root / "run", agents=AGENTS, algorithm="dlora", rounds=20, eval_every=1)
     kits = kit_of(network, root, "restart", 47300)
     sites = [dict(c, output_dir=str(root / f"site{k}")) for k, c in enumerate(per_agent(config, kits))]
-    # agent 0 takes 4 s per round after the crash (within the round timeout): the others no longer wait a round
+    # agent 0 takes 3 s per round after the crash (within the round timeout): the others no longer wait a round
     # timeout for the dead agent in every round, and the run must still be going when it comes back
-    faults = ",".join(["2:exit@2", *(f"0:stall@{r}=4" for r in range(3, config.rounds))])
+    faults = ",".join(["2:exit@2", *(f"0:stall@{r}=3" for r in range(3, config.rounds))])
     specs = [{"runs": [(c, faults)], "options": {"round_timeout": 6.0, "startup_timeout": 120.0}} for c in sites]
     agents = [start_agent(network, a, specs[a]) for a in range(AGENTS)]
     try:

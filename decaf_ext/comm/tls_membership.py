@@ -45,11 +45,13 @@ class LiveSet:
     """Agent `agent`'s view of who is live in each round of a run of `n_agents`; `identity`: this agent's run
     identity; churn: the run's schedule (None: nobody joins or leaves on schedule); graph(round, agents): the live
     graph over `agents` (None: none, the sender check then lets every planned agent push); record(round, kind,
-    message, agent): logs a refusal (once per agent and reason). Thread-safe."""
+    message, agent): logs a refusal (once per agent and reason); run: the run's id (its messages carry it).
+    Thread-safe."""
 
     def __init__(self, agent: int, n_agents: int, identity: str, churn: ChurnSchedule | None = None,
-                 graph: Graph | None = None, record: Record | None = None) -> None:
-        self.agent, self.n_agents, self.identity, self.record = agent, n_agents, identity, record
+                 graph: Graph | None = None, record: Record | None = None, run: bytes = bytes(16)) -> None:
+        self.agent, self.n_agents, self.identity, self.record, self.run = agent, n_agents, identity, record, run
+        self.entered = (-1, False)  # the round this agent is in, and whether it entered it without a state
         self.churn = churn or ChurnSchedule(n_agents, {}, {})
         self.graph = graph
         self.cond = threading.Condition()
@@ -112,6 +114,25 @@ class LiveSet:
             self.cond.notify_all()
         return None
 
+    def enter(self, round_index: int, fresh: bool) -> bytes:
+        """This agent enters round `round_index` (`fresh`: without a state of its own); returns its Ready."""
+        self.entered = (round_index, fresh)
+        return self.answer(round_index)
+
+    def answer(self, round_index: int) -> bytes:
+        """What a Ready of round `round_index` is answered with: this agent's own when it is in that round."""
+        entered, fresh = self.entered
+        return notice(self.run, round_index, fresh=fresh, identity=self.identity) if entered == round_index else b""
+
+    def on_answer(self, j: int, answer: bytes) -> None:
+        """Agent j's answer to this agent's Ready: its own Ready of that round (read like one it sent)."""
+        try:
+            value = read_notice(answer, self.run)
+        except ValueError:
+            return
+        if type(value.get("fresh")) is bool:
+            self.on_ready(j, value["round"], value["fresh"], value.get("identity"))
+
     def on_bye(self, j: int, round_index: int) -> None:
         """Agent j leaves before round `round_index` (announced: nobody waits for it from then on)."""
         with self.cond:
@@ -143,11 +164,12 @@ class LiveSet:
 
     def behind(self, round_index: int, members: list[int]) -> int | None:
         """The round the others have gone on to, when more agents sent Readys of later rounds only (not joining)
-        than are members of round `round_index` with this agent: it fell behind and continues there; else None."""
+        than round `round_index` has members (this agent included): it fell behind and continues there (a lone
+        agent that ran ahead is not followed); else None."""
         with self.cond:
             ahead = {j: max(rounds) for j, rounds in self.ready.items() if rounds and j not in members
                      and max(rounds) > round_index and not rounds[max(rounds)] and j in self.planned(max(rounds))}
-        return min(ahead.values()) if len(ahead) > len(members) - 1 else None
+        return min(ahead.values()) if len(ahead) > len(members) else None
 
     def may_push(self, j: int, round_now: int) -> bool:
         """Whether agent j may push mixing messages to this agent now: a neighbour in the live graph of the
@@ -211,16 +233,17 @@ def read_notice(data: bytes, run: bytes) -> dict[str, Any]:
     return value
 
 
-def handlers(live: LiveSet, run: bytes, others: frozenset[int]) -> dict[str, grpc.RpcMethodHandler]:
+def handlers(live: LiveSet, others: frozenset[int]) -> dict[str, grpc.RpcMethodHandler]:
     """The unary methods ``Ready`` and ``Bye`` of agent live.agent's server (callers: the run's other agents,
-    named by their certificates)."""
+    named by their certificates). A Ready of round r is answered with this agent's own Ready of round r when it
+    is in that round (:meth:`LiveSet.answer`), so that a caller to which its own channel is down still hears it."""
 
     def receive(request: bytes, context: grpc.ServicerContext) -> tuple[int, dict[str, Any]]:
         sender = tls_peer.caller(context)
         if sender not in others:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an agent of this run")
         try:
-            return sender, read_notice(request, run)
+            return sender, read_notice(request, live.run)
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
@@ -232,7 +255,7 @@ def handlers(live: LiveSet, run: bytes, others: frozenset[int]) -> dict[str, grp
         if reason is not None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"agent {live.agent} refuses agent {sender}: "
                                                                f"{reason}")
-        return b""
+        return live.answer(value["round"])
 
     def bye(request: bytes, context: grpc.ServicerContext) -> bytes:
         sender, value = receive(request, context)
@@ -243,16 +266,20 @@ def handlers(live: LiveSet, run: bytes, others: frozenset[int]) -> dict[str, grp
 
 
 def tell(channels: dict[int, grpc.Channel], pool: ThreadPoolExecutor, name: str, message: bytes,
-         agents: Iterable[int], timeout: float, waiting: Iterable[int] = ()) -> list[Future]:
+         agents: Iterable[int], timeout: float, waiting: Iterable[int] = (),
+         answered: Callable[[int, bytes], None] | None = None) -> list[Future]:
     """Send the unary `name` `message` to each of `agents` in the background (a failure is ignored: an agent
     that is not there misses it); to those in `waiting` once their channel is (again) connected, within
-    `timeout`, to the others only if it is connected now."""
+    `timeout`, to the others only if it is connected now. answered(agent, answer) takes each non-empty answer."""
     waiting = set(waiting)
 
     def one(j: int) -> None:
         try:
-            channels[j].unary_unary(tls_peer.method(name))(message, timeout=timeout, wait_for_ready=j in waiting)
+            answer = channels[j].unary_unary(tls_peer.method(name))(message, timeout=timeout,
+                                                                    wait_for_ready=j in waiting)
         except grpc.RpcError:
-            pass
+            return
+        if answer and answered is not None:
+            answered(j, answer)
 
     return [pool.submit(one, j) for j in sorted(agents)]

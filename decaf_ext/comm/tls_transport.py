@@ -83,7 +83,7 @@ class TlsTransport(TransportBase):
         self.absent: frozenset[int] = frozenset()
         graph = None if server_strategy else tls_membership.live_graph(kit.all_neighbours, mixing)
         self.live = tls_membership.LiveSet(self.agent, self.n_agents, fingerprint, churn, graph,
-                                           lambda r, kind, text, j: self.record_event(r, kind, text, agent=j))
+                                           lambda r, kind, text, j: self.record_event(r, kind, text, agent=j), kit.run)
         self._view: RoundView | None = None  # the newest agreed view
         self._byes: list = []  # Byes under way
         self._cond = threading.Condition()
@@ -98,7 +98,7 @@ class TlsTransport(TransportBase):
         workers = 6 * self.n_agents + 4
         handlers = {"Hello": tls_peer.unary(self._hello), "Mix": tls_peer.streaming(self._receiver("Mix")),
                     "Gather": tls_peer.streaming(self._receiver("Gather")),
-                    **tls_membership.handlers(self.live, kit.run, self.others)}
+                    **tls_membership.handlers(self.live, self.others)}
         try:
             self._server = tls_peer.serve(kit, handlers, workers)
         except OSError as error:
@@ -181,14 +181,13 @@ class TlsTransport(TransportBase):
         self.fresh = rounds_done == 0 and done > 0
         if done > rounds_done:
             self.record_event(done - 1, "joining", f"joining the running group in round {done}")
-            self._announce(done, self.others)
+            self._announce(done, self.others, self.live.enter(done, self.fresh))
             self._await_round(done, scheduled=join_at > 0)
         return done
 
-    def _announce(self, round_index: int, agents) -> None:  # Ready: this agent enters round `round_index`
-        tls_membership.tell(self._channels, self._notices, "Ready", tls_membership.notice(
-            self.kit.run, round_index, fresh=self.fresh, identity=self.fingerprint), agents,
-            min(self.timeout, HELLO_TIMEOUT), waiting=self.live.candidates(round_index))
+    def _announce(self, round_index: int, agents, message: bytes) -> None:  # Ready: it enters round `round_index`
+        tls_membership.tell(self._channels, self._notices, "Ready", message, agents, min(self.timeout, HELLO_TIMEOUT),
+                            self.live.candidates(round_index), self.live.on_answer)
 
     def _states(self, agents: set[int] | frozenset[int], timeout: float) -> dict[int, dict[str, Any]]:
         """The states of `agents` that answer Hello within `timeout` for this run with this identity."""
@@ -223,7 +222,8 @@ class TlsTransport(TransportBase):
             self._latest = max(self._latest, round_index)
             self._done = {key for key in self._done if key[1] >= round_index - 1}
             self._cond.notify_all()  # pushes of older rounds waiting here are now stale
-        self._announce(round_index, {j for j in self.others if not self.live.departs(j, round_index)})
+        self._announce(round_index, {j for j in self.others if not self.live.departs(j, round_index)},
+                       self.live.enter(round_index, self.fresh))
         members, joining, _ = self.live.wait(round_index, self.fresh, self.timeout)
         if (ahead := self.live.behind(round_index, members)) is not None:
             self._latest = ahead - 1
