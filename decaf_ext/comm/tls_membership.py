@@ -6,9 +6,10 @@ from what the other agents tell it (see docs/membership.md, "Over TLS").
   that announced leaving with ``Bye``) before R only; ``kill:`` entries are crashes nobody is told of; an agent
   whose identity (:mod:`~decaf_ext.comm.run_identity`) differs is refused.
 - Entering round r an agent tells every other agent ``Ready`` {round r, fresh}; it then waits (at most a round
-  timeout) for the Ready of round r of every *candidate*: a planned agent that is not absent. The round's members
-  are itself and every planned agent whose Ready of round r arrived by then; those that sent it ``fresh`` (no state
-  of their own) are its joining members.
+  timeout) for the Ready of round r of every *candidate*: a planned agent that is not absent (an agent in round r
+  answers a Ready of round r with its own). The round's members are itself and every planned agent whose Ready of
+  round r arrived by then; those that sent it ``fresh`` (no state of their own) are its joining members. If more
+  agents announced later rounds than it has members, it fell behind and continues with them (:meth:`behind`).
 - An agent that missed a round (no Ready within the round timeout) is absent: not waited for until it speaks
   again (a Ready of a later round, e.g. when it restarts) — it is a member of that round as soon as its Ready
   arrives in time. One whose Ready came but whose message did not is still waited for: it said it is alive.
