@@ -22,7 +22,7 @@ import torch.distributed as dist
 from decaf_ext.comm import tls_peer
 from decaf_ext.comm import transport as gloo_transport
 from decaf_ext.comm.transport import Transport, check_buffer, pieces
-from test_tls_transport import loopback_kit, transports
+from test_tls_transport import loopback_kit, told, transports
 
 NUMEL = 700  # float32 values: 2,800 bytes, three chunks or pieces of 1,000 bytes
 SMALL = 1000  # bytes per chunk or piece in these tests
@@ -139,6 +139,7 @@ def test_a_chunked_tls_message_arrives_bit_for_bit_and_one_chunk_more_or_less_is
         sent, results = message(), {}
 
         def receive():
+            told(made[1], 0, 0)  # agent 0 is driven by hand here: what its Ready of round 0 does
             view = made[1].agree(0)
             results["got"] = made[1].send_and_receive(view, {0: torch.ones(NUMEL)})
 
