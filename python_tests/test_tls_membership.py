@@ -227,6 +227,9 @@ def test_agents_that_disagree_about_one_round_agree_again_the_next(tmp_path, clo
     told(made[0], 1, 3)
     first = mix(made[:3], 1, "complete")
     assert [members for members, _ in first] == [[0, 1, 2, 3], [0, 1, 2], [0, 1, 2]]
+    # agent 0 did not wait for agent 3 and entered the exchange a round timeout before 1 and 2: the exchange window
+    # (two round timeouts) still lets every live pair meet
+    assert [heard for _, heard in first] == [[1, 2], [0, 2], [0, 1]]
     mixing = LiveMixing("complete", 4)
     rows = []
     for (members, heard), transport in zip(first, made[:3]):
