@@ -375,3 +375,81 @@ def test_a_gloo_joiner_with_another_run_key_is_refused_with_one_line_and_the_run
     assert store.get("startup") == startup  # nothing of the run's was replaced
     with ThreadPoolExecutor(2) as pool:
         assert [v.agents for v in pool.map(lambda t: t.agree(0), transports)] == [[0, 1]] * 2
+
+
+def unary_call(folder: str, address: str, target: str, name: str, message: bytes) -> str:
+    """Call unary `name` with `message` at `address` with the certificate of kit `folder`; the status code's name."""
+    kit = Path(folder)
+    credentials = grpc.ssl_channel_credentials(*(kit.joinpath(n).read_bytes() for n in ("ca.pem", "key.pem",
+                                                                                        "cert.pem")))
+    with grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", target)]) as channel:
+        try:
+            channel.unary_unary(tls_peer.method(name))(message, timeout=5.0)
+            return "OK"
+        except grpc.RpcError as error:
+            return error.code().name
+
+
+def test_an_insider_cannot_make_a_restarting_agent_drop_another_agent(tmp_path, closing):
+    """Agent 1 (a keyed insider) answers the Hello of agent 0, restarting in round 3, with a Bye of agent 2 that
+    agent 2 never sent (and agent ids int() cannot read): agent 0 believes it only until agent 2's own Ready of
+    round 3 arrives, then waits for it and takes its pushes again."""
+    folders = loopback_kit(tmp_path, n=3, topology="ring")
+    run = load_kit(folders[0]).run
+    state = json.dumps({"round": 2, "fingerprint": IDENTITY, "run": run.hex(),
+                        "left": {"2": 0, "\u00b2": 0, "1" * 5000: 0, "-1": 0}}).encode()  # '²': isdigit, not int
+    insider = tls_peer.serve(load_kit(folders[1]), {"Hello": tls_peer.unary(lambda request, context: state),
+                                                    "Ready": tls_peer.unary(lambda request, context: b"")}, 4)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            made = list(pool.map(lambda f: TlsTransport(load_kit(f), fingerprint=IDENTITY, timeout=3.0,
+                                                        startup_timeout=20.0), (folders[0], folders[2])))
+        closing.extend(made)
+        made[1].round_now = 2
+        assert made[0].start(3) == 3 and made[0].live.left == {2: 0}  # the relayed departure is taken...
+        code = unary_call(folders[2], made[0].kit.address(0), "agent-0", "Ready",
+                          notice(run, 3, fresh=False, identity=IDENTITY))
+        assert code == "OK"  # ...until agent 2 itself says it is in round 3
+        assert 2 in made[0].live.planned(3) and made[0].live.may_push(2, 3) and made[0].live.left == {}
+        code = unary_call(folders[1], made[0].kit.address(0), "agent-0", "Ready",
+                          notice(run, 4, fresh=False, identity=IDENTITY))
+        assert code == "OK" and made[0].live.left == {}  # another agent's Ready does not bring 2 back or away
+    finally:
+        insider.stop(None)
+
+
+def test_an_insider_alternating_identities_is_logged_once_per_reason(tmp_path, closing):
+    """Agent 1 sends Readys (and Hellos) alternating another algorithm and the run's identity: each bad one is
+    refused, each good one admitted, and agent 0 logs the refusal once, not once per call."""
+    folders = loopback_kit(tmp_path, n=3, topology="ring")
+    made = started(folders, timeout=3.0)
+    closing.extend(made)
+    other = run_identity("760:torch.float32:0123456789abcdef", "dlora", KEY)
+    codes = []
+    for step in range(6):
+        identity = other if step % 2 == 0 else IDENTITY
+        codes.append(unary_call(folders[1], made[0].kit.address(0), "agent-0", "Ready",
+                                notice(made[0].kit.run, step, fresh=False, identity=identity)))
+        codes.append(unary_call(folders[1], made[0].kit.address(0), "agent-0", "Hello",
+                                json.dumps({"identity": identity}).encode()))
+    assert codes == ["FAILED_PRECONDITION", "OK", "OK", "OK"] * 3
+    assert events(made[0], "refused") == [(0, 1)]
+
+
+def test_an_insiders_far_rounds_and_byes_touch_only_its_own_membership(tmp_path, closing):
+    """Agent 1 announces Readys of rounds far ahead and Byes of a round long past and far ahead: agent 0 stops
+    waiting for agent 1 only, skips no round, and a round beyond any int json reads is a one-line refusal."""
+    folders = loopback_kit(tmp_path, n=3, topology="ring")
+    made = started(folders, timeout=3.0)
+    closing.extend(made)
+    run, address = made[0].kit.run, made[0].kit.address(0)
+    codes = [unary_call(folders[1], address, "agent-0", "Ready", notice(run, 10**30 + k, fresh=False,
+                                                                        identity=IDENTITY)) for k in range(6)]
+    codes += [unary_call(folders[1], address, "agent-0", "Bye", notice(run, r)) for r in (10**30, 0, 10**40)]
+    codes.append(unary_call(folders[1], address, "agent-0", "Ready", b'{"run": "%s", "round": 1%s, "fresh": false}'
+                            % (run.hex().encode(), b"0" * 5000)))
+    assert codes == ["OK"] * 9 + ["INVALID_ARGUMENT"]
+    live = made[0].live
+    assert live.left == {1: 0} and live.planned(0) == {0, 2} and sorted(live.ready[1]) == [10**30 + k
+                                                                                            for k in range(2, 6)]
+    assert live.behind(0, [0]) is None and live.behind(0, [0, 2]) is None  # one agent far ahead is not followed

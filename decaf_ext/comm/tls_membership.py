@@ -58,8 +58,10 @@ class LiveSet:
         self.cond = threading.Condition()
         self.ready: dict[int, dict[int, bool]] = {}  # agent -> {round: fresh}, its newest READY_ROUNDS Readys
         self.left: dict[int, int] = {}  # agent -> the first round it no longer takes part in (Bye)
+        self.relayed: set[int] = set()  # agents in `left` only because another agent said so (learn_left)
         self.absent: dict[int, int | None] = {}  # agent -> the round from which it is waited for again (None: not)
         self.refused: dict[int, str] = {}  # agent -> why (its identity differs)
+        self.logged: set[tuple[int, str]] = set()  # (agent, why) refusals logged (an insider alternating: once)
 
     # ------------------------------------------------------------------------------------------ who, when
 
@@ -91,11 +93,13 @@ class LiveSet:
         again, admitted)."""
         reason = difference(self.identity, identity)
         with self.cond:
-            known = self.refused.pop(j, None)
+            self.refused.pop(j, None)
+            new = reason is not None and (j, reason) not in self.logged
             if reason is not None:
                 self.refused[j] = reason
+                self.logged.add((j, reason))
             self.cond.notify_all()
-        if reason is not None and reason != known and self.record is not None:
+        if new and self.record is not None:
             self.record(round_index, "refused", f"agent {j} refused: it has {reason}", j)
         return reason
 
@@ -109,6 +113,9 @@ class LiveSet:
             rounds[round_index] = fresh
             for old in sorted(rounds)[:-READY_ROUNDS]:
                 del rounds[old]
+            if j in self.relayed and self.left[j] <= round_index:  # it says itself that it is in that round
+                del self.left[j]
+                self.relayed.discard(j)
             if j in self.absent:  # it speaks again: waited for from that round on
                 back = self.absent[j]
                 self.absent[j] = round_index if back is None else min(back, round_index)
@@ -138,13 +145,19 @@ class LiveSet:
         """Agent j leaves before round `round_index` (announced: nobody waits for it from then on)."""
         with self.cond:
             self.left[j] = min(self.left.get(j, round_index), round_index)
+            self.relayed.discard(j)
             self.cond.notify_all()
 
     def learn_left(self, left: Any, others: frozenset[int]) -> None:
-        """Take the departures another agent heard of ({agent: round}, from its Hello answer)."""
-        for j, at in (left.items() if isinstance(left, dict) else ()):
-            if str(j).isdigit() and int(j) in others and type(at) is int and at >= 0:
-                self.on_bye(int(j), at)
+        """Take the departures another agent heard of ({agent: round}, from its Hello answer), believed until the
+        agent itself sends a Ready of a round from then on (the agent relaying them may be lying)."""
+        names = {str(j): j for j in others}  # not int(key): '²' or 5000 digits would raise
+        with self.cond:
+            for key, at in (left.items() if isinstance(left, dict) else ()):
+                if (j := names.get(key)) is not None and type(at) is int and at >= 0 and j not in self.left:
+                    self.left[j] = at
+                    self.relayed.add(j)
+            self.cond.notify_all()
 
     # ------------------------------------------------------------------------------------------ the round
 
