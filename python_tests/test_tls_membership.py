@@ -453,3 +453,30 @@ def test_an_insiders_far_rounds_and_byes_touch_only_its_own_membership(tmp_path,
     assert live.left == {1: 0} and live.planned(0) == {0, 2} and sorted(live.ready[1]) == [10**30 + k
                                                                                             for k in range(2, 6)]
     assert live.behind(0, [0]) is None and live.behind(0, [0, 2]) is None  # one agent far ahead is not followed
+
+
+def test_readys_hung_by_an_insider_do_not_hold_back_the_others(tmp_path, closing):
+    """Agent 1 (a keyed insider, or a black-holed site) takes agent 0's Ready calls and never answers them: agent
+    0's Readys to agent 2 still go out at once (no queue behind the hung calls, whatever their number), so agent 2
+    keeps counting agent 0 in."""
+    import threading
+
+    folders = loopback_kit(tmp_path, n=3, topology="ring")
+    run, release = load_kit(folders[0]).run, threading.Event()
+    state = json.dumps({"round": -1, "fingerprint": IDENTITY, "run": run.hex(), "left": {}}).encode()
+    insider = tls_peer.serve(load_kit(folders[1]), {"Hello": tls_peer.unary(lambda request, context: state),
+                                                    "Ready": tls_peer.unary(lambda r, c: release.wait() and b"")}, 8)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            made = list(pool.map(lambda f: TlsTransport(load_kit(f), fingerprint=IDENTITY, timeout=20.0,
+                                                        startup_timeout=20.0), (folders[0], folders[2])))
+        closing.extend(made)
+        for round_index in range(4):  # more hung calls than agent 0 has others
+            made[0]._announce(round_index, {1}, made[0].live.enter(round_index, False))
+        made[0]._announce(4, {1, 2}, made[0].live.enter(4, False))
+        live = made[1].live
+        with live.cond:  # the Ready's deadline is 5 s: it must come well before
+            assert live.cond.wait_for(lambda: 0 in live.present(4), timeout=3.0)
+    finally:
+        release.set()
+        insider.stop(None)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable, Iterable
 
 import grpc
@@ -279,21 +279,30 @@ def handlers(live: LiveSet, others: frozenset[int]) -> dict[str, grpc.RpcMethodH
     return {"Ready": tls_peer.unary(ready), "Bye": tls_peer.unary(bye)}
 
 
-def tell(channels: dict[int, grpc.Channel], pool: ThreadPoolExecutor, name: str, message: bytes,
-         agents: Iterable[int], timeout: float, waiting: Iterable[int] = (),
-         answered: Callable[[int, bytes], None] | None = None) -> list[Future]:
+def tell(channels: dict[int, grpc.Channel], name: str, message: bytes, agents: Iterable[int], timeout: float,
+         waiting: Iterable[int] = (), answered: Callable[[int, bytes], None] | None = None) -> list[Future]:
     """Send the unary `name` `message` to each of `agents` in the background (a failure is ignored: an agent
     that is not there misses it); to those in `waiting` once their channel is (again) connected, within
-    `timeout`, to the others only if it is connected now. answered(agent, answer) takes each non-empty answer."""
+    `timeout`, to the others only if it is connected now. answered(agent, answer) takes each non-empty answer.
+    Each call is a gRPC future, not a thread: calls an agent never answers hold back no other call."""
     waiting = set(waiting)
 
-    def one(j: int) -> None:
-        try:
-            answer = channels[j].unary_unary(tls_peer.method(name))(message, timeout=timeout,
-                                                                    wait_for_ready=j in waiting)
-        except grpc.RpcError:
-            return
-        if answer and answered is not None:
-            answered(j, answer)
+    def one(j: int) -> Future:
+        done: Future = Future()
 
-    return [pool.submit(one, j) for j in sorted(agents)]
+        def finished(call: grpc.Future) -> None:
+            try:
+                answer = call.result()
+                if answer and answered is not None:
+                    answered(j, answer)
+            except (grpc.RpcError, grpc.FutureCancelledError):
+                pass  # that agent misses it
+            finally:
+                done.set_result(None)
+
+        call = channels[j].unary_unary(tls_peer.method(name)).future(message, timeout=timeout,
+                                                                     wait_for_ready=j in waiting)
+        call.add_done_callback(finished)
+        return done
+
+    return [one(j) for j in sorted(agents)]
