@@ -24,7 +24,7 @@ from decaf_ext.cli import main as cli_main
 from decaf_ext.comm import tls_peer
 from decaf_ext.comm.kit import _certificate, agent_name, load_kit
 from decaf_ext.comm.run_identity import difference, key_digest, run_identity
-from decaf_ext.comm.tls_membership import LiveSet, notice
+from decaf_ext.comm.tls_membership import REASONS_LOGGED, LiveSet, notice
 from decaf_ext.comm.tls_transport import TlsTransport
 from decaf_ext.comm.transport import Transport
 from decaf_ext.elastic import ChurnSchedule, LiveMixing
@@ -418,9 +418,10 @@ def test_an_insider_cannot_make_a_restarting_agent_drop_another_agent(tmp_path, 
         insider.stop(None)
 
 
-def test_an_insider_alternating_identities_is_logged_once_per_reason(tmp_path, closing):
+def test_an_insider_alternating_identities_is_logged_once_per_reason(tmp_path, closing, caplog):
     """Agent 1 sends Readys (and Hellos) alternating another algorithm and the run's identity: each bad one is
-    refused, each good one admitted, and agent 0 logs the refusal once, not once per call."""
+    refused, each good one admitted, and agent 0 logs the refusal once, not once per call; cycling through new
+    algorithm names (new reasons) grows its log by a bounded number of events only."""
     folders = loopback_kit(tmp_path, n=3, topology="ring")
     made = started(folders, timeout=3.0)
     closing.extend(made)
@@ -434,6 +435,16 @@ def test_an_insider_alternating_identities_is_logged_once_per_reason(tmp_path, c
                                 json.dumps({"identity": identity}).encode()))
     assert codes == ["FAILED_PRECONDITION", "OK", "OK", "OK"] * 3
     assert events(made[0], "refused") == [(0, 1)]
+    for step in range(12):  # a new algorithm name, so a new reason, in every call
+        identity = run_identity("760:torch.float32:0123456789abcdef", f"algorithm {step} " + "x" * 1000, KEY)
+        assert unary_call(folders[1], made[0].kit.address(0), "agent-0", "Ready", notice(
+            made[0].kit.run, 6, fresh=False, identity=identity)) == "FAILED_PRECONDITION"
+    assert len(events(made[0], "refused")) == REASONS_LOGGED  # at most that many reasons logged per agent
+    made[0].live.logged.clear()
+    huge = run_identity("760:torch.float32:0123456789abcdef", "y" * 10**6, KEY)
+    assert unary_call(folders[1], made[0].kit.address(0), "agent-0", "Hello",
+                      json.dumps({"identity": huge}).encode()) == "OK"
+    assert max(len(record.getMessage()) for record in caplog.records) < 2 * tls_peer.HEADER_LIMIT
 
 
 def test_an_insiders_far_rounds_and_byes_touch_only_its_own_membership(tmp_path, closing):

@@ -38,6 +38,7 @@ from decaf_ext.comm.run_identity import difference
 from decaf_ext.elastic import ChurnSchedule, LiveMixing
 
 READY_ROUNDS = 4  # Ready rounds kept per agent (an insider cannot grow this agent's memory with more)
+REASONS_LOGGED = 4  # refusal reasons logged per agent (one cycling through identities cannot grow the log)
 Graph = Callable[[int, Iterable[int]], torch.Tensor]  # (round, agents) -> bool adjacency [n, n] over them
 Record = Callable[[int, str, str, int], None]  # (round, event kind, message, agent)
 
@@ -61,7 +62,7 @@ class LiveSet:
         self.relayed: set[int] = set()  # agents in `left` only because another agent said so (learn_left)
         self.absent: dict[int, int | None] = {}  # agent -> the round from which it is waited for again (None: not)
         self.refused: dict[int, str] = {}  # agent -> why (its identity differs)
-        self.logged: set[tuple[int, str]] = set()  # (agent, why) refusals logged (an insider alternating: once)
+        self.logged: set[tuple[int, str]] = set()  # (agent, why) of the refusals logged, each once
 
     # ------------------------------------------------------------------------------------------ who, when
 
@@ -89,14 +90,16 @@ class LiveSet:
     # --------------------------------------------------------------------------------------- from the wire
 
     def check(self, j: int, identity: Any, round_index: int = -1) -> str | None:
-        """Why agent j is refused (its identity differs from this agent's; logged when new), or None (it is,
-        again, admitted)."""
+        """Why agent j is refused (its identity differs from this agent's; logged when new, at most REASONS_LOGGED
+        reasons per agent), or None (it is, again, admitted)."""
         reason = difference(self.identity, identity)
         with self.cond:
             self.refused.pop(j, None)
-            new = reason is not None and (j, reason) not in self.logged
+            new = reason is not None and (j, reason) not in self.logged and \
+                sum(i == j for i, _ in self.logged) < REASONS_LOGGED
             if reason is not None:
                 self.refused[j] = reason
+            if new:
                 self.logged.add((j, reason))
             self.cond.notify_all()
         if new and self.record is not None:
