@@ -491,3 +491,15 @@ def test_readys_hung_by_an_insider_do_not_hold_back_the_others(tmp_path, closing
     finally:
         release.set()
         insider.stop(None)
+
+
+def test_a_relayed_departure_far_ahead_does_not_hide_an_earlier_one():
+    """An insider's Hello answer relays agent 2's departure at a far round before an honest answer relays its real
+    one (round 5): agent 0 stops waiting for agent 2 at round 5; agent 2's own Bye still counts over both."""
+    live = LiveSet(0, 3, IDENTITY)
+    live.learn_left({"2": 10**30}, frozenset({1, 2}))
+    live.learn_left({"2": 5}, frozenset({1, 2}))
+    assert live.planned(5) == {0, 1} and live.planned(4) == {0, 1, 2}
+    live.on_bye(2, 7)  # its own word: not brought back by its Readys
+    live.on_ready(2, 9, False, IDENTITY)
+    assert live.planned(9) == {0, 1}

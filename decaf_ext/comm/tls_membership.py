@@ -157,8 +157,9 @@ class LiveSet:
         names = {str(j): j for j in others}  # not int(key): '²' or 5000 digits would raise
         with self.cond:
             for key, at in (left.items() if isinstance(left, dict) else ()):
-                if (j := names.get(key)) is not None and type(at) is int and at >= 0 and j not in self.left:
-                    self.left[j] = at
+                if (j := names.get(key)) is not None and type(at) is int and at >= 0 and (
+                        j not in self.left or j in self.relayed):  # the earliest relayed round, never over a Bye
+                    self.left[j] = min(self.left.get(j, at), at)
                     self.relayed.add(j)
             self.cond.notify_all()
 
