@@ -24,7 +24,7 @@ from decaf_ext.cli import main as cli_main
 from decaf_ext.comm import tls_peer
 from decaf_ext.comm.kit import _certificate, agent_name, load_kit
 from decaf_ext.comm.run_identity import difference, key_digest, run_identity
-from decaf_ext.comm.tls_membership import LiveSet, notice
+from decaf_ext.comm.tls_membership import REASONS_LOGGED, LiveSet, notice
 from decaf_ext.comm.tls_transport import TlsTransport
 from decaf_ext.comm.transport import Transport
 from decaf_ext.elastic import ChurnSchedule, LiveMixing
@@ -375,3 +375,131 @@ def test_a_gloo_joiner_with_another_run_key_is_refused_with_one_line_and_the_run
     assert store.get("startup") == startup  # nothing of the run's was replaced
     with ThreadPoolExecutor(2) as pool:
         assert [v.agents for v in pool.map(lambda t: t.agree(0), transports)] == [[0, 1]] * 2
+
+
+def unary_call(folder: str, address: str, target: str, name: str, message: bytes) -> str:
+    """Call unary `name` with `message` at `address` with the certificate of kit `folder`; the status code's name."""
+    kit = Path(folder)
+    credentials = grpc.ssl_channel_credentials(*(kit.joinpath(n).read_bytes() for n in ("ca.pem", "key.pem",
+                                                                                        "cert.pem")))
+    with grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", target)]) as channel:
+        try:
+            channel.unary_unary(tls_peer.method(name))(message, timeout=5.0)
+            return "OK"
+        except grpc.RpcError as error:
+            return error.code().name
+
+
+def test_an_insider_cannot_make_a_restarting_agent_drop_another_agent(tmp_path, closing):
+    """Agent 1 (a keyed insider) answers the Hello of agent 0, restarting in round 3, with a Bye of agent 2 that
+    agent 2 never sent (and agent ids int() cannot read): agent 0 believes it only until agent 2's own Ready of
+    round 3 arrives, then waits for it and takes its pushes again."""
+    folders = loopback_kit(tmp_path, n=3, topology="ring")
+    run = load_kit(folders[0]).run
+    state = json.dumps({"round": 2, "fingerprint": IDENTITY, "run": run.hex(),
+                        "left": {"2": 0, "\u00b2": 0, "1" * 5000: 0, "-1": 0}}).encode()  # '²': isdigit, not int
+    insider = tls_peer.serve(load_kit(folders[1]), {"Hello": tls_peer.unary(lambda request, context: state),
+                                                    "Ready": tls_peer.unary(lambda request, context: b"")}, 4)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            made = list(pool.map(lambda f: TlsTransport(load_kit(f), fingerprint=IDENTITY, timeout=3.0,
+                                                        startup_timeout=20.0), (folders[0], folders[2])))
+        closing.extend(made)
+        made[1].round_now = 2
+        assert made[0].start(3) == 3 and made[0].live.left == {2: 0}  # the relayed departure is taken...
+        code = unary_call(folders[2], made[0].kit.address(0), "agent-0", "Ready",
+                          notice(run, 3, fresh=False, identity=IDENTITY))
+        assert code == "OK"  # ...until agent 2 itself says it is in round 3
+        assert 2 in made[0].live.planned(3) and made[0].live.may_push(2, 3) and made[0].live.left == {}
+        code = unary_call(folders[1], made[0].kit.address(0), "agent-0", "Ready",
+                          notice(run, 4, fresh=False, identity=IDENTITY))
+        assert code == "OK" and made[0].live.left == {}  # another agent's Ready does not bring 2 back or away
+    finally:
+        insider.stop(None)
+
+
+def test_an_insider_alternating_identities_is_logged_once_per_reason(tmp_path, closing, caplog):
+    """Agent 1 sends Readys (and Hellos) alternating another algorithm and the run's identity: each bad one is
+    refused, each good one admitted, and agent 0 logs the refusal once, not once per call; cycling through new
+    algorithm names (new reasons) grows its log by a bounded number of events only."""
+    folders = loopback_kit(tmp_path, n=3, topology="ring")
+    made = started(folders, timeout=3.0)
+    closing.extend(made)
+    other = run_identity("760:torch.float32:0123456789abcdef", "dlora", KEY)
+    codes = []
+    for step in range(6):
+        identity = other if step % 2 == 0 else IDENTITY
+        codes.append(unary_call(folders[1], made[0].kit.address(0), "agent-0", "Ready",
+                                notice(made[0].kit.run, step, fresh=False, identity=identity)))
+        codes.append(unary_call(folders[1], made[0].kit.address(0), "agent-0", "Hello",
+                                json.dumps({"identity": identity}).encode()))
+    assert codes == ["FAILED_PRECONDITION", "OK", "OK", "OK"] * 3
+    assert events(made[0], "refused") == [(0, 1)]
+    for step in range(12):  # a new algorithm name, so a new reason, in every call
+        identity = run_identity("760:torch.float32:0123456789abcdef", f"algorithm {step} " + "x" * 1000, KEY)
+        assert unary_call(folders[1], made[0].kit.address(0), "agent-0", "Ready", notice(
+            made[0].kit.run, 6, fresh=False, identity=identity)) == "FAILED_PRECONDITION"
+    assert len(events(made[0], "refused")) == REASONS_LOGGED  # at most that many reasons logged per agent
+    made[0].live.logged.clear()
+    huge = run_identity("760:torch.float32:0123456789abcdef", "y" * 10**6, KEY)
+    assert unary_call(folders[1], made[0].kit.address(0), "agent-0", "Hello",
+                      json.dumps({"identity": huge}).encode()) == "OK"
+    assert max(len(record.getMessage()) for record in caplog.records) < 2 * tls_peer.HEADER_LIMIT
+
+
+def test_an_insiders_far_rounds_and_byes_touch_only_its_own_membership(tmp_path, closing):
+    """Agent 1 announces Readys of rounds far ahead and Byes of a round long past and far ahead: agent 0 stops
+    waiting for agent 1 only, skips no round, and a round beyond any int json reads is a one-line refusal."""
+    folders = loopback_kit(tmp_path, n=3, topology="ring")
+    made = started(folders, timeout=3.0)
+    closing.extend(made)
+    run, address = made[0].kit.run, made[0].kit.address(0)
+    codes = [unary_call(folders[1], address, "agent-0", "Ready", notice(run, 10**30 + k, fresh=False,
+                                                                        identity=IDENTITY)) for k in range(6)]
+    codes += [unary_call(folders[1], address, "agent-0", "Bye", notice(run, r)) for r in (10**30, 0, 10**40)]
+    codes.append(unary_call(folders[1], address, "agent-0", "Ready", b'{"run": "%s", "round": 1%s, "fresh": false}'
+                            % (run.hex().encode(), b"0" * 5000)))
+    assert codes == ["OK"] * 9 + ["INVALID_ARGUMENT"]
+    live = made[0].live
+    assert live.left == {1: 0} and live.planned(0) == {0, 2} and sorted(live.ready[1]) == [10**30 + k
+                                                                                            for k in range(2, 6)]
+    assert live.behind(0, [0]) is None and live.behind(0, [0, 2]) is None  # one agent far ahead is not followed
+
+
+def test_readys_hung_by_an_insider_do_not_hold_back_the_others(tmp_path, closing):
+    """Agent 1 (a keyed insider, or a black-holed site) takes agent 0's Ready calls and never answers them: agent
+    0's Readys to agent 2 still go out at once (no queue behind the hung calls, whatever their number), so agent 2
+    keeps counting agent 0 in."""
+    import threading
+
+    folders = loopback_kit(tmp_path, n=3, topology="ring")
+    run, release = load_kit(folders[0]).run, threading.Event()
+    state = json.dumps({"round": -1, "fingerprint": IDENTITY, "run": run.hex(), "left": {}}).encode()
+    insider = tls_peer.serve(load_kit(folders[1]), {"Hello": tls_peer.unary(lambda request, context: state),
+                                                    "Ready": tls_peer.unary(lambda r, c: release.wait() and b"")}, 8)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            made = list(pool.map(lambda f: TlsTransport(load_kit(f), fingerprint=IDENTITY, timeout=20.0,
+                                                        startup_timeout=20.0), (folders[0], folders[2])))
+        closing.extend(made)
+        for round_index in range(4):  # more hung calls than agent 0 has others
+            made[0]._announce(round_index, {1}, made[0].live.enter(round_index, False))
+        made[0]._announce(4, {1, 2}, made[0].live.enter(4, False))
+        live = made[1].live
+        with live.cond:  # the Ready's deadline is 5 s: it must come well before
+            assert live.cond.wait_for(lambda: 0 in live.present(4), timeout=3.0)
+    finally:
+        release.set()
+        insider.stop(None)
+
+
+def test_a_relayed_departure_far_ahead_does_not_hide_an_earlier_one():
+    """An insider's Hello answer relays agent 2's departure at a far round before an honest answer relays its real
+    one (round 5): agent 0 stops waiting for agent 2 at round 5; agent 2's own Bye still counts over both."""
+    live = LiveSet(0, 3, IDENTITY)
+    live.learn_left({"2": 10**30}, frozenset({1, 2}))
+    live.learn_left({"2": 5}, frozenset({1, 2}))
+    assert live.planned(5) == {0, 1} and live.planned(4) == {0, 1, 2}
+    live.on_bye(2, 7)  # its own word: not brought back by its Readys
+    live.on_ready(2, 9, False, IDENTITY)
+    assert live.planned(9) == {0, 1}

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable, Iterable
 
 import grpc
@@ -38,6 +38,7 @@ from decaf_ext.comm.run_identity import difference
 from decaf_ext.elastic import ChurnSchedule, LiveMixing
 
 READY_ROUNDS = 4  # Ready rounds kept per agent (an insider cannot grow this agent's memory with more)
+REASONS_LOGGED = 4  # refusal reasons logged per agent (one cycling through identities cannot grow the log)
 Graph = Callable[[int, Iterable[int]], torch.Tensor]  # (round, agents) -> bool adjacency [n, n] over them
 Record = Callable[[int, str, str, int], None]  # (round, event kind, message, agent)
 
@@ -58,8 +59,10 @@ class LiveSet:
         self.cond = threading.Condition()
         self.ready: dict[int, dict[int, bool]] = {}  # agent -> {round: fresh}, its newest READY_ROUNDS Readys
         self.left: dict[int, int] = {}  # agent -> the first round it no longer takes part in (Bye)
+        self.relayed: set[int] = set()  # agents in `left` only because another agent said so (learn_left)
         self.absent: dict[int, int | None] = {}  # agent -> the round from which it is waited for again (None: not)
         self.refused: dict[int, str] = {}  # agent -> why (its identity differs)
+        self.logged: set[tuple[int, str]] = set()  # (agent, why) of the refusals logged, each once
 
     # ------------------------------------------------------------------------------------------ who, when
 
@@ -87,15 +90,19 @@ class LiveSet:
     # --------------------------------------------------------------------------------------- from the wire
 
     def check(self, j: int, identity: Any, round_index: int = -1) -> str | None:
-        """Why agent j is refused (its identity differs from this agent's; logged when new), or None (it is,
-        again, admitted)."""
+        """Why agent j is refused (its identity differs from this agent's; logged when new, at most REASONS_LOGGED
+        reasons per agent), or None (it is, again, admitted)."""
         reason = difference(self.identity, identity)
         with self.cond:
-            known = self.refused.pop(j, None)
+            self.refused.pop(j, None)
+            new = reason is not None and (j, reason) not in self.logged and \
+                sum(i == j for i, _ in self.logged) < REASONS_LOGGED
             if reason is not None:
                 self.refused[j] = reason
+            if new:
+                self.logged.add((j, reason))
             self.cond.notify_all()
-        if reason is not None and reason != known and self.record is not None:
+        if new and self.record is not None:
             self.record(round_index, "refused", f"agent {j} refused: it has {reason}", j)
         return reason
 
@@ -109,6 +116,9 @@ class LiveSet:
             rounds[round_index] = fresh
             for old in sorted(rounds)[:-READY_ROUNDS]:
                 del rounds[old]
+            if j in self.relayed and self.left[j] <= round_index:  # it says itself that it is in that round
+                del self.left[j]
+                self.relayed.discard(j)
             if j in self.absent:  # it speaks again: waited for from that round on
                 back = self.absent[j]
                 self.absent[j] = round_index if back is None else min(back, round_index)
@@ -138,13 +148,20 @@ class LiveSet:
         """Agent j leaves before round `round_index` (announced: nobody waits for it from then on)."""
         with self.cond:
             self.left[j] = min(self.left.get(j, round_index), round_index)
+            self.relayed.discard(j)
             self.cond.notify_all()
 
     def learn_left(self, left: Any, others: frozenset[int]) -> None:
-        """Take the departures another agent heard of ({agent: round}, from its Hello answer)."""
-        for j, at in (left.items() if isinstance(left, dict) else ()):
-            if str(j).isdigit() and int(j) in others and type(at) is int and at >= 0:
-                self.on_bye(int(j), at)
+        """Take the departures another agent heard of ({agent: round}, from its Hello answer), believed until the
+        agent itself sends a Ready of a round from then on (the agent relaying them may be lying)."""
+        names = {str(j): j for j in others}  # not int(key): '²' or 5000 digits would raise
+        with self.cond:
+            for key, at in (left.items() if isinstance(left, dict) else ()):
+                if (j := names.get(key)) is not None and type(at) is int and at >= 0 and (
+                        j not in self.left or j in self.relayed):  # the earliest relayed round, never over a Bye
+                    self.left[j] = min(self.left.get(j, at), at)
+                    self.relayed.add(j)
+            self.cond.notify_all()
 
     # ------------------------------------------------------------------------------------------ the round
 
@@ -266,21 +283,30 @@ def handlers(live: LiveSet, others: frozenset[int]) -> dict[str, grpc.RpcMethodH
     return {"Ready": tls_peer.unary(ready), "Bye": tls_peer.unary(bye)}
 
 
-def tell(channels: dict[int, grpc.Channel], pool: ThreadPoolExecutor, name: str, message: bytes,
-         agents: Iterable[int], timeout: float, waiting: Iterable[int] = (),
-         answered: Callable[[int, bytes], None] | None = None) -> list[Future]:
+def tell(channels: dict[int, grpc.Channel], name: str, message: bytes, agents: Iterable[int], timeout: float,
+         waiting: Iterable[int] = (), answered: Callable[[int, bytes], None] | None = None) -> list[Future]:
     """Send the unary `name` `message` to each of `agents` in the background (a failure is ignored: an agent
     that is not there misses it); to those in `waiting` once their channel is (again) connected, within
-    `timeout`, to the others only if it is connected now. answered(agent, answer) takes each non-empty answer."""
+    `timeout`, to the others only if it is connected now. answered(agent, answer) takes each non-empty answer.
+    Each call is a gRPC future, not a thread: calls an agent never answers hold back no other call."""
     waiting = set(waiting)
 
-    def one(j: int) -> None:
-        try:
-            answer = channels[j].unary_unary(tls_peer.method(name))(message, timeout=timeout,
-                                                                    wait_for_ready=j in waiting)
-        except grpc.RpcError:
-            return
-        if answer and answered is not None:
-            answered(j, answer)
+    def one(j: int) -> Future:
+        done: Future = Future()
 
-    return [pool.submit(one, j) for j in sorted(agents)]
+        def finished(call: grpc.Future) -> None:
+            try:
+                answer = call.result()
+                if answer and answered is not None:
+                    answered(j, answer)
+            except (grpc.RpcError, grpc.FutureCancelledError):
+                pass  # that agent misses it
+            finally:
+                done.set_result(None)
+
+        call = channels[j].unary_unary(tls_peer.method(name)).future(message, timeout=timeout,
+                                                                     wait_for_ready=j in waiting)
+        call.add_done_callback(finished)
+        return done
+
+    return [one(j) for j in sorted(agents)]

@@ -94,7 +94,6 @@ class TlsTransport(TransportBase):
         self._open: dict[int, int] = {}  # pushes being received, per sender
         self._channels = {j: tls_peer.channel_to(kit, j) for j in self.others}
         self._pool = ThreadPoolExecutor(max_workers=max(1, 2 * len(self.others)))
-        self._notices = ThreadPoolExecutor(max_workers=max(1, len(self.others)))  # Ready, Bye
         workers = 6 * self.n_agents + 4
         handlers = {"Hello": tls_peer.unary(self._hello), "Mix": tls_peer.streaming(self._receiver("Mix")),
                     "Gather": tls_peer.streaming(self._receiver("Gather")),
@@ -126,8 +125,9 @@ class TlsTransport(TransportBase):
         caller = tls_peer.caller(context)
         if caller not in self.others:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an agent of this run")
-        try:
-            self.live.check(caller, json.loads(request).get("identity"), self.round_now)
+        try:  # an identity longer than a header is none (its reason, logged, quotes it)
+            self.live.check(caller, json.loads(request).get("identity") if len(request) <= tls_peer.HEADER_LIMIT
+                            else None, self.round_now)
         except (ValueError, RecursionError, AttributeError):
             self.live.check(caller, None, self.round_now)
         return json.dumps({"round": self.round_now, "fingerprint": self.fingerprint, "run": self.kit.run.hex(),
@@ -186,7 +186,7 @@ class TlsTransport(TransportBase):
         return done
 
     def _announce(self, round_index: int, agents, message: bytes) -> None:  # Ready: it enters round `round_index`
-        tls_membership.tell(self._channels, self._notices, "Ready", message, agents, min(self.timeout, HELLO_TIMEOUT),
+        tls_membership.tell(self._channels, "Ready", message, agents, min(self.timeout, HELLO_TIMEOUT),
                             self.live.candidates(round_index), self.live.on_answer)
 
     def _states(self, agents: set[int] | frozenset[int], timeout: float) -> dict[int, dict[str, Any]]:
@@ -239,7 +239,7 @@ class TlsTransport(TransportBase):
     def leave(self, round_index: int) -> None:
         """Announce that this agent takes part in rounds before `round_index` only (Bye to every agent, each
         delivered once it listens, within startup_timeout; close waits for them): nobody waits for it from then on."""
-        self._byes = tls_membership.tell(self._channels, self._notices, "Bye", tls_membership.notice(
+        self._byes = tls_membership.tell(self._channels, "Bye", tls_membership.notice(
             self.kit.run, round_index), self.others, self.startup_timeout, waiting=self.others)
 
     def connect(self, view: RoundView) -> bool:
@@ -381,8 +381,7 @@ class TlsTransport(TransportBase):
     def _close_channels(self) -> None:
         for channel in self._channels.values():
             channel.close()
-        for pool in (self._pool, self._notices):
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Stop this agent's server (a second of grace for pushes under way) and close its channels."""
