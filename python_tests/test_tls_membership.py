@@ -503,3 +503,14 @@ def test_a_relayed_departure_far_ahead_does_not_hide_an_earlier_one():
     live.on_bye(2, 7)  # its own word: not brought back by its Readys
     live.on_ready(2, 9, False, IDENTITY)
     assert live.planned(9) == {0, 1}
+
+
+def test_a_leaf_of_a_star_is_not_let_in_before_the_hubs_next_ready(tmp_path, closing):
+    """Star of 3 (hub 0): agent 1's Ready of round 1 reaches agent 2 before the hub's. Over the agents heard from in
+    round 1 alone ({1, 2}) the star would re-link with 1 as its hub; the hub, present in round 0, still counts, so
+    agent 1's mixing pushes stay refused (test_tls_netns's rogue found them let in)."""
+    made = started(loopback_kit(tmp_path, n=3, topology="star"), timeout=3.0, topology="star")
+    closing.extend(made)
+    mix(made, 0, "star")
+    told(made[2], 1, 1)
+    assert not made[2]._may_push("Mix", 1) and made[2]._may_push("Mix", 0)

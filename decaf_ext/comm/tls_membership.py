@@ -192,7 +192,9 @@ class LiveSet:
     def may_push(self, j: int, round_now: int) -> bool:
         """Whether agent j may push mixing messages to this agent now: a neighbour in the live graph of the
         current or the next round as this agent knows it — over the agents expected or present, or over those
-        present only (the view of an agent that has stopped waiting for the others); with and without the
+        present only (the view of an agent that has stopped waiting for the others; for the next round, those
+        present in this round count as present, so that in a graph that re-links, such as a star, an agent is
+        not let in merely because the hub's Ready of the next round has not come yet); with and without the
         joining ones."""
         with self.cond:
             for round_index in (max(round_now, 0), max(round_now, 0) + 1):
@@ -203,7 +205,7 @@ class LiveSet:
                     continue
                 if self.graph is None:
                     return True
-                came = set(present) | {self.agent}
+                came = set(present) | set(self.present(max(round_now, 0))) | {self.agent}
                 if any(j in group and bool(self.graph(round_index, sorted(group))[self.agent, j])
                        for group in (expected, expected - joining, came, came - joining)):
                     return True
