@@ -156,9 +156,8 @@ def push(folder, address, target, method):
         except grpc.RpcError as error:
             return [error.code().name, error.details() or ""]
 seen = {"other_ca": [], "non_neighbour": []}
-for attempt in range(200):
-    if os.path.exists(stop):
-        break
+deadline = time.monotonic() + 1500  # until the agents are done (the stop file): the attacked run is their last
+while time.monotonic() < deadline and not os.path.exists(stop):
     seen["other_ca"].append(push(other_ca, target_address, "agent-2", "Mix"))
     seen["non_neighbour"].append(push(agent_one, target_address, "agent-2", "Mix"))
     time.sleep(0.5)
