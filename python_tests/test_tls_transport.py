@@ -498,3 +498,14 @@ def test_a_neighbour_answering_hello_with_no_state_is_one_line_naming_it(tmp_pat
             TlsTransport(load_kit(folders[1]), fingerprint="same", timeout=5.0, startup_timeout=5.0)
     finally:
         server.stop(None)
+
+
+def test_a_neighbour_held_at_an_older_round_delays_a_rejoining_agent_by_at_most_the_startup_timeout(star):
+    """Agents 1 and 2 stay in round 4 (agent 1 a keyed insider answering Hello with it forever): agent 0, continuing
+    after round 4, stops waiting once its startup timeout has passed and goes on with round 5."""
+    _, made = star
+    for neighbour in made[1:]:
+        neighbour.agree(4)
+    made[0].startup_timeout = 2.0  # the fixture's is 20 s: waiting that long fails the result's timeout below
+    joining = start_in_background(made[0], 2)
+    assert joining.result(timeout=10.0) == 5
