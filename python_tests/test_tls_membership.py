@@ -30,7 +30,7 @@ from decaf_ext.comm.transport import Transport
 from decaf_ext.elastic import ChurnSchedule, LiveMixing
 from decaf_ext.errors import ConfigError
 from decaf_ext.topology import validate_mixing
-from test_tls_transport import loopback_kit, told
+from test_tls_transport import loopback_kit, raw_push, told
 from test_trainer import tiny_config, tiny_paths  # noqa: F401 (a fixture)
 
 KEY = b"the run key of this test, 32 b.."
@@ -514,3 +514,26 @@ def test_a_leaf_of_a_star_is_not_let_in_before_the_hubs_next_ready(tmp_path, clo
     mix(made, 0, "star")
     told(made[2], 1, 1)
     assert not made[2]._may_push("Mix", 1) and made[2]._may_push("Mix", 0)
+
+
+def test_a_leaf_let_in_while_the_star_is_open_is_refused_once_the_exchange_is_agreed(tmp_path, closing):
+    """Star of 3 (hub 0), round 0: agent 1's Ready reaches agent 2 before the hub's. Over {1, 2} the star re-links
+    with 1 as its hub, so agent 1's push is let in and held; once the hub has come and the exchange is agreed
+    without agent 1, the push is refused (PERMISSION_DENIED) and logged, before any chunk of it is read."""
+    folders = loopback_kit(tmp_path, n=3, topology="star")
+    made = started(folders, timeout=3.0, topology="star")
+    closing.extend(made)
+    told(made[2], 0, 1)
+    assert made[2]._may_push("Mix", 1)  # it may yet be agent 2's neighbour
+    header = {"run": made[2].kit.run.hex(), "round": 0, "seq": 0, "numel": 4, "dtype": "float32"}
+    with ThreadPoolExecutor(1) as pool:
+        pushed = pool.submit(raw_push, folders[1], made[2].kit.address(2), "agent-2", "Mix", header,
+                             torch.ones(4).numpy().tobytes(), timeout=made[2].window)
+        time.sleep(0.5)  # the push waits for exchange 0 at agent 2
+        told(made[2], 0, 0)
+        view = made[2].agree(0)
+        assert view.agents == [0, 1, 2] and not made[2]._may_push("Mix", 1)
+        received = made[2].send_and_receive(view, {0: torch.ones(4)})  # the hub sends nothing: its window ends
+        assert pushed.result() == grpc.StatusCode.PERMISSION_DENIED
+    assert received == {}
+    assert [(e["event"], e["agent"]) for e in made[2].events if e["event"] == "refused"] == [("refused", 1)]

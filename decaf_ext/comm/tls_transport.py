@@ -261,10 +261,7 @@ class TlsTransport(TransportBase):
         def receive(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
             sender = tls_peer.caller(context)
             if not self._may_push(name, sender):  # before reading any message of the stream
-                self.record_event(self.round_now, "refused", f"{name} push from {sender_name(sender)} refused "
-                                  "(not a sender this agent expects)", agent=sender, what=name)
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {self.agent} takes no {name} messages "
-                                                                 f"from {sender_name(sender)}")
+                self._refuse(context, name, sender, "now")
             deadline = context.time_remaining()
             if deadline is None or deadline > self.window + 1.0:  # the gRPC core ends the stream at its deadline
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a push needs a deadline within {self.window:g} s")
@@ -294,8 +291,10 @@ class TlsTransport(TransportBase):
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"agent {self.agent} is in round {self.round_now}, not in {key}")
                 wanted = self._expected[key].get(sender)
-                if wanted is None or sender in self._inbox[key]:
-                    context.abort(grpc.StatusCode.ALREADY_EXISTS, "not expected in this exchange, or a duplicate")
+                if wanted is not None and sender in self._inbox[key]:
+                    context.abort(grpc.StatusCode.ALREADY_EXISTS, "a duplicate")
+            if wanted is None:  # let in while the round's members were open, not a sender of the agreed exchange
+                self._refuse(context, name, sender, f"in exchange {key[1]}.{key[2]}")
             declared = (header["numel"], tls_peer.DTYPES[header["dtype"]])
             if declared != wanted:
                 return self._reject(context, key, sender, f"declared {declared[0]} x {header['dtype']} instead "
@@ -311,6 +310,13 @@ class TlsTransport(TransportBase):
             return b""
 
         return receive
+
+    def _refuse(self, context: grpc.ServicerContext, name: str, sender: int | None, when: str) -> None:
+        """Log and abort (PERMISSION_DENIED) a push from `sender`, which may not send `name` messages `when`."""
+        self.record_event(self.round_now, "refused", f"{name} push from {sender_name(sender)} refused (not a "
+                          f"sender this agent expects {when})", agent=sender, what=name)
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {self.agent} takes no {name} messages from "
+                                                         f"{sender_name(sender)} {when}")
 
     def _reject(self, context: grpc.ServicerContext, key: Key, sender: int, reason: str) -> bytes:
         self.record_event(key[1], "rejected", f"buffer of agent {sender} rejected ({reason})", agent=sender,
