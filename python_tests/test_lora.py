@@ -200,3 +200,17 @@ def test_metrics_match_their_dense_float64_definitions(M, N, r, m, n):
                     / torch.linalg.matrix_norm(mean)).sum()
     assert consensus_error(groups) == pytest.approx(error.item(), rel=1e-10)
     assert consensus_interference(groups) == pytest.approx(interference.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [1, 1 << 25])  # one module at a time, every module at once
+def test_product_norms_and_distances_equal_the_formed_products_in_float64(monkeypatch, chunk):
+    from decaf_ext.lora import metrics
+    monkeypatch.setattr(metrics, "CHUNK_BYTES", chunk)
+    g = torch.Generator().manual_seed(0)
+    left, right = ([FactorGroup(["a", "b", "c"], torch.randn(3, N_AGENTS, 2, 5, generator=g),
+                                torch.randn(3, N_AGENTS, 4, 2, generator=g))] for _ in range(2))
+    products = [(group.B.double() @ group.A.double()) for group in (left[0], right[0])]
+    expected_norm = products[0].pow(2).sum(dim=(0, 2, 3)).sqrt()
+    expected_distance = (products[0] - products[1]).pow(2).sum(dim=(0, 2, 3)).sqrt()
+    torch.testing.assert_close(metrics.product_norm(left), expected_norm, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(metrics.product_distance(left, right), expected_distance, rtol=1e-12, atol=1e-12)

@@ -258,3 +258,21 @@ def test_a_one_gigabyte_message_passes_holding_the_sender_tensor_and_the_destina
     agents = gloo_agents(2, 300.0) if name == "gloo" else tls_agents(2, 300.0, str(tmp_path))
     seconds, peak, method = one_way(agents, numel)  # AssertionError unless the message arrived bit for bit
     assert peak / (numel * 4) < 2.5, f"peak {peak / (numel * 4):.2f} message sizes ({method})"
+
+
+# ------------------------------------------------------------------------------------------- a whole round
+
+
+@pytest.mark.parametrize("algorithm", ["decaf", "dlora"])
+def test_a_round_holds_few_copies_of_a_message(algorithm):
+    """bench/messages.py --round: two agents (threads) each sending a 64 MB message with a run key. Per agent a
+    round needs its own packed data and each received message decoded in place (the strategy's rows), its sealed
+    message and the received buffer, and the strategy's inputs: about 5 messages; 6 per agent is the bound (an
+    HMAC over a copy of the message, or float64 copies of whole factors for the norm checks, go beyond it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from messages import one_round
+    finally:
+        sys.path.pop(0)
+    _, size, peak, method = one_round(algorithm, 64, 120.0)
+    assert peak / size < 12, f"peak {peak / size:.2f} message sizes for the two agents ({method})"

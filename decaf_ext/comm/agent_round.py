@@ -98,17 +98,21 @@ class AgentRound:
         else:
             neighbours = peers = [j for j in view.agents if j != self.agent]
         peers = [j for j in peers if j in view.members]
-        own = self.layout.pack(groups, extras)
+        # one row per agent that may enter the strategy call, in an order of which every call's order is a
+        # subsequence: this agent's packed data and each neighbour's message decoded in place (no other copy)
+        slots = [self.agent, *peers] if self.strategy.decentralized else sorted([self.agent, *peers])
+        rows = torch.empty(len(slots), self.layout.data_numel, dtype=self.layout.dtype, device=self.device)
+        own = self.layout.pack(groups, extras, out=rows[slots.index(self.agent)])
         wire = self.layout.encode(own, self.agent).to(self.buffer_device)
-        heard = self._exchange(view, round_index, own, wire, peers, groups, extras)
-        live = [j for j in sorted(heard) if j in neighbours and j not in view.joining]
+        heard = self._exchange(view, round_index, own, wire, peers, groups, extras, rows, slots)
+        live = [j for j in heard if j in neighbours and j not in view.joining]
         missing = [j for j in neighbours if j not in heard] if self.strategy.decentralized else []
         if missing:
             log.info("agent %d, round %d: mixing without agents %s (their weight %.4g stays with this agent)",
                      self.agent, round_index, missing, float(row[missing].sum()))
         order, W_round = round_inputs(self.strategy, self.agent, row, live, missing, joining)
-        data = torch.stack([own if j == self.agent else heard[j] for j in order])
-        inputs = self.layout.unpack(data, groups, extras)
+        inputs = self.layout.unpack(compact(rows, slots, order), groups, extras)
+        del rows, own, wire  # the inputs are copies, unless they share the rows' memory
         mixed = self.strategy.communicate(*inputs, W_round)
         new_groups, new_extras = select_agent(*mixed, output_index(order, self.agent))
         sent = self.layout.sent_bytes_of(self.agent, server=not self.strategy.decentralized) * (
@@ -120,9 +124,10 @@ class AgentRound:
         return TagContext(purpose, view.round, view.group, sender, view.members[sender], receiver)
 
     def _exchange(self, view: RoundView, round_index: int, own: torch.Tensor, wire: torch.Tensor, peers: list[int],
-                  groups: list[FactorGroup], extras: Extras) -> dict[int, torch.Tensor]:
-        """Send this agent's wire to `peers` (a decentralized strategy) or every member (a server strategy) and
-        return the messages that passed every check, decoded: sender -> data [data_numel]."""
+                  groups: list[FactorGroup], extras: Extras, rows: torch.Tensor, slots: list[int]) -> list[int]:
+        """Send this agent's wire to `peers` (a decentralized strategy) or every member (a server strategy),
+        decode each message into its row of `rows` [len(slots), data_numel] (row k: agent slots[k]) and return
+        the senders whose message passed every check, ascending."""
         decentralized = self.strategy.decentralized
 
         def seal(data: torch.Tensor, receiver: int, crafted: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,7 +140,6 @@ class AgentRound:
                 return seal(own, receiver)
             return self.hooks.outgoing(round_index, own, lambda data, wire=None: seal(data, receiver, wire))
 
-        decoded: dict[int, torch.Tensor] = {}
         norms: dict[int, float] = {}
 
         def validate(j: int, buffer: torch.Tensor) -> str | None:
@@ -143,8 +147,9 @@ class AgentRound:
             data, reason = self.guard.open(buffer[:self.layout.numel_of(j)], self._context(view, "mix", j, receiver))
             reason = reason or self.layout.check(data, j)
             if reason is None:
-                decoded[j] = self.layout.decode(data[None, :self.layout.wire_numel_of(j)].to(self.device), j)[0]
-                theirs, their_extras = self.layout.unpack(decoded[j][None], groups, extras)
+                row = rows[slots.index(j)][None]
+                self.layout.decode(data[None, :self.layout.wire_numel_of(j)].to(self.device), j, out=row)
+                theirs, their_extras = self.layout.unpack(row, groups, extras)
                 norms[j] = message_norm(theirs)
                 reason = self.guard.check_values(theirs, their_extras, norms[j])
             return reason
@@ -157,12 +162,12 @@ class AgentRound:
             padded = torch.cat([buffer, buffer.new_zeros(self.layout.numel - buffer.numel())])
             received = self.transport.gather_checked(view, padded, validate)
         if self.guard.norm_bound is None:
-            return {j: decoded[j] for j in received}
+            return sorted(received)
         for j, reason in self.guard.check_relative({j: norms[j] for j in received}, message_norm(groups)).items():
             self.transport.record_event(view.round, "rejected", f"buffer of agent {j} rejected ({reason})",
                                         agent=j, reason=reason)
             del received[j]
-        return {j: decoded[j] for j in received}
+        return sorted(received)
 
 
 def round_inputs(strategy: Strategy, agent: int, row: torch.Tensor, heard: list[int], missing: list[int],
@@ -184,6 +189,19 @@ def round_inputs(strategy: Strategy, agent: int, row: torch.Tensor, heard: list[
         return [agent, *heard], torch.cat([own, row[heard]])[None]
     order = sorted(heard) if joining and heard else sorted([agent, *heard])
     return order, torch.full((len(order), len(order)), 1.0 / len(order), dtype=torch.float64)
+
+
+def compact(rows: torch.Tensor, slots: list[int], order: list[int]) -> torch.Tensor:
+    """The rows of agents `order` (a subsequence of `slots`, row k of `rows` being agent slots[k]'s), in that
+    order: moved up in place, rows [len(order), ...] sharing the memory of `rows`.
+
+    >>> compact(torch.arange(4.0)[:, None], [0, 1, 2, 3], [0, 2]).flatten().tolist()
+    [0.0, 2.0]
+    """
+    for k, j in enumerate(order):
+        if (source := slots.index(j)) != k:
+            rows[k].copy_(rows[source])
+    return rows[:len(order)]
 
 
 def output_index(order: list[int], agent: int) -> int:

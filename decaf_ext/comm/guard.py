@@ -113,7 +113,7 @@ class MessageGuard:
     def _tag(self, data: torch.Tensor, context: TagContext) -> bytes:
         if self._tag_key is None:
             raise RuntimeError("MessageGuard.bind(nonce) must be called before sealing or opening")
-        digest = hashlib.sha256(data.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).digest()
+        digest = hashlib.sha256(data.detach().cpu().contiguous().view(torch.uint8).numpy()).digest()  # no copy
         header = "|".join(map(str, context)).encode()
         return hmac.new(self._tag_key, header + b"|" + digest, hashlib.sha256).digest()
 

@@ -99,10 +99,11 @@ class MessageLayout:
         factors = [t[:, 0] for g in groups for t in ((g.A, g.B) if self.trains_A else (g.B,))]
         return factors, [x[0] for x in extras.values()]
 
-    def pack(self, groups: list[FactorGroup], extras: Extras) -> torch.Tensor:
-        """One agent's groups (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...] -> data [data_numel]."""
+    def pack(self, groups: list[FactorGroup], extras: Extras, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One agent's groups (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...] -> data [data_numel] (written
+        into `out` [data_numel] when given)."""
         factors, others = self._entries(groups, extras)
-        return torch.cat([t.reshape(-1).to(self.dtype) for t in factors + others])
+        return torch.cat([t.reshape(-1).to(self.dtype) for t in factors + others], out=out)
 
     def pack_each(self, groups: list[FactorGroup], extras: Extras) -> torch.Tensor:
         """k agents' groups (A [M, k, r, n], B [M, k, m, r]) and extras [k, ...] -> data [k, data_numel]
@@ -128,16 +129,19 @@ class MessageLayout:
         return padded
 
     def encode(self, data: torch.Tensor, agent: int | None = None) -> torch.Tensor:
-        """Agent `agent`'s data [data_numel] -> wire [wire_numel_of(agent)] of wire_dtype (None: every direction)."""
+        """Agent `agent`'s data [data_numel] -> wire [wire_numel_of(agent)] of wire_dtype (None: every direction);
+        the data itself when its message carries every direction without loss (float32: no copy)."""
         rank = self.rank_of(agent)
+        if rank == self.padded_rank and self.codec.lossless:
+            return data
         tensors = [t.reshape(1, *s) for t, s in zip(data.split(self.sizes), self.shapes)]
         return self._codec(rank).encode([t[0] for t in self._trim(tensors, rank)])
 
-    def decode(self, wires: torch.Tensor, agent: int | None = None) -> torch.Tensor:
+    def decode(self, wires: torch.Tensor, agent: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Wires [k, wire_numel_of(agent)] of k agents of `agent`'s rank -> their data as received [k, data_numel]
-        (exact for float32)."""
+        (exact for float32), written into `out` [k, data_numel] when given."""
         decoded = self._codec(self.rank_of(agent)).decode(wires)
-        return torch.cat([t.reshape(wires.shape[0], -1) for t in self._pad(decoded)], dim=1)
+        return torch.cat([t.reshape(wires.shape[0], -1) for t in self._pad(decoded)], dim=1, out=out)
 
     def check(self, wire: torch.Tensor, agent: int | None = None) -> str | None:
         """Why agent `agent`'s received wire must be rejected beyond the transport's size / dtype / finiteness

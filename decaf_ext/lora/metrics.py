@@ -12,6 +12,8 @@ import torch
 
 from decaf_ext.lora.factors import FactorGroup
 
+CHUNK_BYTES = 1 << 25  # float64 bytes of factors converted at once by the product inner products (32 MiB)
+
 
 def _centred_cores(group: FactorGroup) -> tuple[torch.Tensor, torch.Tensor]:
     """Agent 0's factors and every agent's offsets from them, in one orthonormal basis per module (float64).
@@ -59,8 +61,11 @@ def _product_inner(left: list[FactorGroup], right: list[FactorGroup]) -> torch.T
     is formed): <B A, B' A'> = trace((B^T B') (A' A^T))."""
     total = torch.zeros((), dtype=torch.float64)
     for g, h in zip(left, right, strict=True):
-        A, B, A2, B2 = g.A.double(), g.B.double(), h.A.double(), h.B.double()
-        total = total + ((B.transpose(-1, -2) @ B2) * (A @ A2.transpose(-1, -2))).sum(dim=(-1, -2)).sum(dim=0)
+        step = max(1, CHUNK_BYTES // (8 * (g.A[0].numel() + g.B[0].numel()) * (1 if g is h else 2)))
+        for start in range(0, g.A.shape[0], step):  # a few modules at a time: float64 copies of bounded size
+            A, B = g.A[start:start + step].double(), g.B[start:start + step].double()
+            A2, B2 = (A, B) if h is g else (h.A[start:start + step].double(), h.B[start:start + step].double())
+            total = total + ((B.transpose(-1, -2) @ B2) * (A @ A2.transpose(-1, -2))).sum(dim=(-1, -2)).sum(dim=0)
     return total
 
 
