@@ -19,7 +19,7 @@ from decaf_ext.errors import ConfigError
 from decaf_ext.lora import select_agent, stack_agents
 from decaf_ext.strategies import Strategy
 
-KINDS = {"exit": False, "nan": False, "badtag": False, "stall": True, "scale": True, "evalnan": False,
+KINDS = {"exit": False, "term": False, "nan": False, "badtag": False, "stall": True, "scale": True, "evalnan": False,
          "evalbadtag": False, "flip": False, "random": False}  # kind -> takes =VALUE
 BYZANTINE_KINDS = ("scale", "flip", "random")  # what a Byzantine agent sends (see byzantine())
 BYZANTINE_SCALE = 1e3
@@ -74,7 +74,7 @@ class Faults(RoundHooks):
                     events.setdefault(kind, {})[int(round_index)] = float(value) if value else None
             except ValueError:
                 raise ConfigError(f"faults: cannot read {item!r} (expected AGENT:KIND@ROUND with KIND one of "
-                                  "exit, nan, badtag, flip, random, or AGENT:stall@ROUND=SECONDS, "
+                                  "exit, term, nan, badtag, flip, random, or AGENT:stall@ROUND=SECONDS, "
                                   "AGENT:scale@ROUND=FACTOR)"
                                   ) from None
         return cls(events)
@@ -89,6 +89,8 @@ class Faults(RoundHooks):
     def after_local_steps(self, round_index: int) -> None:
         if self.at("exit", round_index):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.at("term", round_index):  # as `kill PID` would: the agent leaves after this round
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def outgoing(self, round_index: int, data: torch.Tensor,
                  seal: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

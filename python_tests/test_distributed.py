@@ -72,6 +72,9 @@ FAULTS = f"1:nan@1,2:exit@2,3:stall@3={ROUND_TIMEOUT + 0.5},0:stall@5=2"
 # tag after round 0, agent 2 a NaN byte count (correctly tagged) after round 1.
 GUARDED = dict(algorithm="decaf", rounds=2, norm_bound=10.0, message_dtype="int8")
 GUARDED_FAULTS = "1:badtag@0,3:scale@1=1000,3:evalbadtag@0,2:evalnan@1"
+# Agent 2 receives SIGTERM after its local steps of round 1 (as from `kill`): it finishes round 1, announces that
+# it leaves, writes its checkpoint and goes on to the next run of the launch; the others do not wait for it.
+LEAVING, LEAVING_FAULTS = dict(algorithm="decaf", rounds=4, eval_every=1), "2:term@1"
 EXACT = ("round", "acc_mean", "acc_std", "macro_f1_mean", "avg_model_acc", "avg_model_macro_f1", "bytes_sent",
          "acc_agents")
 CLOSE = ("train_loss", "consensus_error", "mixing_error", "effective_rank")
@@ -121,8 +124,10 @@ def launched(tiny, tmp_path_factory):
     faulty = tiny_config(tiny, root / "faulty", **FAULTY)
     (root / "key").write_text("a shared secret of this run\n")  # 16 bytes at least
     guarded = tiny_config(tiny, root / "guarded", run_key_file=str(root / "key"), **GUARDED)
-    spec = {"runs": [(c.to_dict(), "") for c in runs.values()] + [(guarded.to_dict(), GUARDED_FAULTS),
-                                                                   (faulty.to_dict(), FAULTS)],
+    runs["leaving"] = tiny_config(tiny, root / "leaving", **LEAVING)
+    faults = {"leaving": LEAVING_FAULTS}
+    spec = {"runs": [(c.to_dict(), faults.get(name, "")) for name, c in runs.items()]
+            + [(guarded.to_dict(), GUARDED_FAULTS), (faulty.to_dict(), FAULTS)],
             "options": {"round_timeout": ROUND_TIMEOUT, "startup_timeout": 120.0}}
     statuses = launch([sys.executable, __file__, json.dumps(spec)], AGENTS)
     return runs, faulty, statuses, guarded
@@ -215,6 +220,16 @@ def test_survivors_finish_without_a_killed_and_a_stalled_agent(launched):
         assert saved.round == (2 if agent == 2 else faulty.rounds)
         assert all(torch.isfinite(t).all() for t in saved.tensors.values())
         assert not [p for p in Path(folder).parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_an_agent_sent_sigterm_leaves_after_its_round_and_nobody_waits_for_it(launched):
+    run_dir = launched[0]["leaving"].output_dir
+    assert [r["members"] for r in read_metrics(run_dir)] == [[0, 1, 2, 3]] * 2 + [[0, 1, 3]] * 2
+    for j in (0, 1, 3):  # a departure, not a loss after the round timeout
+        assert events_of(run_dir, j, "peer_left") == [(2, 2)] and events_of(run_dir, j, "peer_lost") == []
+    assert [e["round"] for e in summary_of(run_dir, 2)["distributed"]["events"] if e["event"] == "leaving"] == [1]
+    assert [r["round"] for r in read_metrics(os.path.join(run_dir, "agents", "agent_02"))] == [1, 2]
+    assert load_checkpoint(latest_checkpoint(os.path.join(run_dir, "agents", "agent_02"))).round == 2
 
 
 def test_resume_brings_the_killed_agent_back_from_its_checkpoint(launched, capfd):

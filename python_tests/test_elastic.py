@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -190,6 +191,26 @@ def test_a_leaver_is_not_waited_for_and_a_joiner_listens_in_its_round():
     assert all(v == views[0] for v in views) and views[0].agents == [0, 1, 3] and views[0].joining == (3,)
     assert {"round": 2, "event": "peer_left", "agent": 2} in transports[0].events
     assert not [e for e in transports[0].events if e["event"] == "peer_lost"]
+
+
+def test_a_departure_announced_while_the_others_wait_ends_their_wait():
+    """Through a store, in-process: agents 0 and 1 already wait for agent 2's ready record of round 1 when agent 2
+    announces that it leaves before round 1 (as on SIGTERM). They agree without it, as a departure (peer_left),
+    not after the round timeout as a loss (peer_lost)."""
+    store = dist.HashStore()
+    transports = [Transport(store, j, 3, fingerprint="same", backend="gloo", timeout=30.0, startup_timeout=60.0)
+                  for j in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(lambda t: t.start(0), transports)) == [0, 0, 0]
+        assert all(v.agents == [0, 1, 2] for v in pool.map(lambda t: t.agree(0), transports))
+        waiting = [pool.submit(t.agree, 1) for t in transports[:2]]
+        time.sleep(1.5)  # both are inside their wait for agent 2
+        transports[2].leave(1)
+        views = [future.result(timeout=20) for future in waiting]
+    assert all(v.agents == [0, 1] for v in views)
+    for t in transports[:2]:
+        assert {"round": 1, "event": "peer_left", "agent": 2} in t.events
+        assert not [e for e in t.events if e["event"] == "peer_lost"]
 
 
 # -------------------------------------------------------------------------------------------- simulator

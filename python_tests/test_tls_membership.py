@@ -189,6 +189,22 @@ def test_a_graceful_leaver_is_not_waited_for(tmp_path, closing):
         assert events(transport, "refused") == []
 
 
+def test_a_bye_while_the_others_wait_ends_their_wait(tmp_path, closing):
+    """As on SIGTERM: agents 0-2 already wait for agent 3's Ready of round 1 when it says Bye (leaving before
+    round 1). The round timeout is long: they agree without it as a departure, not a loss."""
+    made = started(loopback_kit(tmp_path, n=4, topology="ring"), timeout=60.0)
+    closing.extend(made[:3])
+    mix(made, 0)
+    with ThreadPoolExecutor(3) as pool:
+        waiting = [pool.submit(t.agree, 1) for t in made[:3]]
+        time.sleep(1.5)  # all three are inside their wait for agent 3
+        made[3].leave(1)
+        made[3].close()
+        assert [future.result(timeout=20).agents for future in waiting] == [[0, 1, 2]] * 3
+    for transport in made[:3]:
+        assert events(transport, "peer_left") == [(1, 3)] and events(transport, "peer_lost") == []
+
+
 def test_a_crashed_agent_is_waited_for_once_then_rejoins_when_it_speaks_again(tmp_path, closing):
     folders = loopback_kit(tmp_path, n=4, topology="ring")
     made = started(folders, timeout=3.0)

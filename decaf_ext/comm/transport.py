@@ -45,6 +45,7 @@ LATEST = "latest"
 STARTUP = "startup"
 FINGERPRINT = "fingerprint"
 NONCE = "nonce"
+LEAVE_POLL = 1.0  # seconds between reads of the leave records while waiting for the others' ready records
 _MIN_WAIT = timedelta(milliseconds=1)  # gloo reads a zero timeout as "the group's default"
 PIECE_BYTES = 64 << 20  # bytes of one send or recv: a message of any size moves in pieces of at most this
 MAX_TIMEOUT = 365 * 24 * 3600.0  # seconds of any wait: timedelta and gloo overflow far above (inf, 1e14)
@@ -146,6 +147,19 @@ class Transport(TransportBase):
             self.store.wait(keys, timedelta(seconds=seconds))
         except dist.DistStoreError:
             pass
+
+    def _wait_ready(self, round_index: int, waited: set[int], left: set[int]) -> set[int]:
+        """Wait (at most the round timeout) for the ready records of round `round_index` of `waited`, except those
+        that announce leaving meanwhile (checked every LEAVE_POLL seconds); returns the agents that left."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            keys = [f"ready/{round_index}/{j}" for j in sorted(waited - left)]
+            if not keys:
+                return left
+            self._wait(keys, max(min(LEAVE_POLL, deadline - time.monotonic()), 0.001))
+            if self.store.check(keys) or time.monotonic() >= deadline:
+                return left
+            left = departed(self.control, self.n_agents, round_index)
 
     def _saw(self, view: RoundView | None) -> RoundView | None:
         if view is not None and (self.seen is None or view.round >= self.seen.round):
@@ -258,8 +272,7 @@ class Transport(TransportBase):
             self._wait([key], self.startup_timeout)
             view = self._agreed(round_index)
         if view is None:
-            waited = (set(previous.members) | self._joiners(round_index)) - left
-            self._wait([f"ready/{round_index}/{j}" for j in sorted(waited)], self.timeout)
+            left = self._wait_ready(round_index, set(previous.members) | self._joiners(round_index), left)
             layout = self._layout if self._layout is not None else self.control.get(FINGERPRINT)
             view = self._propose(key, round_index, self._present(f"ready/{round_index}"), previous, layout)
         if round_index > self.latest:

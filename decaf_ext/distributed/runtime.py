@@ -33,6 +33,7 @@ from decaf_ext.comm.layout import MessageLayout
 from decaf_ext.comm.transport import BACKENDS, RoundView, check_backend, check_timeout
 from decaf_ext.config import TrainConfig
 from decaf_ext.device import resolve_device
+from decaf_ext.distributed.graceful import leave_on_sigterm
 from decaf_ext.elastic import LiveMixing
 from decaf_ext.errors import ConfigError
 from decaf_ext.lora import Extras, FactorGroup, collect_extras, new_mixing_tally, write_extras
@@ -267,26 +268,32 @@ class AgentRuntime:
         bar = tqdm(total=cfg.rounds, initial=done, unit="round", dynamic_ncols=True,
                    disable=not cfg.progress or self.agent != 0,
                    desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents} (distributed)")
-        while done < stop:
-            round_index, listening = done, self.transport.fresh  # a joiner listens first, then trains
-            if cfg.comm_order == "mix_then_train":
-                self._crash_if_scheduled(round_index)
-                self.view = self.communicate(round_index)
-            if not listening:
-                agents.local_round(round_index)
-            self.comm.after_local_steps(round_index)
-            if cfg.comm_order == "train_then_mix":
-                self._crash_if_scheduled(round_index)
-                self.view = self.communicate(round_index)
-            done = round_index + 1
-            if self.view is None:  # left out: continue with the group's round
-                done = max(done, self.transport.latest + 1)
-            else:
-                if done % cfg.eval_every == 0 or done == cfg.rounds:
-                    self.evaluate(done, self.view)
-                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.rounds:
-                    write_checkpoint(self.run_dir, agents, self.log.history, done)
-            bar.update(min(done, cfg.rounds) - bar.n)
+        with leave_on_sigterm() as leaving:
+            while done < stop:
+                round_index, listening = done, self.transport.fresh  # a joiner listens first, then trains
+                if cfg.comm_order == "mix_then_train":
+                    self._crash_if_scheduled(round_index)
+                    self.view = self.communicate(round_index)
+                if not listening:
+                    agents.local_round(round_index)
+                self.comm.after_local_steps(round_index)
+                if cfg.comm_order == "train_then_mix":
+                    self._crash_if_scheduled(round_index)
+                    self.view = self.communicate(round_index)
+                done = round_index + 1
+                if leaving.is_set() and done < stop:  # announced before the evaluation, which it still takes part in
+                    self.transport.record_event(round_index, "leaving", f"SIGTERM: leaving the run before round "
+                                                                        f"{done} (announced)")
+                    self.transport.leave(done)
+                    stop = done
+                if self.view is None:  # left out: continue with the group's round
+                    done = max(done, self.transport.latest + 1)
+                else:
+                    if done % cfg.eval_every == 0 or done == cfg.rounds:
+                        self.evaluate(done, self.view)
+                    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.rounds:
+                        write_checkpoint(self.run_dir, agents, self.log.history, done)
+                bar.update(min(done, cfg.rounds) - bar.n)
         bar.close()
         if done < cfg.rounds and not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             write_checkpoint(self.run_dir, agents, self.log.history, done)  # left the run
