@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 
 import stats  # noqa: E402
 from suites import ALGORITHMS, BASE, BASE_RANK, DEFAULT_SEEDS, DP_EPSILONS, MESSAGE_DTYPES, MIXED_RANKS, PARTITIONS, \
-    RANKS, SUITES, TOPOLOGIES, AGENT_COUNTS, dp_cell, LLM_TASK, VIT_TASK  # noqa: E402
+    RANK_PARTITIONS, RANKS, SUITES, TOPOLOGIES, AGENT_COUNTS, dp_cell, rank_cell, LLM_TASK, VIT_TASK  # noqa: E402
 from suites import ROBUST_SETTINGS  # noqa: E402
 
 PLOTS = "results_plots"  # folder of the PNGs, next to RESULTS.md
@@ -454,9 +454,10 @@ class Report:
         self.plot_dir = os.path.join(os.path.dirname(os.path.abspath(output)), PLOTS)
         os.makedirs(self.plot_dir, exist_ok=True)
         self.suites = {name: load_suite(results, name) for name in SUITES}
-        for a in ("decaf", "dlora"):  # the rank suite's r = BASE_RANK cells are the algorithms suite's dir0.5 runs
-            if f"{a}-dir0.5" in self.suites["algorithms"]:
-                self.suites["rank"][f"{a}-r{BASE_RANK}"] = self.suites["algorithms"][f"{a}-dir0.5"]
+        for a in ("decaf", "dlora"):  # the rank suite's r = BASE_RANK cells are the algorithms suite's runs
+            for p in RANK_PARTITIONS:
+                if f"{a}-{p}" in self.suites["algorithms"]:
+                    self.suites["rank"][rank_cell(a, BASE_RANK, p)] = self.suites["algorithms"][f"{a}-{p}"]
 
     def image(self, name: str) -> str:
         return f"![{name}]({PLOTS}/{name}.png)"
@@ -518,13 +519,16 @@ class Report:
         if (missing := self.not_run("rank")) is not None:
             return "\n".join(out + [missing])
         rows = []
-        for r in RANKS:
-            decaf, dlora = cells.get(f"decaf-r{r}"), cells.get(f"dlora-r{r}")
-            gap = f"{decaf.mean(final_acc) - dlora.mean(final_acc):+.3f}" if decaf and dlora else ""
-            interference = f"{dlora.mean(lambda x: x.final['consensus_interference']):.3f}" if dlora else ""
-            rows.append([str(r), *accuracy_columns(decaf)[1:2], *accuracy_columns(dlora)[1:2], gap, interference])
-        out.append(table(["rank", "decaf acc (± seeds)", "dlora acc (± seeds)", "decaf − dlora",
-                          "dlora interference (final)"], rows))
+        for p in RANK_PARTITIONS:
+            for r in RANKS:
+                decaf, dlora = cells.get(rank_cell("decaf", r, p)), cells.get(rank_cell("dlora", r, p))
+                gap = f"{decaf.mean(final_acc) - dlora.mean(final_acc):+.3f}" if decaf and dlora else ""
+                interference = f"{dlora.mean(lambda x: x.final['consensus_interference']):.3f}" if dlora else ""
+                seeds = str(len(set(by_seed(decaf, final_acc)) & set(by_seed(dlora, final_acc))))
+                rows.append([p, str(r), seeds, *accuracy_columns(decaf)[1:2], *accuracy_columns(dlora)[1:2], gap,
+                             interference])
+        out.append(table(["partition", "rank", "paired seeds", "decaf acc (± seeds)", "dlora acc (± seeds)",
+                          "decaf − dlora", "dlora interference (final)"], rows))
         panels = [(a, [(f"{a}-r{r}", f"r={r}") for r in RANKS]) for a in ("dlora", "decaf")]
         if plot_panels(cells, panels, "consensus_interference", "interference (sum over modules)",
                        self.plot_path("rank_interference")):
@@ -727,6 +731,75 @@ class Report:
                 f"{LLM_TASK['agents']} agents and {LLM_TASK['rounds']} rounds."]
         return "\n".join(out)
 
+    def test_noise(self) -> str | None:
+        """How much of the per-seed variance of decaf − dlora (algorithms suite, 200 scored documents) comes from
+        the sample of documents: from the reruns of experiments/test_noise.py scored on every held-out document;
+        None (no section) until one exists."""
+        folder = os.path.join(self.results, "test_noise")
+        files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        measured: dict[str, list[dict[str, Any]]] = {}
+        for name in files:
+            if name.endswith(".json"):
+                with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                    value = json.load(handle)
+                measured.setdefault(value["partition"], []).append(value)
+        if not measured:
+            return None
+        n_suite = BASE["max_test"]
+        out = ["## How much of the per-seed noise is the sample of test documents", "",
+               f"`python experiments/test_noise.py` trains the algorithms suite's decaf and dlora runs again (same seed "
+               f"and overrides, one evaluation at the end) and scores every agent on every held-out document of the "
+               f"split instead of the suite's {n_suite}. With d_i the per-document difference of the agents' mean "
+               "correctness (decaf − dlora), the paired difference of a run is the mean of d_i over the scored "
+               "documents, so the sample of n documents adds var(d)/n to the variance across seeds. The table sets "
+               f"that against the variance of the suite's paired differences across all its seeds (scored on {n_suite} "
+               "documents); what is left is the variance from training (data partition, initialization, order).", ""]
+        rows, checks = [], []
+        for partition in PARTITIONS:
+            if partition not in measured:
+                continue
+            runs = sorted(measured[partition], key=lambda v: v["seed"])
+            per_doc, at_suite, at_all = [], [], []
+            for value in runs:
+                decaf, dlora = (value["correct"][a] for a in ("decaf", "dlora"))
+                chosen = [k for k, c in enumerate(value["suite_docs"]) if c]
+                d = [statistics.fmean(col_a) - statistics.fmean(col_b) for col_a, col_b in
+                     zip(zip(*decaf), zip(*dlora))]  # per document, over the agents
+                per_doc.append(statistics.variance(d))
+                at_suite.append(statistics.fmean(d[k] for k in chosen))
+                at_all.append(statistics.fmean(d))
+                for a, correct in (("decaf", decaf), ("dlora", dlora)):
+                    suite_run = next((r for r in self.suites["algorithms"].get(f"{a}-{partition}", Cell("")).runs
+                                      if r.config["seed"] == value["seed"]), None)
+                    if suite_run is not None:
+                        rerun = [statistics.fmean(row[k] for k in chosen) for row in correct]
+                        checks.append(max(abs(x - y) for x, y in zip(rerun, suite_run.history[-1]["acc_agents"])))
+            n_all = len(runs[0]["suite_docs"])
+            seed_diffs = list(by_seed(self.suites["algorithms"].get(f"decaf-{partition}"), final_acc).items())
+            theirs = by_seed(self.suites["algorithms"].get(f"dlora-{partition}"), final_acc)
+            diffs = [v - theirs[s] for s, v in seed_diffs if s in theirs]
+            var_doc = statistics.fmean(per_doc)
+            total, from_sample, expected = stats.sample_share(var_doc, diffs, n_suite, n_all)
+            rows.append([partition, ", ".join(str(v["seed"]) for v in runs),
+                         " / ".join(f"{x:+.4f} → {y:+.4f}" for x, y in zip(at_suite, at_all)),
+                         f"{math.sqrt(var_doc):.4f}", str(len(diffs)),
+                         "–" if total is None else f"{math.sqrt(total):.4f}", f"{math.sqrt(from_sample):.4f}",
+                         "–" if total is None else f"{from_sample / total:.0%}",
+                         "–" if expected is None else f"{math.sqrt(expected):.4f}"])
+        out.append(table(["partition", "reruns (seeds)", f"decaf − dlora on the suite's {n_suite} → on all held-out "
+                          "documents, per rerun", "sd of d over documents", "suite seeds",
+                          f"sd of the paired difference across seeds ({n_suite} documents)",
+                          f"of which the sample of {n_suite} documents (sd)", "its share of the variance",
+                          f"expected sd on all {len(next(iter(measured.values()))[0]['suite_docs'])} documents"],
+                         rows))
+        if checks:
+            out += ["", f"Check: on the suite's {n_suite} documents every rerun agent's accuracy equals the suite's "
+                        f"run's final accuracy of that agent to within {max(checks):.1e} ({len(checks)} reruns: the "
+                        "rerun trains exactly the suite's run)." if max(checks) < 1e-9 else
+                    f"Check: the reruns do not reproduce the suite's runs on its documents (largest difference of an "
+                    f"agent's accuracy {max(checks):.4f}), so the split above mixes two trainings."]
+        return "\n".join(out)
+
     def mechanism(self) -> str | None:
         """The mixing error of every communicating algorithm (algorithms suite) and of decaf and dlora by rank (rank
         suite), from the runs that log it; None (no section) until one does."""
@@ -846,15 +919,17 @@ class Report:
                   "accuracy difference here is attributed to it; nor anything beyond one model, one corpus, "
                   "10 rounds."),
             Claim("The DeCAF–DLoRA gap shrinks as the rank grows.",
-                  f"{acc}; the last row is, per seed, the least-squares slope of the decaf − dlora gap on log2(rank) "
-                  "(accuracy per doubling of the rank), tested against 0; the per-rank rows are context",
-                  [compare(f"r={r}: decaf − dlora", rank.get(f"decaf-r{r}"), rank.get(f"dlora-r{r}"), "decaf",
-                           "dlora", claimed=None) for r in RANKS]
-                  + [gap_trend(f"slope of the gap per doubling of r (r = {RANKS[0]}–{RANKS[-1]})",
-                               {r: rank.get(f"decaf-r{r}") for r in RANKS},
-                               {r: rank.get(f"dlora-r{r}") for r in RANKS})],
+                  f"{acc}; the last row of each partition is, per seed, the least-squares slope of the decaf − dlora "
+                  "gap on log2(rank) (accuracy per doubling of the rank), tested against 0; the per-rank rows are "
+                  "context",
+                  [row for p in RANK_PARTITIONS for row in
+                   [compare(f"{p}, r={r}: decaf − dlora", rank.get(rank_cell("decaf", r, p)),
+                            rank.get(rank_cell("dlora", r, p)), "decaf", "dlora", claimed=None) for r in RANKS]
+                   + [gap_trend(f"{p}: slope of the gap per doubling of r (r = {RANKS[0]}–{RANKS[-1]})",
+                                {r: rank.get(rank_cell("decaf", r, p)) for r in RANKS},
+                                {r: rank.get(rank_cell("dlora", r, p)) for r in RANKS})]],
                   f"a trend beyond r = {RANKS[-1]} or of another shape: the slope is a straight line in log2(rank) "
-                  f"through {len(RANKS)} ranks per seed, on Dirichlet 0.5 only."),
+                  f"through {len(RANKS)} ranks per seed, on Dirichlet 0.5 and 0.1 only."),
             Claim("DLoRA-FA trades some accuracy for half the communication.", acc,
                   [compare(f"{p}: dlora_fa − dlora", alg.get(f"dlora_fa-{p}"), alg.get(f"dlora-{p}"), "dlora_fa",
                            "dlora", claimed="below") for p in PARTITIONS],
@@ -1009,7 +1084,8 @@ class Report:
         sections = [self.settings(), self.claims(claims, family), self.algorithms(), self.topologies(), self.rank(),
                     self.agents(), self.split(), self.bytes(), self.beyond(), self.clip(clip_rows),
                     self.privacy(), self.byzantine(), self.vit(vit_rows)]
-        sections += [text for text in (self.llm(llm_rows), self.mechanism(), self.rank_collapse()) if text]
+        sections += [text for text in (self.llm(llm_rows), self.mechanism(), self.rank_collapse(), self.test_noise())
+                     if text]
         text = "\n\n".join(["\n".join(header), *sections]) + "\n"
         temporary = self.output + ".tmp"
         with open(temporary, "w", encoding="utf-8") as handle:

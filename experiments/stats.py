@@ -169,3 +169,22 @@ def verdict(result: Paired, above: str = "A better", below: str = "B better", ad
     elif result.wilcoxon_p is not None and result.wilcoxon_p >= ALPHA:
         notes.append(f"Wilcoxon p {result.wilcoxon_p:.3f} disagrees")
     return (above if low > 0 else below) + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def sample_share(var_doc: float, diffs: Sequence[float], n_scored: int, n_all: int
+                 ) -> tuple[float | None, float, float | None]:
+    """Split the variance across seeds of paired differences scored on `n_scored` documents.
+
+    var_doc: the variance over documents of the per-document difference d_i (a run's paired difference is the mean
+    of d_i over its scored documents); diffs: the paired differences of the seeds. Returns (their variance, None
+    with fewer than two; the part from the sample of documents, var_doc / n_scored; the variance expected when
+    scoring `n_all` documents instead: what is left from training plus var_doc / n_all, None without the first).
+
+    >>> total, sample, expected = sample_share(0.4, [0.1, 0.2, 0.3], 200, 400)
+    >>> round(total, 6), round(sample, 6), round(expected, 6)
+    (0.01, 0.002, 0.009)
+    """
+    total = float(np.var(diffs, ddof=1)) if len(diffs) > 1 else None
+    sample = var_doc / n_scored
+    expected = None if total is None else max(total - sample, 0.0) + var_doc / n_all
+    return total, sample, expected

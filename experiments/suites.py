@@ -32,7 +32,8 @@ SPLIT_FIELDS = ("decaf_split", "split")  # the TrainConfig field carrying DeCAF'
 DEFAULT_SEEDS = (0, 1, 2)
 MESSAGE_DTYPES = ("bfloat16", "int8")  # float32 (uncompressed) runs are the algorithms suite's dir0.5 cells
 MIXED_RANKS = "cycle:2,4,8,16"  # agent i has LoRA rank (2, 4, 8, 16)[i mod 4]
-BASE_RANK = 8  # TrainConfig's default rank: the rank suite's r = 8 runs are the algorithms suite's dir0.5 runs
+BASE_RANK = 8  # TrainConfig's default rank: the rank suite's r = 8 runs are the algorithms suite's runs
+RANK_PARTITIONS = ("dir0.5", "dir0.1")  # the rank suite's cells: '{a}-r{r}' at dir0.5, '{a}-r{r}-dir0.1' at dir0.1
 # Byzantine agents (a test-only fault, python_tests/faults.py's ByzantineAgents, installed by run.py for a cell's
 # "byzantine" entry; never a TrainConfig field): what they send, and who they are on the 10-agent ring (agents 0
 # and 5 are not neighbours, so no honest agent hears two of them)
@@ -90,6 +91,12 @@ class Suite:
                 for seed in seeds for cell, overrides in self.cells.items()]
 
 
+def rank_cell(algorithm: str, rank: int, partition: str) -> str:
+    """Name of the rank suite's cell of `algorithm` at LoRA rank `rank` and `partition` ('decaf-r4-dir0.1'; at
+    Dirichlet 0.5, the suite's first setting, 'decaf-r4')."""
+    return f"{algorithm}-r{rank}" + ("" if partition == RANK_PARTITIONS[0] else f"-{partition}")
+
+
 def dp_cell(algorithm: str, epsilon: float | None) -> str:
     """Name of the dp suite's cell of `algorithm` at `epsilon` (None: no differential privacy, 'epsinf')."""
     return f"{algorithm}-eps{'inf' if epsilon is None else f'{epsilon:g}'}"
@@ -99,8 +106,8 @@ def _grid() -> dict[str, Suite]:
     algorithms = {f"{a}-{p}": {"algorithm": a, **PARTITIONS[p]} for p in PARTITIONS for a in ALGORITHMS}
     topologies = {f"{a}-{t}-{p}": {"algorithm": a, "topology": t, "agents": TOPOLOGY_AGENTS, **PARTITIONS[p]}
                   for p in ("iid", "dir0.1") for t in TOPOLOGIES for a in ("decaf", "dlora")}
-    ranks = {f"{a}-r{r}": {"algorithm": a, "rank": r, **PARTITIONS["dir0.5"]}
-             for r in RANKS if r != BASE_RANK for a in ("decaf", "dlora")}
+    ranks = {rank_cell(a, r, p): {"algorithm": a, "rank": r, **PARTITIONS[p]}
+             for p in RANK_PARTITIONS for r in RANKS if r != BASE_RANK for a in ("decaf", "dlora")}
     agents = {f"{a}-n{n}": {"algorithm": a, "agents": n, **PARTITIONS["dir0.5"]}
               for n in AGENT_COUNTS for a in ("decaf", "dlora")}
     split = {f"decaf-{s}-{o}": {"algorithm": "decaf", "split": s, "optimizer_state": o, **PARTITIONS["dir0.5"]}
@@ -124,7 +131,8 @@ def _grid() -> dict[str, Suite]:
         Suite("algorithms", "algorithms on a 10-agent ring: IID, Dirichlet 0.5, Dirichlet 0.1", algorithms),
         Suite("topologies", "decaf and dlora on six graphs of 8 agents (one-peer exponential needs a power of two), "
               "IID and Dirichlet 0.1", topologies),
-        Suite("rank", "decaf vs dlora at LoRA rank 1-16 (ring, Dirichlet 0.5): accuracy and interference", ranks),
+        Suite("rank", "decaf vs dlora at LoRA rank 1-16 (ring, Dirichlet 0.5 and 0.1; at 0.1 with 8 seeds, "
+              "`--seeds 0,1,2,3,4,5,6,7 --cells '*-dir0.1'`): accuracy and interference", ranks),
         Suite("agents", "5, 10, 20, 40 agents on a ring sharing the same 600 documents (Dirichlet 0.5)", agents),
         Suite("split", "DeCAF factor split x optimizer state after re-factorization (ring, Dirichlet 0.5)", split,
               needs_field=SPLIT_FIELDS),

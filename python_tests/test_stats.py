@@ -103,3 +103,13 @@ def test_holm_by_hand():
 def test_slope():
     assert stats.slope([0, 1, 2, 3, 4], [0.02, 0.018, 0.016, 0.014, 0.012]) == pytest.approx(-0.002)
     assert stats.slope([0, 1, 2], [1.0, 3.0, 2.0]) == pytest.approx(0.5)  # Σdx·dy / Σdx² = (-1·-1 + 1·0) / 2
+
+
+def test_the_share_of_the_variance_from_the_sample_of_documents_by_hand():
+    # differences 0.1, 0.2, 0.3: variance ((-0.1)² + 0 + 0.1²) / 2 = 0.01; the sample of 200 documents adds
+    # 0.4 / 200 = 0.002 of it; on 400 documents: 0.01 - 0.002 + 0.4 / 400 = 0.009
+    total, sample, expected = stats.sample_share(0.4, [0.1, 0.2, 0.3], 200, 400)
+    assert total == pytest.approx(0.01) and sample == pytest.approx(0.002) and expected == pytest.approx(0.009)
+    assert stats.sample_share(0.4, [0.1], 200, 400) == (None, pytest.approx(0.002), None)
+    # a sample variance larger than what the seeds show leaves nothing to training
+    assert stats.sample_share(4.0, [0.1, 0.2, 0.3], 200, 400)[2] == pytest.approx(0.01)

@@ -131,6 +131,13 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, encoded: Encoded, *, batch_size: int, device: torch.device,
                  n_classes: int) -> dict[str, float]:
         """Accuracy and macro-F1 of `model` on all of `encoded`, in eval mode, `batch_size` examples at a time."""
+        predicted = self.predictions(model, encoded, batch_size=batch_size, device=device)
+        return classification_metrics(predicted, encoded.labels.numpy(), n_classes)
+
+    def predictions(self, model: nn.Module, encoded: Encoded, *, batch_size: int, device: torch.device
+                    ) -> np.ndarray:
+        """The class `model` predicts for each example of `encoded` [len(encoded)], in eval mode, `batch_size`
+        examples at a time."""
         was_training = model.training
         model.eval()
         predictions = []
@@ -138,7 +145,7 @@ class Task(ABC):
             inputs, _ = self.batch(encoded, torch.arange(start, min(start + batch_size, len(encoded))), device)
             predictions.append(self.predict(model, inputs).cpu())
         model.train(was_training)
-        return classification_metrics(torch.cat(predictions).numpy(), encoded.labels.numpy(), n_classes)
+        return torch.cat(predictions).numpy()
 
 
 def classification_metrics(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float]:
