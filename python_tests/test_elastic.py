@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,7 @@ from decaf_ext.comm.round_view import RoundView
 from decaf_ext.comm.transport import Transport
 from decaf_ext.config import TrainConfig
 from decaf_ext.distributed import DistributedOptions, launch, run_distributed
+from decaf_ext.distributed.graceful import leave_on_sigterm
 from decaf_ext.elastic import ChurnSchedule, LiveMixing, joiner_row, live_adjacency, metropolis_row
 from decaf_ext.errors import ConfigError
 from decaf_ext.lora import collect_extras, select_agent, stack_agents, write_extras
@@ -335,3 +338,22 @@ def test_the_simulator_gives_the_numbers_of_the_processes(launched):
 
 if __name__ == "__main__":
     agent_main(sys.argv[1])
+
+
+def test_sigterm_asks_to_leave_once_and_a_second_one_reaches_the_previous_handler():
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    interrupt = signal.getsignal(signal.SIGINT)
+    try:
+        with leave_on_sigterm() as leaving:
+            assert not leaving.is_set() and signal.getsignal(signal.SIGINT) is interrupt  # Ctrl-C: unchanged
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert leaving.is_set() and seen == []  # asked to leave after the round
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert seen == [signal.SIGTERM]  # the second: what the process did before (by default: it ends)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM] * 2  # the previous handler is back
+        with ThreadPoolExecutor(1) as pool:  # outside the main thread nothing is installed
+            assert not pool.submit(lambda: leave_on_sigterm().__enter__().is_set()).result()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

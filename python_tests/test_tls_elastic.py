@@ -23,6 +23,7 @@ from decaf_ext.config import TrainConfig
 from decaf_ext.distributed import DistributedOptions, run_distributed
 from decaf_ext.sim.trainer import Trainer
 from test_elastic import tiny  # noqa: F401 (a fixture)
+from processes import killed_at_exit
 from test_tls_transport import free_addresses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +51,8 @@ def launched(tiny, tmp_path_factory):  # noqa: F811 (the fixture imported above)
     agents = [subprocess.Popen([sys.executable, __file__, json.dumps(
         {"config": dataclasses.replace(config, transport="tls", kit=kit).to_dict(), "options": options})],
         env=environment) for kit in kits]
-    try:
+    with killed_at_exit(agents):
         statuses = [agent.wait(timeout=900) for agent in agents]
-    finally:
-        for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

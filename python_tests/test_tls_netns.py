@@ -38,6 +38,7 @@ from decaf_ext.sim.trainer import Trainer
 from decaf_ext.storage.checkpoint import latest_checkpoint, load_checkpoint
 from decaf_ext.strategies import strategy_names
 from faults import Faults
+from processes import killed_at_exit
 from test_distributed import EXACT, events_of, summary_of
 from test_trainer import read_metrics, tiny_config, tiny_paths, without_times  # noqa: F401 (tiny_paths: a fixture)
 from user_strategy import NAME as USER_STRATEGY
@@ -302,7 +303,7 @@ def restarted(network, tiny_paths, tmp_path_factory):
     faults = ",".join(["2:exit@2", *(f"0:stall@{r}=3" for r in range(3, config.rounds))])
     specs = [{"runs": [(c, faults)], "options": {"round_timeout": 6.0, "startup_timeout": 120.0}} for c in sites]
     agents = [start_agent(network, a, specs[a]) for a in range(AGENTS)]
-    try:
+    with killed_at_exit(agents):
         first = agents[2].wait(timeout=600)
         # restart only once agent 0 has finished a round without agent 2, so that the run shows the gap
         # however fast or slow this machine restarts a process
@@ -315,11 +316,6 @@ def restarted(network, tiny_paths, tmp_path_factory):
                                       sites[2]["output_dir"], "--launcher", "dist", "--round-timeout", "6"],
                                      env=environment())
         statuses = [agent.wait(timeout=600) for agent in agents]
-    finally:
-        for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
     return [site["output_dir"] for site in sites], config.rounds, first, statuses
 
 
