@@ -224,7 +224,10 @@ def test_survivors_finish_without_a_killed_and_a_stalled_agent(launched):
 
 def test_an_agent_sent_sigterm_leaves_after_its_round_and_nobody_waits_for_it(launched):
     run_dir = launched[0]["leaving"].output_dir
-    assert [r["members"] for r in read_metrics(run_dir)] == [[0, 1, 2, 3]] * 2 + [[0, 1, 3]] * 2
+    records = read_metrics(run_dir)
+    assert [r["members"] for r in records] == [r["live"] for r in records] == [[0, 1, 2, 3]] * 2 + [[0, 1, 3]] * 2
+    # W of the ring of 4 (weights 1/3): |lambda_2| = 1/3; re-linked over 3 agents, a triangle: W = J / 3, gap 1
+    assert [r["spectral_gap"] for r in records] == pytest.approx([2 / 3] * 2 + [1.0] * 2)
     for j in (0, 1, 3):  # a departure, not a loss after the round timeout
         assert events_of(run_dir, j, "peer_left") == [(2, 2)] and events_of(run_dir, j, "peer_lost") == []
     assert [e["round"] for e in summary_of(run_dir, 2)["distributed"]["events"] if e["event"] == "leaving"] == [1]

@@ -212,6 +212,11 @@ class LiveSet:
         return False
 
 
+def running(states: dict[int, dict[str, Any]]) -> dict[int, int]:
+    """The round each agent whose state (a ``Hello`` answer) is in `states` is in (only those in a round, >= 0)."""
+    return {j: s["round"] for j, s in states.items() if type(s.get("round")) is int and s["round"] >= 0}
+
+
 def live_graph(neighbours: dict[int, list[int]], mixing: LiveMixing | None) -> Graph:
     """The live graph of a round over some agents: the mixing's when it re-weights on the live graph, else the
     configured graph (`neighbours`: every agent's, from the kit) restricted to them."""

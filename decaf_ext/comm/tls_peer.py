@@ -59,6 +59,11 @@ def caller(context: grpc.ServicerContext) -> int | None:
     return ids.pop() if len(ids) == 1 and None not in ids else None
 
 
+def caller_name(sender: int | None) -> str:
+    """How logs and refusals name a caller: :func:`caller`'s agent id, or None."""
+    return "a caller without an agent identity over TLS 1.3" if sender is None else f"agent {sender}"
+
+
 def serve(kit: Kit, handlers: dict[str, grpc.RpcMethodHandler], workers: int) -> grpc.Server:
     """A started server of this agent on its address in the peers list, mutual TLS against the run's CA."""
     server = grpc.server(ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS,

@@ -170,12 +170,12 @@ class TlsTransport(TransportBase):
         others the round it enters (Ready) and waits until they have entered it. `starters`: the schedule says."""
         first, asked = max(rounds_done, join_at), self.live.planned(max(rounds_done, join_at)) - {self.agent}
         states = self._states(asked, HELLO_TIMEOUT if first else self.startup_timeout)
-        if first and not running(states):  # nobody is in a round: the whole run (re)starts, wait for the others
+        if first and not tls_membership.running(states):  # nobody is in a round: the whole run (re)starts, wait for the others
             states = self._states(asked, self.startup_timeout)
         for state in states.values():  # Byes sent before this agent was up to hear them
             self.live.learn_left(state.get("left"), self.others)
         # the lowest round a running agent is in: one agent announcing a far later round cannot make it skip
-        lowest = min(running(states).values(), default=-1)
+        lowest = min(tls_membership.running(states).values(), default=-1)
         done = max(lowest + 1 if lowest > rounds_done else rounds_done, join_at)
         self.round_now = self._latest = done - 1
         self.fresh = rounds_done == 0 and done > 0
@@ -201,7 +201,7 @@ class TlsTransport(TransportBase):
         it, so that this agent's first exchange overlaps theirs (a `scheduled` joiner: and some agent is running)."""
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            rounds = running(self._states(self.live.planned(round_index) - {self.agent}, HELLO_TIMEOUT))
+            rounds = tls_membership.running(self._states(self.live.planned(round_index) - {self.agent}, HELLO_TIMEOUT))
             if (rounds or not scheduled) and min(rounds.values(), default=round_index) >= round_index:
                 return
             time.sleep(AWAIT_POLL)
@@ -267,7 +267,7 @@ class TlsTransport(TransportBase):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a push needs a deadline within {self.window:g} s")
             with self._cond:
                 if self._open.get(sender, 0) >= STREAMS_PER_SENDER:
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{sender_name(sender)} has "
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{tls_peer.caller_name(sender)} has "
                                                                       f"{STREAMS_PER_SENDER} pushes open")
                 self._open[sender] = self._open.get(sender, 0) + 1
             try:
@@ -313,10 +313,10 @@ class TlsTransport(TransportBase):
 
     def _refuse(self, context: grpc.ServicerContext, name: str, sender: int | None, when: str) -> None:
         """Log and abort (PERMISSION_DENIED) a push from `sender`, which may not send `name` messages `when`."""
-        self.record_event(self.round_now, "refused", f"{name} push from {sender_name(sender)} refused (not a "
+        self.record_event(self.round_now, "refused", f"{name} push from {tls_peer.caller_name(sender)} refused (not a "
                           f"sender this agent expects {when})", agent=sender, what=name)
         context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {self.agent} takes no {name} messages from "
-                                                         f"{sender_name(sender)} {when}")
+                                                         f"{tls_peer.caller_name(sender)} {when}")
 
     def _reject(self, context: grpc.ServicerContext, key: Key, sender: int, reason: str) -> bytes:
         self.record_event(key[1], "rejected", f"buffer of agent {sender} rejected ({reason})", agent=sender,
@@ -394,12 +394,3 @@ class TlsTransport(TransportBase):
         wait(self._byes, timeout=HELLO_TIMEOUT)
         self._server.stop(grace=1.0).wait()
         self._close_channels()
-
-
-def running(states: dict[int, dict[str, Any]]) -> dict[int, int]:
-    """The round each agent whose state is in `states` is in (only those in a round, >= 0)."""
-    return {j: s["round"] for j, s in states.items() if type(s.get("round")) is int and s["round"] >= 0}
-
-
-def sender_name(sender: int | None) -> str:
-    return "a caller without an agent identity over TLS 1.3" if sender is None else f"agent {sender}"

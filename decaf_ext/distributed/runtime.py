@@ -102,8 +102,7 @@ class AgentRuntime:
         self.agents = Agents(config, keep=agent)
         self.log = MetricsLog(self.run_dir, tensorboard=config.tensorboard)
         self.churn = config.churn_schedule()  # scheduled joins and departures (docs/membership.md)
-        self.mixing = LiveMixing(config.topology, config.agents, rule=config.mixing, schedule=self.agents.schedule,
-                                 seed=config.seed, p=config.topology_p, path=config.topology_file)
+        self.mixing = LiveMixing.of(config, self.agents.schedule)
         models = self.agents.models
         # restarted by the launcher (same store, next incarnation: AgentComm sees it) or by torchrun (new store)
         self.comm = AgentComm(self.agents.strategy, self.agents.collect(models), collect_extras(models), store=store,
@@ -195,9 +194,9 @@ class AgentRuntime:
         record = evaluation_record(agents, rounds_done, per_agent, average, all_groups, loss_sum, loss_steps,
                                    int(bytes_sent), mixing)
         record["members"] = members
-        if self.churn.active:  # the mixing row goes to this agent's own log only
-            record.update(self.mixing.fields(max(view.round, 0), view.live, view.joining),
-                          mixing_row=None if self.row is None else self.row.tolist())
+        # the live set can change in any distributed run (a crashed agent); the mixing row goes to this agent's log
+        record.update(self.mixing.fields(max(view.round, 0), view.live, view.joining),
+                      mixing_row=None if self.row is None else self.row.tolist())
         self.log.add(record)
         if self.agent == view.agents[0]:
             self._report_metrics()
@@ -209,7 +208,7 @@ class AgentRuntime:
         if os.path.exists(path):
             with open(path, encoding="utf-8") as handle:
                 records = {r["round"]: r for r in map(json.loads, handle.read().splitlines())}
-        records.update({r["round"]: {k: v for k, v in r.items() if k != "mixing_row"} for r in self.log.history})
+        records.update({r["round"]: shared(r) for r in self.log.history})
         write_json(path, [records[k] for k in sorted(records)], lines=True)
 
     # --------------------------------------------------------------------------------------------- run
@@ -313,7 +312,7 @@ class AgentRuntime:
 
     def _finish(self, wall_seconds: float) -> dict[str, Any]:
         """Export adapters and write the summaries."""
-        history = self.log.history
+        history = [shared(r) for r in self.log.history]
         reporter = self.view is not None and self.agent == self.view.agents[0] and bool(history)
         self._export(self.agents.models[0], f"agent_{self.agent:02d}")
         summary = (build_summary(self.agents, history, self.output_dir, wall_seconds) if history
@@ -327,6 +326,11 @@ class AgentRuntime:
             self._export(self.agents.scratch, "average")
             write_json(os.path.join(self.output_dir, SUMMARY), summary)
         return summary
+
+
+def shared(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics record as the run's log and summaries hold it: without this agent's own W row."""
+    return {k: v for k, v in record.items() if k != "mixing_row"}
 
 
 def _process_rank() -> tuple[int, int, int]:

@@ -87,6 +87,12 @@ class LiveMixing:
         self.full = None if topology in RELINKED or topology == "one_peer_exponential" else build_graph(
             topology, n, seed=seed, p=p, path=path)
 
+    @classmethod
+    def of(cls, config, schedule: MixingSchedule | None = None) -> LiveMixing:
+        """The live mixing of a run's TrainConfig (`schedule`: its agents' configured W schedule, when built)."""
+        return cls(config.topology, config.agents, rule=config.mixing, schedule=schedule, seed=config.seed,
+                   p=config.topology_p, path=config.topology_file)
+
     @property
     def reweights(self) -> bool:
         """Whether W is re-weighted on the live graph (rule auto or metropolis)."""

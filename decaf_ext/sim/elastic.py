@@ -33,8 +33,7 @@ class ElasticRounds:
     def __init__(self, agents: Agents, churn: ChurnSchedule) -> None:
         cfg = agents.config
         self.agents, self.churn = agents, churn
-        self.mixing = LiveMixing(cfg.topology, cfg.agents, rule=cfg.mixing, schedule=agents.schedule,
-                                 seed=cfg.seed, p=cfg.topology_p, path=cfg.topology_file)
+        self.mixing = LiveMixing.of(cfg, agents.schedule)
         agents.counters.setdefault(SENT, [0] * cfg.agents)
 
     def present(self, round_index: int) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from decaf_ext.comm.agent_round import round_inputs
 from decaf_ext.config import TrainConfig
+from decaf_ext.elastic import LiveMixing
 from decaf_ext.lora import FactorGroup, Extras, add_mixing, collect_extras, mixing_residuals, new_mixing_tally, \
     select_agent, stack_agents, write_extras
 from decaf_ext.sim.agents import Agents
@@ -59,6 +60,7 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, tensorboard=config.tensorboard)
         churn = config.churn_schedule()
         self.elastic = ElasticRounds(self.agents, churn) if churn.active else None  # --churn: docs/membership.md
+        self.mixing = LiveMixing.of(config, self.agents.schedule)  # what the records say of W (every agent live)
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -157,6 +159,7 @@ class Trainer:
                                    agents.counters["bytes_sent"], agents.counters["mixing"])
         agents.counters["loss_sum"], agents.counters["loss_steps"] = 0.0, 0
         agents.counters["mixing"] = new_mixing_tally(len(agents.models))
+        record.update(self.mixing.fields(max(rounds_done - 1, 0), range(len(agents.models))))
         self.log.add(record)
         return record
 
