@@ -43,16 +43,18 @@ def suite_documents(config, n_train: int, n_test: int) -> np.ndarray:
     return chosen
 
 
-def correctness(partition: str, seed: int, algorithm: str) -> tuple[list[list[int]], np.ndarray]:
-    """Train the suite's run of `algorithm` at `partition` and `seed` scored on every held-out document: per agent
-    0/1 per document [agents][n_test], and the mask of the suite's documents [n_test]."""
+def correctness(partition: str, seed: int, algorithm: str, device: str) -> tuple[list[list[int]], np.ndarray]:
+    """Train the suite's run of `algorithm` at `partition` and `seed` on `device` (the suite's runs: run.py's
+    --device), scored on every held-out document: per agent 0/1 per document [agents][n_test], and the mask of
+    the suite's documents [n_test]."""
     from decaf_ext.config import TrainConfig
     from decaf_ext.sim.trainer import Trainer
 
     run = next(r for r in SUITES["algorithms"].runs((seed,)) if r.name == f"{algorithm}-{partition}")
     scratch = os.path.join(SCRATCH, "test_noise", run.key)
     shutil.rmtree(scratch, ignore_errors=True)
-    config = TrainConfig.from_dict({**run.overrides, **FINAL_EVAL, "max_test": 0, "output_dir": scratch})
+    config = TrainConfig.from_dict({**run.overrides, **FINAL_EVAL, "max_test": 0, "output_dir": scratch,
+                                    "device": device})
     trainer = Trainer(config)
     trainer.run()
     agents = trainer.agents
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--partitions", default="iid,dir0.1", help="comma-separated, of " + ", ".join(PARTITIONS))
     parser.add_argument("--seeds", type=parse_seeds, default=(0, 1), help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--device", default="cpu", help="the device the suite's runs trained on (default cpu)")
     args = parser.parse_args(argv)
     partitions = [p for p in args.partitions.split(",") if p]
     if unknown := [p for p in partitions if p not in PARTITIONS]:
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             result = {"partition": partition, "seed": seed, "correct": {}}
             for algorithm in ALGORITHMS:
-                result["correct"][algorithm], chosen = correctness(partition, seed, algorithm)
+                result["correct"][algorithm], chosen = correctness(partition, seed, algorithm, args.device)
             result["suite_docs"] = chosen.tolist()
             with open(path + ".tmp", "w") as out:
                 json.dump(result, out)

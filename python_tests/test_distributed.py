@@ -13,11 +13,13 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,7 +30,8 @@ from decaf_ext.config import TrainConfig
 from decaf_ext.errors import ConfigError
 from decaf_ext.cli import main as cli_main
 from decaf_ext.distributed import DistributedOptions, launch, run_distributed
-from decaf_ext.distributed.runtime import check_evaluation
+from decaf_ext.distributed import runtime
+from decaf_ext.distributed.runtime import AgentRuntime, check_evaluation
 from decaf_ext.comm.transport import Transport, check_buffer
 from faults import Faults
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, product_norm
@@ -233,6 +236,36 @@ def test_an_agent_sent_sigterm_leaves_after_its_round_and_nobody_waits_for_it(la
     assert [e["round"] for e in summary_of(run_dir, 2)["distributed"]["events"] if e["event"] == "leaving"] == [1]
     assert [r["round"] for r in read_metrics(os.path.join(run_dir, "agents", "agent_02"))] == [1, 2]
     assert load_checkpoint(latest_checkpoint(os.path.join(run_dir, "agents", "agent_02"))).round == 2
+
+
+def test_an_agent_left_out_of_the_round_in_which_it_gets_sigterm_still_checkpoints_its_departure(monkeypatch):
+    """AgentRuntime._train with stand-ins: SIGTERM in round 3 of 10 while this agent is left out of that round."""
+    written, left, events = [], [], []
+    monkeypatch.setattr(runtime, "write_checkpoint", lambda run_dir, agents, history, done: written.append(done))
+    cfg = SimpleNamespace(rounds=10, comm_order="train_then_mix", eval_every=1, checkpoint_every=1,
+                          eval_at_start=False, progress=False, algorithm="decaf", topology="ring", agents=4)
+    transport = SimpleNamespace(fresh=False, latest=-1, leave=left.append,
+                                record_event=lambda *a, **k: events.append(a))
+    view = object()
+
+    def communicate(round_index):
+        transport.latest = round_index
+        if round_index == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. Kubernetes drains the node
+            return None  # this agent came late: left out of round 3
+        return view
+
+    fake = SimpleNamespace(
+        config=cfg, agents=SimpleNamespace(privacy=None, local_round=lambda r: None), agent=1,
+        _open=lambda resume: 0, churn=SimpleNamespace(joined_at=lambda a: 0, initial=[0, 1, 2, 3],
+                                                        departure=lambda a: None),
+        comm=SimpleNamespace(start=lambda own, join_at, initial: 0, restarted=False,
+                             after_local_steps=lambda r: None),
+        transport=transport, communicate=communicate, _crash_if_scheduled=lambda r: None,
+        evaluate=lambda done, v: None, run_dir="/nonexistent", log=SimpleNamespace(history=[]),
+        _finish=lambda wall: "finished", view=None)
+    assert AgentRuntime._train(fake, False) == "finished"
+    assert left == [4] and written == [1, 2, 3, 4]  # the departure's checkpoint too
 
 
 def test_resume_brings_the_killed_agent_back_from_its_checkpoint(launched, capfd):

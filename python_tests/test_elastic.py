@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -338,6 +339,41 @@ def test_the_simulator_gives_the_numbers_of_the_processes(launched):
 
 if __name__ == "__main__":
     agent_main(sys.argv[1])
+
+
+def test_an_agent_that_left_and_restarts_is_waited_for_again():
+    """Through a store: agent 2 announces leaving before round 1 (as on SIGTERM); restarted with --resume, it asks
+    to join and its departure no longer counts: half a second slower than the others, it is a member again."""
+    store = dist.HashStore()
+    transports = [Transport(store, j, 3, fingerprint="same", backend="gloo", timeout=5.0, startup_timeout=20.0)
+                  for j in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(lambda t: t.start(0), transports)) == [0, 0, 0]
+        assert all(v.agents == [0, 1, 2] for v in pool.map(lambda t: t.agree(0), transports))
+        transports[2].leave(1)
+        assert all(v.agents == [0, 1] for v in pool.map(lambda t: t.agree(1), transports[:2]))
+        back = Transport(store, 2, 3, fingerprint="same", backend="gloo", timeout=5.0, startup_timeout=20.0)
+        assert back.start(1) == 2
+        views = {}
+        for r in (2, 3):
+            waiting = [pool.submit(t.agree, r) for t in transports[:2]]
+            time.sleep(0.5)
+            mine = back.agree(r)
+            views[r] = [f.result(timeout=30).agents for f in waiting] + [None if mine is None else mine.agents]
+    assert views[2] == [[0, 1, 2]] * 3 and views[3] == [[0, 1, 2]] * 3
+
+
+def test_waiting_a_round_timeout_for_a_crashed_agent_over_a_tcpstore_logs_no_store_warnings(capfd):
+    """A launcher's store: agent 1 never posts its ready record; agent 0 waits the round timeout (3 s), reading
+    the leave records meanwhile, without c10d's socket-timeout warning of each timed-out store wait."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    store = dist.PrefixStore("run", dist.TCPStore("127.0.0.1", server.port, is_master=False,
+                                                  timeout=timedelta(seconds=30)))
+    transport = Transport(store, 0, 2, fingerprint="f", backend="gloo", timeout=3.0, startup_timeout=3.0)
+    capfd.readouterr()
+    assert transport._wait_ready(0, {1}, set()) == set()  # agent 1 never posts ready/0/1 (crashed)
+    err = capfd.readouterr().err
+    assert not [line for line in err.splitlines() if "timed out" in line or "likely a timeout" in line], err
 
 
 def test_sigterm_asks_to_leave_once_and_a_second_one_reaches_the_previous_handler():

@@ -101,9 +101,9 @@ class MessageLayout:
 
     def pack(self, groups: list[FactorGroup], extras: Extras, out: torch.Tensor | None = None) -> torch.Tensor:
         """One agent's groups (A [M, 1, r, n], B [M, 1, m, r]) and extras [1, ...] -> data [data_numel] (written
-        into `out` [data_numel] when given)."""
+        into `out` [data_numel] when given), detached from autograd: what is sent is data."""
         factors, others = self._entries(groups, extras)
-        return torch.cat([t.reshape(-1).to(self.dtype) for t in factors + others], out=out)
+        return torch.cat([t.detach().reshape(-1).to(self.dtype) for t in factors + others], out=out)
 
     def pack_each(self, groups: list[FactorGroup], extras: Extras) -> torch.Tensor:
         """k agents' groups (A [M, k, r, n], B [M, k, m, r]) and extras [k, ...] -> data [k, data_numel]

@@ -3,7 +3,7 @@ agent keeps its own :class:`LiveSet`, from the run's churn schedule (every agent
 from what the other agents tell it (see docs/membership.md, "Over TLS").
 
 - planned(r): the agents expected in round r: a ``join:A@R`` agent from round R on, a ``leave:A@R`` agent (or one
-  that announced leaving with ``Bye``) before R only; ``kill:`` entries are crashes nobody is told of; an agent
+  that announced leaving with ``Bye``, until its own Ready of a round from then on says it came back) before R only; ``kill:`` entries are crashes nobody is told of; an agent
   whose identity (:mod:`~decaf_ext.comm.run_identity`) differs is refused.
 - Entering round r an agent tells every other agent ``Ready`` {round r, fresh}; it then waits (at most a round
   timeout) for the Ready of round r of every *candidate*: a planned agent that is not absent (an agent in round r
@@ -116,8 +116,8 @@ class LiveSet:
             rounds[round_index] = fresh
             for old in sorted(rounds)[:-READY_ROUNDS]:
                 del rounds[old]
-            if j in self.relayed and self.left[j] <= round_index:  # it says itself that it is in that round
-                del self.left[j]
+            if self.left.get(j, round_index + 1) <= round_index:  # it says itself that it is in that round: a
+                del self.left[j]  # relayed departure was wrong, or it left (Bye) and came back (restarted)
                 self.relayed.discard(j)
             if j in self.absent:  # it speaks again: waited for from that round on
                 back = self.absent[j]
@@ -146,8 +146,8 @@ class LiveSet:
 
     def on_bye(self, j: int, round_index: int) -> None:
         """Agent j leaves before round `round_index` (announced: nobody waits for it from then on)."""
-        with self.cond:
-            self.left[j] = min(self.left.get(j, round_index), round_index)
+        with self.cond:  # its own word replaces a relayed one
+            self.left[j] = round_index if j in self.relayed else min(self.left.get(j, round_index), round_index)
             self.relayed.discard(j)
             self.cond.notify_all()
 

@@ -294,7 +294,7 @@ class TlsTransport(TransportBase):
                 if wanted is not None and sender in self._inbox[key]:
                     context.abort(grpc.StatusCode.ALREADY_EXISTS, "a duplicate")
             if wanted is None:  # let in while the round's members were open, not a sender of the agreed exchange
-                self._refuse(context, name, sender, f"in exchange {key[1]}.{key[2]}")
+                self._refuse(context, name, sender, f"in exchange {key[1]}.{key[2]}", "unexpected")
             declared = (header["numel"], tls_peer.DTYPES[header["dtype"]])
             if declared != wanted:
                 return self._reject(context, key, sender, f"declared {declared[0]} x {header['dtype']} instead "
@@ -311,9 +311,12 @@ class TlsTransport(TransportBase):
 
         return receive
 
-    def _refuse(self, context: grpc.ServicerContext, name: str, sender: int | None, when: str) -> None:
-        """Log and abort (PERMISSION_DENIED) a push from `sender`, which may not send `name` messages `when`."""
-        self.record_event(self.round_now, "refused", f"{name} push from {tls_peer.caller_name(sender)} refused (not a "
+    def _refuse(self, context: grpc.ServicerContext, name: str, sender: int | None, when: str,
+                kind: str = "refused") -> None:
+        """Log (event `kind`: "refused", or "unexpected" for a run agent the agreed exchange leaves out, an honest
+        one at the edge of a membership change included) and abort (PERMISSION_DENIED) a push from `sender`, which
+        may not send `name` messages `when`."""
+        self.record_event(self.round_now, kind, f"{name} push from {tls_peer.caller_name(sender)} refused (not a "
                           f"sender this agent expects {when})", agent=sender, what=name)
         context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {self.agent} takes no {name} messages from "
                                                          f"{tls_peer.caller_name(sender)} {when}")

@@ -45,6 +45,7 @@ LATEST = "latest"
 STARTUP = "startup"
 FINGERPRINT = "fingerprint"
 NONCE = "nonce"
+READY_POLL = 0.02  # seconds between checks for the others' ready records
 LEAVE_POLL = 1.0  # seconds between reads of the leave records while waiting for the others' ready records
 _MIN_WAIT = timedelta(milliseconds=1)  # gloo reads a zero timeout as "the group's default"
 PIECE_BYTES = 64 << 20  # bytes of one send or recv: a message of any size moves in pieces of at most this
@@ -152,14 +153,15 @@ class Transport(TransportBase):
         """Wait (at most the round timeout) for the ready records of round `round_index` of `waited`, except those
         that announce leaving meanwhile (checked every LEAVE_POLL seconds); returns the agents that left."""
         deadline = time.monotonic() + self.timeout
-        while True:
-            keys = [f"ready/{round_index}/{j}" for j in sorted(waited - left)]
-            if not keys:
-                return left
-            self._wait(keys, max(min(LEAVE_POLL, deadline - time.monotonic()), 0.001))
+        reread = time.monotonic() + LEAVE_POLL
+        while keys := [f"ready/{round_index}/{j}" for j in sorted(waited - left)]:
+            # polled, not store.wait: a TCPStore wait that times out logs a warning, once per slice
             if self.store.check(keys) or time.monotonic() >= deadline:
-                return left
-            left = departed(self.control, self.n_agents, round_index)
+                break
+            time.sleep(READY_POLL)
+            if time.monotonic() >= reread:
+                left, reread = departed(self.control, self.n_agents, round_index), time.monotonic() + LEAVE_POLL
+        return left
 
     def _saw(self, view: RoundView | None) -> RoundView | None:
         if view is not None and (self.seen is None or view.round >= self.seen.round):
@@ -249,6 +251,7 @@ class Transport(TransportBase):
         latest = self.latest
         view = self._agreed(latest) or startup
         if view.members.get(self.agent) != self.incarnation:
+            self.control.delete(f"leave/{self.agent}")  # it left (SIGTERM) and is back: waited for again
             self.record_event(latest, "joining", f"joining the running group in round {max(latest + 1, join_at)}")
             self._request_join(latest if join_at <= latest + 1 else join_at)  # counted in the round it joins
         return max(latest + 1, join_at)

@@ -267,6 +267,7 @@ class AgentRuntime:
         bar = tqdm(total=cfg.rounds, initial=done, unit="round", dynamic_ncols=True,
                    disable=not cfg.progress or self.agent != 0,
                    desc=f"{cfg.algorithm} {cfg.topology} x{cfg.agents} (distributed)")
+        saved = None  # the rounds done of the newest checkpoint this loop wrote
         with leave_on_sigterm() as leaving:
             while done < stop:
                 round_index, listening = done, self.transport.fresh  # a joiner listens first, then trains
@@ -292,10 +293,11 @@ class AgentRuntime:
                         self.evaluate(done, self.view)
                     if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.rounds:
                         write_checkpoint(self.run_dir, agents, self.log.history, done)
+                        saved = done
                 bar.update(min(done, cfg.rounds) - bar.n)
         bar.close()
-        if done < cfg.rounds and not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            write_checkpoint(self.run_dir, agents, self.log.history, done)  # left the run
+        if done < cfg.rounds and saved != done:  # it left the run (also while left out of its last round)
+            write_checkpoint(self.run_dir, agents, self.log.history, done)
         return self._finish(time.perf_counter() - wall)
 
     def _crash_if_scheduled(self, round_index: int) -> None:
