@@ -3,15 +3,15 @@
 
 For each (partition, seed) it trains the algorithms suite's decaf and dlora runs again (the same overrides and
 seed; evaluation only at the end, which does not change training) and scores every agent on every held-out
-document of the split (445 of BBC News's 2225 at test_fraction 0.2) instead of the suite's 200. It writes each
+document of the split (425 of BBC News at test_fraction 0.2) instead of the suite's 200. It writes each
 agent's per-document correctness to ``experiments/results/test_noise/<partition>-s<seed>.json`` with a mask of the
 suite's 200 documents (the first max_test of the same seeded permutation, as ``Agents.build_data`` draws them), so
 that experiments/report.py can check the rerun against the suite's run, agent by agent, and split the variance of
 the paired difference into its part from training and its part from the sample of documents. A finished file is
 skipped (resumable). Example output file::
 
-    {"partition": "dir0.1", "seed": 0, "suite_docs": [true, false, ...],         # [445]
-     "correct": {"decaf": [[1, 0, ...], ...], "dlora": [[...], ...]}}           # [agents][445], 0 or 1
+    {"partition": "dir0.1", "seed": 0, "suite_docs": [true, false, ...],         # [425]
+     "correct": {"decaf": [[1, 0, ...], ...], "dlora": [[...], ...]}}           # [agents][425], 0 or 1
 """
 
 from __future__ import annotations
