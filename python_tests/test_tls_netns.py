@@ -5,7 +5,7 @@ joined by veth links to a bridge (in a fourth namespace), started on their own (
   them, on loopback) to 1e-6, and the message checks (tag, NaN) reject over TLS as over gloo;
 - a rogue in a fifth namespace with a certificate of another CA, and with agent 1's valid certificate speaking to
   agent 2 (not its neighbour in a star), is refused while the run goes on and equals the run without it;
-- an agent killed mid-run and restarted rejoins;
+- an agent killed mid-run and restarted rejoins; an agent sent SIGTERM says Bye and nobody waits for it;
 - tcpdump on agent 1's link sees TLS 1.3 records and none of the factor bytes (a plaintext control transfer on
   the same link is seen).
 
@@ -49,6 +49,7 @@ EQUAL = {**{name: dict(algorithm=name) for name in strategy_names()},
          "decaf-ranks": dict(algorithm="decaf", rank="2,4,8"),
          "decaf-int8": dict(algorithm="decaf", message_dtype="int8")}
 GUARDED, GUARDED_FAULTS = dict(algorithm="dlora"), "1:badtag@0,2:nan@1"  # with a run key
+LEAVING, LEAVING_FAULTS = dict(algorithm="decaf", rounds=4), "2:term@1"  # agent 2 gets SIGTERM in round 1
 ATTACKED = dict(algorithm="decaf", topology="star")  # agents 1 and 2 are not neighbours
 # agent 2 pauses 4 s before entering round 1: with everyone in round 0, agent 1 is no neighbour of agent 2 in any
 # live graph it may yet agree on, so the rogue's pushes meanwhile are refused before any byte of them is read
@@ -189,16 +190,17 @@ def control_transfer(network: Network) -> None:
 
 @pytest.fixture(scope="module")
 def launched(network, tiny_paths, tmp_path_factory):
-    """One launch: every EQUAL run, the guarded run, then the star run under attack; tcpdump on agent 1's link."""
+    """One launch: every EQUAL run, the guarded run, the run agent 2 leaves on SIGTERM, then the star run under
+    attack; tcpdump on agent 1's link."""
     root = tmp_path_factory.mktemp("tls")
     assert USER_STRATEGY in EQUAL
     (root / "key").write_text("a shared secret of this run\n")
     configs = {name: tiny_config(tiny_paths, root / name, agents=AGENTS, lora_dropout=0.1, **changes)
                for name, changes in {**EQUAL, "guarded": dict(GUARDED, run_key_file=str(root / "key")),
-                                     "attacked": ATTACKED}.items()}
+                                     "leaving": LEAVING, "attacked": ATTACKED}.items()}
     ports = {name: 47100 + 10 * k for k, name in enumerate(configs)}
     kits = {name: kit_of(network, root, name, ports[name], configs[name].topology) for name in configs}
-    faults = {"guarded": GUARDED_FAULTS, "attacked": ATTACKED_FAULTS}
+    faults = {"guarded": GUARDED_FAULTS, "leaving": LEAVING_FAULTS, "attacked": ATTACKED_FAULTS}
     specs = [{"runs": [(per_agent(c, kits[n])[a], faults.get(n, "")) for n, c in configs.items()],
               "options": {"round_timeout": 30.0, "startup_timeout": 120.0}} for a in range(AGENTS)]
     capture = None
@@ -275,6 +277,19 @@ def test_the_message_checks_reject_over_tls_as_over_gloo(launched):
     for agent in (0, 1):
         assert (1, 2) in events_of(run_dir, agent, "rejected")
     assert [r["round"] for r in read_metrics(run_dir)] == [1, 2]
+
+
+def test_an_agent_sent_sigterm_says_bye_and_nobody_waits_for_it(launched):
+    """Agent 2 sends itself SIGTERM after its local steps of round 1: it finishes the round, says Bye, writes its
+    checkpoint and goes on to the next run of its process; agents 0 and 1 go on without it and without a timeout."""
+    configs = launched[0]
+    run_dir = configs["leaving"].output_dir
+    records = read_metrics(run_dir)
+    assert [r["members"] for r in records] == [r["live"] for r in records] == [[0, 1, 2]] * 2 + [[0, 1]] * 2
+    for j in (0, 1):
+        assert events_of(run_dir, j, "peer_left") == [(2, 2)] and events_of(run_dir, j, "peer_lost") == []
+    assert [r["round"] for r in read_metrics(os.path.join(run_dir, "agents", "agent_02"))] == [1, 2]
+    assert load_checkpoint(latest_checkpoint(os.path.join(run_dir, "agents", "agent_02"))).round == 2
 
 
 def test_a_rogue_and_a_non_neighbour_are_refused_and_the_run_goes_on(launched):
