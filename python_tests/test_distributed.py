@@ -31,7 +31,8 @@ from decaf_ext.errors import ConfigError
 from decaf_ext.cli import main as cli_main
 from decaf_ext.distributed import DistributedOptions, launch, run_distributed
 from decaf_ext.distributed import runtime
-from decaf_ext.distributed.runtime import AgentRuntime, check_evaluation
+from decaf_ext.distributed.evaluation_check import check_evaluation
+from decaf_ext.distributed.runtime import AgentRuntime
 from decaf_ext.comm.transport import Transport, check_buffer
 from faults import Faults
 from decaf_ext.lora import FactorGroup, collect_extras, collect_factors, product_norm
@@ -428,22 +429,24 @@ def test_evaluation_buffers_with_implausible_numbers_are_rejected():
     groups, extras = random_agents(2)
     own = select(groups, extras, [0])
     layout = MessageLayout(*own, trains_A=True)
-    factors = layout.pack(*select(groups, extras, [1])).double()
+    factors = layout.pack(*select(groups, extras, [1]))
     guard = MessageGuard(None, norm_cap=1e3)
 
-    def buffer(loss_sum=2.5, loss_steps=3, bytes_sent=100, accuracy=0.5, macro_f1=0.4, dp_epsilon=0.0, mix_error=0.1,
-               mix_reference=2.0, mix_rounds=2, scale=1.0):
-        numbers = [loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, dp_epsilon, mix_error, mix_reference,
-                   mix_rounds]
-        return torch.cat([torch.tensor(numbers, dtype=torch.float64), factors * scale])
+    def numbers(loss_sum=2.5, loss_steps=3, bytes_sent=100, accuracy=0.5, macro_f1=0.4, dp_epsilon=0.0,
+                mix_error=0.1, mix_reference=2.0, mix_rounds=2):
+        return torch.tensor([loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, dp_epsilon, mix_error,
+                             mix_reference, mix_rounds], dtype=torch.float64)
 
-    assert check_evaluation(buffer(), layout, guard, *own) is None
+    assert check_evaluation(numbers(), factors, layout, guard, *own) is None
     for bad in (dict(loss_sum=-1.0), dict(loss_steps=-1), dict(loss_steps=2.5), dict(bytes_sent=1.5),
                 dict(accuracy=1.5), dict(macro_f1=-0.1), dict(dp_epsilon=-1.0), dict(mix_error=-1e-9),
                 dict(mix_reference=-1.0), dict(mix_rounds=-1), dict(mix_rounds=0.5)):
-        assert "implausible" in check_evaluation(buffer(**bad), layout, guard, *own), bad
-    assert "NaN" in check_evaluation(buffer(bytes_sent=float("nan")), layout, guard, *own)
-    assert "norm_cap" in check_evaluation(buffer(scale=1e6), layout, guard, *own)
+        assert "implausible" in check_evaluation(numbers(**bad), factors, layout, guard, *own), bad
+    assert "NaN" in check_evaluation(numbers(bytes_sent=float("nan")), factors, layout, guard, *own)
+    assert "norm_cap" in check_evaluation(numbers(), factors * 1e6, layout, guard, *own)
+    nan = factors.clone()
+    nan[3] = float("nan")
+    assert "NaN" in check_evaluation(numbers(), nan, layout, guard, *own)
 
 
 def test_norm_bounds_absolute_and_relative_to_the_median():

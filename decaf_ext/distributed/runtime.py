@@ -26,17 +26,18 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from decaf_ext.comm.agent_comm import AgentComm, HooksFactory
+from decaf_ext.comm.agent_round import compact
 from decaf_ext.comm.control_store import shared_value
 from decaf_ext.comm.kit import Kit, load_checked_kit
-from decaf_ext.comm.guard import BROADCAST, MessageGuard, TagContext, load_run_key
-from decaf_ext.comm.layout import MessageLayout
+from decaf_ext.comm.guard import BROADCAST, TagContext, load_run_key
 from decaf_ext.comm.transport import BACKENDS, RoundView, check_backend, check_timeout
 from decaf_ext.config import TrainConfig
 from decaf_ext.device import resolve_device
+from decaf_ext.distributed.evaluation_check import STATS, check_evaluation
 from decaf_ext.distributed.graceful import leave_on_sigterm
 from decaf_ext.elastic import LiveMixing
 from decaf_ext.errors import ConfigError
-from decaf_ext.lora import Extras, FactorGroup, collect_extras, new_mixing_tally, write_extras
+from decaf_ext.lora import collect_extras, new_mixing_tally, write_extras
 from decaf_ext.sim.agents import Agents
 from decaf_ext.sim.evaluation import MetricsLog, build_summary, evaluation_record
 from decaf_ext.sim.resume import open_run_dir, write_checkpoint
@@ -47,7 +48,6 @@ from decaf_ext.storage.files import replacing_folder, write_json
 from decaf_ext.storage.run_folder import CONFIG, METRICS, SUMMARY, RunLock, agent_folder, check_no_run, \
     default_run_dir
 
-STATS = 9  # loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, dp_epsilon (0 without DP), mixing tally (3)
 
 
 @dataclass
@@ -65,23 +65,6 @@ class DistributedOptions:
             raise ConfigError(f"backend must be one of {', '.join(('auto', *BACKENDS))}; got {self.backend!r}")
         for name in ("round_timeout", "startup_timeout"):
             check_timeout(name, getattr(self, name))
-
-
-def check_evaluation(data: torch.Tensor, layout: MessageLayout, guard: MessageGuard, groups: list[FactorGroup],
-                     extras: Extras) -> str | None:
-    """Why a member's evaluation buffer (float64 [STATS + layout.data_numel]: loss_sum, loss_steps, bytes_sent,
-    accuracy, macro_f1, dp_epsilon, its mixing tally (squared error, squared reference, rounds), then its factors)
-    must not be used, or None. groups / extras: this agent's (names)."""
-    if not bool(torch.isfinite(data).all()):
-        return "NaN or Inf values"
-    loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, epsilon, mix_error, mix_reference, mix_rounds = \
-        data[:STATS].tolist()
-    if not (loss_sum >= 0 and loss_steps >= 0 and loss_steps == int(loss_steps) and bytes_sent >= 0
-            and bytes_sent == int(bytes_sent) and 0 <= accuracy <= 1 and 0 <= macro_f1 <= 1 and epsilon >= 0
-            and mix_error >= 0 and mix_reference >= 0 and mix_rounds >= 0 and mix_rounds == int(mix_rounds)):
-        return "implausible statistics (a negative loss or count, a fractional count, a score outside [0, 1])"
-    theirs, their_extras = layout.unpack(data[None, STATS:].to(layout.dtype), groups, extras)
-    return guard.check_values(theirs, their_extras)
 
 
 class AgentRuntime:
@@ -149,32 +132,41 @@ class AgentRuntime:
 
     def evaluate(self, rounds_done: int, view: RoundView) -> None:
         """Test metrics of every member and of their averaged model, as the simulator logs them (plus
-        ``members``): one all_gather of [loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, factors, tag].
-        A member whose buffer fails its checks (tag, finite and plausible numbers, the factors' bounds) is left
-        out of the record."""
+        ``members``): two all_gathers, of [loss_sum, loss_steps, bytes_sent, accuracy, macro_f1, dp_epsilon,
+        mixing tally, tag] (float64) and of [factors, tag] (the layout's dtype). A member whose buffers fail their
+        checks (tags, finite and plausible numbers, the factors' bounds) is left out of the record."""
         agents, layout, guard = self.agents, self.comm.layout, self.comm.guard
         start = agents.clock()
         own = agents.evaluate_model(agents.models[0])
         groups, extras = agents.collect(agents.models), collect_extras(agents.models)
         counters = agents.counters
-        numbers = [counters["loss_sum"], counters["loss_steps"], counters["bytes_sent"], own["accuracy"],
-                   own["macro_f1"], agents.spent(0).get("dp_epsilon", 0.0), *counters["mixing"][0]]
-        mine = torch.cat([torch.tensor(numbers, dtype=torch.float64), layout.pack(groups, extras).double().cpu()])
-        context = lambda j: TagContext("eval", view.round, view.group, j, view.members[j], BROADCAST)  # noqa: E731
-        hooks, seal = self.comm.hooks, lambda data: guard.seal(data, context(self.agent))  # noqa: E731
-        sealed = seal(mine) if hooks is None else hooks.evaluation(view.round, mine, seal)
-        gathered = self.transport.all_gather(view, sealed.to(self.comm.agent_round.buffer_device))
+        numbers = torch.tensor([counters["loss_sum"], counters["loss_steps"], counters["bytes_sent"], own["accuracy"],
+                                own["macro_f1"], agents.spent(0).get("dp_epsilon", 0.0), *counters["mixing"][0]],
+                               dtype=torch.float64)
+        factors = layout.pack(groups, extras).cpu()
+
+        def context(purpose: str, j: int) -> TagContext:
+            return TagContext(purpose, view.round, view.group, j, view.members[j], BROADCAST)
+
+        hooks, seal = self.comm.hooks, lambda data: guard.seal(data, context("eval", self.agent))  # noqa: E731
+        device = self.comm.agent_round.buffer_device
+        sealed = seal(numbers) if hooks is None else hooks.evaluation(view.round, numbers, seal)
+        stats = self.transport.all_gather(view, sealed.to(device))
+        gathered = None if stats is None else self.transport.all_gather(
+            view, guard.seal(factors, context("eval_factors", self.agent)).to(device))
         counters["loss_sum"], counters["loss_steps"], counters["mixing"] = 0.0, 0, new_mixing_tally(1)
         if gathered is None:
             self.transport.record_event(view.round, "evaluation_lost", f"evaluation after round {rounds_done} lost")
             return
-        gathered, accepted, members = gathered.cpu(), [], []
+        stats, gathered, accepted, members = stats.cpu(), gathered.cpu(), [], []
         for k, j in enumerate(view.agents):
             if j == self.agent:  # its own numbers as it holds them, not as they crossed the wire
-                data, reason = mine, None
+                data, reason = numbers, None
+                gathered[k, :layout.data_numel].copy_(factors)
             else:
-                data, reason = guard.open(gathered[k], context(j))
-                reason = reason or check_evaluation(data, self.comm.layout, guard, groups, extras)
+                data, reason = guard.open(stats[k], context("eval", j))
+                theirs, why = guard.open(gathered[k], context("eval_factors", j))
+                reason = reason or why or check_evaluation(data, theirs, layout, guard, groups, extras)
             if reason is None:
                 accepted.append(data)
                 members.append(j)
@@ -186,7 +178,8 @@ class AgentRuntime:
         per_agent = [{"accuracy": accuracy, "macro_f1": macro_f1, "dp_epsilon": epsilon}
                      for accuracy, macro_f1, epsilon in stacked[:, 3:6].tolist()]
         mixing = [[error, reference, int(rounds)] for error, reference, rounds in stacked[:, 6:STATS].tolist()]
-        buffers = stacked[:, STATS:].to(layout.dtype).to(agents.device)
+        # the accepted members' factors, moved up in place (no copy of the gathered rows)
+        buffers = compact(gathered, view.agents, members)[:, :layout.data_numel].to(agents.device)
         # names, and the shared A of a strategy that does not send A: the scratch model's (largest rank)
         all_groups, all_extras = layout.unpack(buffers, agents.collect([agents.scratch]), extras)
         average = agents.evaluate_model(agents.average_model(all_groups, all_extras))
