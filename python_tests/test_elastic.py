@@ -197,16 +197,24 @@ def test_a_leaver_is_not_waited_for_and_a_joiner_listens_in_its_round():
     assert not [e for e in transports[0].events if e["event"] == "peer_lost"]
 
 
-def test_a_departure_announced_while_the_others_wait_ends_their_wait():
-    """Through a store, in-process: agents 0 and 1 already wait for agent 2's ready record of round 1 when agent 2
-    announces that it leaves before round 1 (as on SIGTERM). They agree without it, as a departure (peer_left),
-    not after the round timeout as a loss (peer_lost)."""
+def three_through_round_0(timeout: float) -> list[Transport]:
+    """Three gloo transports on one in-process store, started and through round 0 together (round timeout
+    `timeout` seconds)."""
     store = dist.HashStore()
-    transports = [Transport(store, j, 3, fingerprint="same", backend="gloo", timeout=30.0, startup_timeout=60.0)
+    transports = [Transport(store, j, 3, fingerprint="same", backend="gloo", timeout=timeout, startup_timeout=20.0)
                   for j in range(3)]
     with ThreadPoolExecutor(3) as pool:
         assert list(pool.map(lambda t: t.start(0), transports)) == [0, 0, 0]
         assert all(v.agents == [0, 1, 2] for v in pool.map(lambda t: t.agree(0), transports))
+    return transports
+
+
+def test_a_departure_announced_while_the_others_wait_ends_their_wait():
+    """Through a store, in-process: agents 0 and 1 already wait for agent 2's ready record of round 1 when agent 2
+    announces that it leaves before round 1 (as on SIGTERM). They agree without it, as a departure (peer_left),
+    not after the round timeout as a loss (peer_lost)."""
+    transports = three_through_round_0(timeout=30.0)
+    with ThreadPoolExecutor(2) as pool:
         waiting = [pool.submit(t.agree, 1) for t in transports[:2]]
         time.sleep(1.5)  # both are inside their wait for agent 2
         transports[2].leave(1)
@@ -337,22 +345,15 @@ def test_the_simulator_gives_the_numbers_of_the_processes(launched):
                                            getattr(group, factor)[:, agent], rtol=1e-4, atol=1e-6)
 
 
-if __name__ == "__main__":
-    agent_main(sys.argv[1])
-
 
 def test_an_agent_that_left_and_restarts_is_waited_for_again():
     """Through a store: agent 2 announces leaving before round 1 (as on SIGTERM); restarted with --resume, it asks
     to join and its departure no longer counts: half a second slower than the others, it is a member again."""
-    store = dist.HashStore()
-    transports = [Transport(store, j, 3, fingerprint="same", backend="gloo", timeout=5.0, startup_timeout=20.0)
-                  for j in range(3)]
-    with ThreadPoolExecutor(3) as pool:
-        assert list(pool.map(lambda t: t.start(0), transports)) == [0, 0, 0]
-        assert all(v.agents == [0, 1, 2] for v in pool.map(lambda t: t.agree(0), transports))
+    transports = three_through_round_0(timeout=5.0)
+    with ThreadPoolExecutor(2) as pool:
         transports[2].leave(1)
         assert all(v.agents == [0, 1] for v in pool.map(lambda t: t.agree(1), transports[:2]))
-        back = Transport(store, 2, 3, fingerprint="same", backend="gloo", timeout=5.0, startup_timeout=20.0)
+        back = Transport(transports[0].store, 2, 3, fingerprint="same", backend="gloo", timeout=5.0, startup_timeout=20.0)
         assert back.start(1) == 2
         views = {}
         for r in (2, 3):
@@ -393,3 +394,7 @@ def test_sigterm_asks_to_leave_once_and_a_second_one_reaches_the_previous_handle
             assert not pool.submit(lambda: leave_on_sigterm().__enter__().is_set()).result()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    agent_main(sys.argv[1])
