@@ -747,9 +747,9 @@ class Report:
             return None
         n_suite = BASE["max_test"]
         out = ["## How much of the per-seed noise is the sample of test documents", "",
-               f"`python experiments/test_noise.py` trains the algorithms suite's decaf and dlora runs again (same seed "
-               f"and overrides, one evaluation at the end) and scores every agent on every held-out document of the "
-               f"split instead of the suite's {n_suite}. With d_i the per-document difference of the agents' mean "
+               "`python experiments/test_noise.py` trains the algorithms suite's decaf and dlora runs again (same "
+               "seed and overrides, one evaluation at the end) and scores every agent on every held-out document of "
+               f"the split instead of the suite's {n_suite}. With d_i the per-document difference of the agents' mean "
                "correctness (decaf − dlora), the paired difference of a run is the mean of d_i over the scored "
                "documents, so the sample of n documents adds var(d)/n to the variance across seeds. The table sets "
                f"that against the variance of the suite's paired differences across all its seeds (scored on {n_suite} "
@@ -786,8 +786,9 @@ class Report:
                          "–" if total is None else f"{math.sqrt(total):.4f}", f"{math.sqrt(from_sample):.4f}",
                          "–" if total is None else f"{from_sample / total:.0%}",
                          "–" if expected is None else f"{math.sqrt(expected):.4f}"])
-        out.append(table(["partition", "reruns (seeds)", f"decaf − dlora on the suite's {n_suite} → on all held-out "
-                          "documents, per rerun", "sd of d over documents", "suite seeds",
+        out.append(table(["partition", "reruns (seeds)",
+                          f"decaf − dlora on the suite's {n_suite} → on all held-out documents, per rerun",
+                          "sd of d over documents", "suite seeds",
                           f"sd of the paired difference across seeds ({n_suite} documents)",
                           f"of which the sample of {n_suite} documents (sd)", "its share of the variance",
                           f"expected sd on all {len(next(iter(measured.values()))[0]['suite_docs'])} documents"],

@@ -353,7 +353,8 @@ def test_an_agent_that_left_and_restarts_is_waited_for_again():
     with ThreadPoolExecutor(2) as pool:
         transports[2].leave(1)
         assert all(v.agents == [0, 1] for v in pool.map(lambda t: t.agree(1), transports[:2]))
-        back = Transport(transports[0].store, 2, 3, fingerprint="same", backend="gloo", timeout=5.0, startup_timeout=20.0)
+        back = Transport(transports[0].store, 2, 3, fingerprint="same", backend="gloo", timeout=5.0,
+                         startup_timeout=20.0)
         assert back.start(1) == 2
         views = {}
         for r in (2, 3):

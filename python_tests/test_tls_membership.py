@@ -562,7 +562,8 @@ def test_a_leaf_of_a_star_is_not_let_in_before_the_hubs_next_ready(tmp_path, clo
 def test_a_leaf_let_in_while_the_star_is_open_is_refused_once_the_exchange_is_agreed(tmp_path, closing):
     """Star of 3 (hub 0), round 0: agent 1's Ready reaches agent 2 before the hub's. Over {1, 2} the star re-links
     with 1 as its hub, so agent 1's push is let in and held; once the hub has come and the exchange is agreed
-    without agent 1, the push is refused (PERMISSION_DENIED) and logged (`unexpected`), before any chunk of it is read."""
+    without agent 1, the push is refused (PERMISSION_DENIED) and logged (`unexpected`), before any chunk of it is
+    read."""
     folders = loopback_kit(tmp_path, n=3, topology="star")
     made = started(folders, timeout=3.0, topology="star")
     closing.extend(made)

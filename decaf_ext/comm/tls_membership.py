@@ -3,7 +3,8 @@ agent keeps its own :class:`LiveSet`, from the run's churn schedule (every agent
 from what the other agents tell it (see docs/membership.md, "Over TLS").
 
 - planned(r): the agents expected in round r: a ``join:A@R`` agent from round R on, a ``leave:A@R`` agent (or one
-  that announced leaving with ``Bye``, until its own Ready of a round from then on says it came back) before R only; ``kill:`` entries are crashes nobody is told of; an agent
+  that announced leaving with ``Bye``, until its own Ready of a round from then on says it came back) before R
+  only; ``kill:`` entries are crashes nobody is told of; an agent
   whose identity (:mod:`~decaf_ext.comm.run_identity`) differs is refused.
 - Entering round r an agent tells every other agent ``Ready`` {round r, fresh}; it then waits (at most a round
   timeout) for the Ready of round r of every *candidate*: a planned agent that is not absent (an agent in round r

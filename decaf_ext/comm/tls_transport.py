@@ -170,7 +170,8 @@ class TlsTransport(TransportBase):
         others the round it enters (Ready) and waits until they have entered it. `starters`: the schedule says."""
         first, asked = max(rounds_done, join_at), self.live.planned(max(rounds_done, join_at)) - {self.agent}
         states = self._states(asked, HELLO_TIMEOUT if first else self.startup_timeout)
-        if first and not tls_membership.running(states):  # nobody is in a round: the whole run (re)starts, wait for the others
+        # nobody is in a round: the whole run (re)starts, wait for the others
+        if first and not tls_membership.running(states):
             states = self._states(asked, self.startup_timeout)
         for state in states.values():  # Byes sent before this agent was up to hear them
             self.live.learn_left(state.get("left"), self.others)

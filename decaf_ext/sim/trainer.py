@@ -60,7 +60,8 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, tensorboard=config.tensorboard)
         churn = config.churn_schedule()
         self.elastic = ElasticRounds(self.agents, churn) if churn.active else None  # --churn: docs/membership.md
-        self.mixing = LiveMixing.of(config, self.agents.schedule)  # what the records say of W (every agent live)
+        # what the records say of W (every agent live): the elastic rounds' own live mixing when there are any
+        self.mixing = self.elastic.mixing if self.elastic is not None else LiveMixing.of(config, self.agents.schedule)
 
     @property
     def history(self) -> list[dict[str, Any]]:
